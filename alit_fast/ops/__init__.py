@@ -1,0 +1,19 @@
+"""The ops the model is built from, each with a ``torch`` reference and a ``triton`` backend.
+
+Model code calls these functions with its backend name; it never launches a kernel itself.
+"""
+from __future__ import annotations
+
+from .attention import attention
+from .vq import vq_nearest
+
+BACKENDS: tuple[str, ...] = ("torch", "triton")
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+__all__ = ["BACKENDS", "attention", "check_backend", "vq_nearest"]
