@@ -1,0 +1,186 @@
+"""Checkpoints: the official ALIT layout (torch pickles) in, safetensors with the config in and out."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ALITConfig, VQGANConfig
+
+IGNORED_PREFIXES = ("gan_losses.",)
+# what DDP or torch.compile wrap around parameter names
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+METADATA_CONFIG_KEY = "alit_fast_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message lists every problem at once."""
+
+
+def _read_state_dict(path_or_state_dict: str | os.PathLike | Mapping, map_location: str | torch.device) -> dict:
+    if isinstance(path_or_state_dict, Mapping):
+        raw = dict(path_or_state_dict)
+    else:
+        path = os.fspath(path_or_state_dict)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            raw = load_file(path, device=str(map_location))
+        else:
+            try:
+                raw = torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as exc:  # pickles with argparse namespaces etc. need the full unpickler
+                raise CheckpointError(
+                    f"{path} could not be read with torch.load(weights_only=True) ({exc}). If you trust the file, "
+                    "load it yourself with torch.load(path, weights_only=False) and pass the dict to load_official."
+                ) from exc
+    for entry in ("ema", "model", "state_dict"):
+        if entry in raw and isinstance(raw[entry], Mapping):
+            raw = dict(raw[entry])
+            break
+    state = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.startswith(IGNORED_PREFIXES):
+            continue
+        state[key] = value
+    return state
+
+
+def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+    regex = re.compile(pattern)
+    found = {int(m.group(1)) for k in state for m in [regex.match(k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def _need(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state:
+        raise CheckpointError(f"cannot infer the model's sizes: the checkpoint has no key {key!r}")
+    return state[key]
+
+
+def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None) -> ALITConfig:
+    """Read every size of the model off the tensor shapes of an official-layout state dict."""
+    pos = _need(state, "encoder_positional_embedding")
+    width = pos.shape[1]
+    grid = int(round((pos.shape[0] - 1) ** 0.5))
+    if grid * grid != pos.shape[0] - 1:
+        raise CheckpointError(f"encoder_positional_embedding has {pos.shape[0]} rows, not a square grid plus one")
+    layers = _count(state, r"encoder\.transformer\.(\d+)\.")
+    dec_layers = _count(state, r"decoder\.transformer\.(\d+)\.")
+    if layers == 0 or dec_layers != layers:
+        raise CheckpointError(f"encoder has {layers} layers and decoder {dec_layers}; expected the same, nonzero")
+    patch = _need(state, "patch_embed.weight")
+    time = _need(state, "timestep_embedding")
+    c_fc = _need(state, "encoder.transformer.0.mlp.c_fc.weight")
+    vq_in = _need(state, "base_tokenizer.vqgan.encoder.conv_in.weight")
+    ch = vq_in.shape[0]
+    levels = _count(state, r"base_tokenizer\.vqgan\.encoder\.down\.(\d+)\.")
+    res_blocks = _count(state, r"base_tokenizer\.vqgan\.encoder\.down\.0\.block\.(\d+)\.")
+    ch_mult = tuple(
+        _need(state, f"base_tokenizer.vqgan.encoder.down.{i}.block.0.conv1.weight").shape[0] // ch for i in range(levels)
+    )
+    vqgan = VQGANConfig(
+        ch=ch,
+        ch_mult=ch_mult,
+        num_res_blocks=res_blocks,
+        z_channels=_need(state, "base_tokenizer.vqgan.encoder.conv_out.weight").shape[0],
+        codebook_size=_need(state, "base_tokenizer.vqgan.quantize.embedding.weight").shape[0],
+        in_channels=vq_in.shape[1],
+    )
+    patch_size = patch.shape[-1]
+    return ALITConfig(
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        width=width,
+        layers=layers,
+        # the official models use as many heads as layers
+        heads=num_heads if num_heads is not None else layers,
+        tokens_per_iter=time.shape[1],
+        iterations=time.shape[0],
+        latent_dim=_need(state, "pre_quantizer_mlp.weight").shape[0],
+        codebook_size=_need(state, "quantize.embedding.weight").shape[0],
+        mlp_ratio=c_fc.shape[0] // width,
+        vqgan=vqgan,
+    )
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """load_state_dict that reports missing keys, unexpected keys and shape mismatches together."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: " + ", ".join(missing))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected))
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched))
+        raise CheckpointError("checkpoint does not fit the model:\n  " + "\n  ".join(parts))
+    model.load_state_dict(dict(state), strict=True)
+
+
+def load_official(
+    path_or_state_dict: str | os.PathLike | Mapping,
+    num_heads: int | None = None,
+    map_location: str | torch.device = "cpu",
+    backend: str = "torch",
+):
+    """Build an ALIT whose sizes are inferred from an official checkpoint, and load its weights.
+
+    Takes a raw state dict or a dict with ``ema`` / ``model`` entries (``ema`` preferred, as the
+    official evaluation does); ``gan_losses.*`` (the stage-2 discriminators) are ignored.
+    """
+    from .model import ALIT
+
+    state = _read_state_dict(path_or_state_dict, map_location)
+    cfg = infer_config(state, num_heads)
+    with torch.device("meta"):
+        model = ALIT(cfg, backend=backend)
+    model = model.to_empty(device=map_location)
+    load_state_strict(model, state)
+    return model
+
+
+def save_model(model, path: str | os.PathLike) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(tensors, tmp, metadata={METADATA_CONFIG_KEY: model.config.to_json(), "format": "pt"})
+    os.replace(tmp, path)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch"):
+    """Load a model written by ``ALIT.save``."""
+    from .model import ALIT
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with safe_open(path, framework="pt", device=str(map_location)) as f:
+        meta = f.metadata() or {}
+        if METADATA_CONFIG_KEY not in meta:
+            raise CheckpointError(f"{path} has no alit_fast config in its metadata; use load_official for official checkpoints")
+        cfg = ALITConfig.from_json(meta[METADATA_CONFIG_KEY])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.device("meta"):
+        model = ALIT(cfg, backend=backend)
+    model = model.to_empty(device=map_location)
+    load_state_strict(model, state)
+    return model

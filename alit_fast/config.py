@@ -1,0 +1,133 @@
+"""Every size of an ALIT model and its VQGAN base tokenizer, in one place."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+# per-iteration weights of the code (NLL) loss in the official recipe
+OFFICIAL_ITERATION_WEIGHTS = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    """The MAGE variant of taming's VQGAN (see ALIT_FACTS.md)."""
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    codebook_size: int = 1024
+    in_channels: int = 3
+    dropout: float = 0.0
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class ALITConfig:
+    image_size: int = 256
+    patch_size: int = 16
+    width: int = 1024
+    layers: int = 8
+    heads: int = 8
+    tokens_per_iter: int = 32
+    iterations: int = 8
+    latent_dim: int = 12
+    codebook_size: int = 4096
+    commitment_cost: float = 0.25
+    mlp_ratio: int = 4
+    halting_threshold: float = 0.55
+    # None: the official weights, padded with 1.0 past the eighth iteration
+    iteration_weights: tuple[float, ...] | None = None
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vqgan, dict):
+            vq = dict(self.vqgan)
+            vq["ch_mult"] = tuple(vq.get("ch_mult", VQGANConfig.ch_mult))
+            object.__setattr__(self, "vqgan", VQGANConfig(**vq))
+        if self.iteration_weights is None:
+            weights = tuple(OFFICIAL_ITERATION_WEIGHTS[: self.iterations]) + (1.0,) * max(
+                0, self.iterations - len(OFFICIAL_ITERATION_WEIGHTS)
+            )
+            object.__setattr__(self, "iteration_weights", weights)
+        else:
+            object.__setattr__(self, "iteration_weights", tuple(float(w) for w in self.iteration_weights))
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.image_size % self.vqgan.downsample_factor or self.image_size // self.vqgan.downsample_factor != self.grid_size:
+            problems.append(
+                f"the VQGAN grid (image_size {self.image_size} / {self.vqgan.downsample_factor}) must equal "
+                f"the patch grid (image_size / patch_size = {self.grid_size})"
+            )
+        if self.width % self.heads:
+            problems.append(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.width <= self.vqgan.z_channels:
+            problems.append(f"width {self.width} must exceed the VQGAN z_channels {self.vqgan.z_channels}")
+        if len(self.iteration_weights) != self.iterations:
+            problems.append(f"iteration_weights has {len(self.iteration_weights)} entries for {self.iterations} iterations")
+        if problems:
+            raise ValueError("invalid ALITConfig: " + "; ".join(problems))
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """2D tokens plus the class token."""
+        return self.grid_size**2 + 1
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tokens_per_iter * self.iterations
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ALITConfig":
+        data = json.loads(text)
+        if data.get("iteration_weights") is not None:
+            data["iteration_weights"] = tuple(data["iteration_weights"])
+        return cls(**data)
+
+    def replace(self, **changes) -> "ALITConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ALITConfig] = {
+    "alit_tiny": ALITConfig(width=512, layers=8, heads=8),
+    "alit_small": ALITConfig(width=1024, layers=8, heads=8),
+    "alit_base": ALITConfig(width=768, layers=12, heads=12),
+    "alit_semilarge": ALITConfig(width=1024, layers=16, heads=16),
+    # sized to train in minutes on two CPU cores: 64x64 images, a 16x16 grid, 16..128 tokens
+    "demo": ALITConfig(
+        image_size=64,
+        patch_size=4,
+        width=128,
+        layers=2,
+        heads=2,
+        tokens_per_iter=16,
+        iterations=8,
+        latent_dim=12,
+        codebook_size=1024,
+        vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=512),
+    ),
+}
+
+
+def get_config(name_or_config: str | ALITConfig) -> ALITConfig:
+    if isinstance(name_or_config, ALITConfig):
+        return name_or_config
+    if name_or_config not in PRESETS:
+        raise ValueError(f"unknown preset {name_or_config!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name_or_config]

@@ -1,0 +1,64 @@
+"""Pre-LayerNorm transformer blocks laid out like the official checkpoints.
+
+The attention keeps nn.MultiheadAttention's parameter layout (``in_proj_weight`` packs q, k, v in
+that order) so official weights load as they are, but calls the backend's attention op on views
+of the packed projection, with no transposes or copies in between.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import attention
+
+
+class PackedAttention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        self.backend = "torch"
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, W // self.heads)
+        q, k, v = qkv.unbind(2)
+        out = attention(q, k, v, lengths, backend=self.backend)
+        return self.out_proj(out.reshape(B, L, W))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = PackedAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = width * mlp_ratio
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                c_fc=nn.Linear(width, hidden),
+                gelu=nn.GELU(approximate="none"),
+                c_proj=nn.Linear(hidden, width),
+            )
+        )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), lengths)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers))
+
+    def run_blocks(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.transformer:
+            x = block(x, lengths)
+        return x
