@@ -311,6 +311,7 @@ class ALIT(nn.Module):
         the decoder is skipped at the others.
         """
         cfg = self.config
+        self.check_images(images)
         if sample_grad_iters is None or sample_grad_iters >= cfg.iterations:
             selected = set(range(cfg.iterations))
         else:
@@ -319,7 +320,7 @@ class ALIT(nn.Module):
             perm = torch.randperm(cfg.iterations, generator=generator)
             selected = set(perm[:sample_grad_iters].tolist())
         codebook = self.base_tokenizer.codebook.detach()
-        out = LossOutput(loss=torch.zeros((), device=images.device))
+        out = LossOutput(loss=torch.zeros(()))
         total = torch.zeros((), device=images.device, dtype=torch.float32)
         gt_code = None
         for rec in self._iterate(images, base, cfg.iterations, halting, generator, decode_at=selected):

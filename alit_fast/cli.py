@@ -1,0 +1,39 @@
+"""The ``alit-fast`` console script: one entry point, one module per subcommand."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function taking argv); imported lazily so `alit-fast --help` stays fast
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("alit_fast.demo", "main", "adaptively tokenize the bundled images with the demo model"),
+    "train": ("alit_fast.train", "main", "stage-1 training (also: python -m alit_fast.train)"),
+    "cache-base": ("alit_fast.base_cache", "main", "run the frozen VQGAN once over a dataset and store its outputs"),
+    "encode": ("alit_fast.adaptive_cli", "encode_main", "adaptive-length tokenization of image files"),
+    "decode": ("alit_fast.adaptive_cli", "decode_main", "decode a token file back to images"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: alit-fast COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines.append("\n`alit-fast COMMAND --help` describes a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"alit-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    result = getattr(importlib.import_module(module), func)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
