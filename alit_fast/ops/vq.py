@@ -25,13 +25,22 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
         raise ValueError(f"vq_nearest expects floating tensors, got z {z.dtype} and codebook {codebook.dtype}")
     if z.device != codebook.device:
         raise ValueError(f"vq_nearest: z is on {z.device} but the codebook is on {codebook.device}")
+    # a NaN row has no nearest code (argmin would silently answer 0); the check costs one reduction
+    # and a host sync, and is skipped while torch.compile traces (a data-dependent branch there
+    # would break the graph)
+    if not torch.compiler.is_compiling():
+        if torch.isnan(z).any():
+            raise ValueError("vq_nearest: z contains NaN")
+        if torch.isnan(codebook).any():
+            raise ValueError("vq_nearest: the codebook contains NaN")
 
 
 def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch backend: the distance matrix built chunk by chunk, in fp32."""
     _check_inputs(z, codebook)
-    z = z.detach().float()
-    codebook = codebook.detach().float()
+    # contiguous so a strided z takes the same BLAS path, and gives the same bits, as its copy
+    z = z.detach().float().contiguous()
+    codebook = codebook.detach().float().contiguous()
     if normalize:
         z = F.normalize(z, dim=-1)
         codebook = F.normalize(codebook, dim=-1)
@@ -45,7 +54,52 @@ def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor, normalize: boo
         best, idx = dist.min(dim=1)
         indices[start : start + rows.shape[0]] = idx
         scores[start : start + rows.shape[0]] = best.clamp_min(0)
+    if codebook.shape[0] > 1 and not torch.compiler.is_compiling():
+        indices = _first_duplicate(codebook)[indices]
     return indices, scores
+
+
+def _first_duplicate(codebook: torch.Tensor) -> torch.Tensor:
+    """For each code, the lowest index holding the same values.
+
+    BLAS may round the edge columns of a matmul differently from the bulk (MKL does for K=5), so
+    duplicate codes can get distances an ulp apart and argmin would not pick the first. Mapping
+    the winner back to its first copy restores torch.argmin's tie-break for exact duplicates.
+    Skipped while compiling: unique's data-dependent size would break a fullgraph trace.
+    """
+    _, group = torch.unique(codebook, dim=0, return_inverse=True)
+    k = codebook.shape[0]
+    order = torch.arange(k, device=codebook.device)
+    first = torch.full((k,), k, dtype=torch.int64, device=codebook.device)
+    first.scatter_reduce_(0, group, order, reduce="amin")
+    return first[group]
+
+
+@torch.library.custom_op("alit_fast::vq_nearest", mutates_args=())
+def _vq_nearest_op(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # imported here, not at module import: triton picks interpreter or GPU mode when the kernel is
+    # defined, so defining it late honours a TRITON_INTERPRET set after `import alit_fast`
+    from ..kernels._utils import can_launch
+    from ..kernels.vq import vq_nearest_triton
+
+    if not can_launch(z):
+        raise RuntimeError(
+            f"vq_nearest(backend='triton') needs a GPU tensor or TRITON_INTERPRET=1; z is on {z.device}"
+        )
+    return vq_nearest_triton(z, codebook, normalize)
+
+
+@_vq_nearest_op.register_fake
+def _(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n = z.shape[0]
+    return z.new_empty(n, dtype=torch.int64), z.new_empty(n, dtype=torch.float32)
+
+
+def vq_nearest_triton_op(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The triton backend: one fused launch, no N x K matrix. Inputs are detached: the lookup is not
+    differentiable (the quantizer builds its straight-through estimator around it)."""
+    _check_inputs(z, codebook)
+    return _vq_nearest_op(z.detach(), codebook.detach(), bool(normalize))
 
 
 def vq_nearest(
@@ -55,5 +109,5 @@ def vq_nearest(
     if backend == "torch":
         return vq_nearest_reference(z, codebook, normalize)
     if backend == "triton":
-        raise NotImplementedError("the triton vq backend is not built yet")
+        return vq_nearest_triton_op(z, codebook, normalize)
     raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'triton'")
