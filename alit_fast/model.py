@@ -142,8 +142,12 @@ class ALIT(nn.Module):
         self.set_backend(backend)
 
     def _init_linear_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
+        # as the official init: truncated normal for every linear layer and the patch embedding;
+        # the VQGAN keeps its own (it is loaded from a checkpoint in practice)
+        for name, module in self.named_modules():
+            if name.startswith("base_tokenizer"):
+                continue
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -229,7 +233,8 @@ class ALIT(nn.Module):
 
     def soft_code(self, logits: torch.Tensor) -> torch.Tensor:
         """Expected VQGAN code embedding under the predicted distribution: [B, g*g, C]."""
-        codebook = self.base_tokenizer.codebook
+        # detached as in the official code: no gradient reaches the VQGAN codebook, even when unfrozen
+        codebook = self.base_tokenizer.codebook.detach()
         return logits.float().softmax(-1).to(codebook.dtype) @ codebook
 
     def halting_mask(
@@ -278,11 +283,12 @@ class ALIT(nn.Module):
             x_out = self.run_encoder(x)
             latents = x_out[:, G2 + 1 :]
             vq = self.quantize_latents(latents)
-            need_logits = halting != "off" or decode_at is None or t in decode_at
-            logits = self.decode_logits(vq.z_q) if need_logits else None
+            # as in the official training loop, iterations without a loss are neither decoded nor halted
+            logits = self.decode_logits(vq.z_q) if decode_at is None or t in decode_at else None
+            # drawn at the last iteration too, so the random stream advances as the official code's does
+            mask = self.halting_mask(logits, base.gt_indices, halting, generator) if logits is not None else None
             yield IterationOutput(t, latents, vq.indices, logits, base.gt_indices, vq.loss, vq.z_q)
             if t + 1 < iterations:
-                mask = self.halting_mask(logits, base.gt_indices, halting, generator) if logits is not None else None
                 x = self.next_state(self.apply_halting(x_out, mask), t + 1)
 
     def rollout(
@@ -307,8 +313,8 @@ class ALIT(nn.Module):
         """The stage-1 (latent distillation) loss, summed over the iterations it is taken at.
 
         Per iteration t: weight[t] * NLL(logits, gt codes) + MSE(soft code, gt code embeddings)
-        + VQ loss. ``sample_grad_iters=k`` takes it at k random iterations only; with halting off
-        the decoder is skipped at the others.
+        + VQ loss. ``sample_grad_iters=k`` takes it at k random iterations only; the decoder (and
+        so the halting) runs at those alone, as in the official training loop.
         """
         cfg = self.config
         self.check_images(images)

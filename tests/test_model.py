@@ -177,3 +177,27 @@ def test_bad_rollout_arguments_raise(model):
         model.rollout(images, iterations=4)
     with pytest.raises(ValueError, match="backend"):
         model.set_backend("cuda")
+
+
+def test_sample_grad_iters_decodes_and_halts_only_at_sampled_iterations(model, monkeypatch):
+    calls = []
+    original = model.decode_logits
+    monkeypatch.setattr(model, "decode_logits", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model(random_images(1, 32), halting="stochastic", sample_grad_iters=2, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 2
+
+
+def test_soft_code_sends_no_gradient_to_the_vqgan_codebook():
+    torch.manual_seed(0)
+    model = ALIT(tiny_config())
+    model.base_tokenizer.requires_grad_(True)  # as in stage 2, where the VQGAN is unfrozen
+    logits = torch.randn(1, 64, 48, requires_grad=True)
+    model.soft_code(logits).sum().backward()
+    assert model.base_tokenizer.codebook.grad is None and logits.grad is not None
+
+
+def test_patch_embedding_uses_the_official_init():
+    torch.manual_seed(0)
+    model = ALIT(tiny_config())
+    assert float(model.patch_embed.weight.std()) == pytest.approx(0.02, rel=0.15)
+    assert not model.patch_embed.bias.any()
