@@ -46,3 +46,54 @@ def gpu_capability(device: torch.device) -> tuple[int, int] | None:
 
 def triton_dtype_is_supported(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _numpy_openblas():
+    """ctypes handle of the OpenBLAS bundled with numpy, or None (best effort, never raises)."""
+    try:
+        import ctypes
+        import glob
+
+        import numpy
+
+        libdir = os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs")
+        for path in glob.glob(os.path.join(libdir, "*openblas*")):
+            lib = ctypes.CDLL(path)
+            for prefix in ("scipy_openblas", "openblas"):
+                for suffix in ("64_", ""):
+                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                    set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                    if get is not None and set_ is not None:
+                        return get, set_
+    except Exception:  # noqa: BLE001 - purely an optimisation
+        pass
+    return None
+
+
+class single_threaded_interpreter:
+    """Context manager: run torch and numpy's BLAS single-threaded while interpreting.
+
+    The interpreter executes each tile op as a small numpy/torch call; on a few shared cores the
+    BLAS thread pools then oversubscribe the machine and a test can run 10x slower. numpy is often
+    imported (by pytest plugins) before a test can set OPENBLAS_NUM_THREADS, hence the runtime calls.
+    Does nothing when not interpreting.
+    """
+
+    def __enter__(self):
+        self._saved = None
+        if not is_interpreting():
+            return self
+        blas = _numpy_openblas()
+        self._saved = (torch.get_num_threads(), blas, blas[0]() if blas else None)
+        torch.set_num_threads(1)
+        if blas:
+            blas[1](1)
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            threads, blas, blas_threads = self._saved
+            torch.set_num_threads(threads)
+            if blas and blas_threads:
+                blas[1](blas_threads)
+        return False

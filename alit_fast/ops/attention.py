@@ -3,14 +3,23 @@
 Layout everywhere: q, k, v and the output are [B, L, H, D]; ``lengths`` (int32 [B] or None)
 gives each sample's number of valid tokens. Tokens past a sample's length neither attend nor are
 attended to, and their outputs are exactly 0.
+
+Backends: ``torch`` (SDPA with a key mask) and ``triton`` (``alit_fast.kernels.attention``, wrapped as
+the differentiable custom op ``alit_fast::flash_attention`` so it also works under torch.compile).
+``attention_naive`` is an explicit float64 version for tests.
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise ValueError("attention expects q, k, v to be tensors")
     if q.dim() != 4:
         raise ValueError(f"attention expects q, k, v of shape [B, L, H, D], got q {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
@@ -19,11 +28,21 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: to
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(f"attention expects q, k, v of one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention expects q, k, v on one device, got {q.device}, {k.device}, {v.device}")
     if lengths is not None:
+        if not isinstance(lengths, torch.Tensor):
+            raise ValueError(f"lengths must be an int32 tensor or None, got {type(lengths).__name__}")
         if lengths.shape != (q.shape[0],) or lengths.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"lengths must be an int32 tensor of shape [{q.shape[0]}], got {lengths.dtype} {tuple(lengths.shape)}"
             )
+        # a value check reads the tensor (a device sync, and a graph break under torch.compile), so
+        # it is skipped while compiling; the kernel clamps lengths to [0, L] so it stays memory-safe
+        if not torch.compiler.is_compiling() and lengths.numel() > 0:
+            L = q.shape[1]
+            if bool(((lengths < 0) | (lengths > L)).any()):
+                raise ValueError(f"lengths must lie in [0, {L}], got {lengths.tolist()}")
 
 
 def attention_reference(
@@ -46,6 +65,131 @@ def attention_reference(
     return out * valid[:, :, None, None].to(out.dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 32, 128  # mirrors kernels.attention; kept here so checks need no triton import
+
+
+def _kernels():
+    # imported lazily: importing alit_fast must not need triton, and TRITON_INTERPRET has to be set
+    # before the kernels are decorated, which a test may do after importing alit_fast
+    from alit_fast.kernels import attention as kernels
+
+    return kernels
+
+
+def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    _check_inputs(q, k, v, lengths)
+    if q.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"the triton attention backend supports fp16, bf16 and fp32, got {q.dtype}")
+    D = q.shape[-1]
+    if not _MIN_HEAD_DIM <= D <= _MAX_HEAD_DIM:
+        raise ValueError(
+            f"the triton attention backend supports head_dim {_MIN_HEAD_DIM}..{_MAX_HEAD_DIM}, got {D}"
+        )
+    if q.shape[0] > 65535:
+        raise ValueError(f"the triton attention backend supports batch sizes up to 65535, got {q.shape[0]}")
+    if q.device.type == "cpu" and not _is_interpreting():
+        raise ValueError(
+            "the triton attention backend needs a GPU tensor (or TRITON_INTERPRET=1 for the CPU interpreter); "
+            "use backend='torch' on the CPU"
+        )
+
+
+def _is_interpreting() -> bool:
+    from alit_fast.kernels._utils import is_interpreting
+
+    return is_interpreting()
+
+
+@torch.library.custom_op("alit_fast::flash_attention", mutates_args=())
+def flash_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, L, H, D] contiguous, lse fp32 [B, H, L]); lse is saved for the backward."""
+    return _kernels().flash_attn_fwd(q, k, v, lengths)
+
+
+@flash_attention_op.register_fake
+def _(q, k, v, lengths):
+    B, L, H, D = q.shape
+    return q.new_empty((B, L, H, D)), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("alit_fast::flash_attention_backward", mutates_args=())
+def flash_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    lengths: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each [B, L, H, D] contiguous; zero for tokens past a sample's length."""
+    return _kernels().flash_attn_bwd(grad_out, q, k, v, out, lse, lengths)
+
+
+@flash_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, lengths):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lengths = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, lengths)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # lse is an internal by-product (marked non-differentiable), so grad_lse is ignored
+    q, k, v, out, lse, lengths = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None
+    dq, dk, dv = flash_attention_backward_op(grad_out, q, k, v, out, lse, lengths)
+    return dq, dk, dv, None
+
+
+flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The triton backend: FlashAttention-2-style kernels, differentiable, torch.compile-friendly.
+
+    q, k, v may be strided views (e.g. of a packed qkv projection); the result is contiguous.
+    """
+    _check_triton_inputs(q, k, v, lengths)
+    if lengths is not None and (lengths.dtype != torch.int32 or lengths.device != q.device):
+        lengths = lengths.to(device=q.device, dtype=torch.int32)
+    out, _ = flash_attention_op(q, k, v, lengths)
+    return out
+
+
+def attention_naive(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Explicit softmax(q k^T / sqrt(D)) v in float64, for tests; masked rows and keys give exact 0."""
+    _check_inputs(q, k, v, lengths)
+    B, L, H, D = q.shape
+    qd, kd, vd = (t.to(torch.float64).transpose(1, 2) for t in (q, k, v))
+    s = qd @ kd.transpose(-1, -2) / math.sqrt(D)  # [B, H, L, L]
+    if lengths is None:
+        valid = torch.ones(B, L, dtype=torch.bool, device=q.device)
+    else:
+        valid = torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # rows with no valid key (length 0) are all -inf: their NaN softmax is replaced by 0
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    out = (p @ vd).transpose(1, 2)
+    return out * valid[:, :, None, None].to(out.dtype)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -57,5 +201,5 @@ def attention(
     if backend == "torch":
         return attention_reference(q, k, v, lengths)
     if backend == "triton":
-        raise NotImplementedError("the triton attention backend is not built yet")
+        return attention_triton(q, k, v, lengths)
     raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'triton'")

@@ -1,0 +1,280 @@
+"""Tests of the triton attention backend (run on the CPU with TRITON_INTERPRET=1).
+
+Case selection: the full grid L x D x H x B x lengths x dtype is 5*3*2*2*2*2 = 240 cases, too slow
+for the interpreter. ``CASES`` is a pairwise covering array instead: for any two parameters, every
+combination of their values occurs in at least one case (checked by ``test_cases_cover_all_pairs``),
+which catches any bug that depends on at most two parameters at once, in 15 cases.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import pytest
+import torch
+
+from alit_fast.kernels import attention as kern
+from alit_fast.kernels._utils import single_threaded_interpreter
+from alit_fast.ops.attention import attention, attention_naive, flash_attention_op
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="triton attention needs a GPU or TRITON_INTERPRET=1",
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+PARAMS = {
+    "L": (1, 17, 257, 289, 320),
+    "D": (64, 96, 128),
+    "H": (1, 2),
+    "B": (1, 3),
+    "mixed": (False, True),
+    "dtype": (torch.float32, torch.float16),
+}
+f32, f16 = torch.float32, torch.float16
+# (L, D, H, B, mixed lengths, dtype): a pairwise covering array of PARAMS
+CASES = [
+    (1, 64, 1, 3, False, f32),
+    (1, 96, 2, 1, True, f16),
+    (1, 128, 1, 3, False, f16),
+    (17, 64, 1, 3, True, f32),
+    (17, 96, 2, 1, False, f16),
+    (17, 128, 1, 1, True, f32),
+    (257, 64, 2, 3, True, f32),
+    (257, 96, 2, 3, True, f32),
+    (257, 128, 1, 1, False, f16),
+    (289, 64, 2, 1, False, f16),
+    (289, 96, 1, 3, False, f32),
+    (289, 128, 2, 3, True, f16),
+    (320, 64, 2, 3, False, f16),
+    (320, 96, 1, 3, True, f16),
+    (320, 128, 1, 1, True, f32),
+]
+
+
+def _mixed_lengths(B: int, L: int) -> torch.Tensor:
+    # B=3 gives a full, a single-token and a half sample (and a 0-length one when L == 1)
+    lens = [L, 1, L // 2] if B == 3 else [L // 2 + 1]
+    return torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+def _packed_qkv(B, L, H, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, L, 3 * H * D, generator=g).to(dtype).to(DEVICE)
+    return qkv
+
+
+def _views(qkv, H, D):
+    B, L, _ = qkv.shape
+    return qkv.view(B, L, 3, H, D).unbind(2)
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor, floor: float = 1e-30) -> float:
+    """max abs error / max abs reference, the denominator floored at ``floor``."""
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    return (a.double() - ref).abs().max().item() / max(scale, floor)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # BLAS thread pools oversubscribe the few shared cores the interpreter runs on (~10x slower)
+    with single_threaded_interpreter():
+        yield
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every kernel output buffer starts as NaN, so an element no kernel writes shows up as NaN."""
+    monkeypatch.setattr(kern, "POISON_OUTPUTS", True)
+
+
+def test_cases_cover_all_pairs():
+    names = list(PARAMS)
+    for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
+        seen = {(c[i], c[j]) for c in CASES}
+        for pair in itertools.product(PARAMS[a], PARAMS[b]):
+            assert pair in seen, f"no case has {a}={pair[0]}, {b}={pair[1]}"
+
+
+@pytest.mark.parametrize("L,D,H,B,mixed,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_forward_backward_vs_float64(poison, L, D, H, B, mixed, dtype):
+    qkv = _packed_qkv(B, L, H, D, dtype, seed=L * 1000 + D * 10 + H + B)
+    lengths = _mixed_lengths(B, L) if mixed else None
+    qkv.requires_grad_(True)
+    # strided views straight out of the packed projection, as the model passes them
+    q, k, v = _views(qkv, H, D)
+    out = attention(q, k, v, lengths, backend="triton")
+    assert out.shape == (B, L, H, D) and out.dtype == dtype and out.is_contiguous()
+    g = torch.randn(B, L, H, D, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    (dqkv,) = torch.autograd.grad(out, qkv, g)
+    dq, dk, dv = _views(dqkv, H, D)
+
+    ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = attention_naive(*ref_in, lengths)
+    ref_grads = torch.autograd.grad(ref, ref_in, g.double())
+
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output elements"
+    assert torch.isfinite(dqkv).all(), "unwritten (NaN-poisoned) gradient elements"
+    tol = TOL[dtype]
+    assert _rel_err(out, ref) <= tol
+    # with L == 1 dq and dk are exactly 0 (softmax over one key is constant) and have no scale of
+    # their own, so each gradient's denominator is floored at 1% of the largest gradient
+    floor = 1e-2 * max(t.abs().max().item() for t in ref_grads)
+    for name, got, want in zip("qkv", (dq, dk, dv), ref_grads):
+        assert _rel_err(got, want, floor) <= tol, f"d{name}"
+
+    if lengths is not None:
+        for b, n in enumerate(lengths.tolist()):
+            for t in (out, dq, dk, dv):
+                assert torch.equal(t[b, n:], torch.zeros_like(t[b, n:]))
+
+
+def test_launchers_write_every_element_of_given_buffers():
+    B, L, H, D = 3, 70, 2, 96
+    q, k, v = _views(_packed_qkv(B, L, H, D, f32, seed=1), H, D)
+    lengths = torch.tensor([0, L, 33], dtype=torch.int32, device=DEVICE)
+    nan = lambda *s: torch.full(s, float("nan"), device=DEVICE)  # noqa: E731
+    out, lse = kern.flash_attn_fwd(q, k, v, lengths, out=nan(B, L, H, D), lse=nan(B, H, L))
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    ref = attention_naive(q, k, v, lengths)
+    assert _rel_err(out, ref) <= 1e-3
+    # lse of valid rows is the log-sum-exp of the scaled scores
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / D**0.5
+    want = torch.logsumexp(s[2, :, :33, :33], dim=-1)
+    assert torch.allclose(lse[2, :, :33].double(), want, atol=1e-4)
+    g = torch.randn(B, L, H, D, device=DEVICE)
+    dq, dk, dv = kern.flash_attn_bwd(g, q, k, v, out, lse, lengths,
+                                     dq=nan(B, L, H, D), dk=nan(B, L, H, D), dv=nan(B, L, H, D))
+    for t in (dq, dk, dv):
+        assert torch.isfinite(t).all()
+        assert torch.equal(t[0], torch.zeros_like(t[0])) and torch.equal(t[2, 33:], torch.zeros_like(t[2, 33:]))
+
+
+def test_zero_length_and_garbage_in_padding(poison):
+    """A length-0 sample gives zeros; NaN in padded tokens or in their grad_out cannot leak."""
+    B, L, H, D = 3, 40, 2, 64
+    qkv = _packed_qkv(B, L, H, D, f32, seed=2)
+    lengths = torch.tensor([0, 25, L], dtype=torch.int32, device=DEVICE)
+    clean = qkv.clone()
+    qkv = qkv.clone()
+    qkv[0] = float("nan")
+    qkv[1, 25:] = float("nan")
+    q, k, v = (t.detach().requires_grad_(True) for t in _views(qkv, H, D))
+    out = attention(q, k, v, lengths, backend="triton")
+    g = torch.randn(B, L, H, D, device=DEVICE)
+    g[1, 25:] = float("nan")
+    out.backward(g)
+    ref = attention_naive(*_views(clean, H, D), lengths)
+    assert torch.isfinite(out).all() and _rel_err(out, ref) <= 1e-3
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t).all()
+        assert torch.equal(t[0], torch.zeros_like(t[0]))
+        assert torch.equal(t[1, 25:], torch.zeros_like(t[1, 25:]))
+
+
+def test_strided_views_match_contiguous():
+    B, L, H, D = 2, 45, 2, 96
+    qkv = _packed_qkv(B, L, H, D, f16, seed=3).requires_grad_(True)
+    lengths = torch.tensor([L, 20], dtype=torch.int32, device=DEVICE)
+    views = _views(qkv, H, D)
+    assert not views[0].is_contiguous()
+    conts = [t.detach().clone().contiguous().requires_grad_(True) for t in views]
+    g = torch.randn(B, L, H, D, device=DEVICE).to(f16)
+    out_v = attention(*views, lengths, backend="triton")
+    out_c = attention(*conts, lengths, backend="triton")
+    assert torch.equal(out_v, out_c)
+    grads_v = _views(torch.autograd.grad(out_v, qkv, g)[0], H, D)
+    grads_c = torch.autograd.grad(out_c, conts, g)
+    for a, b in zip(grads_v, grads_c):
+        assert torch.equal(a, b)
+    # a strided, non-contiguous grad_out (e.g. from a transposed consumer) works too
+    g_t = g.transpose(1, 2).contiguous().transpose(1, 2)
+    (dq_t,) = torch.autograd.grad(attention(*conts, lengths, backend="triton"), conts[0], g_t)
+    assert torch.equal(dq_t, grads_c[0])
+
+
+def test_bf16_small():
+    B, L, H, D = 2, 33, 1, 32
+    q, k, v = _views(_packed_qkv(B, L, H, D, torch.bfloat16, seed=4), H, D)
+    lengths = torch.tensor([33, 9], dtype=torch.int32, device=DEVICE)
+    out = attention(q, k, v, lengths, backend="triton")
+    assert _rel_err(out, attention_naive(q, k, v, lengths)) <= TOL[torch.bfloat16]
+
+
+def test_torch_backend_matches_naive():
+    B, L, H, D = 3, 21, 2, 32
+    q, k, v = _views(_packed_qkv(B, L, H, D, f32, seed=5), H, D)
+    lengths = torch.tensor([0, 21, 5], dtype=torch.int32, device=DEVICE)
+    for lens in (None, lengths):
+        ref = attention_naive(q, k, v, lens)
+        assert _rel_err(attention(q, k, v, lens, backend="torch"), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_opcheck(with_lengths):
+    B, L, H, D = 2, 17, 2, 32
+    q, k, v = (t.detach().requires_grad_(True) for t in _views(_packed_qkv(B, L, H, D, f32, seed=6), H, D))
+    lengths = torch.tensor([17, 5], dtype=torch.int32, device=DEVICE) if with_lengths else None
+    torch.library.opcheck(flash_attention_op, (q, k, v, lengths))
+
+
+def _compiled_fn(qkv, lengths, H, D):
+    q, k, v = _views(qkv, H, D)
+    out = attention(q, k, v, lengths, backend="triton")
+    return (out.view(out.shape[0], out.shape[1], H * D) * 2.0).sum(-1)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    B, L, H, D = 2, 19, 2, 32
+    qkv = _packed_qkv(B, L, H, D, f32, seed=8)
+    lengths = torch.tensor([19, 7], dtype=torch.int32, device=DEVICE)
+    torch._dynamo.reset()
+    fn = torch.compile(_compiled_fn, backend=compile_backend, fullgraph=True)
+    x_c = qkv.clone().requires_grad_(True)
+    x_e = qkv.clone().requires_grad_(True)
+    y_c = fn(x_c, lengths, H, D)
+    y_e = _compiled_fn(x_e, lengths, H, D)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    y_c.sum().backward()
+    y_e.sum().backward()
+    torch.testing.assert_close(x_c.grad, x_e.grad, rtol=1e-5, atol=1e-5)
+
+
+def _bad_inputs():
+    B, L, H, D = 2, 8, 2, 32
+    r = lambda *s, dt=f32: torch.randn(*s, device=DEVICE).to(dt)  # noqa: E731
+    q = r(B, L, H, D)
+    ok_len = torch.tensor([8, 3], dtype=torch.int32, device=DEVICE)
+    return {
+        "3d": ((r(B, L, H * D),) * 3, None),
+        "shape_mismatch": ((q, r(B, L + 1, H, D), q), None),
+        "dtype_mismatch": ((q, q.half(), q), None),
+        "integer": ((q.long(),) * 3, None),
+        "float64": ((q.double(),) * 3, None),
+        "head_dim_16": ((r(B, L, H, 16),) * 3, None),
+        "head_dim_160": ((r(B, L, H, 160),) * 3, None),
+        "lengths_float": ((q, q, q), ok_len.float()),
+        "lengths_shape": ((q, q, q), torch.tensor([8], dtype=torch.int32, device=DEVICE)),
+        "lengths_2d": ((q, q, q), ok_len[:, None]),
+        "lengths_negative": ((q, q, q), torch.tensor([8, -1], dtype=torch.int32, device=DEVICE)),
+        "lengths_too_long": ((q, q, q), torch.tensor([9, 3], dtype=torch.int32, device=DEVICE)),
+        "lengths_list": ((q, q, q), [8, 3]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_inputs_raise_value_error(case):
+    (q, k, v), lengths = _bad_inputs()[case]
+    with pytest.raises(ValueError):
+        attention(q, k, v, lengths, backend="triton")
+
+
+def test_unknown_backend_raises():
+    q = torch.randn(1, 4, 1, 32, device=DEVICE)
+    with pytest.raises(ValueError):
+        attention(q, q, q, backend="cuda")
