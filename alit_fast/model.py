@@ -103,6 +103,9 @@ def _images_error(images: object, cfg: ALITConfig) -> str | None:
         return "images is an empty batch (B=0)"
     if not images.is_floating_point():
         return f"images must be a float tensor with values in [0, 1], got dtype {images.dtype}"
+    if torch.compiler.is_compiling():
+        # a value check would break the graph; eager calls have already made it
+        return None
     lo, hi = float(images.min()), float(images.max())
     if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
         return f"images must have values in [0, 1], found values in [{lo:.4g}, {hi:.4g}]"

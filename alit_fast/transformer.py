@@ -27,10 +27,24 @@ class PackedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         B, L, W = x.shape
+        if self.backend == "official" and lengths is None:
+            return self._official_forward(x)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, W // self.heads)
         q, k, v = qkv.unbind(2)
         out = attention(q, k, v, lengths, backend=self.backend)
         return self.out_proj(out.reshape(B, L, W))
+
+    def _official_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the official blocks call nn.MultiheadAttention on [L, B, W] tensors; same math, its own copies
+        out, _ = F.multi_head_attention_forward(
+            x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1),
+            embed_dim_to_check=x.shape[-1], num_heads=self.heads,
+            in_proj_weight=self.in_proj_weight, in_proj_bias=self.in_proj_bias,
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+            out_proj_weight=self.out_proj.weight, out_proj_bias=self.out_proj.bias,
+            training=self.training, need_weights=False,
+        )
+        return out.transpose(0, 1)
 
 
 class ResidualAttentionBlock(nn.Module):

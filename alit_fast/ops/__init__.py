@@ -7,7 +7,9 @@ from __future__ import annotations
 from .attention import attention
 from .vq import vq_nearest
 
-BACKENDS: tuple[str, ...] = ("torch", "triton")
+# "official" re-creates the official implementation's kernels (nn.MultiheadAttention's math,
+# the full N x K distance matrix): a baseline for benchmarks, not a fast path
+BACKENDS: tuple[str, ...] = ("torch", "triton", "official")
 
 
 def check_backend(name: str) -> str:

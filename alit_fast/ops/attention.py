@@ -197,9 +197,34 @@ def attention(
     lengths: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v per head; returns [B, L, H, D]."""
+    """softmax(q k^T / sqrt(D)) v per head; returns [B, L, H, D].
+
+    Backends: ``torch`` (scaled_dot_product_attention), ``triton`` (the fused kernels) and
+    ``official`` (the attention matrix materialized in the input dtype, as the official code's
+    nn.MultiheadAttention math path does; kept as the baseline the benchmarks compare against).
+    """
     if backend == "torch":
         return attention_reference(q, k, v, lengths)
     if backend == "triton":
         return attention_triton(q, k, v, lengths)
-    raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'triton'")
+    if backend == "official":
+        return attention_math(q, k, v, lengths)
+    raise ValueError(f"unknown backend {backend!r}; expected 'torch', 'triton' or 'official'")
+
+
+def attention_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v with the [B, H, L, L] matrix materialized, in the input dtype."""
+    _check_inputs(q, k, v, lengths)
+    B, L, H, D = q.shape
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    s = (qt * D**-0.5) @ kt.transpose(-1, -2)
+    if lengths is not None:
+        valid = torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    out = (p @ vt).transpose(1, 2)
+    if lengths is not None:
+        out = out.nan_to_num(0.0) * valid[:, :, None, None].to(out.dtype)
+    return out

@@ -110,4 +110,20 @@ def vq_nearest(
         return vq_nearest_reference(z, codebook, normalize)
     if backend == "triton":
         return vq_nearest_triton_op(z, codebook, normalize)
-    raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'triton'")
+    if backend == "official":
+        return vq_nearest_naive(z, codebook, normalize)
+    raise ValueError(f"unknown backend {backend!r}; expected 'torch', 'triton' or 'official'")
+
+
+def vq_nearest_naive(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole N x K distance matrix at once, as the official quantizers build it: the baseline
+    the benchmarks compare against (its memory grows as N x K)."""
+    _check_inputs(z, codebook)
+    z = z.detach().float()
+    codebook = codebook.detach().float()
+    if normalize:
+        z = F.normalize(z, dim=-1)
+        codebook = F.normalize(codebook, dim=-1)
+    dist = (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1)[None, :] - 2.0 * z @ codebook.t()
+    best, indices = dist.min(dim=1)
+    return indices, best.clamp_min(0)
