@@ -20,6 +20,11 @@ class VQGANConfig:
     codebook_size: int = 1024
     in_channels: int = 3
     dropout: float = 0.0
+    # GroupNorm: min(norm_groups, channels // min_group_channels) groups. The official models get
+    # 32. Narrow models want several channels per group: at one channel per group GroupNorm is
+    # instance norm, which erases each channel's spatial mean (a flat colour cannot pass).
+    norm_groups: int = 32
+    min_group_channels: int = 1
 
     @property
     def downsample_factor(self) -> int:
@@ -120,7 +125,7 @@ PRESETS: dict[str, ALITConfig] = {
         iterations=8,
         latent_dim=12,
         codebook_size=1024,
-        vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=512),
+        vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=512, min_group_channels=4),
     ),
 }
 

@@ -16,21 +16,19 @@ from .config import VQGANConfig
 from .ops import vq_nearest
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32 if channels % 32 == 0 else _largest_divisor(channels, 32), num_channels=channels, eps=1e-6, affine=True)
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    # small demo models have fewer than 32 channels per level; the official ones always use 32 groups
-    return max(g for g in range(1, at_most + 1) if n % g == 0)
+def _norm(channels: int, cfg: VQGANConfig) -> nn.GroupNorm:
+    groups = min(cfg.norm_groups, max(1, channels // cfg.min_group_channels))
+    if channels % groups:
+        raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, cfg: VQGANConfig = VQGANConfig()) -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, cfg)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, cfg)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         if in_channels != out_channels:
@@ -48,10 +46,10 @@ class ResBlock(nn.Module):
 
 
 class _MidBlock(nn.Module):
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, cfg: VQGANConfig) -> None:
         super().__init__()
-        self.block_1 = ResBlock(channels, channels, dropout)
-        self.block_2 = ResBlock(channels, channels, dropout)
+        self.block_1 = ResBlock(channels, channels, cfg.dropout, cfg)
+        self.block_2 = ResBlock(channels, channels, cfg.dropout, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.block_1(x))
@@ -76,12 +74,12 @@ class VQGANEncoder(nn.Module):
             ch_out = cfg.ch * mult
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(ch_in, ch_out, cfg.dropout))
+                blocks.append(ResBlock(ch_in, ch_out, cfg.dropout, cfg))
                 ch_in = ch_out
             levels.append(_Level(blocks))
         self.down = nn.ModuleList(levels)
-        self.mid = _MidBlock(ch_in, cfg.dropout)
-        self.norm_out = _norm(ch_in)
+        self.mid = _MidBlock(ch_in, cfg)
+        self.norm_out = _norm(ch_in, cfg)
         self.conv_out = nn.Conv2d(ch_in, cfg.z_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,17 +99,17 @@ class VQGANDecoder(nn.Module):
         super().__init__()
         ch_in = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, ch_in, 3, padding=1)
-        self.mid = _MidBlock(ch_in, cfg.dropout)
+        self.mid = _MidBlock(ch_in, cfg)
         levels: list[_Level] = [None] * len(cfg.ch_mult)  # type: ignore[list-item]
         for i in reversed(range(len(cfg.ch_mult))):
             ch_out = cfg.ch * cfg.ch_mult[i]
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(ch_in, ch_out, cfg.dropout))
+                blocks.append(ResBlock(ch_in, ch_out, cfg.dropout, cfg))
                 ch_in = ch_out
             levels[i] = _Level(blocks, upsample=i != 0, channels=ch_in)
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(ch_in)
+        self.norm_out = _norm(ch_in, cfg)
         self.conv_out = nn.Conv2d(ch_in, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -70,3 +70,12 @@ def test_decode_indices_rejects_out_of_range_codes():
     tok = BaseTokenizer(CFG)
     with pytest.raises(ValueError, match=r"\[0, 48\)"):
         tok.decode_indices(torch.full((1, 64), 48))
+
+
+def test_group_norm_groups_follow_the_config():
+    official = BaseTokenizer(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, codebook_size=8))
+    assert {m.num_groups for m in official.modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+    narrow = BaseTokenizer(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, codebook_size=8, min_group_channels=4))
+    assert {(m.num_groups, m.num_channels) for m in narrow.modules() if isinstance(m, torch.nn.GroupNorm)} == {(8, 32), (16, 64)}
+    with pytest.raises(ValueError, match="groups"):
+        BaseTokenizer(VQGANConfig(ch=24, ch_mult=(1,), num_res_blocks=1, z_channels=8, codebook_size=8, norm_groups=16))
