@@ -1,0 +1,335 @@
+"""Datasets for training: image folders with the official augmentation, synthetic images of known
+complexity, and crops of scikit-image's bundled photographs.
+
+Every random choice is drawn from a generator seeded by (seed, epoch, index), never from a global
+or per-worker stream: an item is a pure function of those three numbers, so a resumed run (or a
+run with a different number of loader workers or processes) sees exactly the same images.
+Items are dicts ``{"image": float [3, S, S] in [0, 1], "label": int, "index": int}``; the label is
+the complexity level for synthetic images and -1 elsewhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+COMPLEXITY_LEVELS = ("flat", "few_shapes", "many_shapes", "texture", "noise")
+# scikit-image's bundled sample photographs (all ship inside the wheel, no download)
+PHOTO_NAMES = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "moon",
+    "coins",
+    "clock",
+    "grass",
+    "gravel",
+    "brick",
+    "colorwheel",
+)
+
+
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
+
+
+def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """PIL image or HxWx3 uint8 array -> float [3, H, W] in [0, 1] (ToTensor, no mean/std)."""
+    array = np.array(image, dtype=np.uint8) if isinstance(image, Image.Image) else image
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+
+
+def _as_rgb(array: np.ndarray) -> Image.Image:
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return Image.fromarray(array[..., :3]).convert("RGB")
+
+
+# ---------------------------------------------------------------------------- augmentation
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.8, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """A crop box (left, top, w, h) as torchvision's RandomResizedCrop samples it: area fraction
+    uniform in ``scale``, aspect ratio log-uniform in ``ratio``, ten tries, then a central fallback."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(
+    image: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.8, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> Image.Image:
+    """The official training augmentation: RandomResizedCrop (bicubic) then a horizontal flip."""
+    left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale, ratio)
+    out = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    if flip and rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return out
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` then take the central square (the evaluation transform)."""
+    side = min(image.width, image.height)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+
+
+# ---------------------------------------------------------------------------- datasets
+class EpochDataset(Dataset):
+    """A dataset whose random choices depend on (seed, epoch, index); the trainer sets the epoch."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class ImageFolder(EpochDataset):
+    """Every image under ``root`` (recursive, sorted paths), read with Pillow.
+
+    ``augment=True`` applies the official RandomResizedCrop(scale 0.8-1, ratio 3/4-4/3) + flip;
+    ``augment=False`` takes the center crop (what the base cache stores).
+    """
+
+    def __init__(self, root: str | os.PathLike, size: int, augment: bool = True, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.paths:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+        self.size = size
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        with Image.open(self.paths[index]) as f:
+            image = f.convert("RGB")
+        if self.augment:
+            image = random_resized_crop(image, self.size, item_rng(self.seed, self.epoch, index))
+        else:
+            image = center_crop(image, self.size)
+        return {"image": to_tensor(image), "label": -1, "index": index}
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.0, 1.0, size=3)
+
+
+def _draw_shapes(canvas: np.ndarray, count: int, rng: np.random.Generator, min_r: float, max_r: float) -> None:
+    size = canvas.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    for _ in range(count):
+        kind = rng.integers(0, 3)
+        cx, cy = rng.uniform(0, size, size=2)
+        r = rng.uniform(min_r, max_r) * size
+        if kind == 0:  # disc
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        elif kind == 1:  # axis-aligned rectangle
+            rx, ry = r * rng.uniform(0.5, 1.5, size=2)
+            mask = (np.abs(xx - cx) <= rx) & (np.abs(yy - cy) <= ry)
+        else:  # triangle: inside three half-planes
+            angles = rng.uniform(0, 2 * np.pi) + np.array([0.0, 2.1, 4.2]) + rng.uniform(-0.3, 0.3, size=3)
+            px, py = cx + r * np.cos(angles), cy + r * np.sin(angles)
+            signs = []
+            for i in range(3):
+                j = (i + 1) % 3
+                signs.append((px[j] - px[i]) * (yy - py[i]) - (py[j] - py[i]) * (xx - px[i]) >= 0)
+            mask = (signs[0] == signs[1]) & (signs[1] == signs[2])
+        canvas[mask] = _random_colour(rng)
+
+
+def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = np.zeros((size, size, 3), dtype=np.float32)
+    for _ in range(int(rng.integers(2, 5))):
+        freq = rng.uniform(3.0, 12.0)
+        theta = rng.uniform(0, np.pi)
+        phase = rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
+        if rng.random() < 0.3:
+            wave = np.sign(wave)  # square-wave stripes / checks
+        out += wave[..., None] * rng.uniform(-0.5, 0.5, size=3)
+    out = out / (np.abs(out).max() + 1e-6) * rng.uniform(0.25, 0.5) + _random_colour(rng) * 0.5 + 0.25
+    return out
+
+
+def synthetic_image(size: int, level: int, rng: np.random.Generator) -> np.ndarray:
+    """An HxWx3 float image in [0, 1] whose complexity grows with ``level`` (see COMPLEXITY_LEVELS)."""
+    if level == 0:
+        image = np.broadcast_to(_random_colour(rng), (size, size, 3)).astype(np.float32)
+    elif level in (1, 2):
+        image = np.empty((size, size, 3), dtype=np.float32)
+        image[:] = _random_colour(rng)
+        if level == 1:
+            _draw_shapes(image, int(rng.integers(1, 4)), rng, 0.12, 0.3)
+        else:
+            _draw_shapes(image, int(rng.integers(12, 25)), rng, 0.04, 0.15)
+    elif level == 3:
+        image = _texture(size, rng)
+    elif level == 4:
+        image = rng.uniform(0.0, 1.0, size=(size, size, 3)).astype(np.float32)
+    else:
+        raise ValueError(f"complexity level must be in 0..{len(COMPLEXITY_LEVELS) - 1}, got {level}")
+    return np.clip(image, 0.0, 1.0)
+
+
+class SyntheticImages(EpochDataset):
+    """Synthetic images of controlled complexity, labelled 0 (flat colour) .. 4 (pixel noise).
+
+    Item ``i`` has level ``levels[i % len(levels)]``; its pixels depend on (seed, i) only, so the
+    same index is the same image in every epoch (these images need no augmentation).
+    """
+
+    def __init__(self, size: int, length: int = 10_000, seed: int = 0, levels: tuple[int, ...] = (0, 1, 2, 3, 4)) -> None:
+        super().__init__(seed)
+        if not levels or any(not 0 <= lv < len(COMPLEXITY_LEVELS) for lv in levels):
+            raise ValueError(f"levels must be a non-empty subset of 0..{len(COMPLEXITY_LEVELS) - 1}, got {levels}")
+        self.size = size
+        self.length = length
+        self.levels = tuple(levels)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def level(self, index: int) -> int:
+        return self.levels[index % len(self.levels)]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        level = self.level(index)
+        # epoch is left out on purpose: a synthetic item is fixed, which keeps its label meaningful
+        image = synthetic_image(self.size, level, item_rng(self.seed, 0, index))
+        return {"image": to_tensor(image), "label": level, "index": index}
+
+
+def load_photos(names: tuple[str, ...] = PHOTO_NAMES) -> list[Image.Image]:
+    """scikit-image's bundled sample photographs as RGB PIL images (needs the ``demo`` extra)."""
+    try:
+        import skimage.data
+    except ImportError as exc:  # an optional dependency: tell the user which extra brings it
+        raise ImportError("photo crops need scikit-image: pip install 'alit_fast[demo]'") from exc
+    return [_as_rgb(getattr(skimage.data, name)()) for name in names]
+
+
+class PhotoCrops(EpochDataset):
+    """Random square crops of the scikit-image sample photographs, resized to ``size``.
+
+    The crop side is log-uniform between ``min_side`` px and the photo's shorter side, so the set
+    spans close-ups (smooth) to whole scenes (detailed); crops change with the epoch.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        length: int = 2_000,
+        seed: int = 0,
+        names: tuple[str, ...] = PHOTO_NAMES,
+        min_side: int = 48,
+    ) -> None:
+        super().__init__(seed)
+        self.size = size
+        self.length = length
+        self.names = tuple(names)
+        self.min_side = min_side
+        self._photos: list[Image.Image] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def photos(self) -> list[Image.Image]:
+        if self._photos is None:
+            self._photos = load_photos(self.names)
+        return self._photos
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        rng = item_rng(self.seed, self.epoch, index)
+        photo = self.photos[index % len(self.photos)]
+        short = min(photo.width, photo.height)
+        low = min(self.min_side, short)
+        side = int(round(math.exp(rng.uniform(math.log(low), math.log(short)))))
+        left = int(rng.integers(0, photo.width - side + 1))
+        top = int(rng.integers(0, photo.height - side + 1))
+        crop = photo.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + side, top + side))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        return {"image": to_tensor(crop), "label": -1, "index": index}
+
+
+class Mixture(ConcatDataset):
+    """Concatenated datasets that pass ``set_epoch`` on and renumber ``index`` globally."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for ds in self.datasets:
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(super().__getitem__(index))
+        item["index"] = index
+        return item
+
+
+def build_dataset(spec: str, size: int, seed: int = 0, augment: bool = True, length: int | None = None) -> Dataset:
+    """A dataset from a command-line spec.
+
+    ``synthetic`` (complexity levels 0..4), ``photos`` (scikit-image crops), ``demo`` (both:
+    4 synthetic images for every photo crop), or a folder of images.
+    """
+    if spec == "synthetic":
+        return SyntheticImages(size, length or 10_000, seed)
+    if spec == "photos":
+        return PhotoCrops(size, length or 2_000, seed)
+    if spec == "demo":
+        n = length or 10_000
+        return Mixture([SyntheticImages(size, n * 4 // 5, seed), PhotoCrops(size, n - n * 4 // 5, seed)])
+    return ImageFolder(spec, size, augment=augment, seed=seed)

@@ -1,0 +1,464 @@
+"""Stage-1 training (latent distillation, VQGAN frozen): ``python -m alit_fast.train`` / ``alit-fast train``.
+
+Single process or ``torchrun --nproc_per_node=N -m alit_fast.train ...`` (DDP; gloo on CPUs, nccl
+on GPUs; rank 0 logs and writes checkpoints). Defaults follow the official recipe: AdamW
+(betas 0.9/0.95), blr 1.5e-4 with lr = blr * total batch / 256, weight decay 0.05, cosine schedule
+after a linear warm-up of a tenth of the run, grad clip 3.0, an EMA of the weights, fp16 autocast on
+GPUs (off on CPUs).
+
+Resuming is exact: the data order is a function of (seed, epoch), every item of (seed, epoch,
+index), and the checkpoint holds every RNG state, so on a CPU a resumed run logs the same losses
+as an uninterrupted one. Checkpoints are written to a temporary file then renamed, so a kill
+never leaves a corrupt one.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .config import PRESETS, ALITConfig
+from .model import ALIT, HALTING_MODES, BaseOutput
+from .train_utils import atomic_torch_save, resolve_config, rng_state, seed_everything, set_rng_state, weights_digest
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+EXIT_NONFINITE = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="alit-fast train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None,
+                   help=f"preset ({', '.join(PRESETS)}) or a JSON file of ALITConfig fields; default: the config "
+                        "stored in --init if it has one, else 'demo'")
+    p.add_argument("--backend", default="torch", choices=("torch", "triton"))
+    p.add_argument("--data", default="synthetic",
+                   help="an image folder (recursive), 'synthetic' (complexity levels 0..4), 'photos' "
+                        "(scikit-image crops) or 'demo' (both)")
+    p.add_argument("--data-length", type=int, default=None, help="items in a synthetic/photos/demo dataset")
+    p.add_argument("--base-cache", default=None,
+                   help="a directory written by `alit-fast cache-base`: read the VQGAN outputs from it instead "
+                        "of running the VQGAN every step (its images are center crops: no augmentation)")
+    p.add_argument("--init", default=None,
+                   help="an official or alit_fast checkpoint: the whole model, or only the VQGAN when it holds "
+                        "nothing but base_tokenizer.* keys")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * total batch / 256")
+    p.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule ends here")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="warm-up length, in epochs (or in steps with --steps); default a tenth of the run")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    p.add_argument("--grad-clip", type=float, default=3.0, help="max grad norm (0: off)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step (0: no EMA)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "off"), help="autocast; default fp16 on GPU, off on CPU")
+    p.add_argument("--sample-grad-iters", type=int, default=None,
+                   help="take the loss at this many random iterations per step (default: all)")
+    p.add_argument("--halting", default="stochastic", choices=HALTING_MODES)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--out", default="runs/alit")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from OUT/checkpoint.pt (or the checkpoint given)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step with a checkpoint, as if interrupted (split a run into jobs)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop with a checkpoint once this many seconds have passed (resume later)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the JSONL log is still written)")
+    p.add_argument("--weights-digest", action="store_true",
+                   help="every rank prints a digest of its final weights (to check that DDP ranks agree)")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.sample_grad_iters is not None and args.sample_grad_iters < 1:
+        p.error("--sample-grad-iters must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------- distributed
+class Dist:
+    """Who this process is. Started by torchrun (RANK/WORLD_SIZE in the environment) or alone."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_true(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([0.0 if flag else 1.0], device=self.device)
+        dist.all_reduce(t)
+        return t.item() == 0.0
+
+    def mean(self, value: torch.Tensor) -> float:
+        if not self.enabled:
+            return float(value.detach())
+        t = value.detach().float().reshape(1).clone()
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def gather(self, obj):
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- model set-up
+def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], ALITConfig | None]:
+    """The state dict of an official or alit_fast checkpoint, and the config stored with it if any."""
+    from safetensors import safe_open
+
+    from .checkpoint import METADATA_CONFIG_KEY, _read_state_dict
+
+    cfg = None
+    if path.endswith(".safetensors") and os.path.exists(path):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if METADATA_CONFIG_KEY in meta:
+            cfg = ALITConfig.from_json(meta[METADATA_CONFIG_KEY])
+    return _read_state_dict(path, "cpu"), cfg
+
+
+def load_initial(model: ALIT, state: dict[str, torch.Tensor]) -> str:
+    """Load ``state`` into ``model``: all of it, or only the VQGAN. Returns what was loaded."""
+    from .checkpoint import load_state_strict
+
+    prefix = "base_tokenizer."
+    if state and all(k.startswith(prefix) for k in state):
+        load_state_strict(model.base_tokenizer, {k[len(prefix):]: v for k, v in state.items()})
+        return "the VQGAN (base_tokenizer.*)"
+    load_state_strict(model, state)
+    return "the whole model"
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1 over ``warmup`` steps, then a half cosine down to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+@torch.no_grad()
+def update_ema(ema: ALIT, model: ALIT, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------- data
+def build_training_data(args: argparse.Namespace, cfg: ALITConfig, model: ALIT) -> Dataset:
+    if args.base_cache:
+        from .base_cache import BaseCacheDataset
+
+        ds = BaseCacheDataset(args.base_cache)
+        ds.check_model(model)
+        return ds
+    from .data import build_dataset
+
+    return build_dataset(args.data, cfg.image_size, seed=args.seed, augment=True, length=args.data_length)
+
+
+class EpochBatches:
+    """The batches of one epoch for one rank: a function of (seed, epoch) only, skippable."""
+
+    def __init__(self, dataset: Dataset, d: Dist, args: argparse.Namespace) -> None:
+        self.dataset = dataset
+        self.sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed, drop_last=True)
+        self.batch_size = args.batch_size
+        self.workers = args.workers
+        self.steps_per_epoch = len(self.sampler) // self.batch_size
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"the dataset has {len(dataset)} items: fewer than one batch of {self.batch_size} per process "
+                             f"({d.world} processes)")
+
+    def epoch(self, epoch: int, skip_batches: int = 0):
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        indices = list(self.sampler)[skip_batches * self.batch_size : self.steps_per_epoch * self.batch_size]
+        # an explicit generator: creating the loader must not draw from the global RNG
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, num_workers=self.workers,
+                          drop_last=True, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------- logging
+class JsonlLog:
+    """One JSON object per step. On resume, lines past the checkpoint's step are dropped, so the
+    log matches an uninterrupted run's."""
+
+    def __init__(self, path: Path, keep_until_step: int | None) -> None:
+        if keep_until_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif keep_until_step is None and path.exists():
+            path.unlink()
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _fmt_iters(values: dict[int, float]) -> str:
+    return " ".join(f"{v:.2f}" for _, v in sorted(values.items()))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, *, model: ALIT, ema: ALIT | None, opt, sched, scaler, step: int, epoch: int,
+                    rng: list, gen_states: list, args: argparse.Namespace) -> None:
+    atomic_torch_save(
+        {
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng,  # one entry per rank
+            "generator": gen_states,  # one entry per rank: the halting / iteration-sampling stream
+            "step": step,
+            "epoch": epoch,
+            "config": model.config.to_json(),
+            "args": vars(args),
+        },
+        path,
+    )
+
+
+def _write_final(out: Path, model: ALIT, ema: ALIT | None) -> None:
+    model.save(str(out / "model.safetensors"))
+    if ema is not None:
+        ema.save(str(out / "ema.safetensors"))
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(args: argparse.Namespace) -> int:
+    d = Dist()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = d.device
+    amp = args.amp or ("fp16" if device.type == "cuda" else "off")
+    seed_everything(args.seed + d.rank)
+
+    init_state, init_cfg = initial_weights(args.init) if args.init else (None, None)
+    cfg = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
+    model = ALIT(cfg)
+    if init_state is not None:
+        what = load_initial(model, init_state)
+        if d.main:
+            print(f"initialised {what} from {args.init}", flush=True)
+    try:
+        model.set_backend(args.backend)
+    except NotImplementedError as exc:
+        raise SystemExit(f"backend {args.backend!r} is not available yet: {exc}") from exc
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
+
+    dataset = build_training_data(args, cfg, model)
+    batches = EpochBatches(dataset, d, args)
+    total_batch = args.batch_size * d.world
+    total_steps = args.steps if args.steps is not None else args.epochs * batches.steps_per_epoch
+    unit = 1 if args.steps is not None else batches.steps_per_epoch
+    warmup = int(round((args.warmup if args.warmup is not None else total_steps / unit / 10) * unit))
+    lr = args.lr if args.lr is not None else args.blr * total_batch / 256
+
+    params = model.trainable_parameters()  # the VQGAN is frozen and stays out of the optimizer
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases and norms, as in MAE
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=tuple(args.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps, args.min_lr / lr if lr > 0 else 0.0))
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    # the halting draws and iteration sampling: a generator of its own, saved with the checkpoint.
+    # (torch.randperm in the model wants a CPU generator, so on GPUs the global streams are used.)
+    gen = torch.Generator().manual_seed(args.seed * 1009 + d.rank) if device.type == "cpu" else None
+
+    step = 0
+    ckpt_path = out / CHECKPOINT
+    if args.resume:
+        path = ckpt_path if args.resume == "auto" else Path(args.resume)
+        if not path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt["config"] != cfg.to_json():
+            raise SystemExit(f"--resume: {path} was written for a different config")
+        model.load_state_dict(ckpt["model"])
+        if ema is not None and ckpt["ema"] is not None:
+            ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        if len(ckpt["rng"]) != d.world:
+            raise SystemExit(f"--resume: {path} was written by {len(ckpt['rng'])} processes, this run has {d.world}")
+        set_rng_state(ckpt["rng"][d.rank])
+        if gen is not None and ckpt["generator"][d.rank] is not None:
+            gen.set_state(ckpt["generator"][d.rank])
+        step = ckpt["step"]
+        if d.main:
+            print(f"resumed from {path} at step {step}", flush=True)
+    last_good = step if args.resume else None
+
+    runner: torch.nn.Module = model
+    if args.compile:
+        runner = torch.compile(model)
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # some parameters get no gradient in a step: with halting off the mask token is never used,
+        # and with sampled iterations the later ones may not reach the loss
+        unused = args.halting == "off" or (args.sample_grad_iters is not None and args.sample_grad_iters < cfg.iterations)
+        runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+
+    log = JsonlLog(out / LOG, step if args.resume else None) if d.main else None
+    bar = None
+    if d.main and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def checkpoint(at_step: int) -> None:
+        rng = d.gather(rng_state())
+        gens = d.gather(gen.get_state() if gen is not None else None)
+        if d.main:
+            save_checkpoint(ckpt_path, model=model, ema=ema, opt=opt, sched=sched, scaler=scaler, step=at_step,
+                            epoch=at_step // batches.steps_per_epoch, rng=rng, gen_states=gens, args=args)
+        d.barrier()
+
+    start = time.time()
+    stop_at = min(total_steps, args.stop_at) if args.stop_at is not None else total_steps
+    status = 0
+    timed_out = False
+    model.train()
+    try:
+        while step < stop_at and not timed_out:
+            epoch, skip = divmod(step, batches.steps_per_epoch)
+            for batch in batches.epoch(epoch, skip):
+                t0 = time.time()
+                images = batch["image"].to(device, non_blocking=True)
+                base = None
+                if "z" in batch:
+                    base = BaseOutput(z=batch["z"].to(device).float(), gt_indices=batch["gt_indices"].to(device).long())
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    result = runner(images, base=base, halting=args.halting, sample_grad_iters=args.sample_grad_iters,
+                                    generator=gen)
+                if not d.all_true(bool(torch.isfinite(result.loss.detach()))):
+                    raise NonFiniteLoss(
+                        f"non-finite loss ({float(result.loss.detach()):.4g}) at step {step + 1}; per-iteration losses "
+                        f"{result.per_iteration}. Stopping; "
+                        + (f"the last good checkpoint is {ckpt_path} (step {last_good})." if last_good is not None
+                           else "no checkpoint had been written yet.")
+                        + " Try a lower --lr/--blr, --grad-clip, or --amp off.")
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(result.loss).backward()
+                    scaler.unscale_(opt)
+                else:
+                    result.loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                sched.step()
+                if ema is not None:
+                    update_ema(ema, model, args.ema)
+                step += 1
+                loss = d.mean(result.loss)
+                if d.main:
+                    dt = time.time() - t0
+                    log.write({"step": step, "epoch": epoch, "loss": loss,
+                               "per_iteration": {str(k): v for k, v in sorted(result.per_iteration.items())},
+                               "nll": {str(k): v for k, v in sorted(result.nll.items())},
+                               "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                               "images_per_s": total_batch / dt, "time": round(time.time() - start, 3)})
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(f"loss {loss:.3f} | iters {_fmt_iters(result.per_iteration)} | "
+                                            f"{total_batch / dt:.1f} img/s")
+                # every rank must agree on stopping, or DDP would hang in the next all-reduce
+                timed_out = args.time_limit is not None and not d.all_true(time.time() - start <= args.time_limit)
+                if step % args.save_every == 0 or step == stop_at or timed_out:
+                    checkpoint(step)
+                    last_good = step
+                if step >= stop_at or timed_out:
+                    break
+        if timed_out and step < total_steps and d.main:
+            print(f"time limit reached at step {step}; continue with --resume", flush=True)
+        if step >= total_steps and d.main:
+            _write_final(out, model, ema)
+    except NonFiniteLoss as exc:
+        if d.main:
+            print(f"\nalit-fast train: {exc}", file=sys.stderr, flush=True)
+        status = EXIT_NONFINITE
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    if args.weights_digest:
+        print(f"rank {d.rank} weights sha256 {weights_digest(model)}", flush=True)
+    d.close()
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
