@@ -8,6 +8,7 @@ Parameter names follow the official checkpoints so ``load_official`` is a plain 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,11 @@ from .config import ALITConfig, get_config
 from .ops import check_backend, vq_nearest
 from .transformer import PackedAttention, Transformer
 from .vqgan import BaseTokenizer, VQGANQuantizer
+
+if TYPE_CHECKING:  # adaptive inference builds on this module, so its types are imported for hints only
+    from .adaptive import RolloutState
+    from .criteria import Criterion
+    from .tokens import TokenBatch
 
 HALTING_MODES = ("off", "threshold", "stochastic")
 
@@ -353,3 +359,32 @@ class ALIT(nn.Module):
         from .checkpoint import save_model
 
         save_model(self, path)
+
+    # ------------------------------------------------------------------ adaptive inference (alit_fast.adaptive)
+    def start(
+        self, images: torch.Tensor, halting: str = "off", generator: torch.Generator | None = None, **kwargs
+    ) -> RolloutState:
+        """A resumable rollout: ``state.step()`` runs one more iteration for the images still active."""
+        from .adaptive import start
+
+        return start(self, images, halting=halting, generator=generator, **kwargs)
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        criterion: str | Criterion | Callable = "code-acc:0.9",
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+        batch_size: int | None = None,
+        **kwargs,
+    ) -> TokenBatch:
+        """Per-image adaptive-length code ids (a TokenBatch); see alit_fast.adaptive.encode."""
+        from .adaptive import encode
+
+        return encode(self, images, criterion, min_tokens=min_tokens, max_tokens=max_tokens, batch_size=batch_size, **kwargs)
+
+    def decode(self, tokens: TokenBatch, batch_size: int | None = None) -> torch.Tensor:
+        """Images in [0, 1] from a TokenBatch whose images may have different lengths."""
+        from .adaptive import decode
+
+        return decode(self, tokens, batch_size=batch_size)

@@ -1,0 +1,136 @@
+"""TokenBatch: the per-image 1D code ids of an adaptive encoding, and their safetensors file format.
+
+In memory the codes are padded to the longest image (pad value -1, never a valid code); on disk
+they are stored flat, one image after another, so short images cost only their own tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "alit_fast.tokens.v1"
+PAD = -1
+
+
+def code_dtype(codebook_size: int) -> torch.dtype:
+    """int16 halves the file for every released codebook (4096); int32 beyond 32768 codes."""
+    return torch.int16 if codebook_size <= 2**15 else torch.int32
+
+
+@dataclass
+class TokenBatch:
+    codes: torch.Tensor  # [B, max(lengths)] int16/int32, padded with -1
+    lengths: torch.Tensor  # [B] int64, tokens per image
+    codebook_size: int
+    config_json: str | None = None  # the encoding model's ALITConfig, so a decoder can check it fits
+    checkpoint: str | None = None  # where the encoding model came from (a path or "demo")
+    names: list[str] | None = None  # e.g. the source file of each image
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.codes.dim() != 2 or self.lengths.dim() != 1 or self.codes.shape[0] != self.lengths.shape[0]:
+            raise ValueError(
+                f"TokenBatch expects codes [B, L] and lengths [B], got {tuple(self.codes.shape)} and {tuple(self.lengths.shape)}"
+            )
+        self.lengths = self.lengths.to(torch.int64)
+        if self.names is not None and len(self.names) != len(self):
+            raise ValueError(f"TokenBatch has {len(self)} images but {len(self.names)} names")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[torch.Tensor], codebook_size: int, **meta) -> "TokenBatch":
+        """One 1D tensor of code ids per image, of any lengths."""
+        lengths = torch.tensor([int(s.numel()) for s in sequences], dtype=torch.int64)
+        width = int(lengths.max()) if len(sequences) else 0
+        codes = torch.full((len(sequences), width), PAD, dtype=code_dtype(codebook_size))
+        for i, seq in enumerate(sequences):
+            codes[i, : seq.numel()] = seq.reshape(-1).to(codes.dtype).cpu()
+        return cls(codes=codes, lengths=lengths, codebook_size=codebook_size, **meta)
+
+    @classmethod
+    def cat(cls, batches: Sequence["TokenBatch"]) -> "TokenBatch":
+        """Concatenate batches encoded by the same model (metadata is taken from the first)."""
+        if not batches:
+            raise ValueError("TokenBatch.cat needs at least one batch")
+        first = batches[0]
+        for b in batches[1:]:
+            configs = (b.config_json, first.config_json)
+            if b.codebook_size != first.codebook_size or (None not in configs and configs[0] != configs[1]):
+                raise ValueError("TokenBatch.cat: the batches come from different models")
+        names = None
+        if all(b.names is not None for b in batches):
+            names = [n for b in batches for n in b.names]
+        seqs = [seq for b in batches for seq in b.sequences()]
+        return cls.from_sequences(
+            seqs, first.codebook_size, config_json=first.config_json, checkpoint=first.checkpoint, names=names,
+            extra=dict(first.extra),
+        )
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """The code ids of image ``i`` as int64."""
+        return self.codes[i, : int(self.lengths[i])].to(torch.int64)
+
+    def sequences(self) -> list[torch.Tensor]:
+        return [self[i] for i in range(len(self))]
+
+    def padded(self, pad: int = 0) -> torch.Tensor:
+        """int64 [B, max(lengths)] with ``pad`` past each image's length (0 is a valid, maskable code)."""
+        codes = self.codes.to(torch.int64)
+        width = codes.shape[1]
+        past = torch.arange(width)[None, :] >= self.lengths[:, None]
+        return codes.masked_fill(past, pad)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        flat = torch.cat([self[i] for i in range(len(self))]) if len(self) else torch.zeros(0, dtype=torch.int64)
+        tensors = {
+            "codes": flat.to(code_dtype(self.codebook_size)).contiguous(),
+            "lengths": self.lengths.to(torch.int32).contiguous(),
+        }
+        meta = {"format": FORMAT, "codebook_size": str(self.codebook_size)}
+        if self.config_json is not None:
+            meta["alit_fast_config"] = self.config_json
+        if self.checkpoint is not None:
+            meta["checkpoint"] = self.checkpoint
+        if self.names is not None:
+            meta["names"] = json.dumps(self.names)
+        for key, value in self.extra.items():
+            meta[f"extra.{key}"] = value
+        tmp = f"{os.fspath(path)}.tmp"
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)  # a killed run never leaves a half-written token file
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TokenBatch":
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"token file not found: {path}")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an alit_fast token file (format {meta.get('format')!r})")
+            flat = f.get_tensor("codes").to(torch.int64)
+            lengths = f.get_tensor("lengths").to(torch.int64)
+        if int(lengths.sum()) != flat.numel() or bool((lengths < 0).any()):
+            raise ValueError(f"{path}: the lengths ({int(lengths.sum())} tokens) do not match the {flat.numel()} codes")
+        codebook_size = int(meta["codebook_size"])
+        seqs = list(torch.split(flat, lengths.tolist())) if len(lengths) else []
+        extra = {k[len("extra.") :]: v for k, v in meta.items() if k.startswith("extra.")}
+        return cls.from_sequences(
+            seqs,
+            codebook_size,
+            config_json=meta.get("alit_fast_config"),
+            checkpoint=meta.get("checkpoint"),
+            names=json.loads(meta["names"]) if "names" in meta else None,
+            extra=extra,
+        )

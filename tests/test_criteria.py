@@ -1,0 +1,186 @@
+import math
+
+import pytest
+import torch
+
+from alit_fast import ALIT
+from alit_fast.criteria import (
+    CodeAccuracy,
+    CodeNLL,
+    FunctionCriterion,
+    PixelL1,
+    StepView,
+    TokenCount,
+    criterion_name,
+    parse_criterion,
+)
+from alit_fast.testing import random_images, tiny_config
+from _single_thread import one_thread  # noqa: F401 (an autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ALIT(tiny_config()).eval()
+
+
+def _view(model, logits=None, gt=None, images=None, num_tokens=8, pixels=None):
+    n = (logits if logits is not None else gt if gt is not None else images).shape[0]
+    return StepView(
+        model=model,
+        iteration=num_tokens // 4 - 1,
+        num_tokens=num_tokens,
+        rows=torch.arange(n),
+        gt_indices=gt if gt is not None else torch.zeros(n, 64, dtype=torch.int64),
+        images=images if images is not None else torch.zeros(n, 3, 32, 32),
+        logits=logits,
+        _pixels=pixels,
+    )
+
+
+def _logits_with_accuracy(gt, correct_cells, K=48):
+    """Logits whose argmax is the true code in the first ``correct_cells[i]`` cells of image i."""
+    logits = torch.zeros(*gt.shape, K)
+    wrong = (gt + 1) % K
+    for i, k in enumerate(correct_cells):
+        target = torch.cat([gt[i, :k], wrong[i, k:]])
+        logits[i].scatter_(1, target[:, None], 5.0)
+    return logits
+
+
+def test_parse_criterion_strings_objects_and_callables():
+    assert parse_criterion("tokens:64") == TokenCount(64)
+    assert parse_criterion("code-acc:0.9") == CodeAccuracy(0.9)
+    assert parse_criterion("code-nll:1.5") == CodeNLL(1.5)
+    assert parse_criterion(" PIXEL-L1 : 0.05") == PixelL1(0.05)
+    crit = CodeAccuracy(0.5)
+    assert parse_criterion(crit) is crit
+    assert isinstance(parse_criterion(lambda view: True), FunctionCriterion)
+    for name in ("tokens:64", "code-acc:0.9", "code-nll:1.5", "pixel-l1:0.05"):
+        assert criterion_name(parse_criterion(name)) == name
+    with pytest.raises(ValueError, match="unknown criterion"):
+        parse_criterion("psnr:30")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_criterion("code-acc:high")
+    with pytest.raises(TypeError):
+        parse_criterion(0.9)
+
+
+def test_token_count_needs_no_decoder(model):
+    crit = TokenCount(8)
+    assert not crit.needs_logits
+    gt = torch.zeros(3, 64, dtype=torch.int64)
+    assert crit(_view(model, gt=gt, num_tokens=8)).tolist() == [True] * 3
+    assert crit(_view(model, gt=gt, num_tokens=4)).tolist() == [False] * 3
+
+
+def test_code_accuracy_is_the_fraction_of_argmax_hits(model):
+    gt = torch.randint(0, 48, (3, 64), generator=torch.Generator().manual_seed(0))
+    logits = _logits_with_accuracy(gt, [64, 58, 57])  # 1.0, 0.906, 0.891
+    view = _view(model, logits=logits, gt=gt)
+    torch.testing.assert_close(CodeAccuracy(0.9).score(view), torch.tensor([1.0, 58 / 64, 57 / 64]))
+    assert CodeAccuracy(0.9)(view).tolist() == [True, True, False]
+    assert CodeAccuracy(58 / 64)(view).tolist() == [True, True, False]  # >= the threshold
+
+
+def test_code_nll_is_the_mean_negative_log_likelihood_of_the_true_codes(model):
+    K = 48
+    gt = torch.randint(0, K, (2, 64), generator=torch.Generator().manual_seed(1))
+    logits = torch.zeros(2, 64, K)  # image 0: uniform -> NLL = log K
+    logits[1].scatter_(1, gt[1, :, None], 10.0)  # image 1: confident and right
+    view = _view(model, logits=logits, gt=gt)
+    score = CodeNLL(1.5).score(view)
+    assert score[0].item() == pytest.approx(math.log(K), rel=1e-5)
+    assert score[1].item() == pytest.approx(-math.log(math.exp(10) / (math.exp(10) + K - 1)), rel=1e-4)
+    assert CodeNLL(1.5)(view).tolist() == [False, True]
+    assert CodeNLL(math.log(K) + 1e-4)(view).tolist() == [True, True]
+
+
+def test_pixel_l1_compares_each_image_to_its_reconstruction(model):
+    images = torch.full((3, 3, 32, 32), 0.5)
+    pixels = images + torch.tensor([0.01, 0.05, 0.2]).view(3, 1, 1, 1)
+    view = _view(model, logits=torch.zeros(3, 64, 48), images=images, pixels=pixels)
+    torch.testing.assert_close(PixelL1(0.05).score(view), torch.tensor([0.01, 0.05, 0.2]))
+    assert PixelL1(0.05)(view).tolist() == [True, False, False]  # strictly below, as officially
+
+
+def test_pixel_l1_decodes_the_soft_code(model):
+    images = random_images(2, 32)
+    logits = torch.randn(2, 64, 48)
+    view = _view(model, logits=logits, images=images)
+    with torch.no_grad():
+        recon = model.base_tokenizer.decode_latents(model.soft_code(logits)).clamp(0, 1)
+    expected = (images - recon).abs().mean((1, 2, 3))
+    torch.testing.assert_close(PixelL1(1.0).score(view), expected)
+
+
+def test_function_criterion_broadcasts_and_checks_its_answer(model):
+    gt = torch.zeros(3, 64, dtype=torch.int64)
+    view = _view(model, gt=gt)
+    assert FunctionCriterion(lambda v: True)(view).tolist() == [True] * 3
+    assert FunctionCriterion(lambda v: v.rows == 1)(view).tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="2 decisions for 3"):
+        FunctionCriterion(lambda v: [True, False])(view)
+
+
+# ---------------------------------------------------------------------- the length encode picks
+def _stop_after(iterations_per_image, log=None):
+    """A callable criterion: image i may stop once it has run iterations_per_image[i] iterations."""
+
+    def criterion(view):
+        if log is not None:
+            log.append((view.iteration, view.rows.tolist(), view.logits is not None))
+        need = torch.tensor(iterations_per_image)[view.rows]
+        return view.iteration + 1 >= need
+
+    return criterion
+
+
+def test_encode_stops_each_image_at_its_own_length(model):
+    images = random_images(4, 32, seed=5)
+    log = []
+    tokens = model.encode(images, _stop_after([1, 3, 2, 99], log))
+    assert tokens.lengths.tolist() == [4, 12, 8, 12]  # 99: never met -> max_tokens
+    # the criterion is asked only while an image may still stop early, for the active rows only
+    assert [(it, rows) for it, rows, _ in log] == [(0, [0, 1, 2, 3]), (1, [1, 2, 3])]
+    with torch.no_grad():
+        full = model.rollout(images)
+    for i, n in enumerate(tokens.lengths.tolist()):
+        assert torch.equal(tokens[i], full[n // 4 - 1].indices[i])
+
+
+def test_encode_min_and_max_tokens_round_to_whole_iterations(model):
+    images = random_images(3, 32, seed=6)
+    assert model.encode(images, _stop_after([1, 1, 1]), min_tokens=5).lengths.tolist() == [8] * 3
+    assert model.encode(images, _stop_after([3, 3, 3]), max_tokens=11).lengths.tolist() == [8] * 3
+    assert model.encode(images, "tokens:5").lengths.tolist() == [8] * 3
+    assert model.encode(images, "tokens:1000").lengths.tolist() == [12] * 3
+    with pytest.raises(ValueError, match="below one iteration"):
+        model.encode(images, "tokens:4", max_tokens=3)
+    with pytest.raises(ValueError, match="leave no token count"):
+        model.encode(images, "tokens:4", min_tokens=9, max_tokens=8)
+
+
+def test_encode_with_code_and_pixel_criteria_at_the_extremes(model):
+    images = random_images(3, 32, seed=7)
+    for always in ("code-acc:0", "code-nll:1e9", "pixel-l1:2"):
+        assert model.encode(images, always).lengths.tolist() == [4] * 3, always
+    for never in ("code-acc:1.01", "code-nll:-1", "pixel-l1:0"):
+        assert model.encode(images, never).lengths.tolist() == [12] * 3, never
+
+
+def test_encode_runs_the_decoder_only_when_a_criterion_needs_it(model, monkeypatch):
+    images = random_images(2, 32, seed=8)
+    calls = []
+    original = model.decode_logits
+    monkeypatch.setattr(model, "decode_logits", lambda z_q, *a: calls.append(z_q.shape) or original(z_q, *a))
+    model.encode(images, "tokens:8")
+    assert calls == []
+    model.encode(images, "code-acc:1.01")  # never met: judged after iterations 1 and 2, not after the last
+    assert calls == [(2, 4, 12), (2, 8, 12)]
+    calls.clear()
+    model.encode(images, "code-acc:1.01", min_tokens=8)
+    assert calls == [(2, 8, 12)]
+    calls.clear()
+    model.encode(images, "code-acc:0", batch_size=1)  # everything stops at once, one image at a time
+    assert calls == [(1, 4, 12), (1, 4, 12)]
