@@ -45,6 +45,17 @@ def load_model(spec: str, backend: str = "torch", device: str | torch.device = "
     return model.to(device).set_backend(backend).eval()
 
 
+def load_model_or_report(spec: str, backend: str, device: str | torch.device, prog: str):
+    """load_model, or None after a one-line message: a wrong path or name is not worth a traceback."""
+    from .checkpoint import CheckpointError
+
+    try:
+        return load_model(spec, backend, device)
+    except (FileNotFoundError, CheckpointError, RuntimeError, ValueError) as exc:
+        print(f"{prog}: cannot load the model {spec!r}: {exc}", file=sys.stderr)
+        return None
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +119,9 @@ def encode_main(argv: list[str] | None = None) -> int:
     if not files:
         print("alit-fast encode: no image files found", file=sys.stderr)
         return 2
-    model = load_model(args.checkpoint, args.backend, _device(args.device))
+    model = load_model_or_report(args.checkpoint, args.backend, _device(args.device), "alit-fast encode")
+    if model is None:
+        return 2
     cfg = model.config
     device = model.latent_tokens.device
 
@@ -192,7 +205,9 @@ def decode_main(argv: list[str] | None = None) -> int:
     if spec is None:
         print("alit-fast decode: the token file names no checkpoint; pass --checkpoint", file=sys.stderr)
         return 2
-    model = load_model(spec, args.backend, _device(args.device))
+    model = load_model_or_report(spec, args.backend, _device(args.device), "alit-fast decode")
+    if model is None:
+        return 2
     if tokens.config_json is not None and tokens.config_json != model.config.to_json():
         print("alit-fast decode: warning: the tokens were encoded by a model with another config", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)

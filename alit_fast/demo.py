@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .adaptive_cli import load_model
+from .adaptive_cli import load_model_or_report
 from .criteria import l1_per_image, pixels_from_logits
 from .data import COMPLEXITY_LEVELS, SyntheticImages, center_crop, item_rng, load_photos, synthetic_image, to_tensor
 
@@ -163,7 +163,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    model = load_model(args.checkpoint, args.backend)
+    model = load_model_or_report(args.checkpoint, args.backend, "cpu", "alit-fast demo")
+    if model is None:
+        return 2
     cfg = model.config
     items = demo_images(cfg.image_size, args.per_level, photos=not args.no_photos)
     images = torch.stack([it.image for it in items])

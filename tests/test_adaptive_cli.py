@@ -90,6 +90,9 @@ def test_encode_reports_when_nothing_can_be_read(checkpoint, image_dir, tmp_path
     assert rc == 1 and "none of the 1 files" in capsys.readouterr().err
     assert not (tmp_path / "t.safetensors").exists()
     assert encode_main([str(tmp_path), "--checkpoint", checkpoint, "--criterion", "bogus"]) == 2
+    missing = str(tmp_path / "missing.safetensors")
+    assert encode_main([str(image_dir), "--checkpoint", missing]) == 2
+    assert "cannot load the model" in capsys.readouterr().err
 
 
 def test_decode_needs_a_checkpoint(tmp_path, capsys):
