@@ -3,6 +3,7 @@ from .checkpoint import CheckpointError, infer_config, load, load_official
 from .config import PRESETS, ALITConfig, VQGANConfig, get_config
 from .model import ALIT, HALTING_MODES, IterationOutput, LossOutput
 from .ops import BACKENDS
+from .pretrained import load_pretrained
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "infer_config",
     "load",
     "load_official",
+    "load_pretrained",
 ]

@@ -1,0 +1,34 @@
+"""Models that ship inside the package (alit_fast/pretrained/*.safetensors)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load
+from .model import ALIT
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+# name -> (file, what it is); the files are written by ALIT.save and hold the config
+PRETRAINED: dict[str, tuple[str, str]] = {
+    "demo": (
+        "demo.safetensors",
+        "the 'demo' preset (64x64 images, 16..128 tokens) with its own VQGAN, both trained on CPU by "
+        "alit_fast.train_vqgan and alit_fast.train on synthetic images and scikit-image photo crops",
+    ),
+}
+
+
+def pretrained_path(name: str = "demo") -> Path:
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; available: {sorted(PRETRAINED)}")
+    path = PRETRAINED_DIR / PRETRAINED[name][0]
+    if not path.exists():
+        raise FileNotFoundError(f"the pretrained model file {path} is missing from this installation")
+    return path
+
+
+def load_pretrained(name: str = "demo", backend: str = "torch", map_location: str | torch.device = "cpu") -> ALIT:
+    """A bundled model, ready for inference (eval mode, no gradients needed)."""
+    model = load(pretrained_path(name), map_location=map_location, backend=backend)
+    return model.eval().requires_grad_(False)
