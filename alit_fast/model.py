@@ -234,6 +234,11 @@ class ALIT(nn.Module):
         x = dec.ln_pre(torch.cat([queries, latents], dim=1))
         lengths = None
         if latent_lengths is not None:
+            # checked once here rather than in each of the attention calls below (a sync each on a GPU)
+            if not torch.compiler.is_compiling() and latent_lengths.numel() and (
+                int(latent_lengths.min()) < 0 or int(latent_lengths.max()) > n
+            ):
+                raise ValueError(f"latent_lengths must lie in [0, {n}], got {latent_lengths.tolist()}")
             lengths = (latent_lengths.to(device=x.device, dtype=torch.int32) + queries.shape[1]).contiguous()
         for block in dec.transformer:
             x = block(x, lengths)

@@ -67,13 +67,6 @@ def test_vq_peak_memory_measurement_is_sound(claim):
     assert chunked >= vq_ops.TORCH_CHUNK_ROWS * CLAIM_K * 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: the chunked path keeps three chunk-sized [4096, K] fp32 buffers alive at once (the previous "
-    "chunk's `dist`, the addmm result and the `+ row_sq` sum), 192 MiB against the naive 3 GiB: 1/15.9, not "
-    "1/20. An in-place add (or `del dist`) in alit_fast/ops/vq.py would meet it; strict, so this turns red "
-    "when it is fixed and the marker must go.",
-)
 def test_chunked_vq_peak_memory_is_at_most_a_twentieth_of_naive(claim):
     chunked, naive, how = claim
     assert chunked / naive <= CLAIM_RATIO, f"chunked/naive peak = 1/{naive / chunked:.1f} > 1/20 ({how})"

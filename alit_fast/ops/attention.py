@@ -37,9 +37,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: to
             raise ValueError(
                 f"lengths must be an int32 tensor of shape [{q.shape[0]}], got {lengths.dtype} {tuple(lengths.shape)}"
             )
-        # a value check reads the tensor (a device sync, and a graph break under torch.compile), so
-        # it is skipped while compiling; the kernel clamps lengths to [0, L] so it stays memory-safe
-        if not torch.compiler.is_compiling() and lengths.numel() > 0:
+        # A value check reads the tensor: a graph break under torch.compile and, for lengths on a
+        # GPU, a device sync at every attention call. So it runs only for host tensors outside
+        # compilation (model code validates its lengths once per batch); the kernel clamps lengths
+        # to [0, L], so an unchecked bad value stays memory-safe.
+        if not torch.compiler.is_compiling() and lengths.numel() > 0 and lengths.device.type == "cpu":
             L = q.shape[1]
             if bool(((lengths < 0) | (lengths > L)).any()):
                 raise ValueError(f"lengths must lie in [0, {L}], got {lengths.tolist()}")

@@ -50,8 +50,10 @@ def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor, normalize: boo
     for start in range(0, z.shape[0], TORCH_CHUNK_ROWS):
         rows = z[start : start + TORCH_CHUNK_ROWS]
         row_sq = (rows * rows).sum(-1, keepdim=True)
-        dist = torch.addmm(code_sq[None, :], rows, codebook.t(), alpha=-2.0) + row_sq
+        # in place, and dropped before the next chunk: one [chunk, K] buffer alive at a time
+        dist = torch.addmm(code_sq[None, :], rows, codebook.t(), alpha=-2.0).add_(row_sq)
         best, idx = dist.min(dim=1)
+        del dist
         indices[start : start + rows.shape[0]] = idx
         scores[start : start + rows.shape[0]] = best.clamp_min(0)
     if codebook.shape[0] > 1 and not torch.compiler.is_compiling():
