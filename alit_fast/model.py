@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .config import ALITConfig, get_config
 from .ops import check_backend, vq_nearest
-from .transformer import PackedAttention, Transformer
+from .transformer import PackedAttention, ResidualAttentionBlock, Transformer, run_blocks
 from .vqgan import BaseTokenizer, VQGANQuantizer
 
 if TYPE_CHECKING:  # adaptive inference builds on this module, so its types are imported for hints only
@@ -171,6 +171,13 @@ class ALIT(nn.Module):
                 module.backend = backend
         return self
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> "ALIT":
+        """Recompute each transformer block in the backward pass instead of storing its activations."""
+        for module in self.modules():
+            if isinstance(module, ResidualAttentionBlock):
+                module.checkpoint_activations = bool(enabled)
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -240,8 +247,7 @@ class ALIT(nn.Module):
             ):
                 raise ValueError(f"latent_lengths must lie in [0, {n}], got {latent_lengths.tolist()}")
             lengths = (latent_lengths.to(device=x.device, dtype=torch.int32) + queries.shape[1]).contiguous()
-        for block in dec.transformer:
-            x = block(x, lengths)
+        x = run_blocks(dec.transformer, x, lengths)
         x = dec.ln_post(x[:, 1 : queries.shape[1]])
         return dec.ffn(x)
 

@@ -11,6 +11,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .ops import attention
 
@@ -53,6 +54,7 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = PackedAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
+        self.checkpoint_activations = False
         hidden = width * mlp_ratio
         self.mlp = nn.Sequential(
             OrderedDict(
@@ -73,6 +75,18 @@ class Transformer(nn.Module):
         self.transformer = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers))
 
     def run_blocks(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.transformer:
+        return run_blocks(self.transformer, x, lengths)
+
+
+def run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply ``blocks`` in order. Blocks flagged ``checkpoint_activations`` keep only their input
+    for the backward pass and recompute the rest: 8 iterations x all layers of activations are what
+    fills memory in training, and recomputing a block costs about a third of its forward+backward."""
+    for block in blocks:
+        if block.checkpoint_activations and torch.is_grad_enabled() and x.requires_grad:
+            x = torch.utils.checkpoint.checkpoint(block, x, lengths, use_reentrant=False)
+        else:
             x = block(x, lengths)
-        return x
+    return x

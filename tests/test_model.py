@@ -201,3 +201,18 @@ def test_patch_embedding_uses_the_official_init():
     model = ALIT(tiny_config())
     assert float(model.patch_embed.weight.detach().std()) == pytest.approx(0.02, rel=0.15)
     assert not model.patch_embed.bias.any()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(4)
+    model = ALIT(tiny_config())
+    images = random_images(2, 32)
+    grads = []
+    for enabled in (False, True):
+        model.set_activation_checkpointing(enabled)
+        model.zero_grad()
+        model(images, halting="off").loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
