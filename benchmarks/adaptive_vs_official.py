@@ -1,0 +1,91 @@
+"""End-to-end adaptive encoding: alit_fast against the official procedure, same model, same images.
+
+    python -m benchmarks.adaptive_vs_official [--checkpoint demo] [--per-level 8] [--out results.json]
+
+The official procedure (alit_fast.adaptive.official_encode) runs every iteration and a pixel decode
+at each, then picks one length per batch; its evaluation runs batch 1, fp32. alit_fast stops each
+image at its own count (compaction), with a code criterion (no pixel decode) or the pixel criterion.
+Held-out images: the synthetic complexity levels (seeds training never used) and photo crops.
+Prints one table; the figures quoted in benchmarks/RESULTS.md come from this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from alit_fast.adaptive import official_encode
+from alit_fast.adaptive_cli import load_model
+from alit_fast.demo import HELD_OUT_SEED, demo_images
+
+
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run(checkpoint: str, per_level: int, code_criterion: str, pixel_threshold: float, batch: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    model = load_model(checkpoint, "torch", "cpu").eval()
+    items = demo_images(model.config.image_size, per_level=per_level, photos=True, seed=HELD_OUT_SEED)
+    images = torch.stack([it.image for it in items])
+    n = images.shape[0]
+    model.encode(images[:2], criterion=code_criterion)  # warm-up: allocator, first-call costs
+
+    rows = {}
+
+    def official(batch_size: int) -> None:
+        def go():
+            tokens = []
+            for lo in range(0, n, batch_size):
+                chunk = images[lo : lo + batch_size]
+                enc = official_encode(model, chunk, threshold=pixel_threshold, halting="off")
+                tokens += [enc.num_tokens] * chunk.shape[0]
+            return tokens
+
+        seconds, tokens = _timed(go)
+        rows[f"official procedure, batch {batch_size}"] = dict(seconds=seconds, images_per_s=n / seconds, mean_tokens=sum(tokens) / n)
+
+    official(1)
+    official(batch)
+    for name, criterion in ((f"alit_fast {code_criterion}", code_criterion), (f"alit_fast pixel-l1:{pixel_threshold}", f"pixel-l1:{pixel_threshold}")):
+        seconds, tokens = _timed(lambda: model.encode(images, criterion=criterion, batch_size=batch))
+        rows[f"{name}, batch {batch}"] = dict(seconds=seconds, images_per_s=n / seconds, mean_tokens=float(tokens.lengths.float().mean()))
+    return dict(
+        checkpoint=checkpoint,
+        images=n,
+        threads=threads,
+        machine=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        rows=rows,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="demo")
+    parser.add_argument("--per-level", type=int, default=8, help="held-out synthetic images per complexity level")
+    parser.add_argument("--code-criterion", default="code-acc:0.9")
+    parser.add_argument("--pixel-threshold", type=float, default=0.07, help="the official default")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    result = run(args.checkpoint, args.per_level, args.code_criterion, args.pixel_threshold, args.batch, args.threads)
+    base = result["rows"]["official procedure, batch 1"]
+    print(f"{result['images']} held-out images, {result['threads']} threads, torch {result['torch']}")
+    print(f"{'procedure':<46} {'images/s':>9} {'vs official B1':>15} {'mean tokens':>12}")
+    for name, row in result["rows"].items():
+        print(f"{name:<46} {row['images_per_s']:>9.2f} {row['images_per_s'] / base['images_per_s']:>14.2f}x {row['mean_tokens']:>12.1f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

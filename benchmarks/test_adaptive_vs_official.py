@@ -1,0 +1,27 @@
+"""Smoke run of the end-to-end comparison script (its figures are quoted in RESULTS.md)."""
+import json
+
+import torch
+
+from alit_fast import ALIT
+from alit_fast.config import VQGANConfig
+from alit_fast.testing import tiny_config
+from benchmarks.adaptive_vs_official import main
+
+
+def test_adaptive_vs_official_script_reports_every_procedure(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = tiny_config(vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48))
+    path = tmp_path / "tiny.safetensors"
+    ALIT(cfg).save(str(path))
+    out = tmp_path / "figures.json"
+    assert main(["--checkpoint", str(path), "--per-level", "1", "--batch", "4", "--threads", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {
+        "official procedure, batch 1",
+        "official procedure, batch 4",
+        "alit_fast code-acc:0.9, batch 4",
+        "alit_fast pixel-l1:0.07, batch 4",
+    }
+    assert all(r["images_per_s"] > 0 and cfg.tokens_per_iter <= r["mean_tokens"] <= cfg.max_tokens for r in rows.values())
+    assert "vs official B1" in capsys.readouterr().out
