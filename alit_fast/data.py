@@ -323,13 +323,16 @@ def build_dataset(spec: str, size: int, seed: int = 0, augment: bool = True, len
     """A dataset from a command-line spec.
 
     ``synthetic`` (complexity levels 0..4), ``photos`` (scikit-image crops), ``demo`` (both:
-    4 synthetic images for every photo crop), or a folder of images.
+    4 synthetic images for every photo crop), or a folder of images. ``synthetic:LEVELS`` and
+    ``demo:LEVELS`` keep only the synthetic levels listed as digits, e.g. ``demo:0123``.
     """
-    if spec == "synthetic":
-        return SyntheticImages(size, length or 10_000, seed)
+    name, _, level_digits = spec.partition(":")
+    if name in ("synthetic", "demo") and not os.path.isdir(spec):
+        levels = tuple(int(c) for c in level_digits) if level_digits else (0, 1, 2, 3, 4)
+        if name == "synthetic":
+            return SyntheticImages(size, length or 10_000, seed, levels)
+        n = length or 10_000
+        return Mixture([SyntheticImages(size, n * 4 // 5, seed, levels), PhotoCrops(size, n - n * 4 // 5, seed)])
     if spec == "photos":
         return PhotoCrops(size, length or 2_000, seed)
-    if spec == "demo":
-        n = length or 10_000
-        return Mixture([SyntheticImages(size, n * 4 // 5, seed), PhotoCrops(size, n - n * 4 // 5, seed)])
     return ImageFolder(spec, size, augment=augment, seed=seed)

@@ -33,6 +33,7 @@ from .train_utils import atomic_torch_save, resolve_config, rng_state, seed_ever
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 EXIT_NONFINITE = 3
+WHOLE_MODEL = "the whole model"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -71,6 +72,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-grad-iters", type=int, default=None,
                    help="take the loss at this many random iterations per step (default: all)")
     p.add_argument("--halting", default="stochastic", choices=HALTING_MODES)
+    p.add_argument("--linear-init-std", type=float, default=None,
+                   help="re-initialise the trainable Linear weights with this std instead of the official 0.02 "
+                        "(not when --init holds a whole model). Small inits put a short run on a long plateau "
+                        "where the decoder ignores the latents; 0.1 leaves it within tens of steps")
+    p.add_argument("--restart-dead-codes", type=int, default=0, metavar="WINDOW",
+                   help="move latent codes unused for WINDOW steps onto fresh encoder outputs (0: off, as "
+                        "official); keeps the latent codebook alive in short runs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
@@ -170,7 +178,14 @@ def load_initial(model: ALIT, state: dict[str, torch.Tensor]) -> str:
         load_state_strict(model.base_tokenizer, {k[len(prefix):]: v for k, v in state.items()})
         return "the VQGAN (base_tokenizer.*)"
     load_state_strict(model, state)
-    return "the whole model"
+    return WHOLE_MODEL
+
+
+def reinit_linear(model: ALIT, std: float) -> None:
+    """Every trainable nn.Linear weight ~ truncated normal(0, std); seeded, so runs stay reproducible."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
+            torch.nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -255,7 +270,7 @@ def _fmt_iters(values: dict[int, float]) -> str:
 
 # ---------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, *, model: ALIT, ema: ALIT | None, opt, sched, scaler, step: int, epoch: int,
-                    rng: list, gen_states: list, args: argparse.Namespace) -> None:
+                    rng: list, gen_states: list, args: argparse.Namespace, code_restart: dict | None = None) -> None:
     atomic_torch_save(
         {
             "model": model.state_dict(),
@@ -265,6 +280,7 @@ def save_checkpoint(path: Path, *, model: ALIT, ema: ALIT | None, opt, sched, sc
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng,  # one entry per rank
             "generator": gen_states,  # one entry per rank: the halting / iteration-sampling stream
+            "code_restart": code_restart,
             "step": step,
             "epoch": epoch,
             "config": model.config.to_json(),
@@ -295,10 +311,14 @@ def train(args: argparse.Namespace) -> int:
     init_state, init_cfg = initial_weights(args.init) if args.init else (None, None)
     cfg = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
     model = ALIT(cfg)
+    whole_model = False
     if init_state is not None:
         what = load_initial(model, init_state)
+        whole_model = what == WHOLE_MODEL
         if d.main:
             print(f"initialised {what} from {args.init}", flush=True)
+    if args.linear_init_std is not None and not whole_model:
+        reinit_linear(model, args.linear_init_std)
     try:
         model.set_backend(args.backend)
     except NotImplementedError as exc:
@@ -326,6 +346,12 @@ def train(args: argparse.Namespace) -> int:
     # (torch.randperm in the model wants a CPU generator, so on GPUs the global streams are used.)
     gen = torch.Generator().manual_seed(args.seed * 1009 + d.rank) if device.type == "cpu" else None
 
+    restarter = None
+    if args.restart_dead_codes > 0:
+        from .code_restart import DeadCodeRestarter
+
+        restarter = DeadCodeRestarter(model.quantize, args.restart_dead_codes, args.seed)
+
     step = 0
     ckpt_path = out / CHECKPOINT
     if args.resume:
@@ -347,6 +373,8 @@ def train(args: argparse.Namespace) -> int:
         set_rng_state(ckpt["rng"][d.rank])
         if gen is not None and ckpt["generator"][d.rank] is not None:
             gen.set_state(ckpt["generator"][d.rank])
+        if restarter is not None and ckpt.get("code_restart") is not None:
+            restarter.load_state_dict(ckpt["code_restart"])
         step = ckpt["step"]
         if d.main:
             print(f"resumed from {path} at step {step}", flush=True)
@@ -375,7 +403,8 @@ def train(args: argparse.Namespace) -> int:
         gens = d.gather(gen.get_state() if gen is not None else None)
         if d.main:
             save_checkpoint(ckpt_path, model=model, ema=ema, opt=opt, sched=sched, scaler=scaler, step=at_step,
-                            epoch=at_step // batches.steps_per_epoch, rng=rng, gen_states=gens, args=args)
+                            epoch=at_step // batches.steps_per_epoch, rng=rng, gen_states=gens, args=args,
+                            code_restart=restarter.state_dict() if restarter is not None else None)
         d.barrier()
 
     start = time.time()
@@ -415,9 +444,12 @@ def train(args: argparse.Namespace) -> int:
                 else:
                     opt.step()
                 sched.step()
-                if ema is not None:
-                    update_ema(ema, model, args.ema)
                 step += 1
+                moved = restarter.after_step(step, opt) if restarter is not None else torch.zeros(0, dtype=torch.long)
+                if ema is not None:
+                    if len(moved):  # an average of an old and a moved code is neither
+                        ema.quantize.embedding.weight.data[moved] = model.quantize.embedding.weight.data[moved]
+                    update_ema(ema, model, args.ema)
                 loss = d.mean(result.loss)
                 if d.main:
                     dt = time.time() - t0
@@ -425,7 +457,8 @@ def train(args: argparse.Namespace) -> int:
                                "per_iteration": {str(k): v for k, v in sorted(result.per_iteration.items())},
                                "nll": {str(k): v for k, v in sorted(result.nll.items())},
                                "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                               "images_per_s": total_batch / dt, "time": round(time.time() - start, 3)})
+                               "images_per_s": total_batch / dt, "time": round(time.time() - start, 3),
+                               **({"codes_moved": len(moved)} if restarter is not None else {})})
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix_str(f"loss {loss:.3f} | iters {_fmt_iters(result.per_iteration)} | "

@@ -69,15 +69,17 @@ def test_few_steps_lower_the_loss(tiny_json, tmp_path, backend):
 def test_resume_is_exact(tiny_json, tmp_path):
     # 16 items / batch 4 = 4 steps per epoch: the split at step 3 is mid-epoch and the run crosses
     # an epoch; halting and iteration sampling exercise the model's random stream
-    common = ("--steps", "6", "--halting", "stochastic", "--sample-grad-iters", "2", "--save-every", "100", "--ema", "0.9")
+    common = ("--steps", "6", "--halting", "stochastic", "--sample-grad-iters", "2", "--save-every", "100", "--ema", "0.9",
+              "--restart-dead-codes", "2")
     assert _run(tiny_json, tmp_path / "full", *common) == 0
     assert _run(tiny_json, tmp_path / "split", *common, "--stop-at", "3") == 0
     assert len(_log(tmp_path / "split")) == 3
     assert not (tmp_path / "split" / "model.safetensors").exists()
     assert _run(tiny_json, tmp_path / "split", *common, "--resume") == 0
     full, split = _log(tmp_path / "full"), _log(tmp_path / "split")
-    keys = ("step", "loss", "per_iteration", "nll", "lr")
+    keys = ("step", "loss", "per_iteration", "nll", "lr", "codes_moved")
     assert [{k: r[k] for k in keys} for r in full] == [{k: r[k] for k in keys} for r in split]
+    assert sum(r["codes_moved"] for r in full) > 0
     a = alit_fast.load(tmp_path / "full" / "ema.safetensors")
     b = alit_fast.load(tmp_path / "split" / "ema.safetensors")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
@@ -104,9 +106,11 @@ def test_init_loads_only_the_vqgan(tiny_json, tmp_path):
 
     save_file({f"base_tokenizer.{k}": v.contiguous() for k, v in donor.base_tokenizer.state_dict().items()},
               str(tmp_path / "vq.safetensors"))
-    assert _run(tiny_json, tmp_path / "run", "--steps", "1", "--halting", "off", "--init", str(tmp_path / "vq.safetensors")) == 0
+    assert _run(tiny_json, tmp_path / "run", "--steps", "1", "--halting", "off", "--init", str(tmp_path / "vq.safetensors"),
+                "--linear-init-std", "0.1") == 0
     trained = alit_fast.load(tmp_path / "run" / "model.safetensors")
     assert torch.equal(trained.base_tokenizer.codebook, donor.base_tokenizer.codebook)
+    assert 0.05 < float(trained.decoder.ffn[0].weight.detach().std()) < 0.15  # re-initialised, then one small step
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny_json, tmp_path, monkeypatch, capsys):
@@ -152,13 +156,15 @@ def test_torchrun_two_processes_agree(tiny_json, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alit_fast.train",
            "--config", tiny_json, "--data", "synthetic", "--data-length", "16", "--batch-size", "2", "--steps", "2",
-           "--lr", "3e-3", "--halting", "stochastic", "--sample-grad-iters", "1", "--no-progress", "--weights-digest",
+           "--lr", "3e-3", "--halting", "stochastic", "--sample-grad-iters", "1", "--restart-dead-codes", "1",
+           "--no-progress", "--weights-digest",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     digests = dict(re.findall(r"rank (\d) weights sha256 ([0-9a-f]{64})", proc.stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
-    assert len(_log(tmp_path)) == 2  # rank 0 alone writes the log
+    log = _log(tmp_path)
+    assert len(log) == 2 and log[0]["codes_moved"] > 0  # rank 0 alone writes the log
     assert alit_fast.load(tmp_path / "model.safetensors").config == tiny_config()
 
 
@@ -210,6 +216,13 @@ def test_synthetic_images_are_deterministic_and_labelled():
         roughness.setdefault(a[i]["label"], []).append(r)
     means = [np.mean(roughness[level]) for level in range(5)]
     assert means[0] == 0.0 and means == sorted(means), means
+
+
+def test_dataset_specs():
+    from alit_fast.data import build_dataset
+
+    synthetic = build_dataset("synthetic:013", 16, length=6)
+    assert [synthetic[i]["label"] for i in range(6)] == [0, 1, 3, 0, 1, 3]
 
 
 def test_photo_crops_and_mixture():
