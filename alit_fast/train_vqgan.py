@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.25, help="commitment cost")
     p.add_argument("--grad-loss", type=float, default=0.5, help="weight of the image-gradient L1 (0: off)")
+    p.add_argument("--active-codes", type=int, default=0,
+                   help="use only this many codes (0: all); the other rows become copies of the used ones, which "
+                        "the lowest-index tie rule never picks. Fewer codes make a coarser but more learnable "
+                        "target for a short ALIT run")
     p.add_argument("--restart-every", type=int, default=50, help="re-init codes unused for this many steps (0: never)")
     p.add_argument("--time-limit", type=float, default=0.0, help="stop (and save) after this many seconds (0: none)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -63,6 +67,16 @@ def random_crops(images: torch.Tensor, side: int, generator: torch.Generator) ->
     top = torch.randint(0, H - side + 1, (B,), generator=generator).tolist()
     left = torch.randint(0, W - side + 1, (B,), generator=generator).tolist()
     return torch.stack([img[:, t : t + side, l : l + side] for img, t, l in zip(images, top, left)])
+
+
+def fill_inactive(tok: BaseTokenizer, active: int) -> None:
+    """Rows past ``active`` become copies of the active rows: never the nearest code (ties go to the
+    lowest index), and harmless in a soft code."""
+    with torch.no_grad():
+        book = tok.codebook
+        K = book.shape[0]
+        if active < K:
+            book[active:] = book[:active].repeat((K + active - 1) // active, 1)[: K - active]
 
 
 def vq_step(tok: BaseTokenizer, images: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / args.steps * 3.14159265)).item()))
     )
-    K = cfg.vqgan.codebook_size
+    K = args.active_codes or cfg.vqgan.codebook_size
     last_used = torch.zeros(K, dtype=torch.long)
     log = open(out / "log.jsonl", "a", encoding="utf-8")
     start = time.time()
@@ -132,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     z = tok.vqgan.encoder(images).permute(0, 2, 3, 1).reshape(-1, cfg.vqgan.z_channels)
                     pick = torch.randint(0, z.shape[0], (K,), generator=gen)
-                    tok.codebook.data.copy_(z[pick] + 0.01 * z.std() * torch.randn(K, z.shape[1], generator=gen))
+                    tok.codebook.data[:K] = z[pick] + 0.01 * z.std() * torch.randn(K, z.shape[1], generator=gen)
+                    fill_inactive(tok, K)
                 initialised = True
             recon, vq_loss, indices, z_flat = vq_step(tok, images, args.beta)
             l1 = F.l1_loss(recon, images)
@@ -157,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                         tok.codebook.data[dead] = z_flat[pick] + 0.01 * z_flat.std() * torch.randn(len(dead), z_flat.shape[1], generator=gen)
                     last_used[dead] = step
                     restarted = len(dead)
+            fill_inactive(tok, K)
             if step % args.log_every == 0 or step == args.steps:
                 record = {"step": step, "time": round(time.time() - start, 1), "loss": float(loss), "l1": float(l1),
                           "vq": float(vq_loss), "lr": sched.get_last_lr()[0], "batch_codes": int(indices.unique().numel()),
