@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="move latent codes unused for WINDOW steps onto fresh encoder outputs (0: off, as "
                         "official); keeps the latent codebook alive in short runs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward pass: far less memory, ~30%% more compute")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--out", default="runs/alit")
@@ -321,6 +323,7 @@ def train(args: argparse.Namespace) -> int:
         reinit_linear(model, args.linear_init_std)
     try:
         model.set_backend(args.backend)
+        model.set_activation_checkpointing(args.activation_checkpointing)
     except NotImplementedError as exc:
         raise SystemExit(f"backend {args.backend!r} is not available yet: {exc}") from exc
     model.to(device)

@@ -266,3 +266,11 @@ def test_cache_base_round_trip(tiny_json, tmp_path):
     other = ALIT(tiny_config())
     with pytest.raises(SystemExit, match="other VQGAN weights"):
         ds.check_model(other)
+
+
+def test_activation_checkpointing_trains_to_the_same_losses(tiny_json, tmp_path):
+    common = ("--steps", "3", "--halting", "off", "--warmup", "0", "--ema", "0")
+    assert _run(tiny_json, tmp_path / "plain", *common) == 0
+    assert _run(tiny_json, tmp_path / "ckpt", *common, "--activation-checkpointing") == 0
+    plain, ckpt = [r["loss"] for r in _log(tmp_path / "plain")], [r["loss"] for r in _log(tmp_path / "ckpt")]
+    assert ckpt == pytest.approx(plain, rel=1e-5)
