@@ -289,12 +289,14 @@ class ALIT(nn.Module):
         halting: str,
         generator: torch.Generator | None,
         decode_at: set[int] | None = None,
+        images_checked: bool = False,
     ):
         if halting not in HALTING_MODES:
             raise ValueError(f"unknown halting mode {halting!r}; expected one of {HALTING_MODES}")
         if not 1 <= iterations <= self.config.iterations:
             raise ValueError(f"iterations must be in [1, {self.config.iterations}], got {iterations}")
-        self.check_images(images)
+        if not images_checked:
+            self.check_images(images)
         if base is None:
             base = self.encode_base(images)
         G2 = self.config.grid_size**2
@@ -349,7 +351,7 @@ class ALIT(nn.Module):
         out = LossOutput(loss=torch.zeros(()))
         total = torch.zeros((), device=images.device, dtype=torch.float32)
         gt_code = None
-        for rec in self._iterate(images, base, cfg.iterations, halting, generator, decode_at=selected):
+        for rec in self._iterate(images, base, cfg.iterations, halting, generator, decode_at=selected, images_checked=True):
             if rec.iteration not in selected:
                 continue
             if gt_code is None:
