@@ -351,7 +351,10 @@ class ALIT(nn.Module):
         out = LossOutput(loss=torch.zeros(()))
         total = torch.zeros((), device=images.device, dtype=torch.float32)
         gt_code = None
-        for rec in self._iterate(images, base, cfg.iterations, halting, generator, decode_at=selected, images_checked=True):
+        for rec in self._iterate(
+            # iterations past the last sampled one cannot change the loss: they are not run
+            images, base, max(selected) + 1, halting, generator, decode_at=selected, images_checked=True
+        ):
             if rec.iteration not in selected:
                 continue
             if gt_code is None:

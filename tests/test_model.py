@@ -216,3 +216,15 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sample_grad_iters_stops_after_the_last_sampled_iteration(model, monkeypatch):
+    calls = []
+    original = model.run_encoder
+    monkeypatch.setattr(model, "run_encoder", lambda x: calls.append(1) or original(x))
+    seed = next(s for s in range(100) if torch.randperm(3, generator=torch.Generator().manual_seed(s))[0] == 0)
+    gen = torch.Generator().manual_seed(seed)
+    expected_last = 0  # a seed whose sampled iteration is the first: the other two must not run
+    out = model(random_images(1, 32), halting="off", sample_grad_iters=1, generator=gen)
+    assert list(out.per_iteration) == [expected_last]
+    assert len(calls) == expected_last + 1
