@@ -114,14 +114,14 @@ PRESETS: dict[str, ALITConfig] = {
     "alit_small": ALITConfig(width=1024, layers=8, heads=8),
     "alit_base": ALITConfig(width=768, layers=12, heads=12),
     "alit_semilarge": ALITConfig(width=1024, layers=16, heads=16),
-    # sized to train in minutes on two CPU cores: 64x64 images, a 16x16 grid, 16..128 tokens
+    # sized to train in half an hour on two CPU cores: 32x32 images, an 8x8 grid, 8..64 tokens
     "demo": ALITConfig(
-        image_size=64,
+        image_size=32,
         patch_size=4,
         width=128,
         layers=2,
         heads=2,
-        tokens_per_iter=16,
+        tokens_per_iter=8,
         iterations=8,
         latent_dim=12,
         codebook_size=1024,

@@ -185,18 +185,20 @@ def _draw_shapes(canvas: np.ndarray, count: int, rng: np.random.Generator, min_r
 
 
 def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
+    # full-contrast sums of 4-7 plane waves: every grid cell holds a different pattern, so textures
+    # sit between many shapes and noise by every measure (distinct VQGAN codes, PNG size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     out = np.zeros((size, size, 3), dtype=np.float32)
-    for _ in range(int(rng.integers(2, 5))):
-        freq = rng.uniform(3.0, 12.0)
+    for _ in range(int(rng.integers(4, 8))):
+        freq = rng.uniform(2.0, 8.0)
         theta = rng.uniform(0, np.pi)
         phase = rng.uniform(0, 2 * np.pi)
         wave = np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
         if rng.random() < 0.3:
             wave = np.sign(wave)  # square-wave stripes / checks
         out += wave[..., None] * rng.uniform(-0.5, 0.5, size=3)
-    out = out / (np.abs(out).max() + 1e-6) * rng.uniform(0.25, 0.5) + _random_colour(rng) * 0.5 + 0.25
-    return out
+    amplitude = rng.uniform(0.45, 0.5)
+    return out / (np.abs(out).max() + 1e-6) * amplitude + _random_colour(rng) * (1.0 - 2.0 * amplitude) + amplitude
 
 
 def synthetic_image(size: int, level: int, rng: np.random.Generator) -> np.ndarray:

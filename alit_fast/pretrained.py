@@ -13,8 +13,9 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 PRETRAINED: dict[str, tuple[str, str]] = {
     "demo": (
         "demo.safetensors",
-        "the 'demo' preset (64x64 images, 16..128 tokens) with its own VQGAN, both trained on CPU by "
-        "alit_fast.train_vqgan and alit_fast.train on synthetic images and scikit-image photo crops",
+        "the 'demo' preset (32x32 images, 8..64 tokens) with its own VQGAN, both trained on CPU by "
+        "alit_fast.train_vqgan (synthetic images and scikit-image photo crops) and alit_fast.train "
+        "(synthetic images)",
     ),
 }
 

@@ -218,6 +218,19 @@ def test_synthetic_images_are_deterministic_and_labelled():
     assert means[0] == 0.0 and means == sorted(means), means
 
 
+def test_synthetic_levels_grow_in_compressed_size():
+    # a model-free measure of information content: the label order must be the zlib order too
+    import zlib
+
+    data = SyntheticImages(32, 100, seed=3)
+    sizes = {}
+    for i in range(len(data)):
+        pixels = (data[i]["image"] * 255).round().to(torch.uint8).numpy().tobytes()
+        sizes.setdefault(data[i]["label"], []).append(len(zlib.compress(pixels, 9)))
+    means = [np.mean(sizes[level]) for level in range(5)]
+    assert means == sorted(means) and means[3] > 1.5 * means[2], means
+
+
 def test_dataset_specs():
     from alit_fast.data import build_dataset
 
