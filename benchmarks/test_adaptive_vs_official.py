@@ -20,7 +20,7 @@ def test_adaptive_vs_official_script_reports_every_procedure(tmp_path, capsys):
     assert set(rows) == {
         "official procedure, batch 1",
         "official procedure, batch 4",
-        "alit_fast code-acc:0.9, batch 4",
+        "alit_fast code-acc:0.6, batch 4",
         "alit_fast pixel-l1:0.07, batch 4",
     }
     assert all(r["images_per_s"] > 0 and cfg.tokens_per_iter <= r["mean_tokens"] <= cfg.max_tokens for r in rows.values())
