@@ -19,7 +19,7 @@ import torch
 
 from alit_fast.adaptive import official_encode
 from alit_fast.adaptive_cli import load_model
-from alit_fast.demo import HELD_OUT_SEED, demo_images
+from alit_fast.demo import DEMO_CRITERION, HELD_OUT_SEED, demo_images
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="demo")
     parser.add_argument("--per-level", type=int, default=8, help="held-out synthetic images per complexity level")
-    parser.add_argument("--code-criterion", default="code-acc:0.6")
+    parser.add_argument("--code-criterion", default=DEMO_CRITERION)
     parser.add_argument("--pixel-threshold", type=float, default=0.07, help="the official default")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
