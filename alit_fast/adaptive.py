@@ -219,6 +219,9 @@ def _iteration_range(model: "ALIT", min_tokens: int | None, max_tokens: int | No
     return first, last
 
 
+FALLBACKS = ("max", "best")
+
+
 def _encode_chunk(
     model: "ALIT",
     images: torch.Tensor,
@@ -227,20 +230,50 @@ def _encode_chunk(
     last: int,
     halting: str,
     generator: torch.Generator | None,
+    fallback: str = "max",
+    offset: int = 0,
 ) -> list[torch.Tensor]:
+    """``offset``: where ``images`` start in the batch ``encode`` was given (criteria see those rows)."""
     state = RolloutState(model, images, halting=halting, generator=generator, iterations=last, keep_outputs=False)
     T = model.config.tokens_per_iter
+    best = fallback == "best"
+    if best:
+        # per image: whether it met the criterion, and its best-scoring codes so far
+        device = state.active.device
+        met = torch.zeros(images.shape[0], dtype=torch.bool, device=device)
+        worst = float("-inf") if criterion.higher_is_better else float("inf")
+        best_score = torch.full((images.shape[0],), worst, dtype=torch.float64, device=device)
+        best_codes = state.indices.clone()
+        best_count = torch.zeros(images.shape[0], dtype=torch.int64, device=device)
     while not state.done:
         count = state.iteration + 1  # iterations once this step has run
         # below min_tokens nothing may stop, and at the last allowed count everything stops
-        # regardless, so the criterion (and the decoder it may need) runs only in between
-        judge = first <= count < last
+        # regardless, so the criterion (and the decoder it may need) runs only in between; the
+        # "best" fallback also needs the last count's score
+        judge = first <= count < last or (best and count == last)
         gt, working = state.working_gt_indices, state.working_images
         out = state.step(decode=judge and criterion.needs_logits)
-        if judge:
-            view = StepView(model, out.iteration, count * T, out.rows, gt, working, out.logits)
-            state.finish(criterion(view).to(state.active.device))
-    return state.sequences()
+        if not judge:
+            continue
+        view = StepView(model, out.iteration, count * T, out.rows + offset, gt, working, out.logits)
+        stop = criterion(view).to(state.active.device)
+        if best:
+            rows = out.rows
+            score = criterion.score(view).to(best_score)
+            # strictly better, so the earliest of equal scores wins, as in the official argmin
+            better = score > best_score[rows] if criterion.higher_is_better else score < best_score[rows]
+            improved = rows[better]
+            best_score[improved] = score[better]
+            best_count[improved] = count
+            best_codes[improved] = state.indices[improved]
+            met[rows] |= stop
+        if count < last:
+            state.finish(stop)
+    sequences = state.sequences()
+    if best:
+        for i in (~met).nonzero().squeeze(1).tolist():
+            sequences[i] = best_codes[i, : int(best_count[i]) * T]
+    return sequences
 
 
 @torch.no_grad()
@@ -253,19 +286,31 @@ def encode(
     batch_size: int | None = None,
     halting: str = "off",
     generator: torch.Generator | None = None,
+    fallback: str = "max",
 ) -> TokenBatch:
     """Encode each image with the fewest tokens that meet ``criterion`` (see alit_fast.criteria),
-    between ``min_tokens`` and ``max_tokens``; ``batch_size`` bounds how many run at once."""
+    between ``min_tokens`` and ``max_tokens``; ``batch_size`` bounds how many run at once.
+
+    An image that never meets the criterion gets ``max_tokens`` (``fallback="max"``) or the count
+    with the best score (``fallback="best"``: the official procedure's rule, applied per image; it
+    costs nothing extra, since such an image runs every iteration either way)."""
     crit = parse_criterion(criterion)
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
+    if fallback == "best" and crit.higher_is_better is None:
+        raise ValueError(
+            f"fallback 'best' needs a criterion with a score (code-acc, code-nll, pixel-l1), not {criterion_name(crit)}"
+        )
     first, last = _iteration_range(model, min_tokens, max_tokens)
     model.check_images(images)
     step = images.shape[0] if not batch_size else int(batch_size)
     seqs: list[torch.Tensor] = []
     for lo in range(0, images.shape[0], step):
-        seqs += _encode_chunk(model, images[lo : lo + step], crit, first, last, halting, generator)
-    return TokenBatch.from_sequences(
-        seqs, model.config.codebook_size, config_json=model.config.to_json(), extra={"criterion": criterion_name(crit)}
-    )
+        seqs += _encode_chunk(model, images[lo : lo + step], crit, first, last, halting, generator, fallback, offset=lo)
+    extra = {"criterion": criterion_name(crit)}
+    if fallback != "max":
+        extra["fallback"] = fallback
+    return TokenBatch.from_sequences(seqs, model.config.codebook_size, config_json=model.config.to_json(), extra=extra)
 
 
 def check_token_batch(model: "ALIT", tokens: TokenBatch) -> None:
@@ -354,6 +399,7 @@ def official_encode(
 
 
 __all__ = [
+    "FALLBACKS",
     "ImageResult",
     "OfficialEncoding",
     "RolloutState",

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .adaptive import FALLBACKS
 from .criteria import criterion_name, parse_criterion
 from .image_io import find_images, load_image, save_image
 from .ops import BACKENDS
@@ -102,6 +103,12 @@ def _encode_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-tokens", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument(
+        "--fallback",
+        choices=FALLBACKS,
+        default="max",
+        help="an image that never meets the criterion gets max_tokens (max) or its best-scoring count (best, the official rule)",
+    )
     p.add_argument("--halting", choices=("off", "threshold", "stochastic"), default="off")
     p.add_argument("--out", default="tokens.safetensors")
     p.add_argument("--quiet", action="store_true", help="no per-image lines")
@@ -114,6 +121,9 @@ def encode_main(argv: list[str] | None = None) -> int:
         criterion = parse_criterion(args.criterion)
     except ValueError as exc:
         print(f"alit-fast encode: {exc}", file=sys.stderr)
+        return 2
+    if args.fallback == "best" and criterion.higher_is_better is None:
+        print(f"alit-fast encode: --fallback best needs a criterion with a score, not {args.criterion}", file=sys.stderr)
         return 2
     files = find_images(args.inputs)
     if not files:
@@ -147,6 +157,7 @@ def encode_main(argv: list[str] | None = None) -> int:
                 min_tokens=args.min_tokens,
                 max_tokens=args.max_tokens,
                 halting=args.halting,
+                fallback=args.fallback,
             )
             model_seconds += time.perf_counter() - t0
             tokens.names = names
@@ -164,6 +175,8 @@ def encode_main(argv: list[str] | None = None) -> int:
     result = TokenBatch.cat(batches)
     result.checkpoint = checkpoint_spec(args.checkpoint)
     result.extra["criterion"] = criterion_name(criterion)
+    if args.fallback != "max":
+        result.extra["fallback"] = args.fallback
     result.save(args.out)
 
     lengths = result.lengths.tolist()

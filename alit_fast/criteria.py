@@ -4,9 +4,11 @@ After each iteration a criterion sees the images still being encoded (a ``StepVi
 which of them may stop. Criteria are objects, callables, or the strings the CLI takes:
 ``"tokens:64"``, ``"code-acc:0.9"``, ``"code-nll:1.5"``, ``"pixel-l1:0.05"``.
 
-An image stops at the first iteration whose criterion holds (never before ``min_tokens``); one
-that never meets it gets ``max_tokens``. Comparisons: tokens ``>=``, code-acc ``>=``,
-code-nll ``<=``, pixel-l1 ``<`` (strict, like the official threshold test).
+An image stops at the first iteration whose criterion holds (never before ``min_tokens``). One
+that never meets it gets ``max_tokens`` (fallback "max"), or with fallback "best" the count whose
+score was best (the official procedure's rule; only for criteria with a score: code-acc, code-nll,
+pixel-l1). Comparisons: tokens ``>=``, code-acc ``>=``, code-nll ``<=``, pixel-l1 ``<`` (strict,
+like the official threshold test).
 """
 from __future__ import annotations
 
@@ -56,9 +58,15 @@ class Criterion:
 
     # whether the decoder must run (the fixed-count criterion lets iterations skip it)
     needs_logits: bool = True
+    # criteria with a per-image ``score(view)`` say which way is better; None: no score, so no
+    # "best" fallback
+    higher_is_better: bool | None = None
 
     def __call__(self, view: StepView) -> torch.Tensor:
         raise NotImplementedError
+
+    def score(self, view: StepView) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} has no per-image score")
 
 
 @dataclass
@@ -77,6 +85,7 @@ class CodeAccuracy(Criterion):
     """Stop once the fraction of grid cells whose argmax code is the base tokenizer's is >= threshold."""
 
     threshold: float
+    higher_is_better = True
 
     def score(self, view: StepView) -> torch.Tensor:
         return (view.logits.argmax(-1) == view.gt_indices).float().mean(-1)
@@ -90,6 +99,7 @@ class CodeNLL(Criterion):
     """Stop once the mean negative log-likelihood of the true codes is <= threshold."""
 
     threshold: float
+    higher_is_better = False
 
     def score(self, view: StepView) -> torch.Tensor:
         logp = view.logits.float().log_softmax(-1)
@@ -104,6 +114,7 @@ class PixelL1(Criterion):
     """The official criterion, per image: mean |x - x_hat| of the decoded soft code < threshold."""
 
     threshold: float
+    higher_is_better = False
 
     def score(self, view: StepView) -> torch.Tensor:
         return l1_per_image(view.images, view.reconstructions())

@@ -15,13 +15,14 @@ def test_adaptive_vs_official_script_reports_every_procedure(tmp_path, capsys):
     path = tmp_path / "tiny.safetensors"
     ALIT(cfg).save(str(path))
     out = tmp_path / "figures.json"
-    assert main(["--checkpoint", str(path), "--per-level", "1", "--batch", "4", "--threads", "1", "--out", str(out)]) == 0
+    args = ["--checkpoint", str(path), "--per-level", "1", "--batch", "4", "--threads", "1", "--out", str(out)]
+    assert main(args + ["--code-criterion", "code-acc:0.6", "--code-criterion", "code-nll:2"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert set(rows) == {
-        "official procedure, batch 1",
-        "official procedure, batch 4",
-        "alit_fast code-acc:0.6, batch 4",
-        "alit_fast pixel-l1:0.07, batch 4",
+    assert set(rows) == {"official procedure, batch 1", "official procedure, batch 4"} | {
+        f"alit_fast {c}, fallback {f}, batch 4"
+        for c in ("code-acc:0.6", "code-nll:2", "pixel-l1:0.07")
+        for f in ("max", "best")
     }
     assert all(r["images_per_s"] > 0 and cfg.tokens_per_iter <= r["mean_tokens"] <= cfg.max_tokens for r in rows.values())
+    assert all(0 < r["mean_l1"] < 1 for r in rows.values())
     assert "vs official B1" in capsys.readouterr().out

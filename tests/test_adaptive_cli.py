@@ -139,3 +139,15 @@ def test_spearman_matches_scipy_with_ties():
     assert ours == pytest.approx(scipy.spearmanr(x, y).statistic)
     assert spearman(x, y) == pytest.approx(ours)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_encode_cli_best_fallback(checkpoint, image_dir, tmp_path, capsys):
+    out = tmp_path / "tokens.safetensors"
+    # code-nll can never reach -1, so every image gets its lowest-NLL count and the file says so
+    args = [str(image_dir), "--checkpoint", checkpoint, "--criterion", "code-nll:-1", "--out", str(out)]
+    assert encode_main(args + ["--fallback", "best"]) == 0
+    tokens = TokenBatch.load(out)
+    assert tokens.extra["fallback"] == "best" and len(tokens) == 3
+    assert all(n in (4, 8, 12) for n in tokens.lengths.tolist())
+    assert encode_main(args + ["--fallback", "best", "--criterion", "tokens:8"]) == 2
+    assert "needs a criterion with a score" in capsys.readouterr().err

@@ -12,7 +12,9 @@ from alit_fast.criteria import (
     StepView,
     TokenCount,
     criterion_name,
+    l1_per_image,
     parse_criterion,
+    pixels_from_logits,
 )
 from alit_fast.testing import random_images, tiny_config
 from _single_thread import one_thread  # noqa: F401 (an autouse fixture)
@@ -184,3 +186,61 @@ def test_encode_runs_the_decoder_only_when_a_criterion_needs_it(model, monkeypat
     calls.clear()
     model.encode(images, "code-acc:0", batch_size=1)  # everything stops at once, one image at a time
     assert calls == [(1, 4, 12), (1, 4, 12)]
+
+
+class _TableScore(CodeAccuracy):
+    """A code-acc criterion whose score per (image, iteration) comes from a table."""
+
+    def __init__(self, table, threshold):
+        super().__init__(threshold)
+        self.table = torch.tensor(table, dtype=torch.float64)
+
+    def score(self, view):
+        return self.table[view.rows, view.iteration]
+
+
+def test_best_fallback_takes_each_unmet_images_best_scoring_count(model):
+    images = random_images(4, 32, seed=9)
+    scores = [
+        [0.1, 0.9, 0.2],  # meets at 8 tokens: the first count that meets wins, not the best
+        [0.3, 0.5, 0.4],  # never meets: its best is 8 tokens
+        [0.4, 0.4, 0.1],  # never meets, tie: the earlier count wins (the official argmin's rule)
+        [0.1, 0.2, 0.3],  # never meets: best at the last count
+    ]
+    crit = _TableScore(scores, threshold=0.8)
+    assert model.encode(images, crit).lengths.tolist() == [8, 12, 12, 12]
+    tokens = model.encode(images, crit, fallback="best")
+    assert tokens.lengths.tolist() == [8, 8, 4, 12]
+    assert tokens.extra["fallback"] == "best"
+    with torch.no_grad():
+        full = model.rollout(images)
+    for i, n in enumerate(tokens.lengths.tolist()):
+        assert torch.equal(tokens[i], full[n // 4 - 1].indices[i])
+    # the same per image whatever the batching, and min/max_tokens bound the counts it picks from
+    assert model.encode(images, crit, fallback="best", batch_size=3).lengths.tolist() == [8, 8, 4, 12]
+    assert model.encode(images, crit, fallback="best", min_tokens=8).lengths.tolist() == [8, 8, 8, 12]
+    assert model.encode(images, crit, fallback="best", max_tokens=8).lengths.tolist() == [8, 8, 4, 8]
+
+
+def test_best_fallback_with_pixel_l1_follows_the_official_rule_per_image(model):
+    images = random_images(5, 32, seed=10)
+    with torch.no_grad():
+        errors = torch.stack(
+            [l1_per_image(images, pixels_from_logits(model, rec.logits)) for rec in model.rollout(images)], 1
+        )
+    threshold = float(errors.median())
+    expected = []
+    for row in errors.tolist():
+        below = [t for t, e in enumerate(row) if e < threshold]
+        expected.append(4 * (1 + (below[0] if below else min(range(3), key=row.__getitem__))))
+    assert model.encode(images, f"pixel-l1:{threshold}", fallback="best").lengths.tolist() == expected
+
+
+def test_best_fallback_needs_a_criterion_with_a_score(model):
+    images = random_images(2, 32, seed=11)
+    with pytest.raises(ValueError, match="needs a criterion with a score"):
+        model.encode(images, "tokens:8", fallback="best")
+    with pytest.raises(ValueError, match="needs a criterion with a score"):
+        model.encode(images, lambda view: True, fallback="best")
+    with pytest.raises(ValueError, match="unknown fallback"):
+        model.encode(images, "code-acc:0.5", fallback="min")
