@@ -282,3 +282,26 @@ def test_torch_compile_fullgraph(compile_backend):
         raise
     assert torch.equal(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
+
+
+def test_duplicate_screen_finds_equal_codes_and_passes_distinct_ones():
+    from alit_fast.ops.vq import _may_have_duplicates
+
+    g = torch.Generator().manual_seed(4)
+    codebook = torch.randn(1024, 12, generator=g)
+    assert not _may_have_duplicates(codebook)
+    twice = codebook.clone()
+    twice[700] = twice[3]
+    assert _may_have_duplicates(twice)
+    signed = codebook.clone()
+    signed[5, 2] = 0.0
+    signed[9] = signed[5]
+    signed[9, 2] = -0.0  # equal values, different bits
+    assert _may_have_duplicates(signed)
+
+
+def test_ties_between_signed_zeros_pick_lowest_index():
+    codebook = torch.tensor([[1.0, 0.0], [-0.0, 0.5], [0.0, 0.5], [0.0, 1.0]])
+    z = torch.tensor([[0.1, 0.6], [0.0, 0.0]])
+    indices, _ = vq_nearest(z, codebook, False, backend="torch")
+    assert indices.tolist() == [1, 1]
