@@ -74,3 +74,16 @@ def test_inconsistent_config_is_rejected():
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match="alit_small"):
         ALIT("alit_huge")
+
+
+def test_the_late_weights_config_is_the_demo_preset_with_reversed_iteration_weights():
+    import dataclasses
+    from pathlib import Path
+
+    from alit_fast.config import OFFICIAL_ITERATION_WEIGHTS, PRESETS
+    from alit_fast.train_utils import resolve_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo_late_weights.json"
+    cfg = resolve_config(str(path))
+    assert cfg.iteration_weights == tuple(reversed(OFFICIAL_ITERATION_WEIGHTS))
+    assert cfg == dataclasses.replace(PRESETS["demo"], iteration_weights=cfg.iteration_weights)
