@@ -158,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-photos", action="store_true", help="leave out the scikit-image photographs")
     p.add_argument("--evaluate", action="store_true", help="also print the paper-claim figures on held-out images")
     p.add_argument("--eval-per-level", type=int, default=20)
+    p.add_argument("--eval-seed", type=int, default=HELD_OUT_SEED, help="the held-out set (training never used it)")
     return p
 
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     if args.evaluate:
         print()
-        print(evaluate_claims(model, args.criterion, per_level=args.eval_per_level).report())
+        print(evaluate_claims(model, args.criterion, per_level=args.eval_per_level, seed=args.eval_seed).report())
     return 0
 
 
