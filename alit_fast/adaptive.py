@@ -222,6 +222,16 @@ def _iteration_range(model: "ALIT", min_tokens: int | None, max_tokens: int | No
 FALLBACKS = ("max", "best")
 
 
+def check_fallback(criterion: Criterion, fallback: str) -> None:
+    """Raise a ValueError when ``fallback`` is unknown or cannot be used with ``criterion``."""
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
+    if fallback == "best" and criterion.higher_is_better is None:
+        raise ValueError(
+            f"fallback 'best' needs a criterion with a score (code-acc, code-nll, pixel-l1), not {criterion_name(criterion)}"
+        )
+
+
 def _encode_chunk(
     model: "ALIT",
     images: torch.Tensor,
@@ -295,12 +305,7 @@ def encode(
     with the best score (``fallback="best"``: the official procedure's rule, applied per image; it
     costs nothing extra, since such an image runs every iteration either way)."""
     crit = parse_criterion(criterion)
-    if fallback not in FALLBACKS:
-        raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
-    if fallback == "best" and crit.higher_is_better is None:
-        raise ValueError(
-            f"fallback 'best' needs a criterion with a score (code-acc, code-nll, pixel-l1), not {criterion_name(crit)}"
-        )
+    check_fallback(crit, fallback)
     first, last = _iteration_range(model, min_tokens, max_tokens)
     model.check_images(images)
     step = images.shape[0] if not batch_size else int(batch_size)
@@ -404,6 +409,7 @@ __all__ = [
     "OfficialEncoding",
     "RolloutState",
     "StepOutput",
+    "check_fallback",
     "check_token_batch",
     "decode",
     "decode_logits",

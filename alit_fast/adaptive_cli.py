@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .adaptive import FALLBACKS
+from .adaptive import FALLBACKS, check_fallback
 from .criteria import criterion_name, parse_criterion
 from .image_io import find_images, load_image, save_image
 from .ops import BACKENDS
@@ -119,11 +119,9 @@ def encode_main(argv: list[str] | None = None) -> int:
     args = _encode_parser().parse_args(argv)
     try:
         criterion = parse_criterion(args.criterion)
+        check_fallback(criterion, args.fallback)  # before any model or file is loaded
     except ValueError as exc:
         print(f"alit-fast encode: {exc}", file=sys.stderr)
-        return 2
-    if args.fallback == "best" and criterion.higher_is_better is None:
-        print(f"alit-fast encode: --fallback best needs a criterion with a score, not {args.criterion}", file=sys.stderr)
         return 2
     files = find_images(args.inputs)
     if not files:
@@ -175,8 +173,6 @@ def encode_main(argv: list[str] | None = None) -> int:
     result = TokenBatch.cat(batches)
     result.checkpoint = checkpoint_spec(args.checkpoint)
     result.extra["criterion"] = criterion_name(criterion)
-    if args.fallback != "max":
-        result.extra["fallback"] = args.fallback
     result.save(args.out)
 
     lengths = result.lengths.tolist()

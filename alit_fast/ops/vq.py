@@ -7,6 +7,8 @@ Ties resolve to the lowest index, as torch.argmin does. No gradient flows throug
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -68,10 +70,15 @@ def _may_have_duplicates(codebook: torch.Tensor) -> bool:
     model), and trained codebooks rarely hold duplicates, so a sort of K hashes screens it out."""
     # + 0.0 maps -0.0 to 0.0, which compare equal and so must hash alike
     bits = (codebook + 0.0).view(torch.int32).to(torch.int64)
-    # fixed random weights; a collision only costs the exact check, never a wrong answer
-    weights = torch.randint(1, 2**31, (codebook.shape[1],), generator=torch.Generator().manual_seed(0x5EED))
-    hashes = (bits * weights.to(bits.device)).sum(-1)  # int64 products wrap, which is fine for a hash
+    hashes = (bits * _hash_weights(codebook.shape[1]).to(bits.device)).sum(-1)  # int64 products wrap, which is fine for a hash
     return torch.unique(hashes).numel() < codebook.shape[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _hash_weights(dim: int) -> torch.Tensor:
+    # fixed random weights, drawn once per code width; a collision only costs the exact check,
+    # never a wrong answer
+    return torch.randint(1, 2**31, (dim,), generator=torch.Generator().manual_seed(0x5EED))
 
 
 def _first_duplicate(codebook: torch.Tensor) -> torch.Tensor:
