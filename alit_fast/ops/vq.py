@@ -66,8 +66,9 @@ def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor, normalize: boo
 def _may_have_duplicates(codebook: torch.Tensor) -> bool:
     """False only when no two codes are equal: rows with different hashes of their bits differ.
 
-    torch.unique(dim=0) costs milliseconds per call on a CPU (11% of an adaptive encode with the demo
-    model), and trained codebooks rarely hold duplicates, so a sort of K hashes screens it out."""
+    torch.unique(dim=0) costs milliseconds per call on a CPU (about 6% of an adaptive encode with the
+    demo model, by benchmarks.profile_encode), and trained codebooks rarely hold duplicates, so a
+    sort of K hashes screens it out."""
     # + 0.0 maps -0.0 to 0.0, which compare equal and so must hash alike
     bits = (codebook + 0.0).view(torch.int32).to(torch.int64)
     hashes = (bits * _hash_weights(codebook.shape[1]).to(bits.device)).sum(-1)  # int64 products wrap, which is fine for a hash
