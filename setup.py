@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["alit_fast", "alit_fast.*"]) + ["alit_fast.kernels"],
     package_dir={"alit_fast.kernels": "kernels"},
-    package_data={"alit_fast": ["pretrained/*.safetensors", "assets/*.png"]},
+    package_data={"alit_fast": ["io/pretrained_models/*.safetensors"]},
     install_requires=[
         # the CPU wheel is pinned by .ci/run; a bare requirement here lets users keep their CUDA build
         "torch>=2.4",

@@ -2,7 +2,7 @@
 
     python -m benchmarks.adaptive_vs_official [--checkpoint demo] [--per-level 8] [--out results.json]
 
-The official procedure (alit_fast.adaptive.official_encode) runs every iteration and a pixel decode
+The official procedure (alit_fast.inference.official_encode) runs every iteration and a pixel decode
 at each, then picks one length per batch: the first below the pixel threshold, else the one with
 the lowest error; its evaluation runs batch 1, fp32. alit_fast stops each image at its own count
 (compaction), with a code criterion (no pixel decode) or the pixel criterion, and an image that
@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from alit_fast.adaptive import official_encode
-from alit_fast.adaptive_cli import load_model
-from alit_fast.criteria import l1_per_image
-from alit_fast.demo import DEMO_CRITERION, HELD_OUT_SEED, demo_images
-from alit_fast.tokens import TokenBatch
+from alit_fast.inference import official_encode
+from alit_fast.io import load_model
+from alit_fast.inference.criteria import l1_per_image
+from alit_fast.cli.demo import DEMO_CRITERION, HELD_OUT_SEED, demo_images
+from alit_fast.inference import TokenBatch
 
 
 def _timed(fn) -> tuple[float, object]:

@@ -26,7 +26,7 @@ from alit_fast.kernels._utils import is_interpreting, single_threaded_interprete
 from alit_fast.ops.attention import attention_math, flash_attention_op
 from alit_fast.ops.vq import vq_nearest
 from alit_fast.testing import random_images, tiny_config
-from alit_fast.transformer import ResidualAttentionBlock
+from alit_fast.models.transformer import ResidualAttentionBlock
 
 MiB = 2**20
 
@@ -519,19 +519,6 @@ def rollout_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, 
     return Case(fn=fn, context=lambda: interpreter_guard(backend == "triton"), images=sizes.rollout_batch)
 
 
-def adaptive_api_missing(model: ALIT) -> str | None:
-    """Why the adaptive-encoding cases cannot run (the API is being written alongside), or None."""
-    try:
-        from alit_fast import adaptive
-    except Exception as exc:  # noqa: BLE001 - an unfinished module may fail in any way
-        return f"alit_fast.adaptive is not importable: {type(exc).__name__}: {exc}"
-    if not callable(getattr(model, "encode", None)):
-        return "ALIT.encode is missing"
-    if not callable(getattr(adaptive, "official_encode", None)):
-        return "alit_fast.adaptive.official_encode is missing"
-    return None
-
-
 ENCODE_CRITERION = "code-acc:0.9"
 
 
@@ -552,7 +539,7 @@ def encode_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, a
 
 def official_encode_case(model: ALIT, sizes: Sizes, device: torch.device) -> Case:
     """The official evaluation: one image at a time, fp32, every iteration and every pixel decode."""
-    from alit_fast.adaptive import official_encode
+    from alit_fast.inference import official_encode
 
     image = random_images(1, sizes.model.image_size, seed=2).to(device)
     model.set_backend("official").eval()
@@ -653,7 +640,7 @@ def vqgan_flops(cfg: ALITConfig, batch: int, part: str = "encoder") -> float:
     the meta device: shapes only, nothing computed, so alit_small's costs nothing to count."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from alit_fast.vqgan import VQGANDecoder, VQGANEncoder
+    from alit_fast.models.vqgan import VQGANDecoder, VQGANEncoder
 
     vq, g = cfg.vqgan, cfg.grid_size
     with torch.device("meta"):

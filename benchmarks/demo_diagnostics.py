@@ -16,11 +16,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from alit_fast.adaptive import official_encode
-from alit_fast.adaptive_cli import load_model
-from alit_fast.criteria import l1_per_image
-from alit_fast.data import SyntheticImages
-from alit_fast.demo import HELD_OUT_SEED, demo_images
+from alit_fast.inference import official_encode
+from alit_fast.io import load_model
+from alit_fast.inference.criteria import l1_per_image
+from alit_fast.training.data import SyntheticImages
+from alit_fast.cli.demo import HELD_OUT_SEED, demo_images
 
 
 @torch.no_grad()

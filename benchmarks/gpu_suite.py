@@ -448,13 +448,9 @@ def sec_rollout(s: Suite) -> None:
 
 
 def sec_adaptive(s: Suite) -> None:
-    from benchmarks.cases import ENCODE_CRITERION, adaptive_api_missing, encode_case, official_encode_case
+    from benchmarks.cases import ENCODE_CRITERION, encode_case, official_encode_case
 
     model = s.model()
-    missing = adaptive_api_missing(model)
-    if missing is not None:
-        s.add(case="adaptive encode", provider="-", status="skipped", note=missing)
-        return
     for backend in ("triton", "torch"):
         row = _measure(s, encode_case(model, backend, s.sizes, s.device), kernel=False)
         s.add(case=f"encode B{s.sizes.encode_batch} criterion {ENCODE_CRITERION}, bf16", provider=f"{backend}-bf16", **row)

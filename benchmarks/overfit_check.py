@@ -16,7 +16,7 @@ import time
 import torch
 
 from alit_fast import ALIT, load_pretrained
-from alit_fast.data import item_rng, synthetic_image, to_tensor
+from alit_fast.training.data import item_rng, synthetic_image, to_tensor
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from alit_fast.adaptive_cli import load_model
-from alit_fast.demo import DEMO_CRITERION, HELD_OUT_SEED, demo_images
+from alit_fast.io import load_model
+from alit_fast.cli.demo import DEMO_CRITERION, HELD_OUT_SEED, demo_images
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ import pytest
 from benchmarks.cases import (
     MODEL_BACKENDS,
     TRAIN_VARIANTS,
-    adaptive_api_missing,
     block_case,
     build_model,
     encode_case,
@@ -35,9 +34,6 @@ def test_rollout(run_case, model, sizes, device, backend):
 
 @pytest.mark.parametrize("provider", ["triton-bf16", "torch-bf16", "official-b1-fp32"])
 def test_adaptive_encode(run_case, model, sizes, device, provider):
-    missing = adaptive_api_missing(model)
-    if missing is not None:
-        pytest.skip(f"adaptive encoding API not available yet: {missing}")
     if provider == "official-b1-fp32":
         case = official_encode_case(model, sizes, device)
     else:

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from alit_fast import ALIT
-from alit_fast.adaptive import RolloutState, decode_logits, official_encode
+from alit_fast.inference import RolloutState, decode_logits, official_encode
 from alit_fast.testing import random_images, tiny_config
-from alit_fast.tokens import TokenBatch
+from alit_fast.inference import TokenBatch
 from _single_thread import one_thread  # noqa: F401 (an autouse fixture)
 
 

@@ -8,12 +8,14 @@ import torch
 from PIL import Image
 
 from alit_fast import ALIT
-from alit_fast.adaptive_cli import decode_main, encode_main, histogram
-from alit_fast.demo import _spearman_numpy, evaluate_claims, spearman
-from alit_fast.demo import main as demo_main
-from alit_fast.image_io import load_image
+from alit_fast.cli.decode import main as decode_main
+from alit_fast.cli.encode import histogram
+from alit_fast.cli.encode import main as encode_main
+from alit_fast.cli.demo import _spearman_numpy, evaluate_claims, spearman
+from alit_fast.cli.demo import main as demo_main
+from alit_fast.io.images import load_image
 from alit_fast.testing import tiny_config
-from alit_fast.tokens import TokenBatch
+from alit_fast.inference import TokenBatch
 from _single_thread import one_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -120,7 +122,7 @@ def test_demo_writes_a_grid_and_prints_token_counts(checkpoint, tmp_path, capsys
 
 
 def test_evaluate_claims_reports_both_figures(checkpoint):
-    from alit_fast.checkpoint import load
+    from alit_fast.io import load
 
     model = load(checkpoint).eval()
     figures = evaluate_claims(model, "tokens:8", per_level=2, batch_size=4)

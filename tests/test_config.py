@@ -81,7 +81,7 @@ def test_the_late_weights_config_is_the_demo_preset_with_reversed_iteration_weig
     from pathlib import Path
 
     from alit_fast.config import OFFICIAL_ITERATION_WEIGHTS, PRESETS
-    from alit_fast.train_utils import resolve_config
+    from alit_fast.training.utils import resolve_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "demo_late_weights.json"
     cfg = resolve_config(str(path))

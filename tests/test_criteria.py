@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alit_fast import ALIT
-from alit_fast.criteria import (
+from alit_fast.inference.criteria import (
     CodeAccuracy,
     CodeNLL,
     FunctionCriterion,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import alit_fast
-from alit_fast.demo import DEMO_CRITERION, evaluate_claims
+from alit_fast.cli.demo import DEMO_CRITERION, evaluate_claims
 from _single_thread import one_thread  # noqa: F401 (an autouse fixture)
 
 

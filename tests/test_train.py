@@ -17,9 +17,9 @@ from PIL import Image
 
 import alit_fast
 from alit_fast import ALIT
-from alit_fast.base_cache import BaseCacheDataset
-from alit_fast.base_cache import main as cache_main
-from alit_fast.data import (
+from alit_fast.training.base_cache import BaseCacheDataset
+from alit_fast.cli.cache_base import main as cache_main
+from alit_fast.training.data import (
     ImageFolder,
     Mixture,
     SyntheticImages,
@@ -27,8 +27,8 @@ from alit_fast.data import (
     random_resized_crop_box,
 )
 from alit_fast.testing import tiny_config
-from alit_fast.train import EXIT_NONFINITE
-from alit_fast.train import main as train_main
+from alit_fast.training.train import EXIT_NONFINITE
+from alit_fast.training.train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny_json, tmp_path,
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from alit_fast import train_utils
+    from alit_fast.training import utils as train_utils
 
     path = tmp_path / "checkpoint.pt"
     train_utils.atomic_torch_save({"step": 1}, path)
@@ -232,7 +232,7 @@ def test_synthetic_levels_grow_in_compressed_size():
 
 
 def test_dataset_specs():
-    from alit_fast.data import build_dataset
+    from alit_fast.training.data import build_dataset
 
     synthetic = build_dataset("synthetic:013", 16, length=6)
     assert [synthetic[i]["label"] for i in range(6)] == [0, 1, 3, 0, 1, 3]
@@ -240,7 +240,7 @@ def test_dataset_specs():
 
 def test_photo_crops_and_mixture():
     pytest.importorskip("skimage")
-    from alit_fast.data import PhotoCrops
+    from alit_fast.training.data import PhotoCrops
 
     photos = PhotoCrops(24, 6, seed=0, names=("astronaut", "camera"))
     item = photos[1]

@@ -200,6 +200,14 @@ def test_errors(backend):
     bad[7, 0] = float("nan")
     with pytest.raises(ValueError, match="codebook contains NaN"):
         vq_nearest(z, bad, False, backend=backend)
+    bad = z.clone()
+    bad[1, 0] = float("-inf")
+    with pytest.raises(ValueError, match="z contains inf"):
+        vq_nearest(bad, cb, False, backend=backend)
+    bad = cb.clone()
+    bad[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="codebook contains inf"):
+        vq_nearest(z, bad, False, backend=backend)
     with pytest.raises(ValueError, match="z \\[N, d\\]"):
         vq_nearest(z[0], cb, True, backend=backend)
     with pytest.raises(ValueError, match="unknown backend"):
@@ -284,20 +292,47 @@ def test_torch_compile_fullgraph(compile_backend):
     torch.testing.assert_close(compiled[1], eager[1])
 
 
-def test_duplicate_screen_finds_equal_codes_and_passes_distinct_ones():
-    from alit_fast.ops.vq import _may_have_duplicates
+def test_duplicate_map_finds_equal_codes_and_passes_distinct_ones():
+    from alit_fast.ops.vq import duplicate_map
 
     g = torch.Generator().manual_seed(4)
     codebook = torch.randn(1024, 12, generator=g)
-    assert not _may_have_duplicates(codebook)
+    assert torch.equal(duplicate_map(codebook), torch.arange(1024))
     twice = codebook.clone()
     twice[700] = twice[3]
-    assert _may_have_duplicates(twice)
+    twice[900] = twice[3]
+    expected = torch.arange(1024)
+    expected[700] = expected[900] = 3
+    assert torch.equal(duplicate_map(twice), expected)
     signed = codebook.clone()
     signed[5, 2] = 0.0
     signed[9] = signed[5]
     signed[9, 2] = -0.0  # equal values, different bits
-    assert _may_have_duplicates(signed)
+    assert duplicate_map(signed)[9] == 5
+
+
+def test_duplicate_map_never_merges_different_codes_on_a_hash_collision(monkeypatch):
+    from alit_fast.ops import vq as vq_ops
+
+    # every row hashes to 0: one group, whose first row differs from all the others
+    monkeypatch.setattr(vq_ops, "_hash_weights", lambda dim, device: torch.zeros(dim, dtype=torch.int64, device=device))
+    g = torch.Generator().manual_seed(5)
+    codebook = torch.randn(64, 12, generator=g)
+    codebook[40] = codebook[0]
+    mapped = vq_ops.duplicate_map(codebook)
+    assert torch.equal(codebook[mapped], codebook)  # each code maps onto an equal one
+    assert mapped[40] == 0
+
+
+def test_duplicate_map_makes_no_host_sync():
+    from alit_fast.ops.vq import duplicate_map
+    from alit_fast.testing import count_syncs
+
+    codebook = torch.randn(256, 12, generator=torch.Generator().manual_seed(6))
+    codebook[17] = codebook[2]
+    with count_syncs() as syncs:
+        duplicate_map(codebook)
+    assert syncs.total == 0, dict(syncs)
 
 
 def test_ties_between_signed_zeros_pick_lowest_index():

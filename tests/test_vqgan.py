@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from alit_fast.config import VQGANConfig
-from alit_fast.vqgan import BaseTokenizer, ResBlock
+from alit_fast.models.vqgan import BaseTokenizer, ResBlock
 
 CFG = VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48)
 

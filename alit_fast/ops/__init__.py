@@ -5,7 +5,7 @@ Model code calls these functions with its backend name; it never launches a kern
 from __future__ import annotations
 
 from .attention import attention
-from .vq import vq_nearest
+from .vq import duplicate_map, vq_nearest
 
 # "official" re-creates the official implementation's kernels (nn.MultiheadAttention's math,
 # the full N x K distance matrix): a baseline for benchmarks, not a fast path
@@ -18,4 +18,4 @@ def check_backend(name: str) -> str:
     return name
 
 
-__all__ = ["BACKENDS", "attention", "check_backend", "vq_nearest"]
+__all__ = ["BACKENDS", "attention", "check_backend", "duplicate_map", "vq_nearest"]

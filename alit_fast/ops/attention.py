@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None, validate_values: bool = True
+) -> None:
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         raise ValueError("attention expects q, k, v to be tensors")
     if q.dim() != 4:
@@ -39,19 +41,24 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: to
             )
         # A value check reads the tensor: a graph break under torch.compile and, for lengths on a
         # GPU, a device sync at every attention call. So it runs only for host tensors outside
-        # compilation (model code validates its lengths once per batch); the kernel clamps lengths
-        # to [0, L], so an unchecked bad value stays memory-safe.
-        if not torch.compiler.is_compiling() and lengths.numel() > 0 and lengths.device.type == "cpu":
+        # compilation, and not for model code (validate=False), which checks its lengths once per
+        # batch; the kernel clamps lengths to [0, L], so an unchecked bad value stays memory-safe.
+        if (
+            validate_values
+            and not torch.compiler.is_compiling()
+            and lengths.numel() > 0
+            and lengths.device.type == "cpu"
+        ):
             L = q.shape[1]
             if bool(((lengths < 0) | (lengths > L)).any()):
                 raise ValueError(f"lengths must lie in [0, {L}], got {lengths.tolist()}")
 
 
 def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None, validate: bool = True
 ) -> torch.Tensor:
     """The torch backend: scaled_dot_product_attention with a key mask for mixed lengths."""
-    _check_inputs(q, k, v, lengths)
+    _check_inputs(q, k, v, lengths, validate)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if lengths is None:
         out = F.scaled_dot_product_attention(qt, kt, vt)
@@ -83,8 +90,10 @@ def _kernels():
     return kernels
 
 
-def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None) -> None:
-    _check_inputs(q, k, v, lengths)
+def _check_triton_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None, validate_values: bool = True
+) -> None:
+    _check_inputs(q, k, v, lengths, validate_values)
     if q.dtype not in _TRITON_DTYPES:
         raise ValueError(f"the triton attention backend supports fp16, bf16 and fp32, got {q.dtype}")
     D = q.shape[-1]
@@ -160,13 +169,13 @@ flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None, validate: bool = True
 ) -> torch.Tensor:
     """The triton backend: FlashAttention-2-style kernels, differentiable, torch.compile-friendly.
 
     q, k, v may be strided views (e.g. of a packed qkv projection); the result is contiguous.
     """
-    _check_triton_inputs(q, k, v, lengths)
+    _check_triton_inputs(q, k, v, lengths, validate)
     if lengths is not None and (lengths.dtype != torch.int32 or lengths.device != q.device):
         lengths = lengths.to(device=q.device, dtype=torch.int32)
     out, _ = flash_attention_op(q, k, v, lengths)
@@ -198,27 +207,31 @@ def attention(
     v: torch.Tensor,
     lengths: torch.Tensor | None = None,
     backend: str = "torch",
+    validate: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v per head; returns [B, L, H, D].
+
+    ``validate=False`` skips the value check of host ``lengths`` (model code checks them once per
+    batch, not at every layer).
 
     Backends: ``torch`` (scaled_dot_product_attention), ``triton`` (the fused kernels) and
     ``official`` (the attention matrix materialized in the input dtype, as the official code's
     nn.MultiheadAttention math path does; kept as the baseline the benchmarks compare against).
     """
     if backend == "torch":
-        return attention_reference(q, k, v, lengths)
+        return attention_reference(q, k, v, lengths, validate)
     if backend == "triton":
-        return attention_triton(q, k, v, lengths)
+        return attention_triton(q, k, v, lengths, validate)
     if backend == "official":
-        return attention_math(q, k, v, lengths)
+        return attention_math(q, k, v, lengths, validate)
     raise ValueError(f"unknown backend {backend!r}; expected 'torch', 'triton' or 'official'")
 
 
 def attention_math(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None, validate: bool = True
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v with the [B, H, L, L] matrix materialized, in the input dtype."""
-    _check_inputs(q, k, v, lengths)
+    _check_inputs(q, k, v, lengths, validate)
     B, L, H, D = q.shape
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     s = (qt * D**-0.5) @ kt.transpose(-1, -2)

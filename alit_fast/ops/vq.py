@@ -7,8 +7,6 @@ Ties resolve to the lowest index, as torch.argmin does. No gradient flows throug
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 TORCH_CHUNK_ROWS = 4096
 
 
-def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
+def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, validate_values: bool = True) -> None:
     if z.dim() != 2 or codebook.dim() != 2:
         raise ValueError(f"vq_nearest expects z [N, d] and codebook [K, d], got {tuple(z.shape)} and {tuple(codebook.shape)}")
     if z.shape[1] != codebook.shape[1]:
@@ -27,19 +25,29 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
         raise ValueError(f"vq_nearest expects floating tensors, got z {z.dtype} and codebook {codebook.dtype}")
     if z.device != codebook.device:
         raise ValueError(f"vq_nearest: z is on {z.device} but the codebook is on {codebook.device}")
-    # a NaN row has no nearest code (argmin would silently answer 0); the check costs one reduction
-    # and a host sync, and is skipped while torch.compile traces (a data-dependent branch there
-    # would break the graph)
-    if not torch.compiler.is_compiling():
-        if torch.isnan(z).any():
-            raise ValueError("vq_nearest: z contains NaN")
-        if torch.isnan(codebook).any():
-            raise ValueError("vq_nearest: the codebook contains NaN")
+    # A NaN or inf row has no nearest code (argmin would silently answer 0, and the backends would
+    # disagree). The check is one fused reduction and one host sync, so only direct calls make it:
+    # model code validates its inputs once per call and passes validate=False. Skipped while
+    # torch.compile traces (a data-dependent branch there would break the graph).
+    if validate_values and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(z).all() & torch.isfinite(codebook).all()):
+            what = "z" if not bool(torch.isfinite(z).all()) else "the codebook"
+            kind = "NaN" if bool(torch.isnan(z if what == "z" else codebook).any()) else "inf"
+            raise ValueError(f"vq_nearest: {what} contains {kind}")
 
 
-def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch backend: the distance matrix built chunk by chunk, in fp32."""
-    _check_inputs(z, codebook)
+def vq_nearest_reference(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    normalize: bool,
+    first_copy: torch.Tensor | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend: the distance matrix built chunk by chunk, in fp32.
+
+    ``first_copy`` is ``duplicate_map`` of the (normalized) codebook, for callers that keep it
+    between calls; without it the map is computed here."""
+    _check_inputs(z, codebook, validate)
     # contiguous so a strided z takes the same BLAS path, and gives the same bits, as its copy
     z = z.detach().float().contiguous()
     codebook = codebook.detach().float().contiguous()
@@ -58,44 +66,48 @@ def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor, normalize: boo
         del dist
         indices[start : start + rows.shape[0]] = idx
         scores[start : start + rows.shape[0]] = best.clamp_min(0)
-    if codebook.shape[0] > 1 and not torch.compiler.is_compiling() and _may_have_duplicates(codebook):
-        indices = _first_duplicate(codebook)[indices]
+    if codebook.shape[0] > 1:
+        if first_copy is None:
+            first_copy = duplicate_map(codebook)
+        indices = first_copy[indices]
     return indices, scores
 
 
-def _may_have_duplicates(codebook: torch.Tensor) -> bool:
-    """False only when no two codes are equal: rows with different hashes of their bits differ.
-
-    torch.unique(dim=0) costs milliseconds per call on a CPU (about 6% of an adaptive encode with the
-    demo model, by benchmarks.profile_encode), and trained codebooks rarely hold duplicates, so a
-    sort of K hashes screens it out."""
-    # + 0.0 maps -0.0 to 0.0, which compare equal and so must hash alike
-    bits = (codebook + 0.0).view(torch.int32).to(torch.int64)
-    hashes = (bits * _hash_weights(codebook.shape[1]).to(bits.device)).sum(-1)  # int64 products wrap, which is fine for a hash
-    return torch.unique(hashes).numel() < codebook.shape[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _hash_weights(dim: int) -> torch.Tensor:
-    # fixed random weights, drawn once per code width; a collision only costs the exact check,
-    # never a wrong answer
-    return torch.randint(1, 2**31, (dim,), generator=torch.Generator().manual_seed(0x5EED))
-
-
-def _first_duplicate(codebook: torch.Tensor) -> torch.Tensor:
-    """For each code, the lowest index holding the same values.
+def duplicate_map(codebook: torch.Tensor) -> torch.Tensor:
+    """For each code, the lowest index holding the same values: int64 [K].
 
     BLAS may round the edge columns of a matmul differently from the bulk (MKL does for K=5), so
     duplicate codes can get distances an ulp apart and argmin would not pick the first. Mapping
     the winner back to its first copy restores torch.argmin's tie-break for exact duplicates.
-    Skipped while compiling: unique's data-dependent size would break a fullgraph trace.
-    """
-    _, group = torch.unique(codebook, dim=0, return_inverse=True)
+
+    Every step has a size fixed by K (no ``unique``, no ``nonzero``): no host sync, and
+    torch.compile traces it. Rows are grouped by a 64-bit hash of their bits, sorted stably, and
+    each row is mapped to the first row of its hash group only if the two are equal, so a hash
+    collision can never map a code onto a different one (at worst, with odds near 2^-64, a
+    duplicate keeps its own index)."""
     k = codebook.shape[0]
-    order = torch.arange(k, device=codebook.device)
-    first = torch.full((k,), k, dtype=torch.int64, device=codebook.device)
-    first.scatter_reduce_(0, group, order, reduce="amin")
-    return first[group]
+    # + 0.0 maps -0.0 to 0.0, which compare equal and so must hash alike
+    rows = (codebook.detach().float() + 0.0).contiguous()
+    bits = rows.view(torch.int32).to(torch.int64)
+    hashes = (bits * _hash_weights(rows.shape[1], bits.device)).sum(-1)  # int64 products wrap: fine for a hash
+    sorted_hashes, order = torch.sort(hashes, stable=True)
+    starts = torch.ones(k, dtype=torch.bool, device=rows.device)
+    starts[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
+    group = torch.cumsum(starts.to(torch.int64), 0) - 1  # group of each sorted position
+    # stable sort: the first position of a group holds its lowest index
+    group_first = torch.full((k,), k, dtype=torch.int64, device=rows.device)
+    group_first.scatter_reduce_(0, group, order, reduce="amin")
+    candidate = torch.empty(k, dtype=torch.int64, device=rows.device)
+    candidate[order] = group_first[group]
+    same = (rows == rows[candidate]).all(-1)
+    return torch.where(same, candidate, torch.arange(k, device=rows.device))
+
+
+def _hash_weights(dim: int, device: torch.device) -> torch.Tensor:
+    # fixed, distinct, odd-ish weights from a multiplicative hash of the column index: no random
+    # generator, so torch.compile traces it and every device computes the same map
+    cols = torch.arange(1, dim + 1, dtype=torch.int64, device=device)
+    return (cols * 2654435761) % 2147483647 + 1
 
 
 @torch.library.custom_op("alit_fast::vq_nearest", mutates_args=())
@@ -118,30 +130,42 @@ def _(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.T
     return z.new_empty(n, dtype=torch.int64), z.new_empty(n, dtype=torch.float32)
 
 
-def vq_nearest_triton_op(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def vq_nearest_triton_op(
+    z: torch.Tensor, codebook: torch.Tensor, normalize: bool, validate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The triton backend: one fused launch, no N x K matrix. Inputs are detached: the lookup is not
     differentiable (the quantizer builds its straight-through estimator around it)."""
-    _check_inputs(z, codebook)
+    _check_inputs(z, codebook, validate)
     return _vq_nearest_op(z.detach(), codebook.detach(), bool(normalize))
 
 
 def vq_nearest(
-    z: torch.Tensor, codebook: torch.Tensor, normalize: bool, backend: str = "torch"
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    normalize: bool,
+    backend: str = "torch",
+    first_copy: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (indices int64 [N], score float32 [N])."""
+    """Returns (indices int64 [N], score float32 [N]).
+
+    ``validate=False`` skips the NaN/inf check of the values (a host sync): for callers that have
+    validated their inputs already. ``first_copy``: see ``vq_nearest_reference``."""
     if backend == "torch":
-        return vq_nearest_reference(z, codebook, normalize)
+        return vq_nearest_reference(z, codebook, normalize, first_copy, validate)
     if backend == "triton":
-        return vq_nearest_triton_op(z, codebook, normalize)
+        return vq_nearest_triton_op(z, codebook, normalize, validate)
     if backend == "official":
-        return vq_nearest_naive(z, codebook, normalize)
+        return vq_nearest_naive(z, codebook, normalize, validate)
     raise ValueError(f"unknown backend {backend!r}; expected 'torch', 'triton' or 'official'")
 
 
-def vq_nearest_naive(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def vq_nearest_naive(
+    z: torch.Tensor, codebook: torch.Tensor, normalize: bool, validate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole N x K distance matrix at once, as the official quantizers build it: the baseline
     the benchmarks compare against (its memory grows as N x K)."""
-    _check_inputs(z, codebook)
+    _check_inputs(z, codebook, validate)
     z = z.detach().float()
     codebook = codebook.detach().float()
     if normalize:

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .adaptive_cli import load_model_or_report
-from .criteria import l1_per_image, pixels_from_logits
-from .data import COMPLEXITY_LEVELS, SyntheticImages, center_crop, item_rng, load_photos, synthetic_image, to_tensor
+from ..inference import l1_per_image, pixels_from_logits
+from ..io.images import center_crop, to_tensor
+from ..training.data import COMPLEXITY_LEVELS, SyntheticImages, item_rng, load_photos, synthetic_image
+from ._common import load_model_or_report
 
 DEMO_CRITERION = "code-acc:0.6"
 DEMO_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")

@@ -1,15 +1,31 @@
-"""Image files in and out for the command line: Pillow, RGB, shorter side resized and
-center-cropped to the model's size (the evaluation transform of alit_fast.data)."""
+"""Image files in and out: Pillow, RGB, shorter side resized and center-cropped to the model's
+size (the evaluation transform; training's augmentation is in alit_fast.training.data)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, center_crop, to_tensor
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """PIL image or HxWx3 uint8 array -> float [3, H, W] in [0, 1] (ToTensor, no mean/std)."""
+    array = np.array(image, dtype=np.uint8) if isinstance(image, Image.Image) else image
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` then take the central square (the evaluation transform)."""
+    side = min(image.width, image.height)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -1,4 +1,8 @@
-"""Checkpoints: the official ALIT layout (torch pickles) in, safetensors with the config in and out."""
+"""Checkpoints: the official ALIT layout (torch pickles) in, safetensors with the config in and out.
+
+The filter from a file's keys to the model's (``read_state_dict``: entries ``ema``/``model``/
+``state_dict``, wrapper prefixes, stage-2 discriminators) lives here at the I/O boundary, so the
+model itself only ever sees its own parameter names."""
 from __future__ import annotations
 
 import os
@@ -7,21 +11,17 @@ from collections.abc import Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .config import ALITConfig, VQGANConfig
+from ..config import ALITConfig, VQGANConfig
+from .model import ALIT
+from .weights import METADATA_CONFIG_KEY, CheckpointError, save_model
 
 IGNORED_PREFIXES = ("gan_losses.",)
 # what DDP or torch.compile wrap around parameter names
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-METADATA_CONFIG_KEY = "alit_fast_config"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message lists every problem at once."""
-
-
-def _read_state_dict(path_or_state_dict: str | os.PathLike | Mapping, map_location: str | torch.device) -> dict:
+def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping, map_location: str | torch.device) -> dict:
     if isinstance(path_or_state_dict, Mapping):
         raw = dict(path_or_state_dict)
     else:
@@ -142,15 +142,13 @@ def load_official(
     num_heads: int | None = None,
     map_location: str | torch.device = "cpu",
     backend: str = "torch",
-):
+) -> ALIT:
     """Build an ALIT whose sizes are inferred from an official checkpoint, and load its weights.
 
     Takes a raw state dict or a dict with ``ema`` / ``model`` entries (``ema`` preferred, as the
     official evaluation does); ``gan_losses.*`` (the stage-2 discriminators) are ignored.
     """
-    from .model import ALIT
-
-    state = _read_state_dict(path_or_state_dict, map_location)
+    state = read_state_dict(path_or_state_dict, map_location)
     cfg = infer_config(state, num_heads)
     with torch.device("meta"):
         model = ALIT(cfg, backend=backend)
@@ -159,17 +157,8 @@ def load_official(
     return model
 
 
-def save_model(model, path: str | os.PathLike) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(tensors, tmp, metadata={METADATA_CONFIG_KEY: model.config.to_json(), "format": "pt"})
-    os.replace(tmp, path)
-
-
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch"):
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch") -> ALIT:
     """Load a model written by ``ALIT.save``."""
-    from .model import ALIT
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -184,3 +173,15 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", back
     model = model.to_empty(device=map_location)
     load_state_strict(model, state)
     return model
+
+
+__all__ = [
+    "CheckpointError",
+    "METADATA_CONFIG_KEY",
+    "infer_config",
+    "load",
+    "load_official",
+    "load_state_strict",
+    "read_state_dict",
+    "save_model",
+]

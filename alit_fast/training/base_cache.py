@@ -1,4 +1,4 @@
-"""``alit-fast cache-base``: run the frozen VQGAN once over a dataset and keep its outputs.
+"""The base cache: the frozen VQGAN's outputs over a dataset, computed once (``alit-fast cache-base``).
 
 Stage 1 never changes the VQGAN, so its encoder output z and code indices are the same every
 epoch for the same image. The cache stores them as memory-mapped numpy arrays
@@ -12,7 +12,6 @@ random augmentation, because an augmented image would need a fresh VQGAN pass.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,31 +21,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import PRESETS, ALITConfig
+from ..models import ALITCore
 from .data import ImageFolder, build_dataset
-from .model import ALIT
-from .train_utils import resolve_config, weights_digest
+from .utils import weights_digest
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="alit-fast cache-base", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="an image folder, or synthetic / photos / demo")
-    p.add_argument("--data-length", type=int, default=None, help="items in a synthetic/photos/demo dataset")
-    p.add_argument("--out", required=True, help="the cache directory to write")
-    p.add_argument("--config", default=None, help="preset or JSON file (default: the config in --init, else 'demo')")
-    p.add_argument("--init", default=None, help="checkpoint with the VQGAN weights (official or alit_fast)")
-    p.add_argument("--backend", default="torch", choices=("torch", "triton"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="storage type of z")
-    p.add_argument("--seed", type=int, default=0, help="the seed of synthetic/photo data (use the training --seed)")
-    p.add_argument("--workers", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def vqgan_digest(model: ALIT) -> str:
+def vqgan_digest(model: ALITCore) -> str:
     return weights_digest(model.base_tokenizer)
 
 
@@ -56,7 +39,7 @@ def source_dataset(meta: dict) -> Dataset:
 
 
 @torch.no_grad()
-def write_cache(model: ALIT, dataset: Dataset, out: str | os.PathLike, meta: dict, batch_size: int = 64,
+def write_cache(model: ALITCore, dataset: Dataset, out: str | os.PathLike, meta: dict, batch_size: int = 64,
                 dtype: str = "float32", workers: int = 0) -> Path:
     """Run ``model.encode_base`` over ``dataset`` into ``out``; index.json is written last, so a
     directory without it is an unfinished cache."""
@@ -114,7 +97,7 @@ class BaseCacheDataset(Dataset):
         self._z = None
         self._gt = None
 
-    def check_model(self, model: ALIT) -> None:
+    def check_model(self, model: ALITCore) -> None:
         """Refuse a cache made with another config or other VQGAN weights than ``model`` has."""
         if self.meta["config"] != model.config.to_json():
             raise SystemExit(f"--base-cache {self.dir} was written for a different config than the model's")
@@ -137,29 +120,3 @@ class BaseCacheDataset(Dataset):
         item["z"] = torch.from_numpy(np.array(z[index], dtype=np.float32))
         item["gt_indices"] = torch.from_numpy(np.array(gt[index], dtype=np.int64))
         return item
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from .train import initial_weights, load_initial
-
-    state, init_cfg = initial_weights(args.init) if args.init else (None, None)
-    cfg: ALITConfig = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
-    model = ALIT(cfg)
-    if state is not None:
-        load_initial(model, state)
-    try:
-        model.set_backend(args.backend)
-    except NotImplementedError as exc:
-        raise SystemExit(f"backend {args.backend!r} is not available yet: {exc}") from exc
-    if torch.cuda.is_available():
-        model.cuda()
-    meta = {"data": args.data, "data_length": args.data_length, "seed": args.seed, "init": args.init}
-    dataset = source_dataset(dict(meta, image_size=cfg.image_size))
-    out = write_cache(model, dataset, args.out, meta, args.batch_size, args.dtype, args.workers)
-    print(f"cached {len(dataset)} items ({cfg.grid_size}x{cfg.grid_size} grid, z {args.dtype}) in {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

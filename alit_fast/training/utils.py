@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import PRESETS, ALITConfig
+from ..config import PRESETS, ALITConfig
 
 
 def resolve_config(spec: str) -> ALITConfig:

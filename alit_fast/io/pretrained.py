@@ -1,14 +1,16 @@
-"""Models that ship inside the package (alit_fast/pretrained/*.safetensors)."""
+"""Models that ship inside the package (alit_fast/io/pretrained_models/*.safetensors), and one
+resolver from a user's model spec (file or bundled name) to a loaded model."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load
+from .checkpoint import CheckpointError, load, load_official
 from .model import ALIT
 
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained_models"
 # name -> (file, what it is); the files are written by ALIT.save and hold the config
 PRETRAINED: dict[str, tuple[str, str]] = {
     "demo": (
@@ -33,3 +35,19 @@ def load_pretrained(name: str = "demo", backend: str = "torch", map_location: st
     """A bundled model, ready for inference (eval mode, no gradients needed)."""
     model = load(pretrained_path(name), map_location=map_location, backend=backend)
     return model.eval().requires_grad_(False)
+
+
+def load_model(spec: str, backend: str = "torch", device: str | torch.device = "cpu") -> ALIT:
+    """An ALIT from an alit_fast safetensors file, an official checkpoint, or a bundled name ("demo")."""
+    if not os.path.exists(spec):
+        if os.sep in spec or spec.endswith((".safetensors", ".pth", ".pt", ".ckpt")):
+            raise FileNotFoundError(f"checkpoint not found: {spec}")
+        model = load_pretrained(spec)
+    elif spec.endswith(".safetensors"):
+        try:
+            model = load(spec)
+        except CheckpointError:  # a safetensors file without our metadata: official weights re-saved
+            model = load_official(spec)
+    else:
+        model = load_official(spec)
+    return model.to(device).set_backend(backend).eval()

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+from ..io.images import IMAGE_EXTENSIONS, center_crop, to_tensor
+
 COMPLEXITY_LEVELS = ("flat", "few_shapes", "many_shapes", "texture", "noise")
 # scikit-image's bundled sample photographs (all ship inside the wheel, no download)
 PHOTO_NAMES = (
@@ -42,14 +43,6 @@ PHOTO_NAMES = (
 
 def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
-
-
-def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
-    """PIL image or HxWx3 uint8 array -> float [3, H, W] in [0, 1] (ToTensor, no mean/std)."""
-    array = np.array(image, dtype=np.uint8) if isinstance(image, Image.Image) else image
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
 
 
 def _as_rgb(array: np.ndarray) -> Image.Image:
@@ -105,13 +98,6 @@ def random_resized_crop(
     if flip and rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return out
-
-
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` then take the central square (the evaluation transform)."""
-    side = min(image.width, image.height)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
 # ---------------------------------------------------------------------------- datasets

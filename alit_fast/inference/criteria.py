@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .model import ALIT
+    from ..models import ALITCore as ALIT
 
 
 def pixels_from_logits(model: "ALIT", logits: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,18 @@ class TokenBatch:
         return cls(codes=codes, lengths=lengths, codebook_size=codebook_size, **meta)
 
     @classmethod
+    def from_host_rows(
+        cls, rows: Sequence[Sequence[int]], lengths: Sequence[int], codebook_size: int, **meta
+    ) -> "TokenBatch":
+        """Padded code rows and lengths as Python lists (what one device-to-host read returns):
+        builds the batch without reading any tensor back."""
+        width = max(lengths, default=0)
+        codes = torch.tensor([list(r[:width]) for r in rows], dtype=torch.int64).reshape(len(rows), width)
+        past = torch.arange(width)[None, :] >= torch.tensor(list(lengths), dtype=torch.int64)[:, None]
+        codes = codes.masked_fill(past, PAD).to(code_dtype(codebook_size))
+        return cls(codes=codes, lengths=torch.tensor(list(lengths), dtype=torch.int64), codebook_size=codebook_size, **meta)
+
+    @classmethod
     def cat(cls, batches: Sequence["TokenBatch"]) -> "TokenBatch":
         """Concatenate batches encoded by the same model (metadata is taken from the first)."""
         if not batches:

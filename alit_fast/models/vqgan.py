@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VQGANConfig
-from .ops import vq_nearest
+from ..config import VQGANConfig
+from ..ops import duplicate_map, vq_nearest
+from ._cache import WeightsCache
 
 
 def _norm(channels: int, cfg: VQGANConfig) -> nn.GroupNorm:
@@ -129,12 +130,16 @@ class VQGANQuantizer(nn.Module):
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.z_channels)
         nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
         self.backend = "torch"
+        self._first_copy = WeightsCache(duplicate_map)
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, C, h, w] -> code indices [B, h*w], row-major over the grid."""
         B, C, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, C)
-        indices, _ = vq_nearest(flat, self.embedding.weight, normalize=False, backend=self.backend)
+        weight = self.embedding.weight
+        first_copy = self._first_copy(weight) if self.backend == "torch" else None
+        # the images were validated by the caller; a NaN here would come from the weights
+        indices, _ = vq_nearest(flat, weight, normalize=False, backend=self.backend, first_copy=first_copy, validate=False)
         return indices.view(B, h * w)
 
 
@@ -178,6 +183,8 @@ class BaseTokenizer(nn.Module):
         """indices [B, h*w] -> images [B, 3, H, W]."""
         if indices.dim() != 2:
             raise ValueError(f"decode_indices expects [B, h*w] indices, got {tuple(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.cfg.codebook_size):
-            raise ValueError(f"decode_indices: indices must lie in [0, {self.cfg.codebook_size})")
+        if indices.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.stack([indices.min(), indices.max()]).tolist()  # one read, not two
+            if lo < 0 or hi >= self.cfg.codebook_size:
+                raise ValueError(f"decode_indices: indices must lie in [0, {self.cfg.codebook_size}), got [{lo}, {hi}]")
         return self.decode_latents(self.codebook[indices])

@@ -1,28 +1,29 @@
 """ALIT: a recurrent transformer that turns the 2D tokens of a frozen VQGAN into 1D latent tokens,
 ``tokens_per_iter`` more at every iteration, and a decoder that predicts the VQGAN codes back.
 
-Data flow: images -> base tokenizer (z, gt codes) -> 2D tokens -> rollout
+Data flow: images -> base tokenizer (z, gt codes) -> 2D tokens -> ``step`` per iteration
 (encoder -> latent quantizer -> decoder -> logits over the VQGAN codebook) -> tokens.
-Parameter names follow the official checkpoints so ``load_official`` is a plain state-dict load.
+``step`` is the one body of an iteration: ``rollout``, the stage-1 loss (``forward``) and the
+resumable inference state (alit_fast.inference) all call it.
+
+This module is nn code only: no stopping criteria, no token files, no checkpoint files. Parameter
+names follow the official checkpoints so loading one is a plain state-dict load. Inputs are
+validated once per public call (``rollout``, ``forward``); the ops below them are called with
+``validate=False`` and the loop makes no host-device sync.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ALITConfig, get_config
-from .ops import check_backend, vq_nearest
+from ..config import ALITConfig, get_config
+from ..ops import check_backend, duplicate_map, vq_nearest
+from ._cache import WeightsCache
 from .transformer import PackedAttention, ResidualAttentionBlock, Transformer, run_blocks
 from .vqgan import BaseTokenizer, VQGANQuantizer
-
-if TYPE_CHECKING:  # adaptive inference builds on this module, so its types are imported for hints only
-    from .adaptive import RolloutState
-    from .criteria import Criterion
-    from .tokens import TokenBatch
 
 HALTING_MODES = ("off", "threshold", "stochastic")
 
@@ -56,9 +57,38 @@ class IterationOutput:
 
 @dataclass
 class LossOutput:
+    """The stage-1 loss. Per-iteration terms are detached 0-d tensors on the model's device: reading
+    one is a host sync, so a training loop reads them only when it logs."""
+
     loss: torch.Tensor
-    per_iteration: dict[int, float] = field(default_factory=dict)
-    nll: dict[int, float] = field(default_factory=dict)
+    per_iteration: dict[int, torch.Tensor] = field(default_factory=dict)
+    nll: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- input checks
+def image_shape_error(images: object, cfg: ALITConfig) -> str | None:
+    """What is wrong with the type, shape or dtype of ``images`` (host metadata: no sync), or None."""
+    if not isinstance(images, torch.Tensor):
+        return f"images must be a torch.Tensor, got {type(images).__name__}"
+    size = cfg.image_size
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
+        return f"images must have shape [B, 3, {size}, {size}], got {list(images.shape)}"
+    if images.shape[0] == 0:
+        return "images is an empty batch (B=0)"
+    if not images.is_floating_point():
+        return f"images must be a float tensor with values in [0, 1], got dtype {images.dtype}"
+    return None
+
+
+def images_in_range(images: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on the images' device: every value in [0, 1] (NaN fails). No sync."""
+    return ((images >= 0) & (images <= 1)).all()
+
+
+def image_range_error(images: torch.Tensor) -> str:
+    """The message for images that failed ``images_in_range`` (an error path: it reads values)."""
+    lo, hi = torch.stack([images.min(), images.max()]).float().tolist()
+    return f"images must have values in [0, 1], found values in [{lo:.4g}, {hi:.4g}]"
 
 
 class LatentQuantizer(nn.Module):
@@ -70,13 +100,23 @@ class LatentQuantizer(nn.Module):
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.commitment_cost = commitment_cost
         self.backend = "torch"
+        # per weights, not per call: the codebook changes only when the weights do
+        self._normalized = WeightsCache(lambda w: F.normalize(w, dim=-1))
+        self._first_copy = WeightsCache(lambda w: duplicate_map(F.normalize(w.float(), dim=-1)))
 
     def codes(self, indices: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.embedding.weight, dim=-1)[indices]
+        weight = self.embedding.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return F.normalize(weight, dim=-1)[indices]  # the codebook loss needs this graph
+        return self._normalized(weight)[indices]
 
     def forward(self, z: torch.Tensor) -> QuantizedLatents:
         z = F.normalize(z, dim=-1)
-        indices, _ = vq_nearest(z.reshape(-1, z.shape[-1]), self.embedding.weight, normalize=True, backend=self.backend)
+        weight = self.embedding.weight
+        first_copy = self._first_copy(weight) if self.backend == "torch" else None
+        indices, _ = vq_nearest(
+            z.reshape(-1, z.shape[-1]), weight, normalize=True, backend=self.backend, first_copy=first_copy, validate=False
+        )
         indices = indices.view(z.shape[:-1])
         z_q = self.codes(indices).to(z.dtype)
         loss = self.commitment_cost * F.mse_loss(z_q.detach().float(), z.float()) + F.mse_loss(
@@ -99,26 +139,14 @@ class LatentDecoder(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(W, 2 * W), nn.Tanh(), nn.Linear(2 * W, cfg.vqgan.codebook_size))
 
 
-def _images_error(images: object, cfg: ALITConfig) -> str | None:
-    if not isinstance(images, torch.Tensor):
-        return f"images must be a torch.Tensor, got {type(images).__name__}"
-    size = cfg.image_size
-    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
-        return f"images must have shape [B, 3, {size}, {size}], got {list(images.shape)}"
-    if images.shape[0] == 0:
-        return "images is an empty batch (B=0)"
-    if not images.is_floating_point():
-        return f"images must be a float tensor with values in [0, 1], got dtype {images.dtype}"
-    if torch.compiler.is_compiling():
-        # a value check would break the graph; eager calls have already made it
-        return None
-    lo, hi = float(images.min()), float(images.max())
-    if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
-        return f"images must have values in [0, 1], found values in [{lo:.4g}, {hi:.4g}]"
-    return None
+def _masked_queries(cls: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return torch.cat([cls[None], mask.expand(1, pos.shape[0] - 1, -1)], dim=1) + pos
 
 
-class ALIT(nn.Module):
+class ALITCore(nn.Module):
+    """The nn part of ALIT: parameters, one recurrent iteration (``step``), ``rollout`` and the
+    stage-1 loss (``forward``). ``alit_fast.ALIT`` adds adaptive encoding and decoding on top."""
+
     def __init__(self, config: ALITConfig | str = "alit_small", backend: str = "torch") -> None:
         super().__init__()
         cfg = get_config(config)
@@ -147,6 +175,7 @@ class ALIT(nn.Module):
         self._init_linear_weights()
         # stage 1 (latent distillation) keeps the VQGAN frozen
         self.base_tokenizer.requires_grad_(False)
+        self._queries = WeightsCache(_masked_queries)
         self.backend = "torch"
         self.set_backend(backend)
 
@@ -162,7 +191,7 @@ class ALIT(nn.Module):
                     nn.init.zeros_(module.bias)
 
     # ------------------------------------------------------------------ configuration
-    def set_backend(self, backend: str) -> "ALIT":
+    def set_backend(self, backend: str) -> "ALITCore":
         """Route every attention and nearest-code call of the model through ``backend``."""
         check_backend(backend)
         self.backend = backend
@@ -171,7 +200,7 @@ class ALIT(nn.Module):
                 module.backend = backend
         return self
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> "ALIT":
+    def set_activation_checkpointing(self, enabled: bool = True) -> "ALITCore":
         """Recompute each transformer block in the backward pass instead of storing its activations."""
         for module in self.modules():
             if isinstance(module, ResidualAttentionBlock):
@@ -181,13 +210,31 @@ class ALIT(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    # ------------------------------------------------------------------ input checks
     def check_images(self, images: torch.Tensor) -> None:
-        """Raise a ValueError naming what is wrong with ``images`` (shape, dtype or range)."""
-        message = _images_error(images, self.config)
+        """Raise a ValueError naming what is wrong with ``images`` (shape, dtype or range).
+
+        Eager: the range check reads one value (a host sync)."""
+        message = image_shape_error(images, self.config)
+        if message is None and not torch.compiler.is_compiling() and not bool(images_in_range(images)):
+            message = image_range_error(images)
         if message is not None:
             raise ValueError(message)
 
-    # ------------------------------------------------------------------ the stages of a rollout
+    def assert_images(self, images: torch.Tensor) -> None:
+        """``check_images`` without a host sync: the range check is a device-side assertion.
+
+        On a CPU it raises the same ValueError at once; on a GPU an out-of-range batch fails at
+        the next synchronisation with a device-side assert."""
+        message = image_shape_error(images, self.config)
+        if message is not None:
+            raise ValueError(message)
+        try:
+            torch._assert_async(images_in_range(images), "images must have values in [0, 1]")
+        except RuntimeError as exc:  # raised at once only where the check ran eagerly (a CPU)
+            raise ValueError(image_range_error(images)) from exc
+
+    # ------------------------------------------------------------------ the parts of an iteration
     @torch.no_grad()
     def encode_base(self, images: torch.Tensor) -> BaseOutput:
         z, gt = self.base_tokenizer.encode(images)
@@ -203,6 +250,7 @@ class ALIT(nn.Module):
         return (self.latent_tokens + self.latent_token_positional_embedding + self.timestep_embedding[iteration])[None]
 
     def initial_state(self, tokens2d: torch.Tensor) -> torch.Tensor:
+        """The encoder input of iteration 0: [class | 2D tokens | the first latents], [B, g*g+1+T, W]."""
         B = tokens2d.shape[0]
         cls = self.encoder_class_embedding[None].expand(B, -1, -1)
         image_part = torch.cat([cls, tokens2d], dim=1) + self.encoder_positional_embedding
@@ -222,15 +270,16 @@ class ALIT(nn.Module):
 
     def decoder_queries(self) -> torch.Tensor:
         """The masked 2D tokens the decoder fills in; the same for every image: [1, g*g+1, W]."""
-        G2 = self.config.grid_size**2
-        masked = torch.cat([self.decoder_class_embedding[None], self.decoder_mask_token.expand(1, G2, -1)], dim=1)
-        return masked + self.decoder_positional_embedding
+        params = (self.decoder_class_embedding, self.decoder_mask_token, self.decoder_positional_embedding)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return _masked_queries(*params)
+        return self._queries(*params)
 
     def decode_logits(self, z_q: torch.Tensor, latent_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Quantized latents [B, n, d] -> logits over the VQGAN codebook [B, g*g, K_base].
 
-        ``latent_lengths`` (int [B]) marks how many of the n latents each image really has;
-        the rest are padding that no query attends to.
+        ``latent_lengths`` (int [B], values in [0, n], checked by the caller) marks how many of
+        the n latents each image really has; the rest are padding that no query attends to.
         """
         dec = self.decoder
         B, n, _ = z_q.shape
@@ -241,11 +290,7 @@ class ALIT(nn.Module):
         x = dec.ln_pre(torch.cat([queries, latents], dim=1))
         lengths = None
         if latent_lengths is not None:
-            # checked once here rather than in each of the attention calls below (a sync each on a GPU)
-            if not torch.compiler.is_compiling() and latent_lengths.numel() and (
-                int(latent_lengths.min()) < 0 or int(latent_lengths.max()) > n
-            ):
-                raise ValueError(f"latent_lengths must lie in [0, {n}], got {latent_lengths.tolist()}")
+            # converted once here, not in each of the attention calls below
             lengths = (latent_lengths.to(device=x.device, dtype=torch.int32) + queries.shape[1]).contiguous()
         x = run_blocks(dec.transformer, x, lengths)
         x = dec.ln_post(x[:, 1 : queries.shape[1]])
@@ -280,39 +325,47 @@ class ALIT(nn.Module):
         image = torch.where(mask[..., None], masked, x_out[:, 1 : G2 + 1])
         return torch.cat([x_out[:, :1], image, x_out[:, G2 + 1 :]], dim=1)
 
-    # ------------------------------------------------------------------ whole rollouts
-    def _iterate(
+    # ------------------------------------------------------------------ one iteration
+    def step(
         self,
-        images: torch.Tensor,
-        base: BaseOutput | None,
-        iterations: int,
-        halting: str,
-        generator: torch.Generator | None,
-        decode_at: set[int] | None = None,
-        images_checked: bool = False,
-    ):
+        carry: torch.Tensor,
+        iteration: int,
+        gt_indices: torch.Tensor,
+        decode: bool = True,
+        halting: str = "off",
+        generator: torch.Generator | None = None,
+    ) -> tuple[IterationOutput, torch.Tensor]:
+        """One recurrent iteration. ``carry`` is ``initial_state`` at iteration 0 and, after that,
+        what the previous step returned (its encoder output, halted). Returns the iteration's
+        outputs and the carry for the next one.
+
+        The decoder runs only when ``decode``; the halting mask needs its logits, so an iteration
+        that is not decoded is not halted (as in the official training loop). The mask is drawn at
+        the last iteration too, so a random stream advances as the official code's does.
+        """
+        G2 = self.config.grid_size**2
+        x = carry if iteration == 0 else self.next_state(carry, iteration)
+        x_out = self.run_encoder(x)
+        latents = x_out[:, G2 + 1 :]
+        vq = self.quantize_latents(latents)
+        logits = self.decode_logits(vq.z_q) if decode else None
+        mask = self.halting_mask(logits, gt_indices, halting, generator) if logits is not None else None
+        out = IterationOutput(iteration, latents, vq.indices, logits, gt_indices, vq.loss, vq.z_q)
+        return out, self.apply_halting(x_out, mask)
+
+    def start_carry(self, images: torch.Tensor, base: BaseOutput | None = None) -> tuple[torch.Tensor, BaseOutput]:
+        """The base tokenizer's outputs (computed unless given) and the carry of iteration 0."""
+        if base is None:
+            base = self.encode_base(images)
+        return self.initial_state(self.image_tokens(images, base)), base
+
+    def _check_loop_args(self, iterations: int, halting: str) -> None:
         if halting not in HALTING_MODES:
             raise ValueError(f"unknown halting mode {halting!r}; expected one of {HALTING_MODES}")
         if not 1 <= iterations <= self.config.iterations:
             raise ValueError(f"iterations must be in [1, {self.config.iterations}], got {iterations}")
-        if not images_checked:
-            self.check_images(images)
-        if base is None:
-            base = self.encode_base(images)
-        G2 = self.config.grid_size**2
-        x = self.initial_state(self.image_tokens(images, base))
-        for t in range(iterations):
-            x_out = self.run_encoder(x)
-            latents = x_out[:, G2 + 1 :]
-            vq = self.quantize_latents(latents)
-            # as in the official training loop, iterations without a loss are neither decoded nor halted
-            logits = self.decode_logits(vq.z_q) if decode_at is None or t in decode_at else None
-            # drawn at the last iteration too, so the random stream advances as the official code's does
-            mask = self.halting_mask(logits, base.gt_indices, halting, generator) if logits is not None else None
-            yield IterationOutput(t, latents, vq.indices, logits, base.gt_indices, vq.loss, vq.z_q)
-            if t + 1 < iterations:
-                x = self.next_state(self.apply_halting(x_out, mask), t + 1)
 
+    # ------------------------------------------------------------------ whole rollouts
     def rollout(
         self,
         images: torch.Tensor,
@@ -320,9 +373,30 @@ class ALIT(nn.Module):
         halting: str = "off",
         generator: torch.Generator | None = None,
     ) -> list[IterationOutput]:
-        """Run ``iterations`` recurrent iterations (all by default); one record per iteration."""
+        """Run ``iterations`` recurrent iterations (all by default); one record per iteration.
+        ``generator`` (on the images' device) drives stochastic halting. No host sync."""
         iterations = self.config.iterations if iterations is None else iterations
-        return list(self._iterate(images, None, iterations, halting, generator))
+        self._check_loop_args(iterations, halting)
+        self.assert_images(images)
+        carry, base = self.start_carry(images)
+        records = []
+        for t in range(iterations):
+            rec, carry = self.step(carry, t, base.gt_indices, decode=True, halting=halting, generator=generator)
+            records.append(rec)
+        return records
+
+    def sample_iterations(self, count: int | None, generator: torch.Generator | None = None) -> list[int]:
+        """Which iterations take the loss in a step: all, or ``count`` drawn on the host (sorted).
+
+        ``generator`` is a CPU generator (the host stream), so the draw is the same on every device."""
+        n = self.config.iterations
+        if count is None or count >= n:
+            return list(range(n))
+        if count < 1:
+            raise ValueError(f"sample_grad_iters must be >= 1, got {count}")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"the iteration-sampling generator must be a CPU generator, got one on {generator.device}")
+        return sorted(torch.randperm(n, generator=generator)[:count].tolist())
 
     def forward(
         self,
@@ -331,76 +405,48 @@ class ALIT(nn.Module):
         halting: str = "stochastic",
         sample_grad_iters: int | None = None,
         generator: torch.Generator | None = None,
+        halting_generator: torch.Generator | None = None,
+        check_images: bool = True,
     ) -> LossOutput:
         """The stage-1 (latent distillation) loss, summed over the iterations it is taken at.
 
         Per iteration t: weight[t] * NLL(logits, gt codes) + MSE(soft code, gt code embeddings)
         + VQ loss. ``sample_grad_iters=k`` takes it at k random iterations only; the decoder (and
-        so the halting) runs at those alone, as in the official training loop.
+        so the halting) runs at those alone, as in the official training loop, and iterations after
+        the last of them are not run (they cannot change the loss).
+
+        Two random streams: ``generator`` (CPU) draws the iterations, ``halting_generator`` (on the
+        images' device) the halting masks. Given only ``generator`` on the images' device, it
+        drives both. No host sync, forward or backward. ``check_images=False`` leaves the range
+        check to the caller (a distributed trainer folds it into a flag every rank reads, so one
+        rank's bad batch cannot stop it alone while the others wait).
         """
         cfg = self.config
-        self.check_images(images)
-        if sample_grad_iters is None or sample_grad_iters >= cfg.iterations:
-            selected = set(range(cfg.iterations))
-        else:
-            if sample_grad_iters < 1:
-                raise ValueError(f"sample_grad_iters must be >= 1, got {sample_grad_iters}")
-            perm = torch.randperm(cfg.iterations, generator=generator)
-            selected = set(perm[:sample_grad_iters].tolist())
+        if halting_generator is None and generator is not None and generator.device == images.device:
+            halting_generator = generator
+        host_generator = generator if generator is None or generator.device.type == "cpu" else None
+        self._check_loop_args(cfg.iterations, halting)
+        if check_images:
+            self.assert_images(images)
+        elif (message := image_shape_error(images, cfg)) is not None:
+            raise ValueError(message)
+        selected = self.sample_iterations(sample_grad_iters, host_generator)
+        carry, base = self.start_carry(images, base)
         codebook = self.base_tokenizer.codebook.detach()
-        out = LossOutput(loss=torch.zeros(()))
+        gt_code = codebook[base.gt_indices].float()
+        out = LossOutput(loss=torch.zeros((), device=images.device))
         total = torch.zeros((), device=images.device, dtype=torch.float32)
-        gt_code = None
-        for rec in self._iterate(
-            # iterations past the last sampled one cannot change the loss: they are not run
-            images, base, max(selected) + 1, halting, generator, decode_at=selected, images_checked=True
-        ):
-            if rec.iteration not in selected:
+        for t in range(selected[-1] + 1):
+            taken = t in selected
+            rec, carry = self.step(carry, t, base.gt_indices, decode=taken, halting=halting, generator=halting_generator)
+            if not taken:
                 continue
-            if gt_code is None:
-                gt_code = codebook[rec.gt_indices].float()
             logits = rec.logits.float()
             nll = F.cross_entropy(logits.flatten(0, 1), rec.gt_indices.flatten())
             code_mse = F.mse_loss(self.soft_code(logits).float(), gt_code)
-            term = cfg.iteration_weights[rec.iteration] * nll + code_mse + rec.vq_loss
+            term = cfg.iteration_weights[t] * nll + code_mse + rec.vq_loss
             total = total + term
-            out.per_iteration[rec.iteration] = float(term.detach())
-            out.nll[rec.iteration] = float(nll.detach())
+            out.per_iteration[t] = term.detach()
+            out.nll[t] = nll.detach()
         out.loss = total
         return out
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str) -> None:
-        """Save weights (official key layout) and config to a safetensors file."""
-        from .checkpoint import save_model
-
-        save_model(self, path)
-
-    # ------------------------------------------------------------------ adaptive inference (alit_fast.adaptive)
-    def start(
-        self, images: torch.Tensor, halting: str = "off", generator: torch.Generator | None = None, **kwargs
-    ) -> RolloutState:
-        """A resumable rollout: ``state.step()`` runs one more iteration for the images still active."""
-        from .adaptive import start
-
-        return start(self, images, halting=halting, generator=generator, **kwargs)
-
-    def encode(
-        self,
-        images: torch.Tensor,
-        criterion: str | Criterion | Callable = "code-acc:0.9",
-        min_tokens: int | None = None,
-        max_tokens: int | None = None,
-        batch_size: int | None = None,
-        **kwargs,
-    ) -> TokenBatch:
-        """Per-image adaptive-length code ids (a TokenBatch); see alit_fast.adaptive.encode."""
-        from .adaptive import encode
-
-        return encode(self, images, criterion, min_tokens=min_tokens, max_tokens=max_tokens, batch_size=batch_size, **kwargs)
-
-    def decode(self, tokens: TokenBatch, batch_size: int | None = None) -> torch.Tensor:
-        """Images in [0, 1] from a TokenBatch whose images may have different lengths."""
-        from .adaptive import decode
-
-        return decode(self, tokens, batch_size=batch_size)

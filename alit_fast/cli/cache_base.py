@@ -1,0 +1,52 @@
+"""``alit-fast cache-base``: run the frozen VQGAN once over a dataset and store its outputs
+(alit_fast.training.base_cache describes the format)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..config import PRESETS, ALITConfig
+from ..io import ALIT
+from ..training.base_cache import source_dataset, write_cache
+from ..training.train import initial_weights, load_initial
+from ..training.utils import resolve_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="alit-fast cache-base", description="Run the frozen VQGAN once over a dataset and store its outputs.")
+    p.add_argument("--data", required=True, help="an image folder, or synthetic / photos / demo")
+    p.add_argument("--data-length", type=int, default=None, help="items in a synthetic/photos/demo dataset")
+    p.add_argument("--out", required=True, help="the cache directory to write")
+    p.add_argument("--config", default=None, help="preset or JSON file (default: the config in --init, else 'demo')")
+    p.add_argument("--init", default=None, help="checkpoint with the VQGAN weights (official or alit_fast)")
+    p.add_argument("--backend", default="torch", choices=("torch", "triton"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="storage type of z")
+    p.add_argument("--seed", type=int, default=0, help="the seed of synthetic/photo data (use the training --seed)")
+    p.add_argument("--workers", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    state, init_cfg = initial_weights(args.init) if args.init else (None, None)
+    cfg: ALITConfig = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
+    model = ALIT(cfg)
+    if state is not None:
+        load_initial(model, state)
+    try:
+        model.set_backend(args.backend)
+    except NotImplementedError as exc:
+        raise SystemExit(f"backend {args.backend!r} is not available yet: {exc}") from exc
+    if torch.cuda.is_available():
+        model.cuda()
+    meta = {"data": args.data, "data_length": args.data_length, "seed": args.seed, "init": args.init}
+    dataset = source_dataset(dict(meta, image_size=cfg.image_size))
+    out = write_cache(model, dataset, args.out, meta, args.batch_size, args.dtype, args.workers)
+    print(f"cached {len(dataset)} items ({cfg.grid_size}x{cfg.grid_size} grid, z {args.dtype}) in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""Adaptive encoding to a TokenBatch, decoding of mixed lengths, and the official procedure.
+
+Host-device syncs, per call and independent of the batch size: ``encode`` with a fixed token
+count 1 (the one read of the codes and lengths); with a scored criterion 1 per judged iteration
+(the stop decision) plus that final read; ``decode`` 1 (the token batch's lengths and code range,
+read together). Images are validated once per call, and their range check and a NaN/inf check of
+every iteration's outputs ride along in those reads instead of costing syncs of their own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..models import ALITCore
+from ..models.alit import image_range_error, image_shape_error, images_in_range
+from .criteria import Criterion, StepView, TokenCount, criterion_name, l1_per_image, parse_criterion, pixels_from_logits
+from .rollout import RolloutState, StepFn
+from .tokens import TokenBatch
+
+FALLBACKS = ("max", "best")
+
+
+def iteration_range(model: ALITCore, min_tokens: int | None, max_tokens: int | None) -> tuple[int, int]:
+    """(first iteration count a criterion is asked at, number of iterations at most).
+
+    Token counts come in whole iterations: min_tokens rounds up, max_tokens rounds down."""
+    cfg = model.config
+    T = cfg.tokens_per_iter
+    lo = T if min_tokens is None else int(min_tokens)
+    hi = cfg.max_tokens if max_tokens is None else int(max_tokens)
+    first = max(1, -(-lo // T))
+    last = min(cfg.iterations, hi // T)
+    if last < 1:
+        raise ValueError(f"max_tokens={hi} is below one iteration ({T} tokens)")
+    if first > last:
+        raise ValueError(f"min_tokens={lo} and max_tokens={hi} leave no token count in steps of {T}")
+    return first, last
+
+
+def check_fallback(criterion: Criterion, fallback: str) -> None:
+    """Raise a ValueError when ``fallback`` is unknown or cannot be used with ``criterion``."""
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
+    if fallback == "best" and criterion.higher_is_better is None:
+        raise ValueError(
+            f"fallback 'best' needs a criterion with a score (code-acc, code-nll, pixel-l1), not {criterion_name(criterion)}"
+        )
+
+
+def _finite(out) -> torch.Tensor:
+    # z_q carries the straight-through form z + (codes - z): NaN wherever the encoder's or the
+    # projection's output was, although the codes themselves are always finite
+    ok = torch.isfinite(out.z_q).all()
+    return ok if out.logits is None else ok & torch.isfinite(out.logits).all()
+
+
+@dataclass
+class _Chunk:
+    """One chunk's result, still on the device: lengths [b], codes [b, max_tokens], flags."""
+
+    lengths: torch.Tensor
+    codes: torch.Tensor
+    in_range: torch.Tensor  # 0-d bool
+    finite: torch.Tensor  # 0-d bool
+
+
+def _encode_chunk(
+    model: ALITCore,
+    images: torch.Tensor,
+    criterion: Criterion,
+    first: int,
+    last: int,
+    halting: str,
+    generator: torch.Generator | None,
+    fallback: str,
+    offset: int,
+    static_shapes: bool,
+    step_fn: StepFn | None,
+) -> _Chunk:
+    """``offset``: where ``images`` start in the batch ``encode`` was given (criteria see those rows)."""
+    in_range = images_in_range(images)
+    T = model.config.tokens_per_iter
+    if isinstance(criterion, TokenCount):
+        # a fixed count does not depend on the images: every image stops at the same iteration
+        last = min(last, max(first, -(-criterion.tokens // T)))
+    state = RolloutState(
+        model, images, halting=halting, generator=generator, iterations=last, keep_outputs=False,
+        static_shapes=static_shapes, check_values=False, step_fn=step_fn,
+    )
+    finite = torch.ones((), dtype=torch.bool, device=images.device)
+    best = fallback == "best"
+    B, device = images.shape[0], images.device
+    if best:
+        # per image: whether it met the criterion, and its best-scoring codes so far
+        met = torch.zeros(B, dtype=torch.bool, device=device)
+        worst = float("-inf") if criterion.higher_is_better else float("inf")
+        best_score = torch.full((B,), worst, dtype=torch.float64, device=device)
+        best_codes = state.indices.clone()
+        best_count = torch.zeros(B, dtype=torch.int64, device=device)
+    scored = not isinstance(criterion, TokenCount)
+    while not state.done:
+        count = state.iteration + 1  # iterations once this step has run
+        # below min_tokens nothing may stop, and at the last allowed count everything stops
+        # regardless, so the criterion (and the decoder it may need) runs only in between; the
+        # "best" fallback also needs the last count's score
+        judge = scored and (first <= count < last or (best and count == last))
+        gt, working = state.working_gt_indices, state.working_images
+        # the rows this step runs for (with static shapes, stopped images are computed but ignored)
+        live = state.active_mask if static_shapes else None
+        out = state.step(decode=judge and criterion.needs_logits)
+        finite = finite & _finite(out)
+        if not judge:
+            continue
+        view = StepView(model, out.iteration, count * T, out.rows + offset, gt, working, out.logits)
+        stop = criterion(view).to(device)
+        if live is None:
+            live = torch.ones_like(stop)
+        if best:
+            rows = out.rows
+            score = criterion.score(view).to(best_score)
+            # strictly better, so the earliest of equal scores wins, as in the official argmin
+            better = (score > best_score[rows]) if criterion.higher_is_better else (score < best_score[rows])
+            better = better & live
+            best_score[rows] = torch.where(better, score, best_score[rows])
+            best_count[rows] = torch.where(better, count, best_count[rows])
+            best_codes[rows] = torch.where(better[:, None], state.indices[rows], best_codes[rows])
+            met[rows] = met[rows] | (stop & live)
+        if count < last:
+            # the one sync of the iteration: which images stop, and whether everything so far is sane
+            flags = torch.cat([(stop & live), (in_range & finite).view(1)]).tolist()
+            if not flags[-1]:
+                _raise_bad_inputs(images, in_range)
+            state.finish(flags[:-1])
+    lengths, codes = state.lengths, state.indices
+    if best:
+        lengths = torch.where(met, lengths, best_count * T)
+        codes = torch.where(met[:, None], codes, best_codes)
+    return _Chunk(lengths=lengths, codes=codes, in_range=in_range, finite=finite)
+
+
+def _raise_bad_inputs(images: torch.Tensor, in_range: torch.Tensor) -> None:
+    if not bool(in_range):
+        raise ValueError(image_range_error(images))
+    raise FloatingPointError("encode: the model produced NaN or inf (are its weights finite?)")
+
+
+@torch.no_grad()
+def encode(
+    model: ALITCore,
+    images: torch.Tensor,
+    criterion: "str | Criterion | Callable[[StepView], object]" = "code-acc:0.9",
+    min_tokens: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int | None = None,
+    halting: str = "off",
+    generator: torch.Generator | None = None,
+    fallback: str = "max",
+    static_shapes: bool | None = None,
+    step_fn: StepFn | None = None,
+) -> TokenBatch:
+    """Encode each image with the fewest tokens that meet ``criterion`` (see alit_fast.inference.criteria),
+    between ``min_tokens`` and ``max_tokens``; ``batch_size`` bounds how many run at once.
+
+    An image that never meets the criterion gets ``max_tokens`` (``fallback="max"``) or the count
+    with the best score (``fallback="best"``: the official procedure's rule, applied per image; it
+    costs nothing extra, since such an image runs every iteration either way).
+
+    ``static_shapes=True`` keeps finished images in the batch behind a mask (shapes depend on the
+    iteration alone: for CUDA graphs and torch.compile); it is the default when ``step_fn`` is
+    given (e.g. ``compile_step(model)``). The result is the same either way."""
+    crit = parse_criterion(criterion)
+    check_fallback(crit, fallback)
+    first, last = iteration_range(model, min_tokens, max_tokens)
+    message = image_shape_error(images, model.config)
+    if message is not None:
+        raise ValueError(message)
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    static = (step_fn is not None) if static_shapes is None else bool(static_shapes)
+    step = images.shape[0] if not batch_size else int(batch_size)
+    chunks = [
+        _encode_chunk(model, images[lo : lo + step], crit, first, last, halting, generator, fallback, lo, static, step_fn)
+        for lo in range(0, images.shape[0], step)
+    ]
+    # one device-to-host read for the whole batch: lengths, codes and the two sanity flags
+    lengths = torch.cat([c.lengths for c in chunks])
+    codes = torch.cat([c.codes for c in chunks])
+    in_range = torch.stack([c.in_range for c in chunks]).all()
+    finite = torch.stack([c.finite for c in chunks]).all()
+    packed = torch.cat([torch.stack([in_range, finite]).long(), lengths, codes.flatten()]).tolist()
+    if not (packed[0] and packed[1]):
+        _raise_bad_inputs(images, in_range)
+    B = lengths.shape[0]
+    host_lengths = packed[2 : 2 + B]
+    flat = packed[2 + B :]
+    width = codes.shape[1]
+    rows = [flat[i * width : (i + 1) * width] for i in range(B)]
+    extra = {"criterion": criterion_name(crit)}
+    if fallback != "max":
+        extra["fallback"] = fallback
+    return TokenBatch.from_host_rows(
+        rows, host_lengths, model.config.codebook_size, config_json=model.config.to_json(), extra=extra
+    )
+
+
+# ---------------------------------------------------------------------- decode
+@dataclass
+class TokenStats:
+    """What decoding needs to know of a token batch, read from it once."""
+
+    lengths: list[int]
+    code_min: int
+    code_max: int
+
+
+def check_token_batch(model: ALITCore, tokens: TokenBatch) -> TokenStats:
+    """Raise a ValueError when ``tokens`` cannot have come from a model shaped like ``model``;
+    returns the lengths and code range it read (one read of the batch)."""
+    cfg = model.config
+    if tokens.codebook_size != cfg.codebook_size:
+        raise ValueError(f"the tokens use a {tokens.codebook_size}-code codebook, the model {cfg.codebook_size}")
+    codes = tokens.padded(0)
+    extremes = torch.stack([codes.min(), codes.max()]) if codes.numel() else torch.zeros(2, dtype=torch.int64)
+    values = torch.cat([extremes, tokens.lengths.to(torch.int64)]).tolist()
+    stats = TokenStats(lengths=values[2:], code_min=values[0], code_max=values[1])
+    if stats.lengths and max(stats.lengths) > cfg.max_tokens:
+        raise ValueError(f"an image has {max(stats.lengths)} tokens; the model decodes at most {cfg.max_tokens}")
+    if stats.lengths and min(stats.lengths) < 1:
+        raise ValueError("an image has no tokens")
+    if stats.lengths and (stats.code_min < 0 or stats.code_max >= cfg.codebook_size):
+        raise ValueError(f"code ids must lie in [0, {cfg.codebook_size}), got [{stats.code_min}, {stats.code_max}]")
+    return stats
+
+
+def _decode_logits_checked(model: ALITCore, tokens: TokenBatch, lengths: list[int]) -> torch.Tensor:
+    device = model.latent_tokens.device
+    width = max(lengths)
+    codes = tokens.padded(0)[:, :width].to(device)
+    z_q = model.quantize.codes(codes)
+    # equal lengths need no key mask, and then take the same path as a rollout's decoder
+    mixed = min(lengths) != width
+    return model.decode_logits(z_q, tokens.lengths.to(device) if mixed else None)
+
+
+@torch.no_grad()
+def decode_logits(model: ALITCore, tokens: TokenBatch) -> torch.Tensor:
+    """Decoder logits [B, g*g, K] for a batch of any mix of lengths, in one decoder pass."""
+    stats = check_token_batch(model, tokens)
+    return _decode_logits_checked(model, tokens, stats.lengths)
+
+
+@torch.no_grad()
+def decode(model: ALITCore, tokens: TokenBatch, batch_size: int | None = None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] from a TokenBatch; ``batch_size`` bounds how many at once."""
+    stats = check_token_batch(model, tokens)
+    if len(tokens) == 0:
+        size = model.config.image_size
+        return torch.zeros(0, 3, size, size, device=model.latent_tokens.device)
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    step = len(tokens) if not batch_size else int(batch_size)
+    parts = []
+    for lo in range(0, len(tokens), step):
+        part = TokenBatch(tokens.codes[lo : lo + step], tokens.lengths[lo : lo + step], tokens.codebook_size)
+        logits = _decode_logits_checked(model, part, stats.lengths[lo : lo + step])
+        parts.append(pixels_from_logits(model, logits))
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------- the official procedure
+@dataclass
+class OfficialEncoding:
+    iteration: int  # the chosen iteration (0-based), one for the whole batch
+    num_tokens: int
+    latents: torch.Tensor  # [B, n, W] encoder outputs before ln_post (what the official encode returns)
+    indices: torch.Tensor  # [B, n]
+    reconstructions: torch.Tensor  # [B, 3, H, W], not clamped
+    errors: list[float]  # the batch's mean L1 at every iteration
+
+
+@torch.no_grad()
+def official_encode(
+    model: ALITCore,
+    images: torch.Tensor,
+    threshold: float = 0.07,
+    halting: str = "stochastic",
+    generator: torch.Generator | None = None,
+) -> OfficialEncoding:
+    """The authors' ``encode(imgs, return_min_length_embedding=True, threshold)``, re-created for
+    comparison: every iteration and every pixel decode runs, then one length is chosen for the
+    whole batch: the first iteration whose batch-mean L1 is below ``threshold``, else the one with
+    the lowest error. Like the official evaluation it halts stochastically by default, and does not
+    clamp the reconstructions. (A baseline, so it keeps the official host reads too.)"""
+    records = model.rollout(images, halting=halting, generator=generator)
+    reconstructions, errors = [], []
+    for rec in records:
+        pixels = model.base_tokenizer.decode_latents(model.soft_code(rec.logits))
+        reconstructions.append(pixels)
+        errors.append(float(l1_per_image(images, pixels).mean()))
+    below = [t for t, e in enumerate(errors) if e < threshold]
+    chosen = below[0] if below else min(range(len(errors)), key=errors.__getitem__)
+    rec = records[chosen]
+    return OfficialEncoding(
+        iteration=chosen,
+        num_tokens=int(rec.indices.shape[1]),
+        latents=rec.latents,
+        indices=rec.indices,
+        reconstructions=reconstructions[chosen],
+        errors=errors,
+    )

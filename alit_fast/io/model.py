@@ -1,0 +1,51 @@
+"""``ALIT``, the model users hold: the nn core (alit_fast.models) with adaptive encoding and
+decoding (alit_fast.inference) and saving (alit_fast.io.weights) as methods.
+
+It sits in the io layer because it is the one class that needs all three; each method is a
+one-line call into the layer that owns the behaviour."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from ..inference import Criterion, RolloutState, StepView, TokenBatch, compile_step, decode, encode, start
+from ..models import ALITCore
+from .weights import save_model
+
+
+class ALIT(ALITCore):
+    """ALIT with its inference API. ``ALIT(config, backend)`` builds one with random weights;
+    ``alit_fast.load``, ``load_official`` and ``load_pretrained`` read one from a file."""
+
+    def start(
+        self, images: torch.Tensor, halting: str = "off", generator: torch.Generator | None = None, **kwargs
+    ) -> RolloutState:
+        """A resumable rollout: ``state.step()`` runs one more iteration for the images still active."""
+        return start(self, images, halting=halting, generator=generator, **kwargs)
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        criterion: "str | Criterion | Callable[[StepView], object]" = "code-acc:0.9",
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+        batch_size: int | None = None,
+        **kwargs,
+    ) -> TokenBatch:
+        """Per-image adaptive-length code ids (a TokenBatch); see alit_fast.inference.encode."""
+        return encode(self, images, criterion, min_tokens=min_tokens, max_tokens=max_tokens, batch_size=batch_size, **kwargs)
+
+    def decode(self, tokens: TokenBatch, batch_size: int | None = None) -> torch.Tensor:
+        """Images in [0, 1] from a TokenBatch whose images may have different lengths."""
+        return decode(self, tokens, batch_size=batch_size)
+
+    def compile_step(self, **compile_kwargs) -> Callable:
+        """The iteration step under ``torch.compile(fullgraph=True)``; pass it to ``encode`` /
+        ``start`` as ``step_fn`` (encode then keeps static shapes)."""
+        return compile_step(self, **compile_kwargs)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save weights (official key layout) and config to a safetensors file."""
+        save_model(self, path)

@@ -1,0 +1,650 @@
+"""Stage-1 training (latent distillation, VQGAN frozen): ``python -m alit_fast.train`` / ``alit-fast train``.
+
+Single process or ``torchrun --nproc_per_node=N -m alit_fast.train ...`` (DDP; gloo on CPUs, nccl
+on GPUs; rank 0 logs and writes checkpoints). Defaults follow the official recipe: AdamW
+(betas 0.9/0.95), blr 1.5e-4 with lr = blr * total batch / 256, weight decay 0.05, cosine schedule
+after a linear warm-up of a tenth of the run, grad clip 3.0, an EMA of the weights, fp16 autocast on
+GPUs (off on CPUs).
+
+Resuming is exact: the data order is a function of (seed, epoch), every item of (seed, epoch,
+index), and the checkpoint holds every RNG state, so on a CPU a resumed run logs the same losses
+as an uninterrupted one. Checkpoints are written to a temporary file then renamed, so a kill
+never leaves a corrupt one.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..config import PRESETS, ALITConfig
+from ..io import ALIT, METADATA_CONFIG_KEY, load_state_strict, read_state_dict
+from ..models import HALTING_MODES, BaseOutput
+from ..models.alit import images_in_range
+from .base_cache import BaseCacheDataset
+from .code_restart import DeadCodeRestarter
+from .data import build_dataset
+from .utils import atomic_torch_save, resolve_config, rng_state, seed_everything, set_rng_state, weights_digest
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+EXIT_NONFINITE = 3
+WHOLE_MODEL = "the whole model"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="alit-fast train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None,
+                   help=f"preset ({', '.join(PRESETS)}) or a JSON file of ALITConfig fields; default: the config "
+                        "stored in --init if it has one, else 'demo'")
+    p.add_argument("--backend", default="torch", choices=("torch", "triton"))
+    p.add_argument("--data", default="synthetic",
+                   help="an image folder (recursive), 'synthetic' (complexity levels 0..4), 'photos' "
+                        "(scikit-image crops) or 'demo' (both)")
+    p.add_argument("--data-length", type=int, default=None, help="items in a synthetic/photos/demo dataset")
+    p.add_argument("--base-cache", default=None,
+                   help="a directory written by `alit-fast cache-base`: read the VQGAN outputs from it instead "
+                        "of running the VQGAN every step (its images are center crops: no augmentation)")
+    p.add_argument("--init", default=None,
+                   help="an official or alit_fast checkpoint: the whole model, or only the VQGAN when it holds "
+                        "nothing but base_tokenizer.* keys")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * total batch / 256")
+    p.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule ends here")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="warm-up length, in epochs (or in steps with --steps); default a tenth of the run")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    p.add_argument("--grad-clip", type=float, default=3.0, help="max grad norm (0: off)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step (0: no EMA)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "off"), help="autocast; default fp16 on GPU, off on CPU")
+    p.add_argument("--sample-grad-iters", type=int, default=None,
+                   help="take the loss at this many random iterations per step (default: all)")
+    p.add_argument("--halting", default="stochastic", choices=HALTING_MODES)
+    p.add_argument("--linear-init-std", type=float, default=None,
+                   help="re-initialise the trainable Linear weights with this std instead of the official 0.02 "
+                        "(not when --init holds a whole model). Small inits put a short run on a long plateau "
+                        "where the decoder ignores the latents; 0.1 leaves it within tens of steps")
+    p.add_argument("--restart-dead-codes", type=int, default=0, metavar="WINDOW",
+                   help="move latent codes unused for WINDOW steps onto fresh encoder outputs (0: off, as "
+                        "official); keeps the latent codebook alive in short runs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward pass: far less memory, ~30%% more compute")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--out", default="runs/alit")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from OUT/checkpoint.pt (or the checkpoint given)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=1,
+                   help="steps between log lines; the step that logs is the only one that waits for the device "
+                        "(a NaN/inf loss is caught there, and before every checkpoint)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step with a checkpoint, as if interrupted (split a run into jobs)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop with a checkpoint once this many seconds have passed (resume later)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the JSONL log is still written)")
+    p.add_argument("--weights-digest", action="store_true",
+                   help="every rank prints a digest of its final weights (to check that DDP ranks agree)")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.sample_grad_iters is not None and args.sample_grad_iters < 1:
+        p.error("--sample-grad-iters must be >= 1")
+    if args.log_every < 1:
+        p.error("--log-every must be >= 1")
+    if args.save_every < 1:
+        p.error("--save-every must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------- distributed
+class Dist:
+    """Who this process is. Started by torchrun (RANK/WORLD_SIZE in the environment) or alone."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (a collective, and a host read: for rare checks)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([0.0 if flag else 1.0], device=self.device)
+        dist.all_reduce(t)
+        return t.item() == 0.0
+
+    def sum_(self, values: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) on the device, in place; no host read."""
+        if self.enabled:
+            dist.all_reduce(values)
+        return values
+
+    def gather(self, obj):
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- model set-up
+def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], ALITConfig | None]:
+    """The state dict of an official or alit_fast checkpoint, and the config stored with it if any."""
+    from safetensors import safe_open
+
+    cfg = None
+    if path.endswith(".safetensors") and os.path.exists(path):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if METADATA_CONFIG_KEY in meta:
+            cfg = ALITConfig.from_json(meta[METADATA_CONFIG_KEY])
+    return read_state_dict(path, "cpu"), cfg
+
+
+def load_initial(model: ALIT, state: dict[str, torch.Tensor]) -> str:
+    """Load ``state`` into ``model``: all of it, or only the VQGAN. Returns what was loaded."""
+    prefix = "base_tokenizer."
+    if state and all(k.startswith(prefix) for k in state):
+        load_state_strict(model.base_tokenizer, {k[len(prefix):]: v for k, v in state.items()})
+        return "the VQGAN (base_tokenizer.*)"
+    load_state_strict(model, state)
+    return WHOLE_MODEL
+
+
+def reinit_linear(model: ALIT, std: float) -> None:
+    """Every trainable nn.Linear weight ~ truncated normal(0, std); seeded, so runs stay reproducible."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
+            torch.nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1 over ``warmup`` steps, then a half cosine down to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+@torch.no_grad()
+def update_ema(ema: ALIT, model: ALIT, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------- data
+def build_training_data(args: argparse.Namespace, cfg: ALITConfig, model: ALIT) -> Dataset:
+    if args.base_cache:
+        ds = BaseCacheDataset(args.base_cache)
+        ds.check_model(model)
+        return ds
+    return build_dataset(args.data, cfg.image_size, seed=args.seed, augment=True, length=args.data_length)
+
+
+class EpochBatches:
+    """The batches of one epoch for one rank: a function of (seed, epoch) only, skippable."""
+
+    def __init__(self, dataset: Dataset, d: Dist, args: argparse.Namespace) -> None:
+        self.dataset = dataset
+        self.sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed, drop_last=True)
+        self.batch_size = args.batch_size
+        self.workers = args.workers
+        self.steps_per_epoch = len(self.sampler) // self.batch_size
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"the dataset has {len(dataset)} items: fewer than one batch of {self.batch_size} per process "
+                             f"({d.world} processes)")
+
+    def epoch(self, epoch: int, skip_batches: int = 0):
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        indices = list(self.sampler)[skip_batches * self.batch_size : self.steps_per_epoch * self.batch_size]
+        # an explicit generator: creating the loader must not draw from the global RNG
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, num_workers=self.workers,
+                          drop_last=True, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------- logging
+class JsonlLog:
+    """One JSON object per step. On resume, lines past the checkpoint's step are dropped, so the
+    log matches an uninterrupted run's."""
+
+    def __init__(self, path: Path, keep_until_step: int | None) -> None:
+        if keep_until_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif keep_until_step is None and path.exists():
+            path.unlink()
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _fmt_iters(values: dict[int, float]) -> str:
+    return " ".join(f"{v:.2f}" for _, v in sorted(values.items()))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, *, model: ALIT, ema: ALIT | None, opt, sched, scaler, step: int, epoch: int,
+                    rng: list, gen_states: list, args: argparse.Namespace, code_restart: dict | None = None) -> None:
+    atomic_torch_save(
+        {
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng,  # one entry per rank
+            # one entry per rank: {"sample": the host stream (which iterations take the loss),
+            # "halting": the device stream (stochastic halting draws)}
+            "generator": gen_states,
+            "code_restart": code_restart,
+            "step": step,
+            "epoch": epoch,
+            "config": model.config.to_json(),
+            "args": vars(args),
+        },
+        path,
+    )
+
+
+# ---------------------------------------------------------------------------- a run
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    args: argparse.Namespace
+    d: Dist
+    cfg: ALITConfig
+    model: ALIT
+    ema: ALIT | None
+    runner: torch.nn.Module  # the model as stepped: compiled and/or DDP-wrapped
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    sample_gen: torch.Generator  # host stream: which iterations take the loss
+    halting_gen: torch.Generator  # device stream: stochastic halting draws
+    restarter: DeadCodeRestarter | None
+    batches: EpochBatches
+    total_steps: int
+    total_batch: int
+    out: Path
+    step: int = 0
+    last_good: int | None = None  # the step of the last checkpoint known to be finite
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+
+def build(args: argparse.Namespace, d: Dist) -> Run:
+    """Model, EMA, data, optimizer, schedule and random streams of a fresh run (before resuming)."""
+    device = d.device
+    amp = args.amp or ("fp16" if device.type == "cuda" else "off")
+    seed_everything(args.seed + d.rank)
+    init_state, init_cfg = initial_weights(args.init) if args.init else (None, None)
+    cfg = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
+    model = ALIT(cfg)
+    whole_model = False
+    if init_state is not None:
+        what = load_initial(model, init_state)
+        whole_model = what == WHOLE_MODEL
+        if d.main:
+            print(f"initialised {what} from {args.init}", flush=True)
+    if args.linear_init_std is not None and not whole_model:
+        reinit_linear(model, args.linear_init_std)
+    model.set_backend(args.backend)
+    model.set_activation_checkpointing(args.activation_checkpointing)
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
+
+    batches = EpochBatches(build_training_data(args, cfg, model), d, args)
+    total_batch = args.batch_size * d.world
+    total_steps = args.steps if args.steps is not None else args.epochs * batches.steps_per_epoch
+    unit = 1 if args.steps is not None else batches.steps_per_epoch
+    warmup = int(round((args.warmup if args.warmup is not None else total_steps / unit / 10) * unit))
+    lr = args.lr if args.lr is not None else args.blr * total_batch / 256
+
+    params = model.trainable_parameters()  # the VQGAN is frozen and stays out of the optimizer
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases and norms, as in MAE
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=tuple(args.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps, args.min_lr / lr if lr > 0 else 0.0))
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    # two streams, both in the checkpoint: iteration sampling runs on the host (the same draws on
+    # every device), halting draws where the model runs
+    stream_seed = args.seed * 1009 + d.rank
+    sample_gen = torch.Generator().manual_seed(stream_seed)
+    halting_gen = torch.Generator(device=device).manual_seed(stream_seed + 1)
+    restarter = DeadCodeRestarter(model.quantize, args.restart_dead_codes, args.seed) if args.restart_dead_codes > 0 else None
+
+    runner: torch.nn.Module = torch.compile(model) if args.compile else model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # some parameters get no gradient in a step: with halting off the mask token is never used,
+        # and with sampled iterations the later ones may not reach the loss
+        unused = args.halting == "off" or (args.sample_grad_iters is not None and args.sample_grad_iters < cfg.iterations)
+        runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    return Run(args=args, d=d, cfg=cfg, model=model, ema=ema, runner=runner, params=params, opt=opt, sched=sched,
+               scaler=scaler, amp_dtype=amp_dtype, sample_gen=sample_gen, halting_gen=halting_gen, restarter=restarter,
+               batches=batches, total_steps=total_steps, total_batch=total_batch, out=Path(args.out))
+
+
+def resume(run: Run, spec: str) -> None:
+    """Load a checkpoint into ``run``: weights, EMA, optimizer, schedule, scaler, every random stream."""
+    d = run.d
+    path = run.ckpt_path if spec == "auto" else Path(spec)
+    if not path.exists():
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["config"] != run.cfg.to_json():
+        raise SystemExit(f"--resume: {path} was written for a different config")
+    run.model.load_state_dict(ckpt["model"])
+    if run.ema is not None and ckpt["ema"] is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.sched.load_state_dict(ckpt["scheduler"])
+    if run.scaler is not None and ckpt["scaler"] is not None:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) != d.world:
+        raise SystemExit(f"--resume: {path} was written by {len(ckpt['rng'])} processes, this run has {d.world}")
+    set_rng_state(ckpt["rng"][d.rank])
+    streams = ckpt["generator"][d.rank]
+    if isinstance(streams, dict):
+        run.sample_gen.set_state(streams["sample"])
+        run.halting_gen.set_state(streams["halting"])
+    elif streams is not None:  # written before the streams were split: one CPU generator drove both
+        run.sample_gen.set_state(streams)
+        if run.halting_gen.device.type == "cpu":
+            run.halting_gen.set_state(streams)
+    if run.restarter is not None and ckpt.get("code_restart") is not None:
+        run.restarter.load_state_dict(ckpt["code_restart"])
+    run.step = run.last_good = ckpt["step"]
+    if d.main:
+        print(f"resumed from {path} at step {run.step}", flush=True)
+
+
+def save(run: Run) -> None:
+    """A checkpoint of the run at its current step, on rank 0; every rank takes part."""
+    d = run.d
+    rng = d.gather(rng_state())
+    gens = d.gather({"sample": run.sample_gen.get_state(), "halting": run.halting_gen.get_state().cpu()})
+    if d.main:
+        save_checkpoint(run.ckpt_path, model=run.model, ema=run.ema, opt=run.opt, sched=run.sched, scaler=run.scaler,
+                        step=run.step, epoch=run.step // run.batches.steps_per_epoch, rng=rng, gen_states=gens,
+                        args=run.args, code_restart=run.restarter.state_dict() if run.restarter is not None else None)
+    d.barrier()
+    run.last_good = run.step
+
+
+def write_final(run: Run) -> None:
+    if run.d.main:
+        run.model.save(str(run.out / "model.safetensors"))
+        if run.ema is not None:
+            run.ema.save(str(run.out / "ema.safetensors"))
+
+
+# ---------------------------------------------------------------------------- one step
+@dataclass
+class StepResult:
+    """A step's figures, left on the device until a log line needs them."""
+
+    loss: torch.Tensor
+    per_iteration: dict[int, torch.Tensor]
+    nll: dict[int, torch.Tensor]
+    grad_norm: torch.Tensor
+    codes_moved: int
+    images_ok: torch.Tensor  # 0-d bool: the batch's values were in [0, 1]
+
+
+def train_step(run: Run, batch: dict) -> StepResult:
+    """Forward, backward, clip, optimizer, schedule, code restarts and EMA: no host read of the
+    device (with --amp fp16, torch's GradScaler reads its inf flag once)."""
+    device = run.d.device
+    args = run.args
+    images = batch["image"].to(device, non_blocking=True)
+    base = None
+    if "z" in batch:
+        base = BaseOutput(z=batch["z"].to(device).float(), gt_indices=batch["gt_indices"].to(device).long())
+    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        result = run.runner(images, base=base, halting=args.halting, sample_grad_iters=args.sample_grad_iters,
+                            generator=run.sample_gen, halting_generator=run.halting_gen, check_images=False)
+    run.opt.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(result.loss).backward()
+        run.scaler.unscale_(run.opt)
+    else:
+        result.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    if run.scaler is not None:
+        run.scaler.step(run.opt)
+        run.scaler.update()
+    else:
+        run.opt.step()
+    run.sched.step()
+    run.step += 1
+    moved = run.restarter.after_step(run.step, run.opt) if run.restarter is not None else None
+    if run.ema is not None:
+        if moved is not None and len(moved):  # an average of an old and a moved code is neither
+            with torch.no_grad():
+                run.ema.quantize.embedding.weight[moved] = run.model.quantize.embedding.weight[moved]
+        update_ema(run.ema, run.model, args.ema)
+    return StepResult(loss=result.loss.detach(), per_iteration=result.per_iteration, nll=result.nll,
+                      grad_norm=grad_norm.detach(), codes_moved=0 if moved is None else len(moved),
+                      images_ok=images_in_range(images))
+
+
+class Health:
+    """Whether every step since the last read had images in [0, 1] and a finite loss and gradient,
+    kept on the device and read only when a log line or a checkpoint needs it (in that read)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.images_bad = torch.zeros((), dtype=torch.bool, device=device)
+
+    def update(self, step: int, result: StepResult) -> None:
+        bad = ~(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm) & result.images_ok)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        self.images_bad = self.images_bad | ~result.images_ok
+
+
+def read_step(run: Run, result: StepResult, health: Health) -> dict:
+    """The one host read of a logging step: the rank-mean loss, whether any rank saw a non-finite
+    step (and the first one), and this rank's per-iteration figures."""
+    d = run.d
+    loss = result.loss.float().reshape(1)
+    # summed over ranks: the mean loss, and a count of ranks that went bad (all ranks see it,
+    # so all stop together)
+    flags = torch.stack([(health.first_bad >= 0).float(), health.images_bad.float()])
+    shared = d.sum_(torch.cat([loss, flags]))
+    first_bad = health.first_bad.float().reshape(1)
+    iters = sorted(result.per_iteration)
+    local = [result.grad_norm.float().reshape(1), first_bad]
+    local += [result.per_iteration[t].float().reshape(1) for t in iters] + [result.nll[t].float().reshape(1) for t in iters]
+    values = torch.cat([shared, *local]).tolist()
+    n = len(iters)
+    return {
+        "loss": values[0] / d.world,
+        "bad": values[1] > 0,
+        "images_bad": values[2] > 0,
+        "grad_norm": values[3],
+        "first_bad": int(values[4]),
+        "per_iteration": dict(zip(iters, values[5 : 5 + n])),
+        "nll": dict(zip(iters, values[5 + n : 5 + 2 * n])),
+    }
+
+
+def _nonfinite_message(run: Run, host: dict) -> str:
+    at = host["first_bad"] if host["first_bad"] > 0 else run.step
+    where = (f"the last good checkpoint is {run.ckpt_path} (step {run.last_good})." if run.last_good is not None
+             else "no checkpoint had been written yet.")
+    if host["images_bad"]:
+        return (f"a batch had image values outside [0, 1] (first bad step {at}, read at step {run.step}). Stopping; "
+                f"{where} Check the data (a --base-cache written from other images?).")
+    return (f"non-finite loss or gradient at step {at} (read at step {run.step}); loss {host['loss']:.4g}, "
+            f"per-iteration losses {host['per_iteration']}. Stopping; {where} Try a lower --lr/--blr, --grad-clip, "
+            "or --amp off.")
+
+
+# ---------------------------------------------------------------------------- logging
+class Progress:
+    """The JSONL log and the progress bar (rank 0)."""
+
+    def __init__(self, run: Run, resumed: bool) -> None:
+        self.run = run
+        self.log = JsonlLog(run.out / LOG, run.step if resumed else None) if run.d.main else None
+        self.bar = None
+        if run.d.main and not run.args.no_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.start = time.time()
+        self._since = (time.time(), run.step)
+
+    def write(self, epoch: int, host: dict, result: StepResult) -> None:
+        run = self.run
+        now = time.time()
+        t0, s0 = self._since
+        rate = run.total_batch * (run.step - s0) / max(now - t0, 1e-9)
+        self._since = (now, run.step)
+        if self.log is None:
+            return
+        self.log.write({"step": run.step, "epoch": epoch, "loss": host["loss"],
+                        "per_iteration": {str(k): v for k, v in host["per_iteration"].items()},
+                        "nll": {str(k): v for k, v in host["nll"].items()},
+                        "lr": run.opt.param_groups[0]["lr"], "grad_norm": host["grad_norm"],
+                        "images_per_s": rate, "time": round(now - self.start, 3),
+                        **({"codes_moved": result.codes_moved} if run.restarter is not None else {})})
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {host['loss']:.3f} | iters {_fmt_iters(host['per_iteration'])} | "
+                                     f"{rate:.1f} img/s")
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(args: argparse.Namespace) -> int:
+    d = Dist()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if d.main:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    run = build(args, d)
+    if args.resume:
+        resume(run, args.resume)
+    progress = Progress(run, resumed=bool(args.resume))
+    health = Health(d.device)
+    stop_at = min(run.total_steps, args.stop_at) if args.stop_at is not None else run.total_steps
+    status = 0
+    timed_out = False
+    run.model.train()
+    try:
+        while run.step < stop_at and not timed_out:
+            epoch, skip = divmod(run.step, run.batches.steps_per_epoch)
+            for batch in run.batches.epoch(epoch, skip):
+                result = train_step(run, batch)
+                health.update(run.step, result)
+                progress.tick()
+                at_end = run.step >= stop_at
+                saving = run.step % args.save_every == 0 or at_end
+                # host-only on one process; on several, every rank must agree (a collective), so
+                # it is asked only where the step reads the device anyway
+                reading = saving or at_end or run.step % args.log_every == 0
+                if args.time_limit is not None and (reading or not d.enabled):
+                    timed_out = not d.all_true(time.time() - progress.start <= args.time_limit)
+                    saving = saving or timed_out
+                if reading or timed_out:
+                    host = read_step(run, result, health)
+                    if host["bad"]:
+                        raise NonFiniteLoss(_nonfinite_message(run, host))
+                    progress.write(epoch, host, result)
+                if saving:
+                    save(run)
+                if at_end or timed_out:
+                    break
+        if timed_out and run.step < run.total_steps and d.main:
+            print(f"time limit reached at step {run.step}; continue with --resume", flush=True)
+        if run.step >= run.total_steps:
+            write_final(run)
+    except NonFiniteLoss as exc:
+        if d.main:
+            print(f"\nalit-fast train: {exc}", file=sys.stderr, flush=True)
+        status = EXIT_NONFINITE
+    finally:
+        progress.close()
+    if args.weights_digest:
+        print(f"rank {d.rank} weights sha256 {weights_digest(run.model)}", flush=True)
+    d.close()
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Stage 0: train the small VQGAN base tokenizer that a demo ALIT is distilled from.
+
+``python -m alit_fast.train_vqgan --config demo --data demo --steps 3000 --out runs/vqgan``
+
+An autoencoder with a vector-quantized bottleneck: L1 reconstruction (+ an optional image-gradient
+L1, a cheap stand-in for a perceptual loss that keeps edges sharp) + codebook and commitment
+losses with the straight-through estimator. No GAN and no LPIPS: they need pretrained networks
+or far more compute than a demo has. Codes stay in use by initialising the codebook from encoder
+outputs and re-initialising codes that went unused for a while from the current batch.
+The result is written with only ``base_tokenizer.*`` keys, which ``alit_fast.train --init`` loads
+into a fresh ALIT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from ..config import ALITConfig
+from ..io import METADATA_CONFIG_KEY
+from ..models import BaseTokenizer
+from .data import SyntheticImages, build_dataset
+from .utils import atomic_torch_save, resolve_config, seed_everything
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m alit_fast.train_vqgan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="demo", help="preset name or JSON file of ALITConfig fields (its vqgan part is used)")
+    p.add_argument("--data", default="demo", help="demo | synthetic | photos | an image folder")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--crop", type=int, default=32, help="train on random crops of this side (0: whole images); "
+                   "the VQGAN is convolutional, so small crops give more steps per second")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--beta", type=float, default=0.25, help="commitment cost")
+    p.add_argument("--grad-loss", type=float, default=0.5, help="weight of the image-gradient L1 (0: off)")
+    p.add_argument("--active-codes", type=int, default=0,
+                   help="use only this many codes (0: all); the other rows become copies of the used ones, which "
+                        "the lowest-index tie rule never picks. Fewer codes make a coarser but more learnable "
+                        "target for a short ALIT run")
+    p.add_argument("--restart-every", type=int, default=50, help="re-init codes unused for this many steps (0: never)")
+    p.add_argument("--time-limit", type=float, default=0.0, help="stop (and save) after this many seconds (0: none)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/vqgan")
+    p.add_argument("--log-every", type=int, default=25)
+    return p.parse_args(argv)
+
+
+def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(x), dx(y)) + F.l1_loss(dy(x), dy(y))
+
+
+def random_crops(images: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tensor:
+    if side <= 0 or side >= images.shape[-1]:
+        return images
+    B, _, H, W = images.shape
+    top = torch.randint(0, H - side + 1, (B,), generator=generator).tolist()
+    left = torch.randint(0, W - side + 1, (B,), generator=generator).tolist()
+    return torch.stack([img[:, t : t + side, l : l + side] for img, t, l in zip(images, top, left)])
+
+
+def fill_inactive(tok: BaseTokenizer, active: int) -> None:
+    """Rows past ``active`` become copies of the active rows: never the nearest code (ties go to the
+    lowest index), and harmless in a soft code."""
+    with torch.no_grad():
+        book = tok.codebook
+        K = book.shape[0]
+        if active < K:
+            book[active:] = book[:active].repeat((K + active - 1) // active, 1)[: K - active]
+
+
+def vq_step(tok: BaseTokenizer, images: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (reconstruction, vq loss, code indices [B*h*w], flat encoder outputs [B*h*w, C])."""
+    z = tok.vqgan.encoder(images)
+    indices = tok.vqgan.quantize.lookup(z.detach())  # [B, h*w]
+    B, C, h, w = z.shape
+    z_q = tok.codebook[indices].view(B, h, w, C).permute(0, 3, 1, 2)
+    vq_loss = F.mse_loss(z_q, z.detach()) + beta * F.mse_loss(z, z_q.detach())
+    recon = tok.vqgan.decoder(z + (z_q - z).detach())
+    return recon, vq_loss, indices.flatten(), z.detach().permute(0, 2, 3, 1).reshape(-1, C)
+
+
+@torch.no_grad()
+def evaluate(tok: BaseTokenizer, images: torch.Tensor) -> dict[str, float]:
+    tok.eval()
+    z, indices = tok.encode(images)
+    recon = tok.decode_indices(indices).clamp(0, 1)
+    tok.train()
+    counts = torch.bincount(indices.flatten(), minlength=tok.cfg.codebook_size).float()
+    p = counts / counts.sum()
+    perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    return {"l1": float((recon - images).abs().mean()), "codes_used": int((counts > 0).sum()), "perplexity": perplexity}
+
+
+def save_base_tokenizer(tok: BaseTokenizer, cfg: ALITConfig, path: Path) -> None:
+    """Weights under ``base_tokenizer.*`` with the ALIT config in the metadata."""
+    tensors = {f"base_tokenizer.{k}": v.detach().contiguous().cpu() for k, v in tok.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_CONFIG_KEY: cfg.to_json(), "format": "pt"})
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = resolve_config(args.config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    tok = BaseTokenizer(cfg.vqgan)
+    tok.train()
+    dataset = build_dataset(args.data, cfg.image_size, seed=args.seed)
+    held_out = torch.stack([build_dataset(args.data, cfg.image_size, seed=args.seed + 1)[i]["image"] for i in range(64)])
+    flat_probe = torch.stack([SyntheticImages(cfg.image_size, 10, seed=args.seed + 2)[i]["image"] for i in range(10)])
+    opt = torch.optim.Adam(tok.parameters(), lr=args.lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / args.steps * 3.14159265)).item()))
+    )
+    K = args.active_codes or cfg.vqgan.codebook_size
+    last_used = torch.zeros(K, dtype=torch.long)
+    log = open(out / "log.jsonl", "a", encoding="utf-8")
+    start = time.time()
+    step, epoch, initialised = 0, 0, False
+    while step < args.steps:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        for batch in loader:
+            images = random_crops(batch["image"], args.crop, gen)
+            if not initialised:
+                # start every code on a real encoder output, so none begins dead
+                with torch.no_grad():
+                    z = tok.vqgan.encoder(images).permute(0, 2, 3, 1).reshape(-1, cfg.vqgan.z_channels)
+                    pick = torch.randint(0, z.shape[0], (K,), generator=gen)
+                    tok.codebook.data[:K] = z[pick] + 0.01 * z.std() * torch.randn(K, z.shape[1], generator=gen)
+                    fill_inactive(tok, K)
+                initialised = True
+            recon, vq_loss, indices, z_flat = vq_step(tok, images, args.beta)
+            l1 = F.l1_loss(recon, images)
+            loss = l1 + vq_loss
+            if args.grad_loss > 0:
+                loss = loss + args.grad_loss * gradient_l1(recon, images)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"train_vqgan: non-finite loss {float(loss)} at step {step}; stopping")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            last_used[indices.unique()] = step
+            restarted = 0
+            if args.restart_every and step % args.restart_every == 0:
+                dead = (step - last_used >= args.restart_every).nonzero().flatten()
+                if len(dead):
+                    with torch.no_grad():
+                        pick = torch.randint(0, z_flat.shape[0], (len(dead),), generator=gen)
+                        tok.codebook.data[dead] = z_flat[pick] + 0.01 * z_flat.std() * torch.randn(len(dead), z_flat.shape[1], generator=gen)
+                    last_used[dead] = step
+                    restarted = len(dead)
+            fill_inactive(tok, K)
+            if step % args.log_every == 0 or step == args.steps:
+                record = {"step": step, "time": round(time.time() - start, 1), "loss": float(loss), "l1": float(l1),
+                          "vq": float(vq_loss), "lr": sched.get_last_lr()[0], "batch_codes": int(indices.unique().numel()),
+                          "restarted": restarted}
+                if step % (args.log_every * 8) == 0 or step == args.steps:
+                    record.update({f"eval_{k}": v for k, v in evaluate(tok, held_out).items()})
+                    record["eval_flat_l1"] = evaluate(tok, flat_probe)["l1"]
+                    save_base_tokenizer(tok, cfg, out / "vqgan.safetensors")
+                    atomic_torch_save({"step": step, "optimizer": opt.state_dict()}, out / "optimizer.pt")
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(json.dumps(record), flush=True)
+            if step >= args.steps or (args.time_limit and time.time() - start > args.time_limit):
+                args.steps = step
+                break
+        epoch += 1
+    final = evaluate(tok, held_out)
+    save_base_tokenizer(tok, cfg, out / "vqgan.safetensors")
+    summary = {"steps": step, "seconds": round(time.time() - start, 1), **{f"eval_{k}": v for k, v in final.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary), flush=True)
+    log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
