@@ -168,6 +168,40 @@ def test_torchrun_two_processes_agree(tiny_json, tmp_path):
     assert alit_fast.load(tmp_path / "model.safetensors").config == tiny_config()
 
 
+def test_torchrun_stops_every_rank_together_when_one_rank_sees_nan(tiny_json, tmp_path):
+    # one cached latent is NaN, so only the rank that draws it goes bad; before the loss and the
+    # health flag were read together, that rank raised inside the VQ and the other hung
+    torch.manual_seed(0)
+    ALIT(tiny_config()).save(str(tmp_path / "init.safetensors"))
+    cache = tmp_path / "cache"
+    assert cache_main(["--data", "synthetic", "--data-length", "8", "--out", str(cache), "--init",
+                       str(tmp_path / "init.safetensors")]) == 0
+    z = np.load(cache / "z.npy", mmap_mode="r+")
+    z[5, 0, 0, 0] = np.nan
+    z.flush()
+    del z
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alit_fast.train",
+           "--config", tiny_json, "--data", "synthetic", "--data-length", "8", "--batch-size", "2", "--steps", "6",
+           "--halting", "off", "--base-cache", str(cache), "--init", str(tmp_path / "init.safetensors"),
+           "--save-every", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert "non-finite loss or gradient" in proc.stderr, proc.stderr[-3000:]
+    assert f"exitcode: {EXIT_NONFINITE}" in proc.stderr or "exit code 3" in proc.stderr or "exitcode" in proc.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())  # nothing saved after the bad step
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_checkpoint_keeps_both_random_streams(tiny_json, tmp_path):
+    assert _run(tiny_json, tmp_path, "--steps", "2", "--halting", "stochastic", "--sample-grad-iters", "1") == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    (streams,) = ckpt["generator"]  # one process: one entry
+    assert set(streams) == {"sample", "halting"}
+    assert not torch.equal(streams["sample"], streams["halting"])  # two streams, not one twice
+
+
 # ---------------------------------------------------------------------------- data
 def test_random_resized_crop_ranges():
     rng = np.random.default_rng(0)
