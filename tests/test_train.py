@@ -185,10 +185,11 @@ def test_torchrun_stops_every_rank_together_when_one_rank_sees_nan(tiny_json, tm
            "--config", tiny_json, "--data", "synthetic", "--data-length", "8", "--batch-size", "2", "--steps", "6",
            "--halting", "off", "--base-cache", str(cache), "--init", str(tmp_path / "init.safetensors"),
            "--save-every", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    # a hang of the healthy rank would run into the timeout
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode != 0
     assert "non-finite loss or gradient" in proc.stderr, proc.stderr[-3000:]
-    assert f"exitcode: {EXIT_NONFINITE}" in proc.stderr or "exit code 3" in proc.stderr or "exitcode" in proc.stderr
+    assert "ValueError" not in proc.stderr  # no stray error from inside the model
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())  # nothing saved after the bad step
     assert not (tmp_path / "run" / "model.safetensors").exists()
