@@ -322,3 +322,62 @@ def test_activation_checkpointing_trains_to_the_same_losses(tiny_json, tmp_path)
     assert _run(tiny_json, tmp_path / "ckpt", *common, "--activation-checkpointing") == 0
     plain, ckpt = [r["loss"] for r in _log(tmp_path / "plain")], [r["loss"] for r in _log(tmp_path / "ckpt")]
     assert ckpt == pytest.approx(plain, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- nothing a user has is lost
+def test_training_refuses_to_replace_an_earlier_run(tiny_json, tmp_path, capsys):
+    assert _run(tiny_json, tmp_path, "--steps", "1", "--halting", "off") == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert _run(tiny_json, tmp_path, "--steps", "1", "--halting", "off") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert _run(tiny_json, tmp_path, "--steps", "1", "--halting", "off", "--overwrite") == 0
+
+
+def test_a_killed_save_leaves_nothing_that_blocks_the_next_start(tiny_json, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    stale = tmp_path / ".checkpoint.pt.tmp12345"
+    stale.write_bytes(b"half a checkpoint")
+    assert _run(tiny_json, tmp_path, "--steps", "1", "--halting", "off") == 0
+    assert not stale.exists()
+
+
+def test_resume_survives_a_log_line_cut_off_by_a_kill(tiny_json, tmp_path):
+    assert _run(tiny_json, tmp_path, "--steps", "3", "--halting", "off", "--stop-at", "2") == 0
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # the kill came mid-write
+    assert _run(tiny_json, tmp_path, "--steps", "3", "--halting", "off", "--resume") == 0
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--save-every", "0"), ("--lr", "-1"),
+                                        ("--steps", "0"), ("--log-every", "0"), ("--lr", "nan")])
+def test_training_rejects_bad_numbers(tiny_json, tmp_path, flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _run(tiny_json, tmp_path, flag, value)
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_cache_base_never_deletes_what_it_did_not_write(tmp_path, capsys):
+    torch.manual_seed(0)
+    ALIT(tiny_config()).save(str(tmp_path / "init.safetensors"))
+    common = ["--data", "synthetic", "--data-length", "4", "--init", str(tmp_path / "init.safetensors")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cache_main(common + ["--out", str(mine)]) == 2
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert "not empty" in capsys.readouterr().err
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(folder / "a.png")
+    for out in (folder, folder / "cache"):
+        assert cache_main(["--data", str(folder), "--init", str(tmp_path / "init.safetensors"), "--out", str(out)]) == 2
+        assert "overlaps the --data folder" in capsys.readouterr().err
+    assert (folder / "a.png").exists()
+    cache = tmp_path / "cache"
+    assert cache_main(common + ["--out", str(cache)]) == 0
+    assert cache_main(common + ["--out", str(cache)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cache_main(common + ["--out", str(cache), "--overwrite"]) == 0

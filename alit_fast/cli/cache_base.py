@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from ..config import PRESETS, ALITConfig
 from ..io import ALIT
-from ..training.base_cache import source_dataset, write_cache
+from ..training.base_cache import check_cache_destination, source_dataset, write_cache
 from ..training.train import initial_weights, load_initial
 from ..training.utils import resolve_config
 
@@ -25,11 +26,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="storage type of z")
     p.add_argument("--seed", type=int, default=0, help="the seed of synthetic/photo data (use the training --seed)")
     p.add_argument("--workers", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", help="replace a base cache already in --out")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # before the model is built: nothing runs for a destination that would lose data
+        check_cache_destination(args.out, args.data, args.overwrite)
+    except ValueError as exc:
+        print(f"alit-fast cache-base: {exc}", file=sys.stderr)
+        return 2
     state, init_cfg = initial_weights(args.init) if args.init else (None, None)
     cfg: ALITConfig = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
     model = ALIT(cfg)

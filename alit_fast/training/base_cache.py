@@ -39,6 +39,41 @@ def source_dataset(meta: dict) -> Dataset:
 
 
 @torch.no_grad()
+def is_base_cache(path: Path) -> bool:
+    """Whether ``path`` is a directory that holds a finished cache written here (and nothing else
+    a user could lose: its index names the format)."""
+    index = path / INDEX
+    if not index.is_file():
+        return False
+    try:
+        meta = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return False
+    expected = {INDEX, "z.npy", "gt_indices.npy"}
+    return isinstance(meta, dict) and "vqgan_sha256" in meta and {p.name for p in path.iterdir()} <= expected
+
+
+def check_cache_destination(out: str | os.PathLike, data: str | None, overwrite: bool) -> Path:
+    """Refuse any ``out`` whose contents would be lost: a non-empty directory that is not a cache
+    written here (and a cache without ``overwrite``), a file, or a folder at, inside or around the
+    image folder ``data``. Returns the resolved path."""
+    out = Path(out).resolve()
+    if data is not None and Path(data).exists():
+        src = Path(data).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ValueError(f"--out {out} overlaps the --data folder {src}: the cache needs a directory of its own")
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a directory")
+        if any(out.iterdir()):
+            if not is_base_cache(out):
+                raise ValueError(f"--out {out} is not empty and is not a base cache; nothing was written "
+                                 "(give a new or empty directory)")
+            if not overwrite:
+                raise ValueError(f"--out {out} already holds a base cache; pass --overwrite to replace it")
+    return out
+
+
 def write_cache(model: ALITCore, dataset: Dataset, out: str | os.PathLike, meta: dict, batch_size: int = 64,
                 dtype: str = "float32", workers: int = 0) -> Path:
     """Run ``model.encode_base`` over ``dataset`` into ``out``; index.json is written last, so a
@@ -73,6 +108,9 @@ def write_cache(model: ALITCore, dataset: Dataset, out: str | os.PathLike, meta:
         meta["paths"] = [str(p.relative_to(dataset.root)) for p in dataset.paths]
     (tmp / INDEX).write_text(json.dumps(meta, indent=1))
     if out.exists():
+        # only ever an empty directory or a cache written here: check_cache_destination refuses the rest
+        if any(out.iterdir()) and not is_base_cache(out):
+            raise ValueError(f"refusing to replace {out}: it is not a base cache")
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out

@@ -46,6 +46,30 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class UsageError(ValueError):
+    """A user error found before any work: one line, exit status 2."""
+
+
+RUN_FILES = (CHECKPOINT, LOG, "model.safetensors", "ema.safetensors")
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) -> None:
+    """Refuse to replace an earlier run without --resume or --overwrite, and (``write``: rank 0)
+    clear what a killed save left behind (temporary checkpoint files are .checkpoint.pt.tmpPID).
+    Every rank runs the checks, so all of them stop on a refusal and none waits for the others."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not (resume or overwrite):
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it "
+                         "or --overwrite to replace it")
+    if not write:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".{CHECKPOINT}.tmp*"):
+        stale.unlink()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="alit-fast train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None,
@@ -93,6 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/alit")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from OUT/checkpoint.pt (or the checkpoint given)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=1,
@@ -114,6 +139,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--log-every must be >= 1")
     if args.save_every < 1:
         p.error("--save-every must be >= 1")
+    for name in ("batch_size", "epochs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr", "blr"):
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            p.error(f"--{name} must be a finite number >= 0, got {value}")
     return args
 
 
@@ -251,13 +283,21 @@ class EpochBatches:
 
 
 # ---------------------------------------------------------------------------- logging
+def _step_of(line: str) -> int | None:
+    """The step of a log line; None for a blank line or one a kill cut off mid-write."""
+    try:
+        return int(json.loads(line).get("step", 0)) if line.strip() else None
+    except (ValueError, AttributeError):
+        return None
+
+
 class JsonlLog:
     """One JSON object per step. On resume, lines past the checkpoint's step are dropped, so the
     log matches an uninterrupted run's."""
 
     def __init__(self, path: Path, keep_until_step: int | None) -> None:
         if keep_until_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
+            kept = [ln for ln in path.read_text().splitlines() if _step_of(ln) is not None and _step_of(ln) <= keep_until_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         elif keep_until_step is None and path.exists():
             path.unlink()
@@ -591,8 +631,8 @@ def train(args: argparse.Namespace) -> int:
     d = Dist()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if d.main:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+    prepare_out(Path(args.out), bool(args.resume), args.overwrite, write=d.main)
+    d.barrier()
     run = build(args, d)
     if args.resume:
         resume(run, args.resume)
@@ -643,7 +683,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return train(parse_args(argv))
+    try:
+        return train(parse_args(argv))
+    except UsageError as exc:
+        print(f"alit-fast train: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
