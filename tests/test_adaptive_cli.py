@@ -53,7 +53,7 @@ def test_load_image_resizes_the_shorter_side_and_center_crops(tmp_path):
 def test_encode_and_decode_end_to_end(checkpoint, image_dir, tmp_path, capsys):
     out = tmp_path / "tokens.safetensors"
     rc = encode_main(
-        [str(image_dir), "--checkpoint", checkpoint, "--criterion", "code-acc:1.01", "--out", str(out), "--batch-size", "2"]
+        [str(image_dir), "--checkpoint", checkpoint, "--criterion", "code-acc:1.0", "--out", str(out), "--batch-size", "2"]
     )
     captured = capsys.readouterr()
     assert rc == 0
@@ -63,7 +63,7 @@ def test_encode_and_decode_end_to_end(checkpoint, image_dir, tmp_path, capsys):
     assert len(tokens) == 3 and tokens.lengths.tolist() == [12, 12, 12]  # never met -> max_tokens
     assert [os.path.basename(n) for n in tokens.names] == ["flat.png", "gray.jpg", "noise.png"]
     assert tokens.checkpoint == os.path.abspath(checkpoint)
-    assert tokens.extra["criterion"] == "code-acc:1.01"
+    assert tokens.extra["criterion"] == "code-acc:1.0"
 
     decoded = tmp_path / "decoded"
     assert decode_main([str(out), "--out", str(decoded)]) == 0  # the checkpoint comes from the metadata
@@ -146,7 +146,7 @@ def test_spearman_matches_scipy_with_ties():
 def test_encode_cli_best_fallback(checkpoint, image_dir, tmp_path, capsys):
     out = tmp_path / "tokens.safetensors"
     # code-nll can never reach -1, so every image gets its lowest-NLL count and the file says so
-    args = [str(image_dir), "--checkpoint", checkpoint, "--criterion", "code-nll:-1", "--out", str(out)]
+    args = [str(image_dir), "--checkpoint", checkpoint, "--criterion", "code-nll:0", "--out", str(out)]
     assert encode_main(args + ["--fallback", "best"]) == 0
     tokens = TokenBatch.load(out)
     assert tokens.extra["fallback"] == "best" and len(tokens) == 3

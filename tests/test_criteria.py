@@ -155,8 +155,10 @@ def test_encode_min_and_max_tokens_round_to_whole_iterations(model):
     images = random_images(3, 32, seed=6)
     assert model.encode(images, _stop_after([1, 1, 1]), min_tokens=5).lengths.tolist() == [8] * 3
     assert model.encode(images, _stop_after([3, 3, 3]), max_tokens=11).lengths.tolist() == [8] * 3
-    assert model.encode(images, "tokens:5").lengths.tolist() == [8] * 3
-    assert model.encode(images, "tokens:1000").lengths.tolist() == [12] * 3
+    # a fixed count must be one the model makes: a multiple of 4 up to 12 here
+    for bad in ("tokens:5", "tokens:1000"):
+        with pytest.raises(ValueError, match="multiples of 4 up to 12"):
+            model.encode(images, bad)
     with pytest.raises(ValueError, match="below one iteration"):
         model.encode(images, "tokens:4", max_tokens=3)
     with pytest.raises(ValueError, match="leave no token count"):
@@ -165,9 +167,9 @@ def test_encode_min_and_max_tokens_round_to_whole_iterations(model):
 
 def test_encode_with_code_and_pixel_criteria_at_the_extremes(model):
     images = random_images(3, 32, seed=7)
-    for always in ("code-acc:0", "code-nll:1e9", "pixel-l1:2"):
+    for always in ("code-acc:0", "code-nll:1e9", "pixel-l1:1"):
         assert model.encode(images, always).lengths.tolist() == [4] * 3, always
-    for never in ("code-acc:1.01", "code-nll:-1", "pixel-l1:0"):
+    for never in ("code-acc:1", "code-nll:0", "pixel-l1:1e-9"):
         assert model.encode(images, never).lengths.tolist() == [12] * 3, never
 
 
@@ -178,10 +180,10 @@ def test_encode_runs_the_decoder_only_when_a_criterion_needs_it(model, monkeypat
     monkeypatch.setattr(model, "decode_logits", lambda z_q, *a: calls.append(z_q.shape) or original(z_q, *a))
     model.encode(images, "tokens:8")
     assert calls == []
-    model.encode(images, "code-acc:1.01")  # never met: judged after iterations 1 and 2, not after the last
+    model.encode(images, "code-acc:1")  # never met: judged after iterations 1 and 2, not after the last
     assert calls == [(2, 4, 12), (2, 8, 12)]
     calls.clear()
-    model.encode(images, "code-acc:1.01", min_tokens=8)
+    model.encode(images, "code-acc:1", min_tokens=8)
     assert calls == [(2, 8, 12)]
     calls.clear()
     model.encode(images, "code-acc:0", batch_size=1)  # everything stops at once, one image at a time
@@ -244,3 +246,35 @@ def test_best_fallback_needs_a_criterion_with_a_score(model):
         model.encode(images, lambda view: True, fallback="best")
     with pytest.raises(ValueError, match="unknown fallback"):
         model.encode(images, "code-acc:0.5", fallback="min")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("code-acc:1.5", r"code-acc:1.5: the threshold must be a finite number in \[0.0, 1.0\]"),
+    ("code-acc:nan", "code-acc:nan: the threshold must be a finite number"),
+    ("code-acc:-0.1", "code-acc"),
+    ("code-nll:-1", r"code-nll:-1.0: the threshold must be a finite number in \[0.0, inf\)"),
+    ("code-nll:inf", "code-nll:inf"),
+    ("pixel-l1:-1", r"pixel-l1:-1.0: the threshold must be a finite number in \(0.0, 1.0\]"),
+    ("pixel-l1:0", "pixel-l1:0.0"),
+    ("pixel-l1:2", "pixel-l1:2.0"),
+    ("tokens:0", "tokens:0: the token count must be a whole number >= 1"),
+    ("tokens:-8", "tokens:-8"),
+    ("tokens:7.5", "'7.5' is not a whole number"),
+    ("code-acc:high", "'high' is not a number"),
+])
+def test_criterion_values_out_of_range_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_criterion(spec)
+
+
+def test_a_callable_returning_scores_instead_of_bools_is_refused(model):
+    images = random_images(2, 32)
+    with pytest.raises(ValueError, match="must return bools"):
+        model.encode(images, lambda view: torch.full((view.rows.numel(),), 0.3))
+
+
+@pytest.mark.parametrize("kwargs", [{"min_tokens": 0}, {"max_tokens": -4}, {"min_tokens": 2.5}, {"batch_size": 0},
+                                    {"batch_size": -1}])
+def test_encode_bounds_and_batch_size_are_checked(model, kwargs):
+    with pytest.raises(ValueError, match="must be"):
+        model.encode(random_images(2, 32), "tokens:4", **kwargs)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +55,15 @@ class StepView:
         return self._pixels
 
 
+def _check_threshold(name: str, value: float, lo: float, hi: float, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if low_open else value >= lo) and value <= hi
+    if not ok:
+        lo_text = f"({lo}" if low_open else f"[{lo}"
+        hi_text = "inf)" if math.isinf(hi) else f"{hi}]"
+        raise ValueError(f"{name}:{value}: the threshold must be a finite number in {lo_text}, {hi_text}")
+
+
 class Criterion:
     """Base class: ``__call__(view) -> bool [n]`` says which images may stop now."""
 
@@ -76,6 +87,10 @@ class TokenCount(Criterion):
     tokens: int
     needs_logits = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"tokens:{self.tokens}: the token count must be a whole number >= 1")
+
     def __call__(self, view: StepView) -> torch.Tensor:
         return torch.full((view.rows.numel(),), view.num_tokens >= self.tokens, dtype=torch.bool)
 
@@ -86,6 +101,9 @@ class CodeAccuracy(Criterion):
 
     threshold: float
     higher_is_better = True
+
+    def __post_init__(self) -> None:
+        _check_threshold("code-acc", self.threshold, 0.0, 1.0)
 
     def score(self, view: StepView) -> torch.Tensor:
         return (view.logits.argmax(-1) == view.gt_indices).float().mean(-1)
@@ -100,6 +118,9 @@ class CodeNLL(Criterion):
 
     threshold: float
     higher_is_better = False
+
+    def __post_init__(self) -> None:
+        _check_threshold("code-nll", self.threshold, 0.0, math.inf)
 
     def score(self, view: StepView) -> torch.Tensor:
         logp = view.logits.float().log_softmax(-1)
@@ -116,6 +137,10 @@ class PixelL1(Criterion):
     threshold: float
     higher_is_better = False
 
+    def __post_init__(self) -> None:
+        # strict "<": a threshold of 0 could never be met
+        _check_threshold("pixel-l1", self.threshold, 0.0, 1.0, low_open=True)
+
     def score(self, view: StepView) -> torch.Tensor:
         return l1_per_image(view.images, view.reconstructions())
 
@@ -131,7 +156,11 @@ class FunctionCriterion(Criterion):
         self.needs_logits = needs_logits
 
     def __call__(self, view: StepView) -> torch.Tensor:
-        met = torch.as_tensor(self.fn(view), dtype=torch.bool).reshape(-1)
+        answer = torch.as_tensor(self.fn(view))
+        if answer.dtype != torch.bool:
+            # a float score cast to bool would stop every image with a nonzero score
+            raise ValueError(f"a criterion callable must return bools (one per image), got {answer.dtype}")
+        met = answer.reshape(-1)
         n = view.rows.numel()
         if met.numel() == 1 and n != 1:
             met = met.expand(n)
@@ -143,11 +172,12 @@ class FunctionCriterion(Criterion):
         return f"FunctionCriterion({getattr(self.fn, '__name__', self.fn)!r})"
 
 
-_PARSERS: dict[str, Callable[[str], Criterion]] = {
-    "tokens": lambda v: TokenCount(int(v)),
-    "code-acc": lambda v: CodeAccuracy(float(v)),
-    "code-nll": lambda v: CodeNLL(float(v)),
-    "pixel-l1": lambda v: PixelL1(float(v)),
+# name -> (criterion class, how its value is read: int("7.5") raises, a count is whole)
+_PARSERS: dict[str, tuple[type, Callable[[str], float]]] = {
+    "tokens": (TokenCount, int),
+    "code-acc": (CodeAccuracy, float),
+    "code-nll": (CodeNLL, float),
+    "pixel-l1": (PixelL1, float),
 }
 
 
@@ -160,10 +190,13 @@ def parse_criterion(spec: "str | Criterion | Callable[[StepView], object]") -> C
         name = name.strip().lower()
         if not sep or name not in _PARSERS:
             raise ValueError(f"unknown criterion {spec!r}; expected one of {[n + ':VALUE' for n in _PARSERS]}")
+        cls, read = _PARSERS[name]
         try:
-            return _PARSERS[name](value.strip())
+            number = read(value.strip())
         except ValueError as exc:
-            raise ValueError(f"criterion {spec!r}: {value!r} is not a number") from exc
+            kind = "a whole number" if read is int else "a number"
+            raise ValueError(f"criterion {spec!r}: {value.strip()!r} is not {kind}") from exc
+        return cls(number)  # which checks the range, in its own words
     if callable(spec):
         return FunctionCriterion(spec)
     raise TypeError(f"a criterion must be a Criterion, a callable or a string, got {type(spec).__name__}")

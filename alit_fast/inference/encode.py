@@ -28,6 +28,9 @@ def iteration_range(model: ALITCore, min_tokens: int | None, max_tokens: int | N
     Token counts come in whole iterations: min_tokens rounds up, max_tokens rounds down."""
     cfg = model.config
     T = cfg.tokens_per_iter
+    for name, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     lo = T if min_tokens is None else int(min_tokens)
     hi = cfg.max_tokens if max_tokens is None else int(max_tokens)
     first = max(1, -(-lo // T))
@@ -37,6 +40,16 @@ def iteration_range(model: ALITCore, min_tokens: int | None, max_tokens: int | N
     if first > last:
         raise ValueError(f"min_tokens={lo} and max_tokens={hi} leave no token count in steps of {T}")
     return first, last
+
+
+def check_criterion_fits(model: ALITCore, criterion: Criterion) -> None:
+    """A fixed token count must be one the model can produce: a multiple of the tokens added per
+    iteration, at most ``max_tokens``."""
+    if isinstance(criterion, TokenCount):
+        T, most = model.config.tokens_per_iter, model.config.max_tokens
+        if criterion.tokens % T or criterion.tokens > most:
+            raise ValueError(f"tokens:{criterion.tokens}: this model encodes {T}, {2 * T}, ..., {most} tokens "
+                             f"(multiples of {T} up to {most})")
 
 
 def check_fallback(criterion: Criterion, fallback: str) -> None:
@@ -172,6 +185,7 @@ def encode(
     given (e.g. ``compile_step(model)``). The result is the same either way."""
     crit = parse_criterion(criterion)
     check_fallback(crit, fallback)
+    check_criterion_fits(model, crit)
     first, last = iteration_range(model, min_tokens, max_tokens)
     message = image_shape_error(images, model.config)
     if message is not None:
