@@ -211,3 +211,48 @@ def test_the_triton_backend_gives_the_same_tokens_and_images(images):
     assert all(torch.equal(a, b) for a, b in zip(got.sequences(), ref.sequences()))
     # a mixed-length decode goes through the kernel's per-sample key lengths
     torch.testing.assert_close(tri_model.decode(got), ref_model.decode(ref), rtol=1e-3, atol=2e-4)
+
+
+# ---------------------------------------------------------------------------- bad token batches
+def test_ids_are_checked_before_they_are_narrowed():
+    with pytest.raises(ValueError, match=r"code ids must lie in \[0, 4096\), got \[3, 40000\]"):
+        TokenBatch.from_sequences([torch.tensor([3, 40000])], 4096)  # would wrap in int16
+    with pytest.raises(ValueError, match="got \\[-2"):
+        TokenBatch.from_sequences([torch.tensor([-2, 5])], 4096)
+    with pytest.raises(ValueError, match="integers"):
+        TokenBatch.from_sequences([torch.tensor([1.5])], 4096)
+
+
+def test_lengths_that_do_not_fit_the_codes_are_refused_when_made():
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        TokenBatch(torch.zeros(2, 4, dtype=torch.int16), torch.tensor([4, 5]), 64)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        TokenBatch(torch.zeros(2, 4, dtype=torch.int16), torch.tensor([-1, 2]), 64)
+
+
+def test_a_damaged_token_file_is_refused(model, tmp_path):
+    path = tmp_path / "t.safetensors"
+    _random_tokens(model, [4, 8]).save(path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # a flipped bit in the code data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        TokenBatch.load(path)
+    path.write_bytes(bytes(data[:20]))
+    with pytest.raises(ValueError, match="cannot be read"):
+        TokenBatch.load(path)
+    with pytest.raises(IsADirectoryError):
+        TokenBatch.load(tmp_path)
+
+
+def test_decoding_with_a_model_of_another_config_needs_an_explicit_opt_out(model, images):
+    tokens = model.encode(images, "tokens:4")
+    other = ALIT(tiny_config(halting_threshold=0.5)).eval()  # same shapes, another config
+    with pytest.raises(ValueError, match="another config"):
+        other.decode(tokens)
+    assert other.decode(tokens, check_config=False).shape == (4, 3, 32, 32)
+
+
+def test_token_counts_off_the_iteration_grid_are_refused(model):
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model.decode(_random_tokens(model, [4, 6]))

@@ -153,3 +153,10 @@ def test_encode_cli_best_fallback(checkpoint, image_dir, tmp_path, capsys):
     assert all(n in (4, 8, 12) for n in tokens.lengths.tolist())
     assert encode_main(args + ["--fallback", "best", "--criterion", "tokens:8"]) == 2
     assert "needs a criterion with a score" in capsys.readouterr().err
+
+
+def test_decode_cli_reports_bad_token_files_in_one_line(tmp_path, capsys):
+    for bad in (tmp_path / "missing.safetensors", tmp_path):
+        assert decode_main([str(bad), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("alit-fast decode: ")

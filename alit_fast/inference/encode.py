@@ -229,10 +229,19 @@ class TokenStats:
     code_max: int
 
 
-def check_token_batch(model: ALITCore, tokens: TokenBatch) -> TokenStats:
+def check_token_batch(model: ALITCore, tokens: TokenBatch, check_config: bool = True) -> TokenStats:
     """Raise a ValueError when ``tokens`` cannot have come from a model shaped like ``model``;
-    returns the lengths and code range it read (one read of the batch)."""
+    returns the lengths and code range it read (one read of the batch).
+
+    With ``check_config`` (the default) a batch that records its encoder's config must have been
+    made by a model of this config: other weights of the same shapes would decode it into
+    something plausible and wrong."""
     cfg = model.config
+    if not isinstance(tokens, TokenBatch):
+        raise TypeError(f"decode expects a TokenBatch, got {type(tokens).__name__}")
+    if check_config and tokens.config_json is not None and tokens.config_json != cfg.to_json():
+        raise ValueError("the tokens were encoded by a model with another config; decode them with that model "
+                         "(or pass check_config=False to decode anyway)")
     if tokens.codebook_size != cfg.codebook_size:
         raise ValueError(f"the tokens use a {tokens.codebook_size}-code codebook, the model {cfg.codebook_size}")
     codes = tokens.padded(0)
@@ -245,40 +254,48 @@ def check_token_batch(model: ALITCore, tokens: TokenBatch) -> TokenStats:
         raise ValueError("an image has no tokens")
     if stats.lengths and (stats.code_min < 0 or stats.code_max >= cfg.codebook_size):
         raise ValueError(f"code ids must lie in [0, {cfg.codebook_size}), got [{stats.code_min}, {stats.code_max}]")
+    T = cfg.tokens_per_iter
+    uneven = sorted({n for n in stats.lengths if n % T})
+    if uneven:
+        raise ValueError(f"token counts must be multiples of {T} (the tokens per iteration), got {uneven}")
     return stats
 
 
-def _decode_logits_checked(model: ALITCore, tokens: TokenBatch, lengths: list[int]) -> torch.Tensor:
+def _decode_logits_checked(model: ALITCore, padded: torch.Tensor, lengths: torch.Tensor, host_lengths: list[int]) -> torch.Tensor:
+    """``padded``: int64 codes [b, >= max length] with valid ids past each length."""
     device = model.latent_tokens.device
-    width = max(lengths)
-    codes = tokens.padded(0)[:, :width].to(device)
-    z_q = model.quantize.codes(codes)
+    width = max(host_lengths)
+    z_q = model.quantize.codes(padded[:, :width].to(device))
     # equal lengths need no key mask, and then take the same path as a rollout's decoder
-    mixed = min(lengths) != width
-    return model.decode_logits(z_q, tokens.lengths.to(device) if mixed else None)
+    mixed = min(host_lengths) != width
+    return model.decode_logits(z_q, lengths.to(device) if mixed else None)
 
 
 @torch.no_grad()
-def decode_logits(model: ALITCore, tokens: TokenBatch) -> torch.Tensor:
+def decode_logits(model: ALITCore, tokens: TokenBatch, check_config: bool = True) -> torch.Tensor:
     """Decoder logits [B, g*g, K] for a batch of any mix of lengths, in one decoder pass."""
-    stats = check_token_batch(model, tokens)
-    return _decode_logits_checked(model, tokens, stats.lengths)
+    stats = check_token_batch(model, tokens, check_config)
+    return _decode_logits_checked(model, tokens.padded(0), tokens.lengths, stats.lengths)
 
 
 @torch.no_grad()
-def decode(model: ALITCore, tokens: TokenBatch, batch_size: int | None = None) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1] from a TokenBatch; ``batch_size`` bounds how many at once."""
-    stats = check_token_batch(model, tokens)
+def decode(
+    model: ALITCore, tokens: TokenBatch, batch_size: int | None = None, check_config: bool = True
+) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] from a TokenBatch; ``batch_size`` bounds how many at once.
+    ``check_config=False`` decodes tokens recorded as made by a model of another config."""
+    stats = check_token_batch(model, tokens, check_config)
     if len(tokens) == 0:
         size = model.config.image_size
         return torch.zeros(0, 3, size, size, device=model.latent_tokens.device)
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     step = len(tokens) if not batch_size else int(batch_size)
+    padded = tokens.padded(0)
     parts = []
     for lo in range(0, len(tokens), step):
-        part = TokenBatch(tokens.codes[lo : lo + step], tokens.lengths[lo : lo + step], tokens.codebook_size)
-        logits = _decode_logits_checked(model, part, stats.lengths[lo : lo + step])
+        chunk = slice(lo, lo + step)
+        logits = _decode_logits_checked(model, padded[chunk], tokens.lengths[chunk], stats.lengths[chunk])
         parts.append(pixels_from_logits(model, logits))
     return torch.cat(parts)
 

@@ -5,9 +5,10 @@ they are stored flat, one image after another, so short images cost only their o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,26 +33,43 @@ class TokenBatch:
     checkpoint: str | None = None  # where the encoding model came from (a path or "demo")
     names: list[str] | None = None  # e.g. the source file of each image
     extra: dict[str, str] = field(default_factory=dict)
+    # False only where the lengths were just checked on the host (reading them again is a sync)
+    check_lengths: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_lengths: bool = True) -> None:
         if self.codes.dim() != 2 or self.lengths.dim() != 1 or self.codes.shape[0] != self.lengths.shape[0]:
             raise ValueError(
                 f"TokenBatch expects codes [B, L] and lengths [B], got {tuple(self.codes.shape)} and {tuple(self.lengths.shape)}"
             )
+        if self.codes.is_floating_point() or self.lengths.is_floating_point():
+            raise ValueError(f"TokenBatch codes and lengths must be integers, got {self.codes.dtype} and {self.lengths.dtype}")
         self.lengths = self.lengths.to(torch.int64)
+        if check_lengths and len(self):
+            lo, hi = torch.stack([self.lengths.min(), self.lengths.max()]).tolist()
+            if lo < 0 or hi > self.codes.shape[1]:
+                raise ValueError(f"TokenBatch lengths must lie in [0, {self.codes.shape[1]}] (the codes' width), got [{lo}, {hi}]")
         if self.names is not None and len(self.names) != len(self):
             raise ValueError(f"TokenBatch has {len(self)} images but {len(self.names)} names")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_sequences(cls, sequences: Sequence[torch.Tensor], codebook_size: int, **meta) -> "TokenBatch":
-        """One 1D tensor of code ids per image, of any lengths."""
+        """One 1D tensor of code ids per image, of any lengths; ids are checked against the
+        codebook before they are narrowed to the stored integer type."""
         lengths = torch.tensor([int(s.numel()) for s in sequences], dtype=torch.int64)
         width = int(lengths.max()) if len(sequences) else 0
+        flat = [s.reshape(-1) for s in sequences if s.numel()]
+        if flat:
+            every = torch.cat([f.cpu() for f in flat])
+            if every.is_floating_point():
+                raise ValueError(f"code ids must be integers, got {every.dtype}")
+            lo, hi = int(every.min()), int(every.max())
+            if lo < 0 or hi >= codebook_size:
+                raise ValueError(f"code ids must lie in [0, {codebook_size}), got [{lo}, {hi}]")
         codes = torch.full((len(sequences), width), PAD, dtype=code_dtype(codebook_size))
         for i, seq in enumerate(sequences):
             codes[i, : seq.numel()] = seq.reshape(-1).to(codes.dtype).cpu()
-        return cls(codes=codes, lengths=lengths, codebook_size=codebook_size, **meta)
+        return cls(codes=codes, lengths=lengths, codebook_size=codebook_size, check_lengths=False, **meta)
 
     @classmethod
     def from_host_rows(
@@ -63,7 +81,10 @@ class TokenBatch:
         codes = torch.tensor([list(r[:width]) for r in rows], dtype=torch.int64).reshape(len(rows), width)
         past = torch.arange(width)[None, :] >= torch.tensor(list(lengths), dtype=torch.int64)[:, None]
         codes = codes.masked_fill(past, PAD).to(code_dtype(codebook_size))
-        return cls(codes=codes, lengths=torch.tensor(list(lengths), dtype=torch.int64), codebook_size=codebook_size, **meta)
+        if any(n < 0 or n > width for n in lengths):
+            raise ValueError(f"lengths must lie in [0, {width}]")
+        return cls(codes=codes, lengths=torch.tensor(list(lengths), dtype=torch.int64), codebook_size=codebook_size,
+                   check_lengths=False, **meta)
 
     @classmethod
     def cat(cls, batches: Sequence["TokenBatch"]) -> "TokenBatch":
@@ -109,7 +130,8 @@ class TokenBatch:
             "codes": flat.to(code_dtype(self.codebook_size)).contiguous(),
             "lengths": self.lengths.to(torch.int32).contiguous(),
         }
-        meta = {"format": FORMAT, "codebook_size": str(self.codebook_size)}
+        meta = {"format": FORMAT, "codebook_size": str(self.codebook_size),
+                "sha256": _digest(tensors["codes"], tensors["lengths"])}
         if self.config_json is not None:
             meta["alit_fast_config"] = self.config_json
         if self.checkpoint is not None:
@@ -127,12 +149,21 @@ class TokenBatch:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"token file not found: {path}")
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an alit_fast token file (format {meta.get('format')!r})")
-            flat = f.get_tensor("codes").to(torch.int64)
-            lengths = f.get_tensor("lengths").to(torch.int64)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory, not a token file")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not an alit_fast token file (format {meta.get('format')!r})")
+                stored_codes, stored_lengths = f.get_tensor("codes"), f.get_tensor("lengths")
+        except ValueError:
+            raise
+        except Exception as exc:  # safetensors' own errors for a truncated or garbled file
+            raise ValueError(f"{path} cannot be read as a token file: {exc}") from exc
+        if "sha256" in meta and meta["sha256"] != _digest(stored_codes, stored_lengths):
+            raise ValueError(f"{path}: the token data do not match their checksum (the file is damaged)")
+        flat, lengths = stored_codes.to(torch.int64), stored_lengths.to(torch.int64)
         if int(lengths.sum()) != flat.numel() or bool((lengths < 0).any()):
             raise ValueError(f"{path}: the lengths ({int(lengths.sum())} tokens) do not match the {flat.numel()} codes")
         codebook_size = int(meta["codebook_size"])
@@ -146,3 +177,11 @@ class TokenBatch:
             names=json.loads(meta["names"]) if "names" in meta else None,
             extra=extra,
         )
+
+
+def _digest(codes: torch.Tensor, lengths: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (codes, lengths):
+        h.update(str(t.dtype).encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

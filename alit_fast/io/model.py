@@ -37,9 +37,9 @@ class ALIT(ALITCore):
         """Per-image adaptive-length code ids (a TokenBatch); see alit_fast.inference.encode."""
         return encode(self, images, criterion, min_tokens=min_tokens, max_tokens=max_tokens, batch_size=batch_size, **kwargs)
 
-    def decode(self, tokens: TokenBatch, batch_size: int | None = None) -> torch.Tensor:
+    def decode(self, tokens: TokenBatch, batch_size: int | None = None, check_config: bool = True) -> torch.Tensor:
         """Images in [0, 1] from a TokenBatch whose images may have different lengths."""
-        return decode(self, tokens, batch_size=batch_size)
+        return decode(self, tokens, batch_size=batch_size, check_config=check_config)
 
     def compile_step(self, **compile_kwargs) -> Callable:
         """The iteration step under ``torch.compile(fullgraph=True)``; pass it to ``encode`` /
