@@ -109,3 +109,20 @@ def test_load_rejects_a_file_without_config(tmp_path):
     save_file({"x": torch.zeros(1)}, str(path))
     with pytest.raises(CheckpointError, match="no alit_fast config"):
         load(str(path))
+
+
+def test_a_training_checkpoint_is_read_with_the_config_it_records(tmp_path):
+    cfg = tiny_config(heads=4, halting_threshold=0.3)  # nothing in the shapes says 4 heads
+    torch.manual_seed(0)
+    model = ALIT(cfg)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": cfg.to_json(), "step": 3}, path)
+    loaded = load_official(path)
+    assert loaded.config == cfg
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_official(tmp_path)

@@ -1,6 +1,14 @@
 """The io layer: checkpoints (official and alit_fast), bundled models, image files, and ``ALIT``,
 the model class users hold (nn core + inference methods + saving)."""
-from .checkpoint import CheckpointError, infer_config, load, load_official, load_state_strict, read_state_dict
+from .checkpoint import (
+    CheckpointError,
+    infer_config,
+    load,
+    load_official,
+    load_state_strict,
+    read_checkpoint,
+    read_state_dict,
+)
 from .model import ALIT
 from .pretrained import PRETRAINED, load_model, load_pretrained, pretrained_path
 from .weights import METADATA_CONFIG_KEY, save_model
@@ -17,6 +25,7 @@ __all__ = [
     "load_pretrained",
     "load_state_strict",
     "pretrained_path",
+    "read_checkpoint",
     "read_state_dict",
     "save_model",
 ]

@@ -22,12 +22,24 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping, map_location: str | torch.device) -> dict:
+    """The model's tensors from a file or dict in any layout we read (see the module docstring)."""
+    return read_checkpoint(path_or_state_dict, map_location)[0]
+
+
+def read_checkpoint(
+    path_or_state_dict: str | os.PathLike | Mapping, map_location: str | torch.device
+) -> tuple[dict, ALITConfig | None]:
+    """(the model's tensors, the config the file records or None). alit_fast training checkpoints
+    (``checkpoint.pt``) record theirs: reading one with sizes guessed from shapes would get what no
+    shape shows (the number of heads, the halting threshold, the loss weights) wrong."""
     if isinstance(path_or_state_dict, Mapping):
         raw = dict(path_or_state_dict)
     else:
         path = os.fspath(path_or_state_dict)
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        if os.path.isdir(path):
+            raise CheckpointError(f"{path} is a directory, not a checkpoint file")
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
@@ -40,6 +52,14 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping, map_locatio
                     f"{path} could not be read with torch.load(weights_only=True) ({exc}). If you trust the file, "
                     "load it yourself with torch.load(path, weights_only=False) and pass the dict to load_official."
                 ) from exc
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"the checkpoint holds a {type(raw).__name__}, not a state dict")
+    config = None
+    if isinstance(raw.get("config"), str):  # an alit_fast training checkpoint
+        try:
+            config = ALITConfig.from_json(raw["config"])
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"the checkpoint's recorded config cannot be read: {exc}") from exc
     for entry in ("ema", "model", "state_dict"):
         if entry in raw and isinstance(raw[entry], Mapping):
             raw = dict(raw[entry])
@@ -54,7 +74,7 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping, map_locatio
         if key.startswith(IGNORED_PREFIXES):
             continue
         state[key] = value
-    return state
+    return state, config
 
 
 def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
@@ -146,10 +166,11 @@ def load_official(
     """Build an ALIT whose sizes are inferred from an official checkpoint, and load its weights.
 
     Takes a raw state dict or a dict with ``ema`` / ``model`` entries (``ema`` preferred, as the
-    official evaluation does); ``gan_losses.*`` (the stage-2 discriminators) are ignored.
+    official evaluation does); ``gan_losses.*`` (the stage-2 discriminators) are ignored. An
+    alit_fast training checkpoint is built with the config it records (its ``ema`` weights).
     """
-    state = read_state_dict(path_or_state_dict, map_location)
-    cfg = infer_config(state, num_heads)
+    state, recorded = read_checkpoint(path_or_state_dict, map_location)
+    cfg = recorded if recorded is not None and num_heads is None else infer_config(state, num_heads)
     with torch.device("meta"):
         model = ALIT(cfg, backend=backend)
     model = model.to_empty(device=map_location)
@@ -182,6 +203,7 @@ __all__ = [
     "load",
     "load_official",
     "load_state_strict",
+    "read_checkpoint",
     "read_state_dict",
     "save_model",
 ]

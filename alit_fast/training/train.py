@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
-from ..io import ALIT, METADATA_CONFIG_KEY, load_state_strict, read_state_dict
+from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load_state_strict, read_checkpoint, read_state_dict
 from ..models import HALTING_MODES, BaseOutput
 from ..models.alit import images_in_range
 from .base_cache import BaseCacheDataset
@@ -205,13 +205,15 @@ def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], ALITConfig | No
     """The state dict of an official or alit_fast checkpoint, and the config stored with it if any."""
     from safetensors import safe_open
 
-    cfg = None
     if path.endswith(".safetensors") and os.path.exists(path):
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        if METADATA_CONFIG_KEY in meta:
-            cfg = ALITConfig.from_json(meta[METADATA_CONFIG_KEY])
-    return read_state_dict(path, "cpu"), cfg
+        cfg = ALITConfig.from_json(meta[METADATA_CONFIG_KEY]) if METADATA_CONFIG_KEY in meta else None
+        return read_state_dict(path, "cpu"), cfg
+    try:
+        return read_checkpoint(path, "cpu")  # a training checkpoint.pt records its config
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise UsageError(f"--init: {exc}") from exc
 
 
 def load_initial(model: ALIT, state: dict[str, torch.Tensor]) -> str:
