@@ -228,3 +228,18 @@ def test_sample_grad_iters_stops_after_the_last_sampled_iteration(model, monkeyp
     out = model(random_images(1, 32), halting="off", sample_grad_iters=1, generator=gen)
     assert list(out.per_iteration) == [expected_last]
     assert len(calls) == expected_last + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_images_of_other_float_dtypes_are_converted(model, dtype):
+    images = random_images(2, 32).to(dtype)
+    reference = images.float()
+    with torch.no_grad():
+        got, want = model.rollout(images, iterations=1), model.rollout(reference, iterations=1)
+    assert torch.equal(got[0].indices, want[0].indices)
+    assert torch.equal(model.encode(images, "tokens:4").codes, model.encode(reference, "tokens:4").codes)
+
+
+def test_images_on_another_device_are_refused(model):
+    with pytest.raises(ValueError, match="images are on meta but the model is on cpu"):
+        model.model_images(torch.empty(1, 3, 32, 32, device="meta"))

@@ -192,6 +192,7 @@ def encode(
         raise ValueError(message)
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = model.model_images(images)
     static = (step_fn is not None) if static_shapes is None else bool(static_shapes)
     step = images.shape[0] if not batch_size else int(batch_size)
     chunks = [

@@ -102,6 +102,7 @@ class RolloutState:
             model.check_images(images)
         elif (message := image_shape_error(images, cfg)) is not None:
             raise ValueError(message)
+        images = model.model_images(images)
         self.model = model
         self.images = images
         self.halting = halting

@@ -221,6 +221,14 @@ class ALITCore(nn.Module):
         if message is not None:
             raise ValueError(message)
 
+    def model_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (shape already checked) in the model's float dtype: fp16, bf16 and fp64 images
+        are converted, not refused. They must be on the model's device (no silent copies)."""
+        weight = self.patch_embed.weight
+        if images.device != weight.device:
+            raise ValueError(f"images are on {images.device} but the model is on {weight.device}; move one of them")
+        return images if images.dtype == weight.dtype else images.to(weight.dtype)
+
     def assert_images(self, images: torch.Tensor) -> None:
         """``check_images`` without a host sync: the range check is a device-side assertion.
 
@@ -378,6 +386,7 @@ class ALITCore(nn.Module):
         iterations = self.config.iterations if iterations is None else iterations
         self._check_loop_args(iterations, halting)
         self.assert_images(images)
+        images = self.model_images(images)
         carry, base = self.start_carry(images)
         records = []
         for t in range(iterations):
@@ -430,6 +439,7 @@ class ALITCore(nn.Module):
             self.assert_images(images)
         elif (message := image_shape_error(images, cfg)) is not None:
             raise ValueError(message)
+        images = self.model_images(images)
         selected = self.sample_iterations(sample_grad_iters, host_generator)
         carry, base = self.start_carry(images, base)
         codebook = self.base_tokenizer.codebook.detach()
