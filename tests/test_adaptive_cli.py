@@ -160,3 +160,28 @@ def test_decode_cli_reports_bad_token_files_in_one_line(tmp_path, capsys):
         assert decode_main([str(bad), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("alit-fast decode: ")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--criterion", "code-acc:1.5"], "code-acc:1.5"),
+    (["--criterion", "tokens:7"], "multiples of 4"),
+    (["--device", "cuda:0"], "no CUDA GPU"),
+    (["--device", "toaster"], "not a device name"),
+])
+def test_encode_cli_refuses_bad_arguments_before_any_work(image_dir, checkpoint, tmp_path, capsys, extra, message):
+    if "cuda" in extra[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "t.safetensors"
+    assert encode_main([str(image_dir), "--checkpoint", checkpoint, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alit-fast encode: ") and message in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["directory", "missing folder"])
+def test_encode_cli_checks_the_output_path_before_encoding(image_dir, checkpoint, tmp_path, capsys, where):
+    out = tmp_path if where == "directory" else tmp_path / "nowhere" / "t.safetensors"
+    assert encode_main([str(image_dir), "--checkpoint", checkpoint, "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))

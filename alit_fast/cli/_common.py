@@ -26,9 +26,30 @@ def load_model_or_report(spec: str, backend: str, device: str | torch.device, pr
 
 
 def device_from(name: str) -> torch.device:
+    """The --device value; raises ValueError for a malformed name or a GPU this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def check_output_file(path: str) -> None:
+    """Refuse before any work an --out that cannot be written: a directory, or a missing or
+    read-only parent folder."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {path}: the folder {parent} is not writable")
 
 
 def add_model_args(parser: argparse.ArgumentParser, checkpoint_default: str | None) -> None:

@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if spec is None:
         print("alit-fast decode: the token file names no checkpoint; pass --checkpoint", file=sys.stderr)
         return 2
-    model = load_model_or_report(spec, args.backend, device_from(args.device), "alit-fast decode")
+    try:
+        device = device_from(args.device)
+    except ValueError as exc:
+        print(f"alit-fast decode: {exc}", file=sys.stderr)
+        return 2
+    model = load_model_or_report(spec, args.backend, device, "alit-fast decode")
     if model is None:
         return 2
     check_config = not args.ignore_config

@@ -9,9 +9,9 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from ..inference import FALLBACKS, TokenBatch, check_fallback, criterion_name, parse_criterion
+from ..inference import FALLBACKS, TokenBatch, check_criterion_fits, check_fallback, criterion_name, parse_criterion
 from ..io.images import find_images, load_image
-from ._common import add_model_args, checkpoint_spec, device_from, load_model_or_report
+from ._common import add_model_args, check_output_file, checkpoint_spec, device_from, load_model_or_report
 
 
 # ---------------------------------------------------------------------- reporting
@@ -57,9 +57,13 @@ def _encode_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _encode_parser().parse_args(argv)
-    try:
+    try:  # everything a user can get wrong, before any model or file is loaded
         criterion = parse_criterion(args.criterion)
-        check_fallback(criterion, args.fallback)  # before any model or file is loaded
+        check_fallback(criterion, args.fallback)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_output_file(args.out)
+        device = device_from(args.device)
     except ValueError as exc:
         print(f"alit-fast encode: {exc}", file=sys.stderr)
         return 2
@@ -67,11 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("alit-fast encode: no image files found", file=sys.stderr)
         return 2
-    model = load_model_or_report(args.checkpoint, args.backend, device_from(args.device), "alit-fast encode")
+    model = load_model_or_report(args.checkpoint, args.backend, device, "alit-fast encode")
     if model is None:
         return 2
     cfg = model.config
-    device = model.latent_tokens.device
+    try:
+        check_criterion_fits(model, criterion)
+    except ValueError as exc:
+        print(f"alit-fast encode: {exc}", file=sys.stderr)
+        return 2
 
     batches: list[TokenBatch] = []
     skipped: list[str] = []
