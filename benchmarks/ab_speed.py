@@ -10,7 +10,9 @@ minute to the next; alternating call by call puts both trees under the same drif
 of their medians is far steadier than two separate runs. Cases (demo model, batch 16, the public
 API only): encode with a fixed count, encode with a scored criterion, a rollout, and a training
 step (forward with stochastic halting over all iterations, backward, AdamW).
-Prints one JSON object: per case the median ms of each tree and new/baseline.
+Prints one JSON object: per case the median ms of each tree and new/baseline, and (``--profile``)
+the torch.profiler count of op calls and self CPU time of one call on each tree, which moves
+far less with the machine's load than wall time does.
 """
 from __future__ import annotations
 
@@ -71,6 +73,15 @@ def cases(package, batch: int) -> dict:
     }
 
 
+def _profile(fn) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    return {"op_calls": sum(e.count for e in events), "self_cpu_ms": round(sum(e.self_cpu_time_total for e in events) / 1e3, 1)}
+
+
 def _ms(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -83,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="also count ops and self CPU time per call")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import alit_fast
@@ -99,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                 order = ("new", "baseline") if r % 2 == 0 else ("baseline", "new")
                 for tree in order:
                     times[tree][case].append(_ms(trees[tree][case]))
+        profiles = {t: {c: _profile(fn) for c, fn in trees[t].items()} for t in trees} if args.profile else None
     report = {"threads": args.threads, "batch": args.batch, "rounds": args.rounds, "cases": {}}
     for case in times["new"]:
         new, base = statistics.median(times["new"][case]), statistics.median(times["baseline"][case])
         report["cases"][case] = {"new_ms": round(new, 1), "baseline_ms": round(base, 1), "new/baseline": round(new / base, 3)}
+        if profiles is not None:
+            report["cases"][case]["profile"] = {t: profiles[t][case] for t in profiles}
     print(json.dumps(report, indent=1))
     return 0
 
