@@ -81,8 +81,10 @@ def image_shape_error(images: object, cfg: ALITConfig) -> str | None:
 
 
 def images_in_range(images: torch.Tensor) -> torch.Tensor:
-    """A 0-d bool tensor on the images' device: every value in [0, 1] (NaN fails). No sync."""
-    return ((images >= 0) & (images <= 1)).all()
+    """A 0-d bool tensor on the images' device: every value in [0, 1] (NaN fails: aminmax
+    propagates it, and NaN compares false). One reduction, no sync."""
+    lo, hi = torch.aminmax(images)
+    return (lo >= 0) & (hi <= 1)
 
 
 def image_range_error(images: torch.Tensor) -> str:
