@@ -8,12 +8,73 @@ With ``lengths`` (int32 [B]) only the first lengths[b] tokens of sample b take p
 a token past that length is masked to 0 (so garbage, even NaN, in padded rows cannot leak), its
 scores are -inf, and its out / dq / dk / dv rows are written as exact zeros.
 
+Precision (``DOT_PREC``, read on the host once per launcher call, never in a kernel)
+-----------------------------------------------------------------------------------
+16-bit inputs always run on tensor cores (16-bit operands, fp32 accumulation). fp32 inputs follow
+``torch.get_float32_matmul_precision()``, PyTorch's own switch for its fp32 matmuls:
+
+=========== ========== ====================================================== ==================
+precision   DOT_PREC   what the matrix products do                            tested bound (1)
+=========== ========== ====================================================== ==================
+"highest"   "ieee"     full fp32 products on the FMA units (no tensor cores)   1e-3 (2)
+"high"      "tf32"     tf32 tensor cores: operands cut to a 10-bit mantissa    4e-3
+"medium"    "tf32"     the same as "high"                                      4e-3
+=========== ========== ====================================================== ==================
+
+(1) max |error| / max |reference| against a float64 reference, for out, dq, dk and dv (the
+    measured tf32 errors are ~0.5-1.1e-3, see tests/test_attention.py). (2) the measured
+    "ieee" error is ~1e-6; 1e-3 is the file's historical fp32 bound.
+
+"high" maps to plain tf32, as PyTorch's own CUDA matmuls do under "high" (cuBLAS TF32), rather than
+to Triton's "tf32x3" (three tf32 products per product, ~fp32 accuracy): tf32x3 triples the
+tensor-core work and raises register pressure for an accuracy "highest" already provides, and
+no setting of PyTorch's asks for that middle ground. The tf32 rounding is the hardware's: Triton
+feeds raw fp32 registers / shared memory to mma.sync / wgmma, which read only the top 19 bits
+(truncation, up to 2^-10 relative per operand). The CPU interpreter ignores input_precision and
+multiplies in full fp32, so under the interpreter (``UPCAST``) the kernels truncate the operands
+of every tf32 product themselves: the interpreter tests then measure real tf32 rounding, not an
+fp32 upper bound.
+
+Tiles, lengths 1 mod 32, autotuning
+-----------------------------------
+ALIT's lengths are L = 257 + 32k (and 65 + 8k for the demo preset): one token past a multiple of
+32, so with 64-wide tiles the last key tile and the last query tile would each run a whole tile for
+one token (25% more work at L = 257). Every kernel therefore splits both dimensions:
+
+* streamed dimension (keys in the forward and the dq kernel, queries in the dk/dv kernel): the
+  full BLOCK_N (BLOCK_M) tiles run without any length mask, the remainder runs in BLOCK_T = 16
+  wide tiles with the mask (16 is the smallest tile a tensor-core product takes);
+* resident dimension (one program's query or key block): a program whose block holds at most
+  BLOCK_T valid rows computes a BLOCK_T-row tile (and writes zeros for the rest of its block)
+  instead of a BLOCK_M-row one.
+
+At L = 257 with 64 x 64 tiles this is 272 x 272 tile work per (batch, head) instead of 320 x 320.
+
+On a GPU the block sizes come from ``triton.autotune`` over a small, per-architecture candidate
+set (``CANDIDATES``; every candidate compiles without spills and within the shared-memory limit of
+its architecture, see the table there), keyed on the length bucket cdiv(L, 32), the head-dim tile,
+the precision, HAS_LENGTHS and the dtypes. Tuning benchmarks each candidate once per key and
+process (results also cached on disk by Triton): run one call per shape before capturing a CUDA
+graph. After that the launch path makes no host sync and no host-to-device copy. Under the
+interpreter one fixed config is used (multi-config autotuning crashes the interpreter).
+
+Backward: dq
+------------
+``DQ_MODE = "separate"`` (the default): dk/dv and dq are computed by two kernels that both
+recompute the scores and dp, 7 matrix products, no atomics, deterministic. ``"atomic"``: the dk/dv
+kernel also computes dq tiles (ds @ k) and adds them with fp32 atomics into a zeroed fp32 buffer,
+FlashAttention-2's 5 products but a non-deterministic summation order. Which one is faster on a
+given GPU has not been measured (no GPU was available when this was written): decide with
+benchmarks/run_gpu.sh; the environment variable ALIT_FAST_ATTN_DQ selects the default.
+
 This module knows nothing of autograd or nn.Module; ``alit_fast.ops.attention`` wraps it.
 TRITON_INTERPRET must be set before this module is imported for the CPU interpreter to be used.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
@@ -21,17 +82,31 @@ import triton.language as tl
 
 from ._utils import cdiv, gpu_capability, is_interpreting, next_power_of_2
 
-__all__ = ["flash_attn_fwd", "flash_attn_bwd", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
+__all__ = [
+    "flash_attn_fwd", "flash_attn_bwd", "dot_precision", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "SUPPORTED_DTYPES",
+    "CANDIDATES", "DQ_MODES", "candidates",
+]
 
 MIN_HEAD_DIM = 32
 MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LOG2E = 1.4426950408889634
+BLOCK_T = 16  # the tail tile (see the module docstring)
+
+DQ_MODES = ("separate", "atomic")
+DQ_MODE = os.environ.get("ALIT_FAST_ATTN_DQ", "separate").strip().lower() or "separate"
+if DQ_MODE not in DQ_MODES:
+    raise ValueError(f"ALIT_FAST_ATTN_DQ must be one of {DQ_MODES}, got {DQ_MODE!r}")
 
 # Test hook: when True, every buffer a launcher allocates (out, lse, delta, dq, dk, dv) starts as
 # NaN instead of uninitialised memory, so a test can prove each element is written by a kernel.
 POISON_OUTPUTS = False
+
+# Test hook: {"fwd" | "dkdv" | "dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)} replacing the fixed
+# config (interpreter, pre-Ampere) of those kernels, so tests can run other tile shapes than the one
+# fixed interpreter config. Never consulted on the autotuned GPU path.
+CONFIG_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -43,6 +118,15 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
+# Layout of every kernel: a program owns one block of the resident dimension (queries in the
+# forward and the dq kernel, keys in the dk/dv kernel) and streams the other one. The per-tile body
+# is written once and unrolled twice by tl.static_range(2): phase 0 streams the full tiles without
+# any length mask, phase 1 the remainder in BLOCK_T-wide tiles with it. The per-tile code calls no
+# other @triton.jit function: the CPU interpreter re-patches triton.language at every nested call
+# (~10 ms each), which made the tests several times slower.
+#
+# Under the interpreter (UPCAST) with DOT_PREC "tf32" every operand of a product is cut to tf32
+# (the `& -8192` lines): the interpreter itself computes each tl.dot in full fp32.
 
 
 @triton.jit
@@ -58,73 +142,121 @@ def _seqlen(Lengths, b, L, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
+def _store_zero_rows(base, s_l, s_d, row0, L, D, BLOCK: tl.constexpr, SKIP: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Zeros in rows [row0 + SKIP, row0 + BLOCK) below L: the rows of a block a tail tile left."""
+    rows = row0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = ((rows >= row0 + SKIP) & (rows < L))[:, None] & (offs_d < D)[None, :]
+    tl.store(base + rows[:, None] * s_l + offs_d[None, :] * s_d,
+             tl.zeros((BLOCK, BLOCK_D), dtype=base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_rows(q_base, k_base, v_base, o_base, lse_base,
+              s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
+              row0, seqlen, L, D, qk_scale,
+              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_m = row0 + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < seqlen
+    q = tl.load(q_base + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if UPCAST and DOT_PREC == "tf32":
+        q = (q.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+    # m_i is kept in log2 units (scores pre-multiplied by log2(e)) so the inner loop uses exp2
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+
+    # a query block entirely past the sample's length does no work; its rows are zeroed below
+    hi = tl.where(row0 < seqlen, seqlen, 0)
+    n_full = hi - hi % BLOCK_N
+    for phase in tl.static_range(2):
+        lo = 0 if phase == 0 else n_full
+        top = n_full if phase == 0 else hi
+        for start_n in range(lo, top, BLOCK_N if phase == 0 else BLOCK_T):
+            cols = start_n + tl.arange(0, BLOCK_N if phase == 0 else BLOCK_T)
+            if phase == 0:
+                kv_mask = d_ok[None, :]
+            else:
+                kv_mask = (cols < seqlen)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if UPCAST and DOT_PREC == "tf32":
+                k = (k.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                v = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if phase == 1:
+                # a tail tile holds at least one valid key (start_n < seqlen): m_new stays finite
+                s = tl.where((cols < seqlen)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p_op = p.to(v.dtype)
+            if UPCAST and DOT_PREC == "tf32":
+                p_op = (p_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(p_op, v, acc * alpha[:, None], input_precision=DOT_PREC)
+            m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
+    row_in = offs_m < L
+    tl.store(o_base + offs_m[:, None] * s_ol + offs_d[None, :] * s_od,
+             o.to(o_base.dtype.element_ty), mask=row_in[:, None] & d_ok[None, :])
+    lse = tl.where(m_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, 0.0)
+    tl.store(lse_base + offs_m, lse, mask=row_in)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, Lengths,
     s_qb, s_ql, s_qh, s_qd,
     s_kb, s_kl, s_kh, s_kd,
     s_vb, s_vl, s_vh, s_vd,
     s_ob, s_ol, s_oh, s_od,
-    H, L, D, qk_scale,
+    H, L, D, qk_scale, L_BUCKET,
     HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # L_BUCKET (= cdiv(L, 32)) is only the autotuning key; the kernel does not read it
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     pid_bh = b * H + h
     seqlen = _seqlen(Lengths, b, L, HAS_LENGTHS)
-
     b64 = b.to(tl.int64)
     q_base = Q + b64 * s_qb + h * s_qh
     k_base = K + b64 * s_kb + h * s_kh
     v_base = V + b64 * s_vb + h * s_vh
     o_base = Out + b64 * s_ob + h * s_oh
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    m_ok = offs_m < seqlen
-
-    q = tl.load(q_base + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-
-    # m_i is kept in log2 units (scores pre-multiplied by log2(e)) so the inner loop uses exp2
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-
-    # a query tile entirely past the sample's length does no work; its rows are zeroed below
-    hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < seqlen
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        # every tile visited holds at least one valid key (start_n < seqlen), so m_new is finite
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
-    row_in = offs_m < L
-    tl.store(o_base + offs_m[:, None] * s_ol + offs_d[None, :] * s_od,
-             o.to(Out.dtype.element_ty), mask=row_in[:, None] & d_ok[None, :])
-    lse = tl.where(m_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, 0.0)
-    tl.store(Lse + pid_bh.to(tl.int64) * L + offs_m, lse, mask=row_in)
+    lse_base = Lse + pid_bh.to(tl.int64) * L
+    row0 = pid_m * BLOCK_M
+    if BLOCK_T < BLOCK_M:
+        if seqlen - row0 <= BLOCK_T:
+            # the block's valid rows (if any) lie in its first BLOCK_T rows: a BLOCK_T-row tile
+            _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
+                      row0, seqlen, L, D, qk_scale, BLOCK_T, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+            _store_zero_rows(o_base, s_ol, s_od, row0, L, D, BLOCK_M, BLOCK_T, BLOCK_D)
+            rows = row0 + tl.arange(0, BLOCK_M)
+            tl.store(lse_base + rows, tl.zeros((BLOCK_M,), dtype=tl.float32),
+                     mask=(rows >= row0 + BLOCK_T) & (rows < L))
+        else:
+            _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
+                      row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+    else:
+        _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
+                  row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
 
 
 @triton.jit
@@ -153,21 +285,96 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_base, delta_base,
+               s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dkl, s_dkd, s_dvl, s_dvd, s_dql, s_dqd,
+               col0, seqlen, L, D, sm_scale, qk_scale,
+               COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+               ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = col0 + tl.arange(0, COLS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    n_ok = offs_n < seqlen
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if UPCAST and DOT_PREC == "tf32":
+        k = (k.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        v = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+    dk = tl.zeros((COLS, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((COLS, BLOCK_D), dtype=tl.float32)
+    hi = tl.where(col0 < seqlen, seqlen, 0)
+    m_full = hi - hi % BLOCK_M
+    for phase in tl.static_range(2):
+        lo = 0 if phase == 0 else m_full
+        top = m_full if phase == 0 else hi
+        for start_m in range(lo, top, BLOCK_M if phase == 0 else BLOCK_T):
+            rows = start_m + tl.arange(0, BLOCK_M if phase == 0 else BLOCK_T)
+            if phase == 0:
+                q_mask = d_ok[None, :]
+                lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+                delta = tl.load(delta_base + rows)
+                p_mask = n_ok[:, None]
+            else:
+                m_ok = rows < seqlen
+                q_mask = m_ok[:, None] & d_ok[None, :]
+                lse2 = tl.load(lse_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(delta_base + rows, mask=m_ok, other=0.0)
+                p_mask = n_ok[:, None] & m_ok[None, :]
+            q = tl.load(q_base + rows[:, None] * s_ql + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+            do = tl.load(g_base + rows[:, None] * s_gl + offs_d[None, :] * s_gd, mask=q_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            if UPCAST and DOT_PREC == "tf32":
+                q = (q.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                do = (do.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            # transposed tile [N, M]: keeps the key block as the row dimension of every product
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            p_t = tl.where(p_mask, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+            p_op = p_t.to(do.dtype)
+            if UPCAST and DOT_PREC == "tf32":
+                p_op = (p_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            dv = tl.dot(p_op, do, dv, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            ds_op = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            if UPCAST and DOT_PREC == "tf32":
+                ds_op = (ds_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            dk = tl.dot(ds_op, q, dk, input_precision=DOT_PREC)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds_op), k, input_precision=DOT_PREC) * sm_scale
+                tl.atomic_add(dq_base + rows[:, None] * s_dql + offs_d[None, :] * s_dqd, dq,
+                              mask=(rows < seqlen)[:, None] & d_ok[None, :], sem="relaxed")
+    dk = dk * sm_scale
+    out_mask = (offs_n < L)[:, None] & d_ok[None, :]
+    tl.store(dk_base + offs_n[:, None] * s_dkl + offs_d[None, :] * s_dkd,
+             dk.to(dk_base.dtype.element_ty), mask=out_mask)
+    tl.store(dv_base + offs_n[:, None] * s_dvl + offs_d[None, :] * s_dvd,
+             dv.to(dv_base.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Lengths,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQ, Lengths,
     s_qb, s_ql, s_qh, s_qd,
     s_kb, s_kl, s_kh, s_kd,
     s_vb, s_vl, s_vh, s_vd,
     s_gb, s_gl, s_gh, s_gd,
     s_dkb, s_dkl, s_dkh, s_dkd,
     s_dvb, s_dvl, s_dvh, s_dvd,
-    H, L, D, sm_scale, qk_scale,
+    s_dqb, s_dql, s_dqh, s_dqd,
+    H, L, D, sm_scale, qk_scale, L_BUCKET,
     HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # one program owns a block of keys and streams every query block past it, so dk / dv are
-    # accumulated in registers without atomics; dq is done by a separate kernel for the same reason
+    # accumulated in registers without atomics. With ATOMIC_DQ it also adds ds @ k (times the
+    # softmax scale) into the zeroed fp32 buffer DQ; otherwise DQ is never touched and dq is the
+    # separate kernel's job.
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -178,49 +385,87 @@ def _bwd_dkdv_kernel(
     k_base = K + b64 * s_kb + h * s_kh
     v_base = V + b64 * s_vb + h * s_vh
     g_base = DO + b64 * s_gb + h * s_gh
-    row_base = pid_bh.to(tl.int64) * L
+    dk_base = DK + b64 * s_dkb + h * s_dkh
+    dv_base = DV + b64 * s_dvb + h * s_dvh
+    dq_base = DQ + b64 * s_dqb + h * s_dqh
+    lse_base = Lse + pid_bh.to(tl.int64) * L
+    delta_base = Delta + pid_bh.to(tl.int64) * L
+    col0 = pid_n * BLOCK_N
+    if BLOCK_T < BLOCK_N:
+        if seqlen - col0 <= BLOCK_T:
+            _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_base, delta_base,
+                       s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dkl, s_dkd, s_dvl, s_dvd, s_dql, s_dqd,
+                       col0, seqlen, L, D, sm_scale, qk_scale,
+                       BLOCK_T, BLOCK_M, BLOCK_T, BLOCK_D, ATOMIC_DQ, UPCAST, DOT_PREC)
+            _store_zero_rows(dk_base, s_dkl, s_dkd, col0, L, D, BLOCK_N, BLOCK_T, BLOCK_D)
+            _store_zero_rows(dv_base, s_dvl, s_dvd, col0, L, D, BLOCK_N, BLOCK_T, BLOCK_D)
+        else:
+            _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_base, delta_base,
+                       s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dkl, s_dkd, s_dvl, s_dvd, s_dql, s_dqd,
+                       col0, seqlen, L, D, sm_scale, qk_scale,
+                       BLOCK_N, BLOCK_M, BLOCK_T, BLOCK_D, ATOMIC_DQ, UPCAST, DOT_PREC)
+    else:
+        _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_base, delta_base,
+                   s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dkl, s_dkd, s_dvl, s_dvd, s_dql, s_dqd,
+                   col0, seqlen, L, D, sm_scale, qk_scale,
+                   BLOCK_N, BLOCK_M, BLOCK_T, BLOCK_D, ATOMIC_DQ, UPCAST, DOT_PREC)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+
+@triton.jit
+def _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
+             s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dql, s_dqd,
+             row0, seqlen, L, D, sm_scale, qk_scale,
+             ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+             UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_m = row0 + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    n_ok = offs_n < seqlen
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + offs_n[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+    m_ok = offs_m < seqlen
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+    do = tl.load(g_base + offs_m[:, None] * s_gl + offs_d[None, :] * s_gd, mask=q_mask, other=0.0)
     if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    if UPCAST and DOT_PREC == "tf32":
+        q = (q.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        do = (do.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
 
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    hi = tl.where(pid_n * BLOCK_N < seqlen, seqlen, 0)
-    for start_m in range(0, hi, BLOCK_M):
-        rows = start_m + offs_m
-        m_ok = rows < seqlen
-        qmask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * s_ql + offs_d[None, :] * s_qd, mask=qmask, other=0.0)
-        do = tl.load(g_base + rows[:, None] * s_gl + offs_d[None, :] * s_gd, mask=qmask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse2 = tl.load(Lse + row_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
-        # transposed tile [N, M]: keeps the key block as the row dimension of every product
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        p_t = tl.where(n_ok[:, None] & m_ok[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    dk = dk * sm_scale
-
-    out_mask = (offs_n < L)[:, None] & d_ok[None, :]
-    tl.store(DK + b64 * s_dkb + h * s_dkh + offs_n[:, None] * s_dkl + offs_d[None, :] * s_dkd,
-             dk.to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(DV + b64 * s_dvb + h * s_dvh + offs_n[:, None] * s_dvl + offs_d[None, :] * s_dvd,
-             dv.to(DV.dtype.element_ty), mask=out_mask)
+    dq = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    hi = tl.where(row0 < seqlen, seqlen, 0)
+    n_full = hi - hi % BLOCK_N
+    for phase in tl.static_range(2):
+        lo = 0 if phase == 0 else n_full
+        top = n_full if phase == 0 else hi
+        for start_n in range(lo, top, BLOCK_N if phase == 0 else BLOCK_T):
+            cols = start_n + tl.arange(0, BLOCK_N if phase == 0 else BLOCK_T)
+            if phase == 0:
+                kv_mask = d_ok[None, :]
+                p_mask = m_ok[:, None]
+            else:
+                n_ok = cols < seqlen
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+                p_mask = m_ok[:, None] & n_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if UPCAST and DOT_PREC == "tf32":
+                k = (k.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                v = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            p = tl.where(p_mask, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds_op = (p * (dp - delta[:, None])).to(k.dtype)
+            if UPCAST and DOT_PREC == "tf32":
+                ds_op = (ds_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            dq = tl.dot(ds_op, k, dq, input_precision=DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(dq_base + offs_m[:, None] * s_dql + offs_d[None, :] * s_dqd,
+             dq.to(dq_base.dtype.element_ty), mask=(offs_m < L)[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -231,9 +476,9 @@ def _bwd_dq_kernel(
     s_vb, s_vl, s_vh, s_vd,
     s_gb, s_gl, s_gh, s_gd,
     s_dqb, s_dql, s_dqh, s_dqd,
-    H, L, D, sm_scale, qk_scale,
+    H, L, D, sm_scale, qk_scale, L_BUCKET,
     HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -242,91 +487,165 @@ def _bwd_dq_kernel(
     pid_bh = b * H + h
     seqlen = _seqlen(Lengths, b, L, HAS_LENGTHS)
     b64 = b.to(tl.int64)
+    q_base = Q + b64 * s_qb + h * s_qh
     k_base = K + b64 * s_kb + h * s_kh
     v_base = V + b64 * s_vb + h * s_vh
-    row_base = pid_bh.to(tl.int64) * L
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    m_ok = offs_m < seqlen
-    qmask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b64 * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd,
-                mask=qmask, other=0.0)
-    do = tl.load(DO + b64 * s_gb + h * s_gh + offs_m[:, None] * s_gl + offs_d[None, :] * s_gd,
-                 mask=qmask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse2 = tl.load(Lse + row_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
-
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    hi = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < seqlen
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    dq = dq * sm_scale
-    tl.store(DQ + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dql + offs_d[None, :] * s_dqd,
-             dq.to(DQ.dtype.element_ty), mask=(offs_m < L)[:, None] & d_ok[None, :])
-
-
-# --------------------------------------------------------------------------------------------
-# block-size table
-# --------------------------------------------------------------------------------------------
-
-
-def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel: "fwd", "dkdv", "dq".
-
-    For "dkdv" BLOCK_N is the resident key block and BLOCK_M the streamed query block.
-    The GPU rows are untuned starting points: compiled for sm_80/86/90 each needs at most ~70 KB
-    of shared memory (fp32 tiles are twice as large, so they get fewer rows), but none has been
-    benchmarked on hardware yet.
-    """
-    if is_interpreting():
-        # one fixed config: multi-config autotuning crashes the interpreter, and 64-row tiles keep
-        # the number of (slow, Python-level) program instances small while still testing tails
-        c = (64, 64, 4, 1)
-        return {"fwd": c, "dkdv": c, "dq": c}
-    cap = gpu_capability(device) or (8, 0)
-    big_d = head_dim > 64
-    if cap[0] < 8:  # pre-Ampere: 64 KB of shared memory per block
-        c = (32, 32, 4, 1) if dtype == torch.float32 else (64, 32, 4, 2)
-        return {"fwd": c, "dkdv": c, "dq": c}
-    if dtype == torch.float32:
-        c = (32, 32, 4, 2) if big_d else (64, 32, 4, 2)
-        return {"fwd": c, "dkdv": c, "dq": c}
-    if cap[0] >= 9:
-        fwd = (128, 64, 8, 3) if big_d else (128, 128, 8, 3)
+    g_base = DO + b64 * s_gb + h * s_gh
+    dq_base = DQ + b64 * s_dqb + h * s_dqh
+    lse_base = Lse + pid_bh.to(tl.int64) * L
+    delta_base = Delta + pid_bh.to(tl.int64) * L
+    row0 = pid_m * BLOCK_M
+    if BLOCK_T < BLOCK_M:
+        if seqlen - row0 <= BLOCK_T:
+            _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
+                     s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dql, s_dqd,
+                     row0, seqlen, L, D, sm_scale, qk_scale, BLOCK_T, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+            _store_zero_rows(dq_base, s_dql, s_dqd, row0, L, D, BLOCK_M, BLOCK_T, BLOCK_D)
+        else:
+            _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
+                     s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dql, s_dqd,
+                     row0, seqlen, L, D, sm_scale, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
     else:
-        fwd = (128, 64, 8, 3) if big_d else (128, 64, 4, 3)
-    dkdv = (32, 64, 4, 2) if big_d else (64, 64, 4, 2)
-    dq = (64, 32, 4, 2) if big_d else (64, 64, 4, 2)
-    return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
+        _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
+                 s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dql, s_dqd,
+                 row0, seqlen, L, D, sm_scale, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+
+
+# --------------------------------------------------------------------------------------------
+# tile configs
+# --------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, architecture class, operand
+# class and head-dim tile (BLOCK_D; 32 uses the 64 lists). Filled in below the table.
+CANDIDATES: dict[str, dict[tuple[str, str, int], list[tuple[int, int, int, int]]]] = {}
+
+# the one config of the interpreter: 64-row tiles keep the number of (slow, Python-level) program
+# instances small while the 16-wide tails and the 16-row tail blocks are still exercised at L = 257
+_INTERPRETER_CONFIG = (64, 64, 4, 1)
+
+_PROVISIONAL = [(64, 64, 4, 2)]
+for _k in ("fwd", "dkdv", "dkdv_atomic", "dq"):
+    CANDIDATES[_k] = {(a, o, d): list(_PROVISIONAL) for a in ("sm90", "sm80", "sm89")
+                      for o in ("16bit", "tf32", "ieee") for d in (64, 128)}
+
+
+def arch_class(cap: tuple[int, int] | None) -> str:
+    """The candidate list an architecture gets: "sm90" (227 KB of shared memory per block, wgmma),
+    "sm80" (A100 / Orin: 163 KB), "sm89" (sm_86 / sm_89 / sm_120: 99 KB), "old" (pre-Ampere)."""
+    if cap is None:
+        return "sm80"
+    if cap[0] == 9:
+        return "sm90"
+    if cap in ((8, 0), (8, 7)) or cap[0] == 10:
+        return "sm80"  # sm_100 has 227 KB: the sm_80 lists fit (no tcgen05-specific tuning here)
+    if cap[0] >= 8:
+        return "sm89"
+    return "old"
+
+
+def operand_class(dtype: torch.dtype, dot_prec: str) -> str:
+    return "16bit" if dtype != torch.float32 else dot_prec  # "16bit" | "tf32" | "ieee"
+
+
+def _dtile(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _device_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return gpu_capability(device)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _fixed_config(kernel: str, cap: tuple[int, int] | None, ocls: str) -> tuple[int, int, int, int]:
+    if kernel in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE[kernel]
+    if is_interpreting():
+        return _INTERPRETER_CONFIG
+    # pre-Ampere (64-96 KB of shared memory, no bf16 / tf32 tensor cores): small, untuned tiles
+    return (32, 32, 4, 1) if ocls != "16bit" else (64, 32, 4, 2)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """DOT_PREC for inputs of ``dtype``: fp32 follows torch.get_float32_matmul_precision()."""
+    if dtype != torch.float32:
+        return "ieee"  # ignored by tl.dot for 16-bit operands (always tensor cores)
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(UPCAST, DOT_PREC).
+    """(UPCAST, DOT_PREC), read once per launcher call.
 
     Under the triton 3.9 interpreter tl.dot on 16-bit operands returns garbage, so operands are
-    upcast to fp32 there; on a GPU the native 16-bit tensor-core dot is kept. fp32 inputs use
-    exact fp32 products ("ieee") rather than tf32 so the fp32 path stays a faithful reference.
+    upcast to fp32 there (and tf32 rounding is emulated, see ``_dot``); on a GPU the native
+    16-bit tensor-core dot is kept.
     """
-    return is_interpreting(), "ieee"
+    return is_interpreting(), dot_precision(dtype)
+
+
+def _table(kernel: str, atomic_dq: bool = False) -> str:
+    return "dkdv_atomic" if kernel == "dkdv" and atomic_dq else kernel
+
+
+def candidates(kernel: str, cap: tuple[int, int] | None, dtype: torch.dtype, dot_prec: str, block_d: int,
+               atomic_dq: bool = False) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries for ``kernel`` ("fwd" |
+    "dkdv" | "dq") on a GPU of capability ``cap``, e.g. for an ahead-of-time check of each."""
+    return list(CANDIDATES[_table(kernel, atomic_dq)][(arch_class(cap), operand_class(dtype, dot_prec),
+                                                       _dtile(block_d))])
+
+
+def _prune(kernel: str):
+    # the autotuner's early_config_prune: of the union of every list, keep the device's list
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        wanted = set(candidates(kernel, _device_capability(q.device), q.dtype, kwargs["DOT_PREC"], kwargs["BLOCK_D"],
+                                bool(kwargs.get("ATOMIC_DQ", False))))
+        return [c for c in configs if _cfg_tuple(c) in wanted]
+
+    return prune
+
+
+def _cfg_tuple(c: triton.Config) -> tuple[int, int, int, int]:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+def _all_configs(kernel: str) -> list[triton.Config]:
+    tables = ("dkdv", "dkdv_atomic") if kernel == "dkdv" else (kernel,)
+    tuples = sorted({t for name in tables for lst in CANDIDATES[name].values() for t in lst})
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tuples]
+
+
+def _autotuned(kernel: str, fn, reset_to_zero=None):
+    return triton.autotune(
+        configs=_all_configs(kernel),
+        key=["L_BUCKET", "BLOCK_D", "DOT_PREC", "HAS_LENGTHS", "ATOMIC_DQ"][: 5 if kernel == "dkdv" else 4],
+        prune_configs_by={"early_config_prune": _prune(kernel)},
+        reset_to_zero=reset_to_zero,
+        cache_results=True,  # also on disk (Triton's cache dir): a new process does not re-tune
+    )(fn)
+
+
+_JIT = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+_TUNED_CACHE: dict = {}
+
+
+class _Tuned:
+    """The autotuned kernels, built on first use (never under the interpreter)."""
+
+    def __getitem__(self, kernel: str):
+        if kernel not in _TUNED_CACHE:
+            # the autotuner's benchmark runs repeat the atomic adds: DQ is zeroed before each
+            _TUNED_CACHE[kernel] = _autotuned(kernel, _JIT[kernel], ["DQ"] if kernel == "dkdv" else None)
+        return _TUNED_CACHE[kernel]
+
+
+_TUNED = _Tuned()
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,6 +664,17 @@ def _check_buffer(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
         )
 
 
+def _launch(kernel: str, grid_of, args, cap, ocls, **constexprs):
+    """Launch ``kernel`` ("fwd" | "dkdv" | "dq"): autotuned on Ampere and newer GPUs, one fixed
+    config under the interpreter and on older GPUs. ``grid_of(BLOCK_M, BLOCK_N)`` gives the grid."""
+    if is_interpreting() or arch_class(cap) == "old" or kernel in CONFIG_OVERRIDE:
+        bm, bn, warps, stages = _fixed_config(kernel, cap, ocls)
+        _JIT[kernel][grid_of(bm, bn)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                                      **constexprs)
+    else:
+        _TUNED[kernel][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+
+
 def flash_attn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -356,9 +686,10 @@ def flash_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns (out [B, L, H, D] in q's dtype, lse fp32 [B, H, L]).
 
-    Inputs are assumed validated by the caller (``alit_fast.ops.attention``). ``out`` / ``lse``
-    may be passed in (any strides for ``out``; ``lse`` contiguous), e.g. pre-filled with NaN by a
-    test to prove every element is written.
+    Inputs are assumed validated by the caller (``alit_fast.ops.attention``); ``lengths`` must be
+    int32 on q's device (converted by the caller, once). ``out`` / ``lse`` may be passed in (any
+    strides for ``out``; ``lse`` contiguous), e.g. pre-filled with NaN by a test to prove every
+    element is written.
     """
     B, L, H, D = q.shape
     if out is None:
@@ -373,18 +704,17 @@ def flash_attn_fwd(
             raise ValueError("lse buffer must be contiguous")
     if B * H * L == 0:
         return out, lse
-    bm, bn, warps, stages = _configs(D, q.dtype, q.device)["fwd"]
     upcast, prec = _dot_flags(q.dtype)
+    cap = _device_capability(q.device)
     has_len = lengths is not None
     len_arg = lengths if has_len else q  # any pointer; never read when HAS_LENGTHS is False
     # batch on the z axis (limit 65535) rather than B*H on y, which large batches would overflow
-    grid = (cdiv(L, bm), H, B)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, len_arg,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, L, D, _LOG2E / math.sqrt(D),
-        HAS_LENGTHS=has_len, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=next_power_of_2(D),
-        UPCAST=upcast, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+    _launch(
+        "fwd", lambda bm, bn: (cdiv(L, bm), H, B),
+        (q, k, v, out, lse, len_arg, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+         H, L, D, _LOG2E / math.sqrt(D), cdiv(L, 32)),
+        cap, operand_class(q.dtype, prec),
+        HAS_LENGTHS=has_len, BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_2(D), UPCAST=upcast, DOT_PREC=prec,
     )
     return out, lse
 
@@ -401,11 +731,17 @@ def flash_attn_bwd(
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
+    dq_mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch delta, dk/dv and dq kernels. Returns (dq, dk, dv), each [B, L, H, D] in q's dtype.
+    """Launch delta, dk/dv and (``dq_mode="separate"``) dq kernels. Returns (dq, dk, dv), each
+    [B, L, H, D] in q's dtype.
 
     ``grad_out`` and ``out`` may have any strides; ``lse`` is the fp32 [B, H, L] from the forward.
+    ``dq_mode`` defaults to ``DQ_MODE`` (see the module docstring).
     """
+    dq_mode = DQ_MODE if dq_mode is None else dq_mode
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
     B, L, H, D = q.shape
     bufs = []
     for name, buf in (("dq", dq), ("dk", dk), ("dv", dv)):
@@ -419,12 +755,14 @@ def flash_attn_bwd(
         return dq, dk, dv
     lse = lse.contiguous()
     delta = _alloc((B, H, L), torch.float32, q.device)
-    cfg = _configs(D, q.dtype, q.device)
     upcast, prec = _dot_flags(q.dtype)
+    cap = _device_capability(q.device)
+    ocls = operand_class(q.dtype, prec)
     has_len = lengths is not None
     len_arg = lengths if has_len else q
     block_d = next_power_of_2(D)
     sm_scale = 1.0 / math.sqrt(D)
+    bucket = cdiv(L, 32)
 
     bm_delta = 64
     _bwd_delta_kernel[(cdiv(L, bm_delta), H, B)](
@@ -432,21 +770,32 @@ def flash_attn_bwd(
         HAS_LENGTHS=has_len, BLOCK_M=bm_delta, BLOCK_D=block_d,
     )
 
-    bm, bn, warps, stages = cfg["dkdv"]
-    _bwd_dkdv_kernel[(cdiv(L, bn), H, B)](
-        q, k, v, grad_out, lse, delta, dk, dv, len_arg,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-        H, L, D, sm_scale, sm_scale * _LOG2E,
-        HAS_LENGTHS=has_len, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-        UPCAST=upcast, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+    atomic = dq_mode == "atomic"
+    if atomic:
+        # fp32 accumulator of the atomic adds: dq itself when it is fp32, else a scratch buffer
+        dq_acc = dq if dq.dtype == torch.float32 else torch.empty((B, L, H, D), dtype=torch.float32, device=q.device)
+        dq_acc.zero_()
+    else:
+        dq_acc = dk  # never touched by the kernel (zeroed only by the autotuner's benchmark runs)
+    _launch(
+        "dkdv", lambda bm, bn: (cdiv(L, bn), H, B),
+        (q, k, v, grad_out, lse, delta, dk, dv, dq_acc, len_arg,
+         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+         *_strides(dq_acc), H, L, D, sm_scale, sm_scale * _LOG2E, bucket),
+        cap, ocls,
+        HAS_LENGTHS=has_len, BLOCK_T=BLOCK_T, BLOCK_D=block_d, ATOMIC_DQ=atomic, UPCAST=upcast, DOT_PREC=prec,
     )
+    if atomic:
+        if dq_acc is not dq:
+            dq.copy_(dq_acc)
+        return dq, dk, dv
 
-    bm, bn, warps, stages = cfg["dq"]
-    _bwd_dq_kernel[(cdiv(L, bm), H, B)](
-        q, k, v, grad_out, lse, delta, dq, len_arg,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-        H, L, D, sm_scale, sm_scale * _LOG2E,
-        HAS_LENGTHS=has_len, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-        UPCAST=upcast, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+    _launch(
+        "dq", lambda bm, bn: (cdiv(L, bm), H, B),
+        (q, k, v, grad_out, lse, delta, dq, len_arg,
+         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+         H, L, D, sm_scale, sm_scale * _LOG2E, bucket),
+        cap, ocls,
+        HAS_LENGTHS=has_len, BLOCK_T=BLOCK_T, BLOCK_D=block_d, UPCAST=upcast, DOT_PREC=prec,
     )
     return dq, dk, dv

@@ -1,10 +1,50 @@
 """Fused nearest-code search: argmin_k ||z_n - c_k||^2 without an N x K distance matrix.
 
-Each program owns a block of rows of z and streams the codebook through in tiles, keeping only a
-running (best partial distance, best index) per row, so memory is O(BLOCK_N x BLOCK_K) per program
-however large N and K are. The 65,536 x 4,096 fp32 matrix the plain form needs (1 GiB) never exists.
+Design (one call = one small prep launch, one search launch, and a combine launch only when the
+codebook is split across programs):
+
+1. ``_vq_prep_codes_kernel`` (once per call, K x d work): writes the codebook rounded to the
+   tensor-core operand type (tf32-rounded fp32 for fp32 z, bf16/fp16 for 16-bit z), zero-padded
+   to the tile width, and per code ``||c||^2``, ``||c~||`` and ``||c - c~||`` (the rounding error
+   actually made, flush-aware).
+2. ``_vq_tc_kernel`` (grid: row blocks x codebook splits). Each program streams its share of the
+   codebook in tiles. For every tile a tensor-core dot gives approximate scores
+   ``s~ = ||c||^2 - 2 z~.c~``; the program keeps the running minimum ``b`` of ``s~`` per row and a
+   rigorous bound ``W`` (below) such that the code the exact fp32 ranking picks always satisfies
+   ``s~ <= b + W``. Every code of the tile under that threshold (usually none, sometimes one per
+   row) is re-ranked exactly: its fp32 distance ``(||c||^2 - 2 z.c) + ||z||^2`` -- the same
+   expression, in the same order of operations, that the torch reference ranks -- is computed from
+   the fp32 row and code, and the lowest index wins among equal exact values. The threshold only
+   shrinks as ``b`` falls, so each code under the final threshold was re-ranked when its tile was
+   visited; re-ranking extra codes is harmless. So the answer is the exact fp32 argmin (lowest
+   index on ties) of the program's codes, whatever the tensor cores rounded.
+3. With a split codebook, each program writes its (exact distance, index) and
+   ``_vq_finalize_kernel`` takes, per row, the first strict minimum over the splits in split order
+   (splits cover increasing index ranges), so ties still resolve to the lowest index. It also
+   computes the returned score and z_q. Without a split the search kernel writes them itself.
+
+The error bound (``_window``): let ``z`` be the fp32 (normalized) row, ``z~``, ``c~`` the operands
+the tensor cores multiply, ``ez >= ||z - z~||``, ``ec >= ||c - c~||``. By Cauchy-Schwarz
+``|z.c - z~.c~| <= ||z|| ec + ez ||c~||``. Products of tf32/bf16/fp16 values are exact in fp32; the
+tensor cores' fp32 accumulation of the ``d`` products (truncating, aligned adds) errs by at most
+``g_tc ||z~|| ||c~||`` with ``g_tc = (d + 16) 2^-20``, 16 times the round-to-nearest bound
+``d 2^-24``; the exact fp32 dot errs by at most ``g_ex ||z|| ||c||``, ``g_ex = (d + 2) 2^-23``
+(twice the textbook ``gamma_d``, any summation order). Each score is then off from the real
+``||c||^2 - 2 z.c`` by at most twice its dot error plus a rounding of its magnitude, so the exact
+winner ``k*`` and the approximate minimum ``j`` satisfy ``s~_k* <= s~_j + 4 dot_err + slack``,
+where the slack ``2^-19 (max ||c||^2 + 2 ||z~|| max ||c|| + ||z||^2)`` (32 ulps of the largest
+magnitude involved) covers the roundings of both scores, of adding ``||z||^2`` before ranking,
+and of forming and comparing the threshold. ``ez``: measured per row where the row sits in
+registers (d <= 64), else the a priori relative error of the conversion (2^-10 for fp32 -> tf32,
+valid whether the hardware rounds or truncates; 2^-8 bf16; 2^-11 fp16; 0 when z already is the
+operand type) plus, for every value under the operand type's smallest normal (2^-14 for fp16,
+2^-126 otherwise), the value itself (a flush-to-zero). ``ec`` is measured the same flush-aware way
+in the prep kernel; codes out of fp16's range are clamped there, which makes ``ec`` (and the
+window) huge: correct, only slower. All maxima are over the program's own codes.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -16,113 +56,434 @@ from ._utils import cdiv, is_interpreting, next_power_of_2
 # (near-)zero rows.
 _NORM_EPS = 1e-12
 
+# Reductions through tl.reduce with triton's own combine functions: the same code as tl.sum / tl.min
+# / tl.max when compiled, and under the interpreter a single numpy call instead of a device-function
+# call (tl.sum and friends are @jit functions there, each call re-patching triton.language: ~5 ms).
+_SUM = tl.standard._sum_combine
+_MIN = tl.standard._elementwise_min
+_MAX = tl.standard._elementwise_max
+
+# Rows are held whole in registers up to this padded width; above it the d dimension is tiled.
+_SMALL_D_MAX = 64
+
 
 @triton.jit
-def _vq_nearest_kernel(
+def _round_to_operand(x, OP_KIND: tl.constexpr):
+    """x (fp32) rounded to the tensor-core operand type: 0 tf32 (kept in fp32), 1 bf16, 2 fp16."""
+    if OP_KIND == 0:
+        # round half away at 10 mantissa bits (cvt.rna.tf32.f32), in integer arithmetic so the
+        # interpreter does the same; the tensor cores then see exact tf32 values
+        bits = x.to(tl.int32, bitcast=True)
+        return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    elif OP_KIND == 1:
+        return x.to(tl.bfloat16)
+    else:
+        return tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
+def _rounding_error_sq(x, xr, OP_KIND: tl.constexpr):
+    """Per element squared bound on |x - operand|, counting a flush-to-zero of values the operand
+    type holds only as subnormals."""
+    xr = xr.to(tl.float32)
+    if OP_KIND == 2:
+        tiny = 6.103515625e-05  # 2^-14, fp16's smallest normal
+    else:
+        tiny = 1.1754943508222875e-38  # 2^-126
+    err = tl.abs(x - xr)
+    err = tl.where(tl.abs(xr) < tiny, tl.maximum(err, tl.abs(x)), err)
+    return err * err
+
+
+@triton.jit
+def _row_norm(z_ptr, rows64, row_ok, D, stride_zn, stride_zd, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, D_PAD: tl.constexpr):
+    """max(||z||, eps) per row (1 when not normalizing), over d tiles of BLOCK_D."""
+    if NORMALIZE:
+        ssq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D_PAD, BLOCK_D):
+            dk = d0 + tl.arange(0, BLOCK_D)
+            zc = tl.load(
+                z_ptr + rows64[:, None] * stride_zn + dk[None, :] * stride_zd,
+                mask=row_ok[:, None] & (dk[None, :] < D),
+                other=0.0,
+            ).to(tl.float32)
+            ssq += tl.reduce(zc * zc, 1, _SUM)
+        nrm = tl.maximum(tl.sqrt(ssq), 1e-12)
+    else:
+        nrm = tl.full([BLOCK_N], 1.0, tl.float32)
+    return nrm
+
+
+@triton.jit
+def _write_result(
+    z_ptr, cb_ptr, idx_ptr, score_ptr, zq_ptr, write_zq, rows64, row_ok, best_i, nrm, D, stride_zn, stride_zd,
+    NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """Index, exact (non-expanded) squared distance to the chosen code, and z_q when ``write_zq``
+    (a runtime flag, so a call with z_q runs the very same compiled code and gets the same bits)."""
+    code64 = best_i.to(tl.int64)
+    # rows taken through best_i (always >= 0): the z addresses are formed here, not shared with the
+    # identical ones before the search and kept in registers all through it
+    zrows = tl.where(code64 >= 0, rows64, 0)
+    score = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        dk = d0 + tl.arange(0, BLOCK_D)
+        m = row_ok[:, None] & (dk[None, :] < D)
+        zc = tl.load(z_ptr + zrows[:, None] * stride_zn + dk[None, :] * stride_zd, mask=m, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            zc = zc / nrm[:, None]
+        c = tl.load(cb_ptr + code64[:, None] * D + dk[None, :], mask=m, other=0.0)
+        diff = zc - c
+        score += tl.reduce(diff * diff, 1, _SUM)
+        if write_zq != 0:
+            tl.store(zq_ptr + rows64[:, None] * D + dk[None, :], c.to(zq_ptr.dtype.element_ty), mask=m)
+    tl.store(idx_ptr + rows64, code64, mask=row_ok)
+    tl.store(score_ptr + rows64, score, mask=row_ok)
+
+
+@triton.jit
+def _window(nz, ez, r, csq_m, nct_m, ec_m, D):
+    """Half-width W of the candidate window: see the module docstring."""
+    nc_m = tl.sqrt(csq_m)
+    ncm = tl.maximum(nc_m, nct_m)
+    nzt = nz + ez
+    g_tc = (D + 16) * 9.5367431640625e-07  # 2^-20
+    g_ex = (D + 2) * 1.1920928955078125e-07  # 2^-23
+    dot_err = nz * ec_m + ez * nct_m + g_tc * nzt * nct_m + g_ex * nz * nc_m
+    mag = csq_m + 2.0 * nzt * ncm + r
+    # (1 + 2^-10) absorbs the rounding of this very computation; 2^-100 any underflow
+    return 4.0 * dot_err * 1.0009765625 + mag * 1.9073486328125e-06 + 7.888609052210118e-31
+
+
+@triton.jit
+def _vq_prep_codes_kernel(
+    cb_ptr,
+    cbt_ptr,
+    aux_ptr,
+    K,
+    D,
+    stride_cbt,
+    OP_KIND: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """cbt [K, D_PAD]: codes in the operand type, zero-padded; aux [3, K]: ||c||^2, ||c~||, ||c - c~||."""
+    pid = tl.program_id(0)
+    codes = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    code_ok = codes < K
+    codes64 = codes.to(tl.int64)
+    csq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    nct2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ec2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        c = tl.load(cb_ptr + codes64[:, None] * D + dims[None, :], mask=code_ok[:, None] & (dims[None, :] < D), other=0.0)
+        ct = _round_to_operand(c, OP_KIND)
+        tl.store(cbt_ptr + codes64[:, None] * stride_cbt + dims[None, :], ct, mask=code_ok[:, None])
+        csq += tl.reduce(c * c, 1, _SUM)
+        ctf = ct.to(tl.float32)
+        nct2 += tl.reduce(ctf * ctf, 1, _SUM)
+        ec2 += tl.reduce(_rounding_error_sq(c, ct, OP_KIND), 1, _SUM)
+    tl.store(aux_ptr + codes64, csq, mask=code_ok)
+    tl.store(aux_ptr + K + codes64, tl.sqrt(nct2), mask=code_ok)
+    tl.store(aux_ptr + 2 * K + codes64, tl.sqrt(ec2), mask=code_ok)
+
+
+@triton.jit
+def _vq_tc_kernel(
     z_ptr,
     cb_ptr,
+    cbt_ptr,
+    aux_ptr,
     idx_ptr,
     score_ptr,
     zq_ptr,
+    part_r_ptr,
+    part_i_ptr,
+    write_zq,
     N,
     K,
     D,
     stride_zn,
     stride_zd,
+    stride_cbt,
+    codes_per_split,
     NORMALIZE: tl.constexpr,
-    WRITE_ZQ: tl.constexpr,
-    IEEE_DOT: tl.constexpr,  # False only under the interpreter
+    FINAL: tl.constexpr,  # one split: write index and score here; else (distance, index) partials
+    OP_KIND: tl.constexpr,  # tensor-core operand type: 0 tf32, 1 bf16, 2 fp16
+    Z_EPS: tl.constexpr,  # a priori relative rounding error of z -> operand (tiled-d path)
+    Z_TINY: tl.constexpr,  # smallest normal of the operand type (flush-to-zero term)
+    INTERP: tl.constexpr,  # the interpreter's dot is wrong on 16-bit operands: upcast there
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # whole padded row (D_PAD == BLOCK_D) or the d tile of the dot
+    D_PAD: tl.constexpr,
+    TENSOR_CORES: tl.constexpr = True,  # tells benchmarks/aot_check.py to require mma/wgmma
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    # int64 offsets: N * stride can pass 2**31 for large batches of strided views
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    k_lo = pid_s * codes_per_split
+    k_hi = tl.minimum(k_lo + codes_per_split, K)
+    SMALL: tl.constexpr = D_PAD == BLOCK_D
+
+    nrm = _row_norm(z_ptr, rows64, row_ok, D, stride_zn, stride_zd, NORMALIZE, BLOCK_N, BLOCK_D, D_PAD)
+    if SMALL:
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        # padded dims (d=12 -> 16) load as 0, so they add nothing to norms or dot products
+        z = tl.load(
+            z_ptr + rows64[:, None] * stride_zn + dims[None, :] * stride_zd,
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if NORMALIZE:
+            z = z / nrm[:, None]
+        r = tl.reduce(z * z, 1, _SUM)
+        zt = _round_to_operand(z, OP_KIND)
+        ez = tl.sqrt(tl.reduce(_rounding_error_sq(z, zt, OP_KIND), 1, _SUM))
+        if INTERP:
+            zt = zt.to(tl.float32)
+    else:
+        r = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D_PAD, BLOCK_D):
+            dk = d0 + tl.arange(0, BLOCK_D)
+            zc = tl.load(
+                z_ptr + rows64[:, None] * stride_zn + dk[None, :] * stride_zd,
+                mask=row_ok[:, None] & (dk[None, :] < D),
+                other=0.0,
+            ).to(tl.float32)
+            if NORMALIZE:
+                zc = zc / nrm[:, None]
+            r += tl.reduce(zc * zc, 1, _SUM)
+        ez = Z_EPS * tl.sqrt(r) + Z_TINY * tl.sqrt(D * 1.0)
+    nz = tl.sqrt(r)
+
+    # maxima of the code statistics over this program's codes
+    csq_m = tl.zeros([BLOCK_K], dtype=tl.float32)
+    nct_m = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ec_m = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        codes = k0 + cols
+        ok = codes < k_hi
+        csq_m = tl.maximum(csq_m, tl.load(aux_ptr + codes, mask=ok, other=0.0))
+        nct_m = tl.maximum(nct_m, tl.load(aux_ptr + K + codes, mask=ok, other=0.0))
+        ec_m = tl.maximum(ec_m, tl.load(aux_ptr + 2 * K + codes, mask=ok, other=0.0))
+    win = _window(nz, ez, r, tl.reduce(csq_m, 0, _MAX), tl.reduce(nct_m, 0, _MAX), tl.reduce(ec_m, 0, _MAX), D)
+
+    b = tl.full([BLOCK_N], float("inf"), tl.float32)  # running minimum of the approximate score
+    best_r = tl.full([BLOCK_N], float("inf"), tl.float32)  # exact ranked distance of the best code
+    best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        codes = k0 + cols
+        ok = codes < k_hi
+        codes64 = codes.to(tl.int64)
+        # codes past the end score +inf (inf - 2 * 0), so they never pass the threshold
+        csq = tl.load(aux_ptr + codes, mask=ok, other=float("inf"))
+        if SMALL:
+            dk = tl.arange(0, BLOCK_D)
+            ct = tl.load(cbt_ptr + codes64[:, None] * stride_cbt + dk[None, :], mask=ok[:, None], other=0.0)
+            if INTERP:
+                ct = ct.to(tl.float32)
+            acc = tl.dot(zt, tl.trans(ct), input_precision="tf32")
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for d0 in range(0, D_PAD, BLOCK_D):
+                dk = d0 + tl.arange(0, BLOCK_D)
+                za = tl.load(
+                    z_ptr + rows64[:, None] * stride_zn + dk[None, :] * stride_zd,
+                    mask=row_ok[:, None] & (dk[None, :] < D),
+                    other=0.0,
+                )
+                if NORMALIZE:
+                    za = za.to(tl.float32) / nrm[:, None]
+                if OP_KIND == 0:
+                    za = za.to(tl.float32)  # the dot's own fp32 -> tf32 conversion: Z_EPS = 2^-10
+                elif OP_KIND == 1:
+                    za = za.to(tl.bfloat16)
+                else:
+                    za = za.to(tl.float16)
+                ct = tl.load(cbt_ptr + codes64[:, None] * stride_cbt + dk[None, :], mask=ok[:, None], other=0.0)
+                if INTERP:
+                    za = za.to(tl.float32)
+                    ct = ct.to(tl.float32)
+                acc = tl.dot(za, tl.trans(ct), acc, input_precision="tf32")
+        s = csq[None, :] - 2.0 * acc
+        b = tl.minimum(b, tl.reduce(s, 1, _MIN))
+        thr = b + win
+        cand = (s <= thr[:, None]) & row_ok[:, None]
+        # candidates in increasing index order, one per row per trip; a row's trips end when its
+        # candidates do, the loop when every row's have
+        first = tl.reduce(tl.where(cand, cols[None, :], BLOCK_K), 1, _MIN)
+        while tl.reduce(first, 0, _MIN) < BLOCK_K:
+            has = first < BLOCK_K
+            code = k0 + tl.minimum(first, BLOCK_K - 1)
+            code64 = code.to(tl.int64)
+            if SMALL:
+                c = tl.load(
+                    cb_ptr + code64[:, None] * D + dims[None, :],
+                    mask=has[:, None] & dim_ok[None, :],
+                    other=0.0,
+                )
+                zc_dot = tl.reduce(z * c, 1, _SUM)
+            else:
+                zc_dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for d0 in range(0, D_PAD, BLOCK_D):
+                    dk = d0 + tl.arange(0, BLOCK_D)
+                    dmask = dk[None, :] < D
+                    # addresses from `has`, so they are formed here, per trip: a hoisted copy of
+                    # a 64 x 64 tile of 64-bit addresses per d tile would hold 128+ registers
+                    zx = tl.load(
+                        z_ptr + tl.where(has, rows64, 0)[:, None] * stride_zn + dk[None, :] * stride_zd,
+                        mask=has[:, None] & dmask,
+                        other=0.0,
+                    ).to(tl.float32)
+                    if NORMALIZE:
+                        zx = zx / nrm[:, None]
+                    c = tl.load(cb_ptr + code64[:, None] * D + dk[None, :], mask=has[:, None] & dmask, other=0.0)
+                    zc_dot += tl.reduce(zx * c, 1, _SUM)
+            csq_c = tl.load(aux_ptr + code64, mask=has, other=0.0)
+            # the torch reference ranks addmm(code_sq, z, c.T, alpha=-2) + row_sq: the same two roundings
+            exact = (csq_c - 2.0 * zc_dot) + r
+            # strictly smaller only: candidates come in increasing index order, so the first of
+            # equal exact distances (the lowest index) stays
+            better = has & (exact < best_r)
+            best_r = tl.where(better, exact, best_r)
+            best_i = tl.where(better, code, best_i)
+            first = tl.reduce(tl.where(cand & (cols[None, :] > first[:, None]), cols[None, :], BLOCK_K), 1, _MIN)
+
+    if FINAL:
+        _write_result(
+            z_ptr, cb_ptr, idx_ptr, score_ptr, zq_ptr, write_zq, rows64, row_ok, best_i, nrm, D, stride_zn, stride_zd,
+            NORMALIZE, BLOCK_N, BLOCK_D, D_PAD,
+        )
+    else:
+        tl.store(part_r_ptr + pid_s * N + rows64, best_r, mask=row_ok)
+        tl.store(part_i_ptr + pid_s * N + rows64, best_i, mask=row_ok)
+
+
+@triton.jit
+def _vq_finalize_kernel(
+    z_ptr,
+    cb_ptr,
+    part_r_ptr,
+    part_i_ptr,
+    idx_ptr,
+    score_ptr,
+    zq_ptr,
+    write_zq,
+    N,
+    D,
+    stride_zn,
+    stride_zd,
+    SPLITS,
+    NORMALIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    # int64 offsets: N * stride can pass 2**31 for large batches of strided views
     rows64 = rows.to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-
-    # padded dims (d=12 -> 16) load as 0, so they add nothing to norms or dot products
-    z = tl.load(
-        z_ptr + rows64[:, None] * stride_zn + dims[None, :] * stride_zd,
-        mask=row_ok[:, None] & dim_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    if NORMALIZE:
-        norm = tl.sqrt(tl.sum(z * z, axis=1))
-        z = z / tl.maximum(norm, 1e-12)[:, None]
-
-    # ||z||^2 is the same for every code of a row, so the search ranks ||c||^2 - 2 z.c alone and the
-    # exact score is recomputed from the winning code at the end
-    best = tl.full([BLOCK_N], float("inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        codes_k = k0 + tl.arange(0, BLOCK_K)
-        code_ok = codes_k < K
-        c = tl.load(
-            cb_ptr + codes_k[:, None] * D + dims[None, :],
-            mask=code_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )
-        c_sq = tl.sum(c * c, axis=1)
-        if IEEE_DOT:
-            # tf32 would round operands to 10 mantissa bits: too coarse to pick the true nearest code
-            zc = tl.dot(z, tl.trans(c), input_precision="ieee")
-        else:
-            # The interpreter's numpy matmul rounds differently at different tile positions, so two
-            # copies of one code could land an ulp apart and break the lowest-index tie-break. In
-            # fp64 those differences vanish when rounded back to fp32, as the GPU's in-order fp32
-            # FMA chain gives every column the same bits.
-            zc = tl.dot(z.to(tl.float64), tl.trans(c.to(tl.float64))).to(tl.float32)
-        partial = c_sq[None, :] - 2.0 * zc
-        partial = tl.where(code_ok[None, :], partial, float("inf"))
-        # first minimum within the tile, as torch.argmin; across tiles only a strictly smaller
-        # value wins, so an earlier (lower-index) tie is kept
-        tile_best, tile_arg = tl.min(partial, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_best < best
-        best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, tile_arg + k0, best_idx)
-
-    # exact (non-expanded) distance to the chosen code: no cancellation, and it is also z_q
-    c_best = tl.load(
-        cb_ptr + best_idx.to(tl.int64)[:, None] * D + dims[None, :],
-        mask=row_ok[:, None] & dim_ok[None, :],
-        other=0.0,
+    best_r = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+    # splits hold increasing index ranges: the first strict minimum is the lowest index of a tie
+    for s in range(0, SPLITS):
+        rs = tl.load(part_r_ptr + s * N + rows64, mask=row_ok, other=float("inf"))
+        i_s = tl.load(part_i_ptr + s * N + rows64, mask=row_ok, other=0)
+        better = rs < best_r
+        best_r = tl.where(better, rs, best_r)
+        best_i = tl.where(better, i_s, best_i)
+    nrm = _row_norm(z_ptr, rows64, row_ok, D, stride_zn, stride_zd, NORMALIZE, BLOCK_N, BLOCK_D, D_PAD)
+    _write_result(
+        z_ptr, cb_ptr, idx_ptr, score_ptr, zq_ptr, write_zq, rows64, row_ok, best_i, nrm, D, stride_zn, stride_zd,
+        NORMALIZE, BLOCK_N, BLOCK_D, D_PAD,
     )
-    diff = z - c_best
-    score = tl.sum(diff * diff, axis=1)
-    tl.store(idx_ptr + rows64, best_idx.to(tl.int64), mask=row_ok)
-    tl.store(score_ptr + rows64, score, mask=row_ok)
-    if WRITE_ZQ:
-        tl.store(
-            zq_ptr + rows64[:, None] * D + dims[None, :],
-            c_best.to(zq_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & dim_ok[None, :],
-        )
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by padded d on a GPU. The whole (padded) row stays in registers,
-# so the tiles shrink as d grows.
-_GPU_CONFIGS = {
-    16: (128, 128, 4),
-    32: (128, 128, 4),
-    64: (128, 64, 4),
-    128: (64, 64, 4),
-    256: (64, 64, 8),
-}
+# ---------------------------------------------------------------------------------------------
+# launch configuration
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) by padded d on a GPU, up to d=64: the row stays whole
+# in registers (BLOCK_D = padded d). Above, (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages):
+# the dot runs over d tiles of 32 (64 would carry two 64 x 64 tiles of 64-bit addresses, 128
+# registers, across the d loop and spill on sm_80/sm_89).
+_GPU_SMALL = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 2)}
+_GPU_TILED = (64, 64, 32, 4, 2)
+_FINALIZE_GPU = (64, 4)
+_PREP_GPU = (64, 4)
 # The interpreter pays per op, not per element: big tiles mean few programs and few loop trips.
 # One fixed config there (autotuning with several configs crashes under the interpreter).
-_INTERP_CONFIG = (256, 512, 1)
+_INTERP_SMALL = (256, 512)
+_INTERP_TILED = (256, 512, 128)
+_FINALIZE_INTERP = (1024, 1)
+_PREP_INTERP = (1024, 1)
+
+# A fixed codebook split (tests set it to exercise the split path under the interpreter).
+SPLIT_OVERRIDE: int | None = None
+# programs aimed for per SM: enough warps to hide latency (4 warps each) and a short last wave
+_CTAS_PER_SM = 3
+_MAX_SPLITS = 16
+_OP_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# a priori relative error of z's conversion to the operand type (tiled-d path only)
+_Z_EPS = {0: 2.0**-10, 1: 2.0**-8, 2: 2.0**-11}
+_Z_TINY = {0: 2.0**-126, 1: 2.0**-126, 2: 2.0**-14}
 
 
-def _pick_config(block_d: int) -> tuple[int, int, int]:
+def _pick_config(d: int) -> dict:
+    """Tile sizes for a row width d: the same dict on every call with the same d and mode."""
+    small = next_power_of_2(max(d, 16)) <= _SMALL_D_MAX
     if is_interpreting():
-        return _INTERP_CONFIG
-    if block_d in _GPU_CONFIGS:
-        return _GPU_CONFIGS[block_d]
-    return (32, 32, 8)
+        if small:
+            bn, bk = _INTERP_SMALL
+            bd = max(16, next_power_of_2(d))
+        else:
+            bn, bk, bd = _INTERP_TILED
+        warps, stages = 1, 1
+    elif small:
+        bd = max(16, next_power_of_2(d))  # tl.dot needs at least 16 along the reduction
+        bn, bk, warps, stages = _GPU_SMALL[bd]
+    else:
+        bn, bk, bd, warps, stages = _GPU_TILED
+    d_pad = bd if small else cdiv(d, bd) * bd
+    return dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, D_PAD=d_pad, num_warps=warps, num_stages=stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132  # an H100/H200: only shapes the (interpreter) split choice
+
+
+def _pick_splits(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
+    """Codebook splits: enough programs to fill the GPU when there are few row blocks.
+
+    N = 8,192 rows at BLOCK_N = 64 is 128 row blocks, under one per SM of a 132-SM H200 and with a
+    single 4-warp program per SM too few warps to hide latency; splitting K = 4,096 in 4 gives
+    512 programs of 16 tiles (~3.9 per SM, all resident at once). Splitting K rather than shrinking
+    the row block keeps the 64-row tile the tensor cores (wgmma's M = 64) want and also fills the
+    GPU at N = 1,024. Each split keeps at least 2 code tiles so the per-program setup stays small.
+    """
+    tiles = cdiv(k, block_k)
+    if SPLIT_OVERRIDE is not None:
+        return max(1, min(int(SPLIT_OVERRIDE), tiles))
+    if is_interpreting():
+        return 1
+    row_blocks = cdiv(n, block_n)
+    want = cdiv(_CTAS_PER_SM * _num_sms(device), row_blocks)
+    return max(1, min(want, tiles // 2, _MAX_SPLITS))
 
 
 def prepare_codebook(codebook: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -140,36 +501,69 @@ def vq_nearest_triton(
     """(indices int64 [N], score float32 [N]) and, with ``return_zq``, z_q float32 [N, d].
 
     ``z`` [N, d] may be strided and fp16/bf16/fp32; ``codebook`` [K, d]. No input validation: the
-    caller (alit_fast.ops.vq) does it.
+    caller (alit_fast.ops.vq) does it. No host sync and no host-to-device copy: every buffer is
+    allocated on z's device and every choice depends on shapes only.
     """
     n, d = z.shape
     k = codebook.shape[0]
     cb = prepare_codebook(codebook, normalize)
-    indices = torch.empty(n, dtype=torch.int64, device=z.device)
-    score = torch.empty(n, dtype=torch.float32, device=z.device)
-    zq = torch.empty((n, d) if return_zq else (0, d), dtype=torch.float32, device=z.device)
-    if n > 0:
-        z = z.detach()
-        block_d = max(16, next_power_of_2(d))  # tl.dot needs at least 16 along the reduction
-        block_n, block_k, num_warps = _pick_config(block_d)
-        interp = is_interpreting()
-        _vq_nearest_kernel[(cdiv(n, block_n),)](
-            z,
-            cb,
-            indices,
-            score,
-            zq if return_zq else score,  # never written when WRITE_ZQ is off
-            n,
-            k,
-            d,
-            z.stride(0),
-            z.stride(1),
-            NORMALIZE=bool(normalize),
-            WRITE_ZQ=bool(return_zq),
-            IEEE_DOT=not interp,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
+    dev = z.device
+    indices = torch.empty(n, dtype=torch.int64, device=dev)
+    score = torch.empty(n, dtype=torch.float32, device=dev)
+    zq = torch.empty((n, d) if return_zq else (0, d), dtype=torch.float32, device=dev)
+    if n == 0:
+        return (indices, score, zq) if return_zq else (indices, score)
+    # contiguous, as the torch reference does: a strided view and its copy then run the same
+    # compiled kernel and get the same bits (a device copy, only for strided inputs)
+    z = z.detach().contiguous()
+    if z.dtype not in _OP_KIND:
+        z = z.float()
+    interp = is_interpreting()
+    cfg = _pick_config(d)
+    bn, bk, bd, d_pad = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"], cfg["D_PAD"]
+    op_kind = _OP_KIND[z.dtype]
+    op_dtype = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}[op_kind]
+
+    cbt = torch.empty((k, d_pad), dtype=op_dtype, device=dev)
+    aux = torch.empty((3, k), dtype=torch.float32, device=dev)
+    pbk, pwarps = _PREP_INTERP if interp else _PREP_GPU
+    _vq_prep_codes_kernel[(cdiv(k, pbk),)](
+        cb, cbt, aux, k, d, d_pad, OP_KIND=op_kind, BLOCK_K=pbk, BLOCK_D=bd, D_PAD=d_pad, num_warps=pwarps,
+    )
+
+    splits = _pick_splits(n, k, bn, bk, dev)
+    codes_per_split = cdiv(cdiv(k, splits), bk) * bk
+    splits = cdiv(k, codes_per_split)  # no empty split
+    final = splits == 1
+    if final:
+        part_r = part_i = score  # never touched
+    else:
+        part_r = torch.empty((splits, n), dtype=torch.float32, device=dev)
+        part_i = torch.empty((splits, n), dtype=torch.int32, device=dev)
+    zq_arg = zq if return_zq else score  # never written when write_zq is 0
+    # a priori z error (used on the tiled-d path only): none when z already is the operand type
+    z_eps = 0.0 if (op_kind != 0 and not normalize) else _Z_EPS[op_kind]
+    _vq_tc_kernel[(cdiv(n, bn), splits)](
+        z, cb, cbt, aux, indices, score, zq_arg, part_r, part_i, int(return_zq),
+        n, k, d, z.stride(0), z.stride(1), d_pad, codes_per_split,
+        NORMALIZE=bool(normalize),
+        FINAL=final,
+        OP_KIND=op_kind,
+        Z_EPS=z_eps,
+        Z_TINY=_Z_TINY[op_kind],
+        INTERP=interp,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        BLOCK_D=bd,
+        D_PAD=d_pad,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    if not final:
+        fbn, fwarps = _FINALIZE_INTERP if interp else _FINALIZE_GPU
+        _vq_finalize_kernel[(cdiv(n, fbn),)](
+            z, cb, part_r, part_i, indices, score, zq_arg, int(return_zq),
+            n, d, z.stride(0), z.stride(1), splits,
+            NORMALIZE=bool(normalize), BLOCK_N=fbn, BLOCK_D=bd, D_PAD=d_pad, num_warps=fwarps,
         )
     return (indices, score, zq) if return_zq else (indices, score)

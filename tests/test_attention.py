@@ -4,6 +4,11 @@ Case selection: the full grid L x D x H x B x lengths x dtype is 5*3*2*2*2*2 = 2
 for the interpreter. ``CASES`` is a pairwise covering array instead: for any two parameters, every
 combination of their values occurs in at least one case (checked by ``test_cases_cover_all_pairs``),
 which catches any bug that depends on at most two parameters at once, in 15 cases.
+
+fp32 runs under torch.get_float32_matmul_precision() "highest" (exact fp32 products) unless a test
+says otherwise; the tf32 tests set "high" / "medium". The interpreter multiplies in fp32 whatever
+the precision, so the kernels emulate the tf32 operand rounding there (see kernels/attention.py):
+the tf32 bound below is checked against real tf32 rounding, not an fp32 upper bound.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ pytestmark = pytest.mark.skipif(
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# tf32 keeps fp16's 10-bit mantissa, so fp16's bound; measured (interpreter, truncating tf32
+# emulation, L = 130..289, D = 64..128): 1.6e-3..3.1e-3 for out, dq, dk and dv
+TF32_TOL = 1e-2
 
 PARAMS = {
     "L": (1, 17, 257, 289, 320),
@@ -86,6 +94,15 @@ def _one_thread():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 tests run with exact products unless they set a precision themselves; restored after."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Every kernel output buffer starts as NaN, so an element no kernel writes shows up as NaN."""
@@ -100,8 +117,8 @@ def test_cases_cover_all_pairs():
             assert pair in seen, f"no case has {a}={pair[0]}, {b}={pair[1]}"
 
 
-@pytest.mark.parametrize("L,D,H,B,mixed,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_forward_backward_vs_float64(poison, L, D, H, B, mixed, dtype):
+def _check_forward_backward(L, D, H, B, mixed, dtype, tol, min_err=0.0):
+    """Forward and dq/dk/dv of strided packed views against float64; returns the errors."""
     qkv = _packed_qkv(B, L, H, D, dtype, seed=L * 1000 + D * 10 + H + B)
     lengths = _mixed_lengths(B, L) if mixed else None
     qkv.requires_grad_(True)
@@ -119,18 +136,127 @@ def test_forward_backward_vs_float64(poison, L, D, H, B, mixed, dtype):
 
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output elements"
     assert torch.isfinite(dqkv).all(), "unwritten (NaN-poisoned) gradient elements"
-    tol = TOL[dtype]
-    assert _rel_err(out, ref) <= tol
+    errs = {"out": _rel_err(out, ref)}
     # with L == 1 dq and dk are exactly 0 (softmax over one key is constant) and have no scale of
     # their own, so each gradient's denominator is floored at 1% of the largest gradient
     floor = 1e-2 * max(t.abs().max().item() for t in ref_grads)
     for name, got, want in zip("qkv", (dq, dk, dv), ref_grads):
-        assert _rel_err(got, want, floor) <= tol, f"d{name}"
+        errs["d" + name] = _rel_err(got, want, floor)
+    for name, err in errs.items():
+        assert err <= tol, f"{name}: {err:.3g} > {tol}"
+    assert errs["out"] >= min_err, f"out error {errs['out']:.3g} < {min_err}: the requested precision was not used"
 
     if lengths is not None:
         for b, n in enumerate(lengths.tolist()):
             for t in (out, dq, dk, dv):
                 assert torch.equal(t[b, n:], torch.zeros_like(t[b, n:]))
+    return errs
+
+
+@pytest.mark.parametrize("L,D,H,B,mixed,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_forward_backward_vs_float64(poison, L, D, H, B, mixed, dtype):
+    _check_forward_backward(L, D, H, B, mixed, dtype, TOL[dtype])
+
+
+# tf32 needs L past one tile and both head-dim tiles; "high" and "medium" are the same mode
+@pytest.mark.parametrize("L,D,H,B,mixed,precision", [(257, 64, 2, 3, True, "high"), (289, 128, 1, 1, False, "medium")])
+def test_tf32_forward_backward_vs_float64(poison, L, D, H, B, mixed, precision):
+    torch.set_float32_matmul_precision(precision)
+    # an error above 1e-5 (fp32 products give ~1e-6) shows the tf32 products were used
+    _check_forward_backward(L, D, H, B, mixed, f32, TF32_TOL, min_err=1e-5)
+
+
+def test_precision_switch():
+    """fp32 follows torch.get_float32_matmul_precision(), read by the launcher at each call."""
+    B, L, H, D = 2, 40, 1, 64
+    q, k, v = _views(_packed_qkv(B, L, H, D, f32, seed=11), H, D)
+    lengths = torch.tensor([L, 23], dtype=torch.int32, device=DEVICE)
+    ref = attention_naive(q, k, v, lengths)
+    outs = {}
+    for precision, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+        torch.set_float32_matmul_precision(precision)
+        assert kern.dot_precision(f32) == want
+        for dt in (f16, torch.bfloat16):  # 16-bit operands are always tensor-core products
+            assert kern.dot_precision(dt) == "ieee"
+        outs[precision] = attention(q, k, v, lengths, backend="triton")
+    assert _rel_err(outs["highest"], ref) <= 1e-5
+    assert torch.equal(outs["high"], outs["medium"])
+    assert 1e-5 < _rel_err(outs["high"], ref) <= TF32_TOL
+
+
+# the atomic dq path: past one tile with every tail, the 16-row tail block, a length-1 sample
+@pytest.mark.parametrize("L,D,H,B,mixed,dtype", [(257, 64, 2, 3, True, f32), (289, 128, 1, 1, False, f16),
+                                                 (17, 96, 2, 3, True, f16)],
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_atomic_dq_vs_float64(poison, monkeypatch, L, D, H, B, mixed, dtype):
+    monkeypatch.setattr(kern, "DQ_MODE", "atomic")
+    _check_forward_backward(L, D, H, B, mixed, dtype, TOL[dtype])
+
+
+def test_dq_mode_is_checked():
+    q, k, v = _views(_packed_qkv(1, 8, 1, 32, f32, seed=12), 1, 32)
+    out, lse = kern.flash_attn_fwd(q, k, v)
+    with pytest.raises(ValueError):
+        kern.flash_attn_bwd(out, q, k, v, out, lse, dq_mode="fast")
+
+
+# tile shapes other than the interpreter's one config: 128-row blocks with a 16-row tail block,
+# blocks no larger than the tail tile (no tail dispatch), 16- and 128-wide streamed tiles
+@pytest.mark.parametrize("configs,dq_mode", [
+    ({"fwd": (128, 32, 4, 1), "dkdv": (16, 128, 4, 1), "dq": (32, 16, 4, 1)}, "separate"),
+    ({"fwd": (16, 16, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (128, 64, 4, 1)}, "atomic"),
+])
+def test_other_tile_configs(poison, monkeypatch, configs, dq_mode):
+    monkeypatch.setattr(kern, "CONFIG_OVERRIDE", configs)
+    monkeypatch.setattr(kern, "DQ_MODE", dq_mode)
+    _check_forward_backward(150, 64, 1, 3, True, f32, TOL[f32])
+
+
+def test_candidate_configs_per_arch(monkeypatch):
+    """Every (arch, operands, head dim) has candidates and the autotuner's pruning hook offers
+    exactly the list of the device's architecture (sm_89 never sees the larger sm_80 tiles)."""
+    for kernel, table in kern.CANDIDATES.items():
+        for arch in ("sm90", "sm80", "sm89"):
+            for ocls in ("16bit", "tf32", "ieee"):
+                for dtile in (64, 128):
+                    cands = table[(arch, ocls, dtile)]
+                    assert cands and len(set(cands)) == len(cands), (kernel, arch, ocls, dtile)
+                    for bm, bn, warps, stages in cands:
+                        assert bm in (16, 32, 64, 128) and bn in (16, 32, 64, 128)
+                        assert warps in (4, 8) and 1 <= stages <= 4
+    assert kern.arch_class((9, 0)) == "sm90" and kern.arch_class((8, 0)) == "sm80"
+    assert kern.arch_class((8, 9)) == kern.arch_class((8, 6)) == "sm89" and kern.arch_class((7, 5)) == "old"
+    q = torch.empty(1, 1, 1, 64)
+    for kernel, kwargs in (("fwd", {}), ("dq", {}), ("dkdv", {"ATOMIC_DQ": False}), ("dkdv_atomic", {"ATOMIC_DQ": True})):
+        name = "dkdv" if kernel.startswith("dkdv") else kernel
+        configs = kern._all_configs(name)
+        for cap, arch in (((9, 0), "sm90"), ((8, 0), "sm80"), ((8, 9), "sm89")):
+            monkeypatch.setattr(kern, "_device_capability", lambda device, cap=cap: cap)
+            for dtype, prec, ocls in ((f16, "ieee", "16bit"), (f32, "tf32", "tf32"), (f32, "ieee", "ieee")):
+                for block_d in (32, 64, 128):
+                    kept = kern._prune(name)(configs, {"Q": q.to(dtype)}, BLOCK_D=block_d, DOT_PREC=prec, **kwargs)
+                    want = kern.CANDIDATES[kernel][(arch, ocls, 64 if block_d <= 64 else 128)]
+                    assert sorted(kern._cfg_tuple(c) for c in kept) == sorted(want)
+
+
+def test_launch_path_reads_no_device_values(monkeypatch):
+    """No .item() / .tolist() / bool() of a tensor in the launchers (each a host sync on a GPU)."""
+    B, L, H, D = 2, 20, 1, 32
+    q, k, v = (t.detach().requires_grad_(True) for t in _views(_packed_qkv(B, L, H, D, f32, seed=13), H, D))
+    lengths = torch.tensor([L, 9], dtype=torch.int32, device=DEVICE)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a tensor value in the launch path")
+
+    for mode in ("separate", "atomic"):
+        monkeypatch.setattr(kern, "DQ_MODE", mode)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__"):
+                m.setattr(torch.Tensor, name, forbidden)
+            out = attention(q, k, v, lengths, backend="triton", validate=False)
+            out.backward(torch.ones_like(out))
+        assert torch.isfinite(q.grad).all()
+        q.grad = k.grad = v.grad = None
 
 
 def test_launchers_write_every_element_of_given_buffers():
@@ -176,7 +302,8 @@ def test_zero_length_and_garbage_in_padding(poison):
         assert torch.equal(t[1, 25:], torch.zeros_like(t[1, 25:]))
 
 
-def test_strided_views_match_contiguous():
+def test_strided_views_match_contiguous(monkeypatch):
+    monkeypatch.setattr(kern, "DQ_MODE", "separate")  # the deterministic dq: bitwise comparisons below
     B, L, H, D = 2, 45, 2, 96
     qkv = _packed_qkv(B, L, H, D, f16, seed=3).requires_grad_(True)
     lengths = torch.tensor([L, 20], dtype=torch.int32, device=DEVICE)
