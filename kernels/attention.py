@@ -13,27 +13,28 @@ Precision (``DOT_PREC``, read on the host once per launcher call, never in a ker
 16-bit inputs always run on tensor cores (16-bit operands, fp32 accumulation). fp32 inputs follow
 ``torch.get_float32_matmul_precision()``, PyTorch's own switch for its fp32 matmuls:
 
-=========== ========== ====================================================== ==================
-precision   DOT_PREC   what the matrix products do                            tested bound (1)
-=========== ========== ====================================================== ==================
-"highest"   "ieee"     full fp32 products on the FMA units (no tensor cores)   1e-3 (2)
-"high"      "tf32"     tf32 tensor cores: operands cut to a 10-bit mantissa    4e-3
-"medium"    "tf32"     the same as "high"                                      4e-3
-=========== ========== ====================================================== ==================
+=========== ========== ===================================================== ============ ============
+precision   DOT_PREC   the matrix products                                    tested bound measured (1)
+=========== ========== ===================================================== ============ ============
+"highest"   "ieee"     exact fp32 on the FMA units (no tensor cores)          1e-3 (2)     0.4-7e-6
+"high"      "tf32"     tf32 tensor cores: operands keep 10 mantissa bits      1e-2 (3)     1.6-3.1e-3
+"medium"    "tf32"     the same as "high"                                     1e-2         1.6-3.1e-3
+=========== ========== ===================================================== ============ ============
 
-(1) max |error| / max |reference| against a float64 reference, for out, dq, dk and dv (the
-    measured tf32 errors are ~0.5-1.1e-3, see tests/test_attention.py). (2) the measured
-    "ieee" error is ~1e-6; 1e-3 is the file's historical fp32 bound.
+(1) max |error| / max |reference| against a float64 reference, for each of out, dq, dk and dv, under
+    the interpreter (tests/test_attention.py; L = 130..289, D = 64..128, mixed lengths).
+(2) the file's historical fp32 bound. (3) tf32 has fp16's 10-bit mantissa: fp16's bound, 3x above
+    the largest measured error.
 
 "high" maps to plain tf32, as PyTorch's own CUDA matmuls do under "high" (cuBLAS TF32), rather than
 to Triton's "tf32x3" (three tf32 products per product, ~fp32 accuracy): tf32x3 triples the
-tensor-core work and raises register pressure for an accuracy "highest" already provides, and
-no setting of PyTorch's asks for that middle ground. The tf32 rounding is the hardware's: Triton
-feeds raw fp32 registers / shared memory to mma.sync / wgmma, which read only the top 19 bits
-(truncation, up to 2^-10 relative per operand). The CPU interpreter ignores input_precision and
-multiplies in full fp32, so under the interpreter (``UPCAST``) the kernels truncate the operands
-of every tf32 product themselves: the interpreter tests then measure real tf32 rounding, not an
-fp32 upper bound.
+tensor-core work and raises register pressure for an accuracy "highest" already gives, and no
+setting of PyTorch's asks for that middle ground. The PTX of the tf32 kernels has no
+cvt.rna.tf32.f32: mma.sync / wgmma get the raw fp32 bits and use the top 19 of them, i.e. the
+operands are truncated (up to 2^-10 relative each). The CPU interpreter ignores input_precision and
+multiplies in full fp32, so under the interpreter (``UPCAST``) the kernels truncate the operands of
+every tf32 product themselves: the interpreter tests measure tf32 rounding (the truncating kind, the
+worse of the two), not an fp32 upper bound.
 
 Tiles, lengths 1 mod 32, autotuning
 -----------------------------------
@@ -50,10 +51,15 @@ one token (25% more work at L = 257). Every kernel therefore splits both dimensi
 
 At L = 257 with 64 x 64 tiles this is 272 x 272 tile work per (batch, head) instead of 320 x 320.
 
+(BLOCK_T = 32 would cost a 32-wide tile for the one token at L = 257 + 64k, and tile sizes that
+divide 257 + 32k exactly do not exist: tiles are powers of two and these lengths are odd.)
+
 On a GPU the block sizes come from ``triton.autotune`` over a small, per-architecture candidate
 set (``CANDIDATES``; every candidate compiles without spills and within the shared-memory limit of
-its architecture, see the table there), keyed on the length bucket cdiv(L, 32), the head-dim tile,
-the precision, HAS_LENGTHS and the dtypes. Tuning benchmarks each candidate once per key and
+its architecture, see the comment there), keyed on the length bucket cdiv(L, 32) (each of ALIT's
+lengths is its own bucket: the tails differ), the head-dim tile, the precision, HAS_LENGTHS and the
+dtypes. Each list offers tiles that fit two or more CTAs per SM (on sm_90 the forward's old 128 x 64
+x 3-stage tile took 128 KB of shared memory at D = 128: one CTA per SM) next to the larger ones. Tuning benchmarks each candidate once per key and
 process (results also cached on disk by Triton): run one call per shape before capturing a CUDA
 graph. After that the launch path makes no host sync and no host-to-device copy. Under the
 interpreter one fixed config is used (multi-config autotuning crashes the interpreter).
@@ -103,9 +109,9 @@ if DQ_MODE not in DQ_MODES:
 # NaN instead of uninitialised memory, so a test can prove each element is written by a kernel.
 POISON_OUTPUTS = False
 
-# Test hook: {"fwd" | "dkdv" | "dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)} replacing the fixed
-# config (interpreter, pre-Ampere) of those kernels, so tests can run other tile shapes than the one
-# fixed interpreter config. Never consulted on the autotuned GPU path.
+# Test hook: {"fwd" | "dkdv" | "dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)}: those kernels launch
+# with that one config instead of the fixed interpreter config (or the autotuner), so tests can run
+# other tile shapes than the interpreter's one. Empty in normal use.
 CONFIG_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
 
 
@@ -515,18 +521,107 @@ def _bwd_dq_kernel(
 # tile configs
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, architecture class, operand
-# class and head-dim tile (BLOCK_D; 32 uses the 64 lists). Filled in below the table.
-CANDIDATES: dict[str, dict[tuple[str, str, int], list[tuple[int, int, int, int]]]] = {}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries, per kernel ("dkdv_atomic": the
+# dk/dv kernel with ATOMIC_DQ), architecture class (``arch_class``), operand class ("16bit": fp16 /
+# bf16, "tf32", "ieee": exact fp32 on the FMA units) and head-dim tile (BLOCK_D 32 and 64 use the 64
+# lists, 96 and 128 the 128 lists). For the dk/dv kernels BLOCK_N is the resident key block and
+# BLOCK_M the streamed query block.
+#
+# Every entry compiles ahead of time (triton 3.9, ptxas 12.9 for sm_80 / sm_89, 13.4 for sm_90a)
+# with 0 spills, within its architecture's shared memory per block (227 / 163 / 99 KB) and, except
+# for "ieee", on tensor cores (wgmma on sm_90 where the tile allows, mma.sync otherwise). Each list
+# mixes one large tile at one CTA per SM with smaller tiles (or fewer stages) that fit two or more
+# CTAs per SM by registers and shared memory: which wins depends on the batch size and the length,
+# which is what the autotuner measures (benchmarks/aot_check.py re-measures registers, spills and
+# shared memory of compiled kernels). Sizes were chosen from a sweep of ~800 AOT compiles:
+# * 16-bit forward: BLOCK_M 128 (one wgmma per warpgroup of 8 warps) or 64 with 4 warps, BLOCK_N 64
+#   (128 only for D = 64: its 128 x 128 x D tiles spill or take one CTA per SM for D = 128);
+# * fp32 tiles are twice the bytes, so tf32 keeps BLOCK_N 32-64 and "ieee" (FMA: the whole dot
+#   lives in registers) 16-64 with 8 warps: 4-warp FMA tiles spilled at every size above 32 x 32;
+# * the dk/dv kernel holds k, v, dk, dv of its key block: BLOCK_N 64 needs 8 warps for D = 128;
+#   with atomics it also keeps a dq tile, so its lists are one step smaller;
+# * sm_89 (99 KB) only gets entries of at most 99 KB, e.g. no 3-stage 128 x 64 fp16 forward at D = 128.
+_T = tuple[int, int, int, int]
+_FMA_FWD = {64: [(32, 64, 8, 1), (32, 64, 8, 2), (64, 16, 8, 1), (32, 32, 8, 2)],
+            128: [(32, 64, 8, 1), (32, 64, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2)]}
+_FMA_DKDV = {64: [(32, 32, 8, 1), (16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)],
+             128: [(32, 32, 8, 2), (16, 32, 8, 1), (32, 16, 8, 2), (64, 16, 8, 1)]}
+_FMA_DKDV_ATOMIC = {64: [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2), (64, 16, 8, 1)],
+                    128: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)]}
+_FMA_DQ = {64: [(32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2)],
+           128: [(16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 2), (32, 16, 8, 1)]}
+
+
+def _lists(tc: dict[tuple[str, str, int], list[_T]], fma: dict[int, list[_T]]):
+    out = dict(tc)
+    for arch in ("sm90", "sm80", "sm89"):  # the FMA path has the same code on every architecture
+        for d, lst in fma.items():
+            out[(arch, "ieee", d)] = lst
+    return out
+
+
+CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
+    "fwd": _lists({
+        ("sm90", "16bit", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+        ("sm90", "16bit", 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+        ("sm80", "16bit", 64): [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        ("sm80", "16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        ("sm89", "16bit", 64): [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        ("sm89", "16bit", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3)],
+        ("sm90", "tf32", 64): [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)],
+        ("sm90", "tf32", 128): [(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2)],
+        ("sm80", "tf32", 64): [(64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2), (128, 64, 4, 2)],
+        ("sm80", "tf32", 128): [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+        ("sm89", "tf32", 64): [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        ("sm89", "tf32", 128): [(64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+    }, _FMA_FWD),
+    "dkdv": _lists({
+        ("sm90", "16bit", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 64, 8, 3)],
+        ("sm90", "16bit", 128): [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3)],
+        ("sm80", "16bit", 64): [(64, 64, 4, 2), (64, 128, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+        ("sm80", "16bit", 128): [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 4, 2)],
+        ("sm89", "16bit", 64): [(64, 64, 4, 2), (64, 128, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+        ("sm89", "16bit", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 64, 8, 2)],
+        ("sm90", "tf32", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+        ("sm90", "tf32", 128): [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 8, 2), (128, 32, 8, 2)],
+        ("sm80", "tf32", 64): [(64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+        ("sm80", "tf32", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 8, 2)],
+        ("sm89", "tf32", 64): [(64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+        ("sm89", "tf32", 128): [(32, 32, 4, 2), (32, 16, 8, 2), (16, 64, 8, 2), (64, 16, 4, 2)],
+    }, _FMA_DKDV),
+    "dkdv_atomic": _lists({
+        ("sm90", "16bit", 64): [(64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+        ("sm90", "16bit", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2)],
+        ("sm80", "16bit", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+        ("sm80", "16bit", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+        ("sm89", "16bit", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+        ("sm89", "16bit", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+        ("sm90", "tf32", 64): [(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)],
+        ("sm90", "tf32", 128): [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+        ("sm80", "tf32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
+        ("sm80", "tf32", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
+        ("sm89", "tf32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
+        ("sm89", "tf32", 128): [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
+    }, _FMA_DKDV_ATOMIC),
+    "dq": _lists({
+        ("sm90", "16bit", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
+        ("sm90", "16bit", 128): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3)],
+        ("sm80", "16bit", 64): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
+        ("sm80", "16bit", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2), (64, 64, 8, 3)],
+        ("sm89", "16bit", 64): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
+        ("sm89", "16bit", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2), (64, 32, 8, 2)],
+        ("sm90", "tf32", 64): [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)],
+        ("sm90", "tf32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (128, 32, 8, 2)],
+        ("sm80", "tf32", 64): [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)],
+        ("sm80", "tf32", 128): [(32, 32, 4, 2), (32, 32, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2)],
+        ("sm89", "tf32", 64): [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)],
+        ("sm89", "tf32", 128): [(32, 32, 4, 2), (32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
+    }, _FMA_DQ),
+}
 
 # the one config of the interpreter: 64-row tiles keep the number of (slow, Python-level) program
 # instances small while the 16-wide tails and the 16-row tail blocks are still exercised at L = 257
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
-
-_PROVISIONAL = [(64, 64, 4, 2)]
-for _k in ("fwd", "dkdv", "dkdv_atomic", "dq"):
-    CANDIDATES[_k] = {(a, o, d): list(_PROVISIONAL) for a in ("sm90", "sm80", "sm89")
-                      for o in ("16bit", "tf32", "ieee") for d in (64, 128)}
 
 
 def arch_class(cap: tuple[int, int] | None) -> str:
@@ -582,8 +677,8 @@ def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     """(UPCAST, DOT_PREC), read once per launcher call.
 
     Under the triton 3.9 interpreter tl.dot on 16-bit operands returns garbage, so operands are
-    upcast to fp32 there (and tf32 rounding is emulated, see ``_dot``); on a GPU the native
-    16-bit tensor-core dot is kept.
+    upcast to fp32 there (and with DOT_PREC "tf32" cut to tf32, which the interpreter does not do
+    itself); on a GPU the native 16-bit tensor-core dot is kept.
     """
     return is_interpreting(), dot_precision(dtype)
 

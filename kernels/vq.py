@@ -109,7 +109,7 @@ def _row_norm(z_ptr, rows64, row_ok, D, stride_zn, stride_zd, NORMALIZE: tl.cons
                 other=0.0,
             ).to(tl.float32)
             ssq += tl.reduce(zc * zc, 1, _SUM)
-        nrm = tl.maximum(tl.sqrt(ssq), 1e-12)
+        nrm = tl.maximum(tl.sqrt_rn(ssq), 1e-12)
     else:
         nrm = tl.full([BLOCK_N], 1.0, tl.float32)
     return nrm
@@ -132,7 +132,7 @@ def _write_result(
         m = row_ok[:, None] & (dk[None, :] < D)
         zc = tl.load(z_ptr + zrows[:, None] * stride_zn + dk[None, :] * stride_zd, mask=m, other=0.0).to(tl.float32)
         if NORMALIZE:
-            zc = zc / nrm[:, None]
+            zc = tl.div_rn(zc, nrm[:, None])
         c = tl.load(cb_ptr + code64[:, None] * D + dk[None, :], mask=m, other=0.0)
         diff = zc - c
         score += tl.reduce(diff * diff, 1, _SUM)
@@ -145,7 +145,7 @@ def _write_result(
 @triton.jit
 def _window(nz, ez, r, csq_m, nct_m, ec_m, D):
     """Half-width W of the candidate window: see the module docstring."""
-    nc_m = tl.sqrt(csq_m)
+    nc_m = tl.sqrt_rn(csq_m)
     ncm = tl.maximum(nc_m, nct_m)
     nzt = nz + ez
     g_tc = (D + 16) * 9.5367431640625e-07  # 2^-20
@@ -187,8 +187,8 @@ def _vq_prep_codes_kernel(
         nct2 += tl.reduce(ctf * ctf, 1, _SUM)
         ec2 += tl.reduce(_rounding_error_sq(c, ct, OP_KIND), 1, _SUM)
     tl.store(aux_ptr + codes64, csq, mask=code_ok)
-    tl.store(aux_ptr + K + codes64, tl.sqrt(nct2), mask=code_ok)
-    tl.store(aux_ptr + 2 * K + codes64, tl.sqrt(ec2), mask=code_ok)
+    tl.store(aux_ptr + K + codes64, tl.sqrt_rn(nct2), mask=code_ok)
+    tl.store(aux_ptr + 2 * K + codes64, tl.sqrt_rn(ec2), mask=code_ok)
 
 
 @triton.jit
@@ -244,10 +244,10 @@ def _vq_tc_kernel(
             other=0.0,
         ).to(tl.float32)
         if NORMALIZE:
-            z = z / nrm[:, None]
+            z = tl.div_rn(z, nrm[:, None])
         r = tl.reduce(z * z, 1, _SUM)
         zt = _round_to_operand(z, OP_KIND)
-        ez = tl.sqrt(tl.reduce(_rounding_error_sq(z, zt, OP_KIND), 1, _SUM))
+        ez = tl.sqrt_rn(tl.reduce(_rounding_error_sq(z, zt, OP_KIND), 1, _SUM))
         if INTERP:
             zt = zt.to(tl.float32)
     else:
@@ -260,10 +260,10 @@ def _vq_tc_kernel(
                 other=0.0,
             ).to(tl.float32)
             if NORMALIZE:
-                zc = zc / nrm[:, None]
+                zc = tl.div_rn(zc, nrm[:, None])
             r += tl.reduce(zc * zc, 1, _SUM)
-        ez = Z_EPS * tl.sqrt(r) + Z_TINY * tl.sqrt(D * 1.0)
-    nz = tl.sqrt(r)
+        ez = Z_EPS * tl.sqrt_rn(r) + Z_TINY * tl.sqrt_rn(D * 1.0)
+    nz = tl.sqrt_rn(r)
 
     # maxima of the code statistics over this program's codes
     csq_m = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -280,6 +280,14 @@ def _vq_tc_kernel(
     b = tl.full([BLOCK_N], float("inf"), tl.float32)  # running minimum of the approximate score
     best_r = tl.full([BLOCK_N], float("inf"), tl.float32)  # exact ranked distance of the best code
     best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if SMALL:
+        # each code tile is loaded one trip ahead: the candidate loop nested in this one keeps
+        # triton's software pipeliner off it
+        dk = tl.arange(0, BLOCK_D)
+        nxt = k_lo + cols
+        ct_next = tl.load(
+            cbt_ptr + nxt.to(tl.int64)[:, None] * stride_cbt + dk[None, :], mask=(nxt < k_hi)[:, None], other=0.0
+        )
     for k0 in range(k_lo, k_hi, BLOCK_K):
         codes = k0 + cols
         ok = codes < k_hi
@@ -287,8 +295,11 @@ def _vq_tc_kernel(
         # codes past the end score +inf (inf - 2 * 0), so they never pass the threshold
         csq = tl.load(aux_ptr + codes, mask=ok, other=float("inf"))
         if SMALL:
-            dk = tl.arange(0, BLOCK_D)
-            ct = tl.load(cbt_ptr + codes64[:, None] * stride_cbt + dk[None, :], mask=ok[:, None], other=0.0)
+            ct = ct_next
+            nxt = k0 + BLOCK_K + cols
+            ct_next = tl.load(
+                cbt_ptr + nxt.to(tl.int64)[:, None] * stride_cbt + dk[None, :], mask=(nxt < k_hi)[:, None], other=0.0
+            )
             if INTERP:
                 ct = ct.to(tl.float32)
             acc = tl.dot(zt, tl.trans(ct), input_precision="tf32")
@@ -302,7 +313,7 @@ def _vq_tc_kernel(
                     other=0.0,
                 )
                 if NORMALIZE:
-                    za = za.to(tl.float32) / nrm[:, None]
+                    za = tl.div_rn(za.to(tl.float32), nrm[:, None])
                 if OP_KIND == 0:
                     za = za.to(tl.float32)  # the dot's own fp32 -> tf32 conversion: Z_EPS = 2^-10
                 elif OP_KIND == 1:
@@ -345,7 +356,7 @@ def _vq_tc_kernel(
                         other=0.0,
                     ).to(tl.float32)
                     if NORMALIZE:
-                        zx = zx / nrm[:, None]
+                        zx = tl.div_rn(zx, nrm[:, None])
                     c = tl.load(cb_ptr + code64[:, None] * D + dk[None, :], mask=has[:, None] & dmask, other=0.0)
                     zc_dot += tl.reduce(zx * c, 1, _SUM)
             csq_c = tl.load(aux_ptr + code64, mask=has, other=0.0)
@@ -364,8 +375,9 @@ def _vq_tc_kernel(
             NORMALIZE, BLOCK_N, BLOCK_D, D_PAD,
         )
     else:
-        tl.store(part_r_ptr + pid_s * N + rows64, best_r, mask=row_ok)
-        tl.store(part_i_ptr + pid_s * N + rows64, best_i, mask=row_ok)
+        part = pid_s.to(tl.int64) * N + rows64
+        tl.store(part_r_ptr + part, best_r, mask=row_ok)
+        tl.store(part_i_ptr + part, best_i, mask=row_ok)
 
 
 @triton.jit
@@ -395,9 +407,11 @@ def _vq_finalize_kernel(
     best_r = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
     # splits hold increasing index ranges: the first strict minimum is the lowest index of a tie
+    part = rows64  # int64: SPLITS * N may pass 2**31
     for s in range(0, SPLITS):
-        rs = tl.load(part_r_ptr + s * N + rows64, mask=row_ok, other=float("inf"))
-        i_s = tl.load(part_i_ptr + s * N + rows64, mask=row_ok, other=0)
+        rs = tl.load(part_r_ptr + part, mask=row_ok, other=float("inf"))
+        i_s = tl.load(part_i_ptr + part, mask=row_ok, other=0)
+        part += N
         better = rs < best_r
         best_r = tl.where(better, rs, best_r)
         best_i = tl.where(better, i_s, best_i)
@@ -417,6 +431,10 @@ def _vq_finalize_kernel(
 # registers, across the d loop and spill on sm_80/sm_89).
 _GPU_SMALL = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 2)}
 _GPU_TILED = (64, 64, 32, 4, 2)
+# An explicit register cap: without one, ptxas (12.9, sm_89) sometimes aims at 128 registers and
+# spills. 128 keeps four 4-warp programs per SM where that fits without spilling (d <= 16), 168
+# three, 255 leaves the choice to ptxas.
+_GPU_MAXNREG = {16: 128, 32: 168, 64: 255, "tiled": 255}
 _FINALIZE_GPU = (64, 4)
 _PREP_GPU = (64, 4)
 # The interpreter pays per op, not per element: big tiles mean few programs and few loop trips.
@@ -453,7 +471,14 @@ def _pick_config(d: int) -> dict:
     else:
         bn, bk, bd, warps, stages = _GPU_TILED
     d_pad = bd if small else cdiv(d, bd) * bd
-    return dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, D_PAD=d_pad, num_warps=warps, num_stages=stages)
+    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, D_PAD=d_pad, num_warps=warps, num_stages=stages)
+    if not is_interpreting():
+        cfg["maxnreg"] = _GPU_MAXNREG[bd if small else "tiled"]
+    return cfg
+
+
+def _launch_options(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
 
 
 @functools.lru_cache(maxsize=None)
@@ -486,6 +511,12 @@ def _pick_splits(n: int, k: int, block_n: int, block_k: int, device: torch.devic
     return max(1, min(want, tiles // 2, _MAX_SPLITS))
 
 
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and scratch buffer comes from here (tests poison them to catch unwritten
+    elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def prepare_codebook(codebook: torch.Tensor, normalize: bool) -> torch.Tensor:
     """fp32, contiguous, l2-normalized when ``normalize``: done once per call on the host (K x d)."""
     # contiguous before the norm: a strided reduction may sum in another order and change the bits
@@ -508,9 +539,9 @@ def vq_nearest_triton(
     k = codebook.shape[0]
     cb = prepare_codebook(codebook, normalize)
     dev = z.device
-    indices = torch.empty(n, dtype=torch.int64, device=dev)
-    score = torch.empty(n, dtype=torch.float32, device=dev)
-    zq = torch.empty((n, d) if return_zq else (0, d), dtype=torch.float32, device=dev)
+    indices = _alloc((n,), torch.int64, dev)
+    score = _alloc((n,), torch.float32, dev)
+    zq = _alloc((n, d) if return_zq else (0, d), torch.float32, dev)
     if n == 0:
         return (indices, score, zq) if return_zq else (indices, score)
     # contiguous, as the torch reference does: a strided view and its copy then run the same
@@ -524,8 +555,8 @@ def vq_nearest_triton(
     op_kind = _OP_KIND[z.dtype]
     op_dtype = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}[op_kind]
 
-    cbt = torch.empty((k, d_pad), dtype=op_dtype, device=dev)
-    aux = torch.empty((3, k), dtype=torch.float32, device=dev)
+    cbt = _alloc((k, d_pad), op_dtype, dev)
+    aux = _alloc((3, k), torch.float32, dev)
     pbk, pwarps = _PREP_INTERP if interp else _PREP_GPU
     _vq_prep_codes_kernel[(cdiv(k, pbk),)](
         cb, cbt, aux, k, d, d_pad, OP_KIND=op_kind, BLOCK_K=pbk, BLOCK_D=bd, D_PAD=d_pad, num_warps=pwarps,
@@ -538,8 +569,8 @@ def vq_nearest_triton(
     if final:
         part_r = part_i = score  # never touched
     else:
-        part_r = torch.empty((splits, n), dtype=torch.float32, device=dev)
-        part_i = torch.empty((splits, n), dtype=torch.int32, device=dev)
+        part_r = _alloc((splits, n), torch.float32, dev)
+        part_i = _alloc((splits, n), torch.int32, dev)
     zq_arg = zq if return_zq else score  # never written when write_zq is 0
     # a priori z error (used on the tiled-d path only): none when z already is the operand type
     z_eps = 0.0 if (op_kind != 0 and not normalize) else _Z_EPS[op_kind]
@@ -556,8 +587,7 @@ def vq_nearest_triton(
         BLOCK_K=bk,
         BLOCK_D=bd,
         D_PAD=d_pad,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        **_launch_options(cfg),
     )
     if not final:
         fbn, fwarps = _FINALIZE_INTERP if interp else _FINALIZE_GPU

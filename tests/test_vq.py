@@ -340,3 +340,264 @@ def test_ties_between_signed_zeros_pick_lowest_index():
     z = torch.tensor([[0.1, 0.6], [0.0, 0.0]])
     indices, _ = vq_nearest(z, codebook, False, backend="torch")
     assert indices.tolist() == [1, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# The tensor-core search with an exact fp32 re-check: indices equal the fp32 torch reference's
+# (kernels/vq.py explains the bound that makes this hold whatever the tensor cores round).
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON_TARGET, reason="no GPU and no interpreter")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _vq_kernels():
+    import alit_fast.kernels.vq as vq_kernels
+
+    return vq_kernels
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the launcher allocates starts as NaN / -1, so an element no kernel writes shows."""
+    vqk = _vq_kernels()
+
+    def alloc(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(vqk, "_alloc", alloc)
+    return vqk
+
+
+def _split(monkeypatch, splits):
+    monkeypatch.setattr(_vq_kernels(), "SPLIT_OVERRIDE", splits)
+
+
+def _check_exact(z, codebook, normalize, expected=None):
+    """Triton's indices equal the fp32 reference's; the score matches the distance to the code."""
+    indices, score = vq_nearest(z, codebook, normalize, backend="triton")
+    ref, _ = vq_nearest(z, codebook, normalize, backend="torch")
+    assert indices.dtype == torch.int64 and score.dtype == torch.float32
+    assert not bool(torch.isnan(score).any()), "unwritten score"
+    assert bool(((indices >= 0) & (indices < codebook.shape[0])).all()), "unwritten or bad index"
+    diff = indices != ref
+    assert not bool(diff.any()), f"{int(diff.sum())} of {len(ref)} indices differ from the fp32 reference, e.g. rows {diff.nonzero()[:5, 0].tolist()}"
+    if expected is not None:
+        assert torch.equal(indices.cpu(), expected)
+    zf = z.float()
+    cb = codebook.float()
+    if normalize:
+        zf, cb = F.normalize(zf, dim=1), F.normalize(cb, dim=1)
+    torch.testing.assert_close(score, ((zf - cb[indices]) ** 2).sum(1), rtol=1e-5, atol=1e-5)
+    return indices
+
+
+# d = 13 pads to 16, 32 is the demo width, 256 takes the tiled-d path; N and K leave partial row
+# blocks, tiles and splits (interpreter tiles: 256 rows x 512 codes, 256 x 512 x 128 at d=256)
+_EXACT_CASES = [
+    # n, k, d, normalize, dtype, splits
+    (300, 1100, 12, True, "fp32", None),
+    (300, 1100, 12, True, "bf16", 3),
+    (77, 1100, 13, False, "fp16", 3),
+    (77, 600, 16, False, "fp32", 2),
+    (260, 700, 32, True, "fp16", None),
+    (40, 1100, 256, False, "fp32", 3),
+    (40, 600, 256, True, "bf16", None),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("n,k,d,normalize,dtype,splits", _EXACT_CASES, ids=[f"N{c[0]}-K{c[1]}-d{c[2]}-{'cos' if c[3] else 'l2'}-{c[4]}-s{c[5]}" for c in _EXACT_CASES])
+def test_indices_equal_fp32_reference(n, k, d, normalize, dtype, splits, poisoned, monkeypatch):
+    _split(monkeypatch, splits)
+    g = torch.Generator().manual_seed(n + k + d)
+    z = torch.randn(n, d, generator=g).to(_DTYPES[dtype]).to(DEVICE)
+    codebook = torch.randn(k, d, generator=g).to(DEVICE)
+    _check_exact(z, codebook, normalize)
+
+
+def _integer_near_ties(n_rows, d, dtype, g):
+    """Unnormalized rows and codes of small integers: every fp32 operation on them (products,
+    sums, ||c||^2 - 2 z.c + ||z||^2, all below 2^24) is exact, so the reference's ranking is the
+    true one. Each row has two nonzero coordinates near 2,500 (12 significant bits: tf32, bf16 and
+    fp16 all round them) and codes at offsets (+-1, +-1), (+-1, 0), (0, +-2)... from it: exact ties
+    between distinct codes and neighbours a distance of 1 away, i.e. expanded scores
+    ||c||^2 - 2 z.c ~ -1.2e7 a few ulps apart, far inside the tensor-core error (~1e4)."""
+    rows, codes = [], []
+    offsets = [(1, 1), (-1, -1), (1, -1), (-1, 1), (1, 0), (0, -1), (2, 0), (0, 2), (-2, 1), (1, 2)]
+    for _ in range(n_rows):
+        dims = torch.randperm(d, generator=g)[:2]
+        xy = torch.randint(2049, 2600, (2,), generator=g).float()
+        z = torch.zeros(d)
+        z[dims] = xy
+        z = z.to(dtype).float()  # the values the op sees: build codes around them
+        rows.append(z)
+        pick = torch.randperm(len(offsets), generator=g)[:6]
+        for p in pick.tolist():
+            c = z.clone()
+            c[dims[0]] += offsets[p][0]
+            c[dims[1]] += offsets[p][1]
+            codes.append(c)
+    codes = torch.stack(codes)
+    # far integer fillers (two coordinates in [-1500, 1500]: every value stays below 2^24), then a
+    # shuffle so tied codes land in different tiles and splits; K = 1100 leaves partial tiles
+    fill = torch.zeros(1100 - len(codes), d)
+    for f in fill:
+        f[torch.randperm(d, generator=g)[:2]] = torch.randint(-1500, 1500, (2,), generator=g).float()
+    codes = torch.cat([codes, fill])
+    codes = codes[torch.randperm(len(codes), generator=g)]
+    z = torch.stack(rows).to(dtype)
+    return z, codes
+
+
+def _expected_lowest(z, codebook, normalize):
+    """float64 ranking with exact-tie detection: the lowest index among equal float64 distances."""
+    z64, c64 = z.double(), codebook.double()
+    if normalize:
+        z64, c64 = F.normalize(z64, dim=1), F.normalize(c64, dim=1)
+    dist = (z64[:, None, :] - c64[None, :, :]).pow(2).sum(-1)
+    return dist.argmin(1)  # torch.argmin returns the first minimum
+
+
+@needs_triton
+@pytest.mark.parametrize("d,dtype,splits", [(12, "fp32", None), (12, "bf16", 2), (16, "fp16", 3), (256, "fp32", 2)])
+def test_integer_near_ties_unnormalized(d, dtype, splits, poisoned, monkeypatch):
+    _split(monkeypatch, splits)
+    g = torch.Generator().manual_seed(d + len(dtype))
+    z, codebook = _integer_near_ties(40, d, _DTYPES[dtype], g)
+    expected = _expected_lowest(z.float(), codebook, False)
+    # the construction really is adversarial: many rows have an exact tie at the minimum
+    dist = (z.double()[:, None, :] - codebook.double()[None]).pow(2).sum(-1)
+    ties = (dist == dist.min(1, keepdim=True).values).sum(1)
+    assert int((ties > 1).sum()) >= 10
+    _check_exact(z.to(DEVICE), codebook.to(DEVICE), False, expected)
+
+
+def _dyadic_near_ties(n_rows, g):
+    """Normalized mode, d=16: rows with all coordinates +-1/4 and codes with one +-3/4, seven
+    +-1/4 and eight zeros are unit vectors exactly, so normalizing changes nothing and every dot
+    product is an exact multiple of 1/16. Each row gets four such codes agreeing with its signs
+    (cos = 3/16 + 7/16 exactly: distinct codes, equal distances; other rows' and the filler codes
+    can reach the same 10/16 too) and three codes whose cosine is 10/16 +- 2^-16 or 2^-15:
+    rounding-safe in fp32 (an fp32 dot of unit vectors errs by at most 16 * 2^-24 = 2^-20), yet
+    2^7 times inside the tf32 window."""
+    d = 16
+
+    def dyadic(signs):
+        perm = torch.randperm(d, generator=g)
+        c = torch.zeros(d)
+        c[perm[0]] = 0.75 * signs[perm[0]]
+        c[perm[1:8]] = 0.25 * signs[perm[1:8]]
+        return c
+
+    rows, codes = [], []
+    for _ in range(n_rows):
+        z = torch.where(torch.rand(d, generator=g) < 0.5, -0.25, 0.25)
+        rows.append(z)
+        codes += [dyadic(torch.sign(z)) for _ in range(4)]
+        zd = z.double()
+        u = torch.randn(d, generator=g, dtype=torch.float64)
+        u = u - (u @ zd) * zd
+        u = u / u.norm()
+        for step in torch.randint(1, 3, (3,), generator=g).tolist():
+            sign = 1.0 if torch.rand(1, generator=g).item() < 0.3 else -1.0
+            cos = 10.0 / 16 + sign * step * 2.0**-16
+            codes.append((cos * zd + (1 - cos**2) ** 0.5 * u).float())
+    fill = [dyadic(torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0)) for _ in range(1100 - len(codes))]
+    codes = torch.stack(codes + fill)
+    codes = codes[torch.randperm(len(codes), generator=g)]
+    return torch.stack(rows), codes
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,splits", [("fp32", None), ("fp32", 2), ("bf16", None), ("fp16", 3)])
+def test_dyadic_near_ties_normalized(dtype, splits, poisoned, monkeypatch):
+    _split(monkeypatch, splits)
+    g = torch.Generator().manual_seed(11 + len(dtype))
+    z, codebook = _dyadic_near_ties(48, g)
+    z = z.to(_DTYPES[dtype])  # +-1/4 is exact in every dtype
+    expected = _expected_lowest(z.float(), codebook, True)
+    _check_exact(z.to(DEVICE), codebook.to(DEVICE), True, expected)
+
+
+@needs_triton
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "l2"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_many_duplicates_across_splits_pick_lowest_index(normalize, dtype, poisoned, monkeypatch):
+    # every row's nearest code exists in 5 copies spread over all splits, more than one row block
+    # of candidates per tile: the re-check must take them all and keep the lowest
+    _split(monkeypatch, 3)
+    g = torch.Generator().manual_seed(3 + len(dtype))
+    d, k0 = 12, 230
+    base = torch.randn(k0, d, generator=g)
+    codebook = torch.cat([base] * 5)
+    z = (base[torch.randint(0, k0, (90,), generator=g)] + 0.01 * torch.randn(90, d, generator=g)).to(_DTYPES[dtype])
+    indices = _check_exact(z.to(DEVICE), codebook.to(DEVICE), normalize)
+    ref, _ = vq_nearest(z.to(DEVICE), base.to(DEVICE), normalize, backend="triton")
+    assert torch.equal(indices, ref)
+    assert bool((indices < k0).all())
+
+
+@needs_triton
+def test_split_and_return_zq_give_the_same_answer(monkeypatch):
+    vqk = _vq_kernels()
+    z, codebook = _inputs(200, 1100, 12, torch.float32, seed=9)
+    for normalize in (True, False):
+        _split(monkeypatch, None)
+        one = vqk.vq_nearest_triton(z, codebook, normalize)
+        _split(monkeypatch, 3)
+        split = vqk.vq_nearest_triton(z, codebook, normalize)
+        i, s, zq = vqk.vq_nearest_triton(z, codebook, normalize, return_zq=True)
+        assert torch.equal(one[0], split[0]) and torch.equal(split[0], i)
+        # one split writes the score from the search kernel, several from the combine kernel
+        torch.testing.assert_close(one[1], split[1], rtol=1e-6, atol=1e-7)
+        assert torch.equal(split[1], s)  # with or without z_q: the same compiled code
+        cb = F.normalize(codebook.float(), dim=1) if normalize else codebook.float()
+        assert torch.equal(zq, cb[i])
+
+
+def test_split_choice_fills_an_h200():
+    """Splits from shapes alone: enough programs for 132 SMs at the latent quantizer's 8,192 rows,
+    none needed at 65,536, never an empty split."""
+    vqk = _vq_kernels()
+    cpu = torch.device("cpu")
+    saved = vqk.is_interpreting
+    try:
+        vqk.is_interpreting = lambda: False
+        cfg = vqk._pick_config(12)
+        bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+        s = vqk._pick_splits(8192, 4096, bn, bk, cpu)
+        assert (8192 // bn) * s >= 3 * 132
+        assert vqk._pick_splits(65536, 4096, bn, bk, cpu) == 1
+        assert vqk._pick_splits(1024, 512, bn, bk, cpu) <= 512 // bk
+        cfg = vqk._pick_config(256)
+        assert cfg["D_PAD"] == 256 and cfg["BLOCK_D"] < 256  # the d dimension is tiled
+    finally:
+        vqk.is_interpreting = saved
+
+
+@needs_triton
+def test_launch_path_makes_no_host_sync(monkeypatch):
+    from alit_fast.testing import count_syncs
+
+    vqk = _vq_kernels()
+    launches = []
+
+    class _Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, grid))
+
+    for name in ("_vq_prep_codes_kernel", "_vq_tc_kernel", "_vq_finalize_kernel"):
+        monkeypatch.setattr(vqk, name, _Stub(name))
+    z, codebook = _inputs(300, 1100, 12, torch.float32, seed=10)
+    for splits in (None, 3):
+        _split(monkeypatch, splits)
+        launches.clear()
+        with count_syncs() as syncs:
+            vqk.vq_nearest_triton(z[:, ::1], codebook, True)
+        assert syncs.total == 0, dict(syncs)
+        names = [n for n, _ in launches]
+        assert names == ["_vq_prep_codes_kernel", "_vq_tc_kernel"] + (["_vq_finalize_kernel"] if splits else [])

@@ -217,6 +217,11 @@ def attention(
     Backends: ``torch`` (scaled_dot_product_attention), ``triton`` (the fused kernels) and
     ``official`` (the attention matrix materialized in the input dtype, as the official code's
     nn.MultiheadAttention math path does; kept as the baseline the benchmarks compare against).
+
+    fp32 inputs to the triton backend follow ``torch.get_float32_matmul_precision()`` as torch's
+    own matmuls do: "highest" computes exact fp32 products, "high" / "medium" use tf32 tensor cores
+    (relative error ~2e-3, tested to 1e-2; see ``alit_fast.kernels.attention``). Pass ``lengths``
+    as int32 on q's device: anything else is converted here, a copy at every call.
     """
     if backend == "torch":
         return attention_reference(q, k, v, lengths, validate)
