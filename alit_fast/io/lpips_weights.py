@@ -1,0 +1,132 @@
+"""Weights for the in-project LPIPS (alit_fast.models.lpips): torchvision's VGG16 file and the
+lpips package's v0.1 linear heads, read unchanged. Nothing downloads: a missing file is a one-line
+error naming it and where it goes.
+
+- VGG16: ``vgg16-397923af.pth`` (torchvision's IMAGENET1K_V1 weights) in torch hub's cache,
+  ``torch.hub.get_dir()/checkpoints/``, where torchvision itself would keep it; or a path.
+- Heads: ``lpips/weights/v0.1/vgg.pth`` inside an installed ``lpips`` package, found without
+  importing it (lpips imports torchvision, which does not import with every torch build); or a
+  path.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from ..models.lpips import LPIPS, TAP_CHANNELS
+
+VGG16_FILE = "vgg16-397923af.pth"
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+HEADS_IN_PACKAGE = ("weights", "v0.1", "vgg.pth")
+
+
+class LPIPSWeightsError(FileNotFoundError):
+    """A weights file for LPIPS is missing or does not hold what LPIPS needs (one-line message)."""
+
+
+def default_vgg16_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def find_vgg16(path: str | os.PathLike | None = None) -> Path:
+    """The VGG16 weights file: ``path``, else torch hub's cache."""
+    target = Path(path) if path is not None else default_vgg16_path()
+    if not target.is_file():
+        raise LPIPSWeightsError(
+            f"LPIPS needs torchvision's VGG16 weights: {target} not found; download {VGG16_URL} and put it "
+            f"there{'' if path is not None else ' (torch hub cache)'} or pass its path"
+        )
+    return target
+
+
+def _lpips_package_dir() -> Path | None:
+    spec = importlib.util.find_spec("lpips")  # a top-level name: locates, does not import
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    try:
+        return Path(importlib.metadata.distribution("lpips").locate_file("lpips"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def find_lpips_heads(path: str | os.PathLike | None = None) -> Path:
+    """The lpips v0.1 VGG heads: ``path``, else the file inside the installed lpips package."""
+    if path is not None:
+        target = Path(path)
+        if not target.is_file():
+            raise LPIPSWeightsError(f"LPIPS heads file {target} not found (lpips's weights/v0.1/vgg.pth)")
+        return target
+    package = _lpips_package_dir()
+    if package is None:
+        raise LPIPSWeightsError(
+            "LPIPS needs the lpips package's v0.1 VGG heads (lpips/weights/v0.1/vgg.pth): `pip install lpips` "
+            "(it need not import) or pass the file's path"
+        )
+    target = package.joinpath(*HEADS_IN_PACKAGE)
+    if not target.is_file():
+        raise LPIPSWeightsError(f"LPIPS heads file {target} not found in the installed lpips package; pass its path")
+    return target
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LPIPSWeightsError(f"{path} could not be read as a torch state dict ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(raw, dict):
+        raise LPIPSWeightsError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    return raw
+
+
+def lpips_state_dict(vgg: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LPIPS's state dict from torchvision's VGG16 dict (``features.*``; ``classifier.*`` is
+    dropped) and lpips's heads dict (``lin{k}.model.1.weight``, or ``lins.{k}.model.1.weight``
+    as lpips also names them)."""
+    state = {k: v for k, v in vgg.items() if k.startswith("features.")}
+    for k in range(len(TAP_CHANNELS)):
+        for name in (f"lin{k}.model.1.weight", f"lins.{k}.model.1.weight"):
+            if name in heads:
+                state[f"lins.{k}.1.weight"] = heads[name]
+                break
+    return state
+
+
+def _check(model: LPIPS, state: dict[str, torch.Tensor], vgg_path: Path, heads_path: Path) -> None:
+    expected = model.state_dict()
+    for key, ref in expected.items():
+        source = heads_path if key.startswith("lins.") else vgg_path
+        if key not in state:
+            name = f"lin{key.split('.')[1]}.model.1.weight" if key.startswith("lins.") else key
+            raise LPIPSWeightsError(f"{source} has no {name}; is it the right file?")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise LPIPSWeightsError(f"{source}: {key} has shape {list(state[key].shape)}, expected {list(ref.shape)}")
+
+
+def load_lpips(
+    vgg_path: str | os.PathLike | None = None,
+    heads_path: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> LPIPS:
+    """A frozen LPIPS in eval mode (dropout off) with the real weights; inputs in [-1, 1]."""
+    vgg_file, heads_file = find_vgg16(vgg_path), find_lpips_heads(heads_path)
+    model = LPIPS()
+    state = lpips_state_dict(_read(vgg_file), _read(heads_file))
+    _check(model, state, vgg_file, heads_file)
+    model.load_state_dict(state, strict=True)
+    model.requires_grad_(False).eval()
+    return model.to(device) if device is not None else model
+
+
+__all__ = [
+    "LPIPSWeightsError",
+    "VGG16_FILE",
+    "default_vgg16_path",
+    "find_lpips_heads",
+    "find_vgg16",
+    "load_lpips",
+    "lpips_state_dict",
+]
