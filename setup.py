@@ -23,8 +23,9 @@ setup(
         "pytest-benchmark",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "huggingface_hub>=0.23"],
         "demo": ["scikit-image"],
+        "hub": ["huggingface_hub>=0.23"],
     },
     entry_points={"console_scripts": ["alit-fast=alit_fast.cli:main"]},
 )

@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "cache-base": ("alit_fast.cli.cache_base", "main", "run the frozen VQGAN once over a dataset and store its outputs"),
     "encode": ("alit_fast.cli.encode", "main", "adaptive-length tokenization of image files"),
     "decode": ("alit_fast.cli.decode", "main", "decode a token file back to images"),
+    "convert": ("alit_fast.cli.convert", "main", "an official checkpoint -> a Hub-layout model directory"),
 }
 
 

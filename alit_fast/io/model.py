@@ -12,6 +12,7 @@ import torch
 
 from ..inference import Criterion, RolloutState, StepView, TokenBatch, compile_step, decode, encode, start
 from ..models import ALITCore
+from .repo import push_to_hub, save_pretrained
 from .weights import save_model
 
 
@@ -49,3 +50,15 @@ class ALIT(ALITCore):
     def save(self, path: str | os.PathLike) -> None:
         """Save weights (official key layout) and config to a safetensors file."""
         save_model(self, path)
+
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, repo_id: str | None = None, evaluation: dict | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Write a Hub-layout directory (model.safetensors, config.json, a model card);
+        ``alit_fast.load_pretrained(directory)`` reads it back."""
+        save_pretrained(self, directory, repo_id=repo_id, evaluation=evaluation, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload to the Hugging Face Hub (needs huggingface_hub and a token); see io.repo.push_to_hub."""
+        return push_to_hub(self, repo_id, **kwargs)
