@@ -7,7 +7,8 @@ import sys
 # subcommand -> (module, function taking argv); imported lazily so `alit-fast --help` stays fast
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("alit_fast.cli.demo", "main", "adaptively tokenize the bundled images with the demo model"),
-    "train": ("alit_fast.training.train", "main", "stage-1 training (also: python -m alit_fast.train)"),
+    "train": ("alit_fast.training.stages", "main",
+              "training: stage 1, or stage 2 with --stage finetune (also: python -m alit_fast.train)"),
     "cache-base": ("alit_fast.cli.cache_base", "main", "run the frozen VQGAN once over a dataset and store its outputs"),
     "encode": ("alit_fast.cli.encode", "main", "adaptive-length tokenization of image files"),
     "decode": ("alit_fast.cli.decode", "main", "decode a token file back to images"),

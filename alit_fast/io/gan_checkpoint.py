@@ -1,0 +1,74 @@
+"""The stage-2 discriminators in checkpoints: read from an official stage-2 checkpoint
+(``gan_losses.{i}.discriminator.main.*`` inside its ``model`` / ``ema`` state dicts), from an
+alit_fast stage-2 ``checkpoint.pt`` (its ``discriminators`` entry) or ``discriminators.safetensors``,
+and written in the official names, so either kind continues the other's fine-tuning.
+
+Model loading (``load_official``) ignores these keys; only stage-2 training reads them. The
+official files also hold a frozen LPIPS copy per iteration (``gan_losses.{i}.perceptual_loss.*``),
+which is not read here: LPIPS comes from its own weight files (alit_fast.io.lpips_weights).
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+
+from .weights import CheckpointError
+
+DISCRIMINATOR_PREFIX = "gan_losses."
+_KEY = re.compile(r"^gan_losses\.(\d+)\.discriminator\.(.+)$")
+_WRAPPERS = ("module.", "_orig_mod.")
+# where a checkpoint dict keeps its state dicts, in the order looked at: the live discriminators
+# first (an official ``ema`` holds an average of them, or their start values: its update skips buffers)
+_ENTRIES = ("discriminators", "model", "ema", "state_dict")
+
+
+def discriminator_state(discriminators: torch.nn.ModuleList) -> dict[str, torch.Tensor]:
+    """One state dict for all iterations' discriminators, in the official key names."""
+    return {f"{DISCRIMINATOR_PREFIX}{i}.discriminator.{k}": v for i, d in enumerate(discriminators)
+            for k, v in d.state_dict().items()}
+
+
+def _load(path: str) -> Mapping:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be read with torch.load(weights_only=True) ({exc}); if you trust "
+                              "it, load it with weights_only=False and pass the dict") from exc
+
+
+def read_discriminators(
+    path_or_state: str | os.PathLike | Mapping, map_location: str | torch.device = "cpu"
+) -> dict[int, dict[str, torch.Tensor]]:
+    """{iteration: that discriminator's state dict (``main.*`` keys)}; empty if there are none."""
+    raw = path_or_state if isinstance(path_or_state, Mapping) else _load(os.fspath(path_or_state))
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"the checkpoint holds a {type(raw).__name__}, not a state dict")
+    candidates = [raw[e] for e in _ENTRIES if isinstance(raw.get(e), Mapping)] + [raw]
+    for state in candidates:
+        found: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            for prefix in _WRAPPERS:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+            m = _KEY.match(key)
+            if m:
+                found.setdefault(int(m.group(1)), {})[m.group(2)] = value.to(map_location)
+        if found:
+            return found
+    return {}
+
+
+__all__ = ["DISCRIMINATOR_PREFIX", "discriminator_state", "read_discriminators"]

@@ -1,0 +1,183 @@
+"""Stage-2 training (--stage finetune): the generator loss falls on both backends, which
+discriminators train with and without --official-quirks, exact resume, official stage-2
+checkpoints (gan_losses.*) for inference and continued fine-tuning, LPIPS wiring, usage errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alit_fast import ALIT
+from alit_fast.io import load_official
+from alit_fast.io.gan_checkpoint import discriminator_state, read_discriminators
+from alit_fast.testing import random_images, tiny_config
+from alit_fast.training.finetune import init_discriminators
+from alit_fast.training.finetune_loss import gan_factor, parse_gan_schedule
+from alit_fast.training.stages import main as train_main
+from tests._single_thread import one_thread  # noqa: F401
+from tests.test_lpips import random_heads, random_vgg16
+
+NDF = 8  # a narrow PatchGAN keeps the tests fast; the official width (64) is tested on a checkpoint
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    cfg = tiny_config()
+    (root / "tiny.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    torch.manual_seed(0)
+    model = ALIT(cfg)
+    model.save(str(root / "stage1.safetensors"))
+    return {"root": root, "config": str(root / "tiny.json"), "init": str(root / "stage1.safetensors"), "model": model}
+
+
+def _run(files, out: Path, *extra: str) -> int:
+    argv = ["--stage", "finetune", "--init", files["init"], "--config", files["config"], "--data", "synthetic",
+            "--data-length", "8", "--batch-size", "2", "--lr", "1e-3", "--warmup", "0", "--threads", "1",
+            "--no-progress", "--lpips", "off", "--disc-ndf", str(NDF), "--gan-schedule", "0:0.2", "--out", str(out),
+            *extra]
+    return train_main(argv)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _discs(out: Path) -> dict[int, dict[str, torch.Tensor]]:
+    return read_discriminators(str(out / "discriminators.safetensors"))
+
+
+def _changed(out: Path, ndf: int = NDF) -> list[bool]:
+    """Per discriminator: whether any parameter moved from its seeded init."""
+    init = init_discriminators(3, ndf, 3, seed=0)
+    found = _discs(out)
+    return [any(not torch.equal(found[i][k], v) for k, v in d.named_parameters()) for i, d in enumerate(init)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_few_finetune_steps_lower_the_generator_loss(files, tmp_path, backend):
+    # one fixed batch (one step per epoch: the loss is always at iteration 0), GAN on, no
+    # discriminator step: the generator loss on that batch must fall
+    steps = "4" if backend == "torch" else "2"  # the triton kernels run in the interpreter on CPUs
+    rc = _run(files, tmp_path, "--backend", backend, "--steps", steps, "--data-length", "2", "--lr", "2e-3")
+    assert rc == 0
+    log = _log(tmp_path)
+    assert [r["kind"] for r in log] == ["generator"] * int(steps)
+    assert all(r["gan_factor"] == 0.2 and {"l1", "vq", "g_loss", "d_weight", "loss"} <= set(r) for r in log)
+    assert log[-1]["loss"] < log[0]["loss"] * 0.95 and log[-1]["l1"] < log[0]["l1"], [r["loss"] for r in log]
+    # fixed: the generator's GAN term does not move the discriminator it fools
+    assert _changed(tmp_path) == [False, False, False]
+
+
+def test_each_discriminator_trains_by_default(files, tmp_path):
+    # 4 steps per epoch, every 2nd a discriminator step: 4 of them over 8 steps, round-robin
+    assert _run(files, tmp_path, "--steps", "8", "--disc-every", "2") == 0
+    log = _log(tmp_path)
+    assert [r["kind"][0] for r in log] == list("gdgdgdgd")
+    assert [r["iteration"] for r in log if r["kind"] == "discriminator"] == [0, 1, 2, 0]
+    assert [r["iteration"] for r in log if r["kind"] == "generator"] == [0, 1, 0, 1]  # reset at each epoch
+    assert all({"d_loss", "logits_real", "logits_fake"} <= set(r) for r in log if r["kind"] == "discriminator")
+    assert _changed(tmp_path) == [True, True, True]
+
+
+def test_official_quirks_give_discriminator_steps_to_the_first_only(files, tmp_path):
+    # 3 iterations and a discriminator step in 4 (the official 8 and 9): the generator's counter
+    # is a multiple of 3 at every discriminator step
+    assert _run(files, tmp_path, "--steps", "8", "--disc-every", "4", "--official-quirks") == 0
+    log = _log(tmp_path)
+    assert [r["iteration"] for r in log if r["kind"] == "discriminator"] == [0, 0]
+    # D1 and D2 still move: the generator optimizer steps them on generator steps (the other quirk)
+    assert [r["iteration"] for r in log if r["kind"] == "generator"] == [0, 1, 2, 0, 1, 2]
+    assert _changed(tmp_path) == [True, True, True]
+
+
+def test_resume_is_exact(files, tmp_path):
+    common = ("--steps", "6", "--disc-every", "2", "--ema", "0.9", "--save-every", "100")
+    assert _run(files, tmp_path / "full", *common) == 0
+    assert _run(files, tmp_path / "split", *common, "--stop-at", "3") == 0
+    assert not (tmp_path / "split" / "model.safetensors").exists()
+    assert _run(files, tmp_path / "split", *common, "--resume") == 0
+    drop = ("time", "images_per_s")
+    full = [{k: v for k, v in r.items() if k not in drop} for r in _log(tmp_path / "full")]
+    split = [{k: v for k, v in r.items() if k not in drop} for r in _log(tmp_path / "split")]
+    assert full == split
+    for name in ("model.safetensors", "ema.safetensors", "discriminators.safetensors"):
+        a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "split" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _official_stage2_checkpoint(files, path: Path) -> dict:
+    """The official stage-2 layout: model/ema dicts with gan_losses.{i}.discriminator.* (the
+    official width) and gan_losses.{i}.perceptual_loss.* (a frozen LPIPS copy per iteration)."""
+    state = dict(files["model"].state_dict())
+    g = torch.Generator().manual_seed(5)
+    discs = init_discriminators(3, 64, 3, seed=11)
+    for d in discs:
+        for p in d.parameters():
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.01)
+    gan = discriminator_state(discs)
+    lpips_keys = {f"gan_losses.{i}.perceptual_loss.lin0.model.1.weight": torch.rand(1, 64, 1, 1) for i in range(3)}
+    torch.save({"model": {**state, **gan, **lpips_keys}, "ema": {**state, **gan, **lpips_keys}, "epoch": 199}, path)
+    return gan
+
+
+def test_official_stage2_checkpoint_loads_for_inference_and_continued_finetuning(files, tmp_path):
+    path = tmp_path / "official_stage2.pth"
+    gan = _official_stage2_checkpoint(files, path)
+    model = load_official(path)  # inference: the discriminators and LPIPS copies are ignored
+    images = random_images(2, 32, seed=3)
+    ref = files["model"].rollout(images)[-1].logits
+    torch.testing.assert_close(model.rollout(images)[-1].logits, ref, rtol=0, atol=0)
+    found = read_discriminators(path)
+    assert sorted(found) == [0, 1, 2] and "main.3.running_var" in found[0]
+    # continued fine-tuning starts from the checkpoint's discriminators (one generator step
+    # leaves them as they were)
+    rc = _run(files, tmp_path / "run", "--init", str(path), "--config", files["config"], "--disc-ndf", "64",
+              "--steps", "1", "--data-length", "2")
+    assert rc == 0
+    saved = load_file(tmp_path / "run" / "discriminators.safetensors")
+    assert saved.keys() == gan.keys()
+    # parameters only: the generator step's forward through D (train mode) moves BN statistics
+    params = [k for k in gan if not any(s in k for s in ("running_", "num_batches"))]
+    assert len(params) == 3 * 13 and all(torch.equal(saved[k], gan[k]) for k in params)
+
+
+def test_lpips_term_with_weights_from_files(files, tmp_path, capsys):
+    torch.save(random_vgg16(), tmp_path / "vgg16.pth")
+    torch.save(random_heads(), tmp_path / "heads.pth")
+    rc = _run(files, tmp_path / "run", "--lpips", "on", "--vgg-weights", str(tmp_path / "vgg16.pth"),
+              "--lpips-heads", str(tmp_path / "heads.pth"), "--steps", "2", "--data-length", "2")
+    assert rc == 0
+    log = _log(tmp_path / "run")
+    assert all(r["lpips"] > 0 and abs(r["rec"] - (r["l1"] + r["lpips"])) < 1e-5 for r in log)
+    rc = _run(files, tmp_path / "missing", "--lpips", "on", "--vgg-weights", str(tmp_path / "nowhere.pth"),
+              "--steps", "1", "--data-length", "2")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("alit-fast train:") and "nowhere.pth" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--base-cache", "x"), "--base-cache is a stage-1 option"),
+    (("--disc-every", "1"), "--disc-every must be >= 2"),
+    (("--gan-schedule", "0.5"), "is not FRACTION:FACTOR"),
+])
+def test_usage_errors_are_one_line(files, tmp_path, capsys, extra, message):
+    assert _run(files, tmp_path, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_missing_init_is_refused(capsys):
+    assert train_main(["--stage", "finetune", "--data", "synthetic"]) == 2
+    assert "--init is required" in capsys.readouterr().err
+
+
+def test_gan_schedule_is_the_official_one_as_fractions():
+    points = parse_gan_schedule("0.105:0.2,0.505:0.8")
+    factors = [gan_factor(points, epoch / 200) for epoch in range(200)]
+    assert factors[:21] == [0.0] * 21 and factors[21:101] == [0.2] * 80 and factors[101:] == [0.8] * 99
+    assert parse_gan_schedule("off") == ()
