@@ -18,7 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import ALITConfig, VQGANConfig
+from .config import ALITConfig, VAEConfig, VQGANConfig
 
 
 def tiny_config(**changes) -> ALITConfig:
@@ -36,6 +36,12 @@ def tiny_config(**changes) -> ALITConfig:
         vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48),
     )
     return base.replace(**changes)
+
+
+def tiny_vae_config(**changes) -> ALITConfig:
+    """``tiny_config`` on a KL-VAE base: a 3-level VAE (32x32 -> 8x8), attention at the 8x8 level."""
+    vae = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, embed_dim=6, attn_resolutions=(8,))
+    return tiny_config(base_tokenizer="vae", halting_threshold=0.025, vae=vae).replace(**changes)
 
 
 def random_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -19,9 +19,11 @@ def alit_params_outside_base(cfg: ALITConfig) -> int:
     norms = 3 * 2 * W
     pre_quant = W * cfg.latent_dim + cfg.latent_dim
     decoder = I * T * W + cfg.latent_dim * W + W + 2 * 2 * W
-    decoder += 2 * W * W + 2 * W + 2 * W * cfg.vqgan.codebook_size + cfg.vqgan.codebook_size
-    patch = (W - cfg.vqgan.z_channels) * 3 * cfg.patch_size**2 + (W - cfg.vqgan.z_channels)
-    vq = cfg.codebook_size * cfg.latent_dim
+    # the VAE variant regresses the embed_dim latents and feeds them (not z) beside the patches
+    out, base = (cfg.vae.embed_dim, cfg.vae.embed_dim) if cfg.base_tokenizer == "vae" else (cfg.vqgan.codebook_size, cfg.vqgan.z_channels)
+    decoder += 2 * W * W + 2 * W + 2 * W * out + out
+    patch = (W - base) * 3 * cfg.patch_size**2 + (W - base)
+    vq = cfg.codebook_size * cfg.latent_dim if cfg.quantize_latent else 0
     return embeddings + norms + pre_quant + decoder + patch + vq + 2 * transformer_params(W, cfg.layers, cfg.mlp_ratio)
 
 

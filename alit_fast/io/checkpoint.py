@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from safetensors import safe_open
 
-from ..config import ALITConfig, VQGANConfig
+from ..config import ALITConfig, VAEConfig, VQGANConfig
 from .model import ALIT
 from .weights import METADATA_CONFIG_KEY, CheckpointError, save_model
 
@@ -89,8 +89,33 @@ def _need(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     return state[key]
 
 
+def _infer_vae(state: Mapping[str, torch.Tensor], image_size: int) -> VAEConfig:
+    """The KL-VAE's sizes from its ``base_tokenizer.vae.*`` shapes; attention levels from which
+    encoder levels hold ``attn`` keys (the GroupNorm group count, 32, shows in no shape)."""
+    p = "base_tokenizer.vae."
+    conv_in = _need(state, p + "encoder.conv_in.weight")
+    ch = conv_in.shape[0]
+    levels = _count(state, r"base_tokenizer\.vae\.encoder\.down\.(\d+)\.")
+    ch_mult = tuple(_need(state, f"{p}encoder.down.{i}.block.0.conv1.weight").shape[0] // ch for i in range(levels))
+    attn = tuple(
+        image_size // 2**i for i in range(levels) if any(k.startswith(f"{p}encoder.down.{i}.attn.") for k in state)
+    )
+    return VAEConfig(
+        ch=ch,
+        ch_mult=ch_mult,
+        num_res_blocks=_count(state, r"base_tokenizer\.vae\.encoder\.down\.0\.block\.(\d+)\."),
+        embed_dim=_need(state, p + "post_quant_conv.weight").shape[0],
+        attn_resolutions=attn,
+        in_channels=conv_in.shape[1],
+    )
+
+
 def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None) -> ALITConfig:
-    """Read every size of the model off the tensor shapes of an official-layout state dict."""
+    """Read every size of the model off the tensor shapes of an official-layout state dict.
+
+    The layout says the variant: ``base_tokenizer.vae.*`` keys mean the KL-VAE base (else the
+    VQGAN), and no ``quantize.*`` keys mean continuous 1D tokens; the seven released checkpoints
+    are these four layouts at three sizes."""
     pos = _need(state, "encoder_positional_embedding")
     width = pos.shape[1]
     grid = int(round((pos.shape[0] - 1) ** 0.5))
@@ -103,6 +128,14 @@ def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None
     patch = _need(state, "patch_embed.weight")
     time = _need(state, "timestep_embedding")
     c_fc = _need(state, "encoder.transformer.0.mlp.c_fc.weight")
+    quantized = "quantize.embedding.weight" in state
+    variant = {"quantize_latent": quantized}
+    if quantized:
+        variant["codebook_size"] = state["quantize.embedding.weight"].shape[0]
+    if any(k.startswith("base_tokenizer.vae.") for k in state):
+        # the VAE yaml's halting threshold
+        variant.update(base_tokenizer="vae", halting_threshold=0.025, vae=_infer_vae(state, grid * patch.shape[-1]))
+        return _alit_config(state, width, grid, layers, patch, time, c_fc, num_heads, **variant)
     vq_in = _need(state, "base_tokenizer.vqgan.encoder.conv_in.weight")
     ch = vq_in.shape[0]
     levels = _count(state, r"base_tokenizer\.vqgan\.encoder\.down\.(\d+)\.")
@@ -118,6 +151,10 @@ def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None
         codebook_size=_need(state, "base_tokenizer.vqgan.quantize.embedding.weight").shape[0],
         in_channels=vq_in.shape[1],
     )
+    return _alit_config(state, width, grid, layers, patch, time, c_fc, num_heads, vqgan=vqgan, **variant)
+
+
+def _alit_config(state, width, grid, layers, patch, time, c_fc, num_heads, **variant) -> ALITConfig:
     patch_size = patch.shape[-1]
     return ALITConfig(
         image_size=grid * patch_size,
@@ -129,9 +166,8 @@ def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None
         tokens_per_iter=time.shape[1],
         iterations=time.shape[0],
         latent_dim=_need(state, "pre_quantizer_mlp.weight").shape[0],
-        codebook_size=_need(state, "quantize.embedding.weight").shape[0],
         mlp_ratio=c_fc.shape[0] // width,
-        vqgan=vqgan,
+        **variant,
     )
 
 

@@ -1,6 +1,11 @@
 """ALIT: a recurrent transformer that turns the 2D tokens of a frozen VQGAN into 1D latent tokens,
 ``tokens_per_iter`` more at every iteration, and a decoder that predicts the VQGAN codes back.
 
+The VAE variant (``config.base_tokenizer == "vae"``) takes the scaled posterior sample of a KL-VAE
+as its 2D latents and the decoder regresses them (16 values per grid cell instead of logits); with
+``quantize_latent=False`` the 1D tokens are the continuous factorized vectors (no latent codebook).
+Both run through the same ``step``; the places that differ say so.
+
 Data flow: images -> base tokenizer (z, gt codes) -> 2D tokens -> ``step`` per iteration
 (encoder -> latent quantizer -> decoder -> logits over the VQGAN codebook) -> tokens.
 ``step`` is the one body of an iteration: ``rollout``, the stage-1 loss (``forward``) and the
@@ -23,36 +28,60 @@ from ..config import ALITConfig, get_config
 from ..ops import check_backend, duplicate_map, vq_nearest
 from ._cache import WeightsCache
 from .transformer import PackedAttention, ResidualAttentionBlock, Transformer, run_blocks
+from .vae import VAEBaseTokenizer
 from .vqgan import BaseTokenizer, VQGANQuantizer
 
-HALTING_MODES = ("off", "threshold", "stochastic")
+# "official": what the official code does for the variant: the VQGAN's stochastic rule, and for the
+# VAE its no-op (see ALITCore.halting_mask); "threshold" is the deterministic rule that masks
+HALTING_MODES = ("off", "threshold", "stochastic", "official")
 
 
 @dataclass
 class BaseOutput:
-    """What the frozen base tokenizer gives for a batch: computed once, reusable across iterations."""
+    """What the frozen base tokenizer gives for a batch: computed once, reusable across iterations.
 
-    z: torch.Tensor  # [B, C, g, g] VQGAN encoder output before quantization
-    gt_indices: torch.Tensor  # [B, g*g] its code indices, row-major
+    VQGAN: ``z`` and ``gt_indices``. VAE: ``z`` is the scaled latents (a posterior sample, or the
+    mean); ``mean`` / ``std`` are the unscaled posterior, kept so that a cache can store them and a
+    later pass draw a new sample (``z=None``: ``ALITCore.resolve_base`` samples it)."""
+
+    z: torch.Tensor | None  # [B, C, g, g] VQGAN encoder output before quantization / VAE scaled latents
+    gt_indices: torch.Tensor | None = None  # [B, g*g] VQGAN code indices, row-major; None for the VAE
+    mean: torch.Tensor | None = None  # [B, C, g, g] VAE posterior mean (unscaled)
+    std: torch.Tensor | None = None  # [B, C, g, g] VAE posterior std (unscaled)
+
+    @property
+    def target(self) -> torch.Tensor:
+        """What the decoder learns to predict per grid cell: the VQGAN codes [B, g*g] (int64), or
+        the VAE's scaled latents [B, g*g, C], row-major cells."""
+        if self.gt_indices is not None:
+            return self.gt_indices
+        return self.z.flatten(2).transpose(1, 2)
 
 
 @dataclass
 class QuantizedLatents:
-    z: torch.Tensor  # [B, n, d] l2-normalized projected latents
-    z_q: torch.Tensor  # [B, n, d] straight-through quantized latents (values of the normalized codes)
-    indices: torch.Tensor  # [B, n] int64
-    loss: torch.Tensor  # scalar commitment + codebook loss
+    z: torch.Tensor  # [B, n, d] l2-normalized projected latents (continuous tokens: the projection as is)
+    z_q: torch.Tensor  # [B, n, d] straight-through quantized latents (continuous tokens: = z)
+    indices: torch.Tensor | None  # [B, n] int64; None for continuous tokens
+    loss: torch.Tensor  # scalar commitment + codebook loss (0 for continuous tokens)
 
 
 @dataclass
 class IterationOutput:
     iteration: int
     latents: torch.Tensor  # [B, T*(t+1), W] encoder outputs before encoder_ln_post
-    indices: torch.Tensor  # [B, T*(t+1)] latent code indices
-    logits: torch.Tensor | None  # [B, g*g, K_base]; None where the decoder was skipped
-    gt_indices: torch.Tensor  # [B, g*g]
+    indices: torch.Tensor | None  # [B, T*(t+1)] latent code indices; None for continuous tokens
+    # the decoder's output: logits over the VQGAN codebook [B, g*g, K_base], or for the VAE
+    # variant the predicted scaled latents [B, g*g, C]; None where the decoder was skipped
+    logits: torch.Tensor | None
+    gt_indices: torch.Tensor  # [B, g*g] the VQGAN codes; for the VAE the target latents [B, g*g, C]
     vq_loss: torch.Tensor
-    z_q: torch.Tensor  # [B, T*(t+1), d]
+    z_q: torch.Tensor  # [B, T*(t+1), d] the 1D tokens as the decoder reads them
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The 1D tokens: code ids [B, n], or the continuous vectors [B, n, d]."""
+        return self.indices if self.indices is not None else self.z_q
 
 
 @dataclass
@@ -62,6 +91,7 @@ class LossOutput:
 
     loss: torch.Tensor
     per_iteration: dict[int, torch.Tensor] = field(default_factory=dict)
+    # the code term before its weight: NLL of the VQGAN codes, or for the VAE the latents' MSE
     nll: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -138,7 +168,8 @@ class LatentDecoder(nn.Module):
         self.ln_pre = nn.LayerNorm(W)
         self.transformer = Transformer(W, cfg.layers, cfg.heads, cfg.mlp_ratio).transformer
         self.ln_post = nn.LayerNorm(W)
-        self.ffn = nn.Sequential(nn.Linear(W, 2 * W), nn.Tanh(), nn.Linear(2 * W, cfg.vqgan.codebook_size))
+        # logits over the VQGAN codebook, or (VAE) a regression of the latent vector
+        self.ffn = nn.Sequential(nn.Linear(W, 2 * W), nn.Tanh(), nn.Linear(2 * W, cfg.decoder_out_dim))
 
 
 def _masked_queries(cls: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -171,9 +202,10 @@ class ALITCore(nn.Module):
         self.pre_quantizer_mlp = nn.Linear(W, cfg.latent_dim)
         self.encoder = Transformer(W, cfg.layers, cfg.heads, cfg.mlp_ratio)
         self.decoder = LatentDecoder(cfg)
-        self.patch_embed = nn.Conv2d(3, W - cfg.vqgan.z_channels, cfg.patch_size, stride=cfg.patch_size)
-        self.quantize = LatentQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.commitment_cost)
-        self.base_tokenizer = BaseTokenizer(cfg.vqgan)
+        self.patch_embed = nn.Conv2d(3, W - cfg.base_channels, cfg.patch_size, stride=cfg.patch_size)
+        # continuous tokens have no latent codebook (and no quantize.* keys, as the official files)
+        self.quantize = LatentQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.commitment_cost) if cfg.quantize_latent else None
+        self.base_tokenizer = VAEBaseTokenizer(cfg.vae, cfg.image_size) if cfg.is_vae else BaseTokenizer(cfg.vqgan)
         self._init_linear_weights()
         # stage 1 (latent distillation) keeps the VQGAN frozen
         self.base_tokenizer.requires_grad_(False)
@@ -246,9 +278,32 @@ class ALITCore(nn.Module):
 
     # ------------------------------------------------------------------ the parts of an iteration
     @torch.no_grad()
-    def encode_base(self, images: torch.Tensor) -> BaseOutput:
-        z, gt = self.base_tokenizer.encode(images)
-        return BaseOutput(z=z, gt_indices=gt)
+    def encode_base(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+    ) -> BaseOutput:
+        """The base tokenizer's output. For the VAE: the posterior and the scaled latents drawn with
+        ``generator`` (or ``noise``; the mean if ``base_tokenizer.sample_posterior`` is False)."""
+        if not self.config.is_vae:
+            z, gt = self.base_tokenizer.encode(images)
+            return BaseOutput(z=z, gt_indices=gt)
+        mean, std = self.base_tokenizer.posterior(images)
+        return BaseOutput(z=self.base_tokenizer.latents(mean, std, generator, noise), mean=mean, std=std)
+
+    def resolve_base(self, base: BaseOutput, generator: torch.Generator | None = None) -> BaseOutput:
+        """``base`` with its latents: a VAE posterior given without them (a cache) is sampled here."""
+        if base.z is not None:
+            return base
+        if base.mean is None or base.std is None:
+            raise ValueError("a BaseOutput needs z, or (VAE) the posterior mean and std")
+        z = self.base_tokenizer.latents(base.mean, base.std, generator)
+        return BaseOutput(z=z, gt_indices=base.gt_indices, mean=base.mean, std=base.std)
+
+    def set_latent_sampling(self, sample: bool = True) -> "ALITCore":
+        """VAE only: take a posterior sample (the official behaviour) or, with False, its mean."""
+        if not self.config.is_vae:
+            raise ValueError("set_latent_sampling: only the VAE base tokenizer has a posterior to sample")
+        self.base_tokenizer.sample_posterior = bool(sample)
+        return self
 
     def image_tokens(self, images: torch.Tensor, base: BaseOutput) -> torch.Tensor:
         """[VQGAN z | patch embedding] per grid cell, l2-normalized: [B, g*g, W]."""
@@ -276,7 +331,18 @@ class ALITCore(nn.Module):
         return self.encoder.run_blocks(x)
 
     def quantize_latents(self, latents: torch.Tensor) -> QuantizedLatents:
-        return self.quantize(self.pre_quantizer_mlp(self.encoder_ln_post(latents)))
+        z = self.pre_quantizer_mlp(self.encoder_ln_post(latents))
+        if self.quantize is None:
+            # continuous tokens: the projection goes to the decoder as it is (not normalized)
+            return QuantizedLatents(z=z, z_q=z, indices=None, loss=z.new_zeros((), dtype=torch.float32))
+        return self.quantize(z)
+
+    def token_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads for stored 1D tokens: the normalized codes of ids [B, n], or
+        continuous vectors [B, n, d] as they are (in the model's dtype)."""
+        if self.quantize is None:
+            return tokens.to(self.pre_quantizer_mlp.weight.dtype)
+        return self.quantize.codes(tokens)
 
     def decoder_queries(self) -> torch.Tensor:
         """The masked 2D tokens the decoder fills in; the same for every image: [1, g*g+1, W]."""
@@ -306,6 +372,14 @@ class ALITCore(nn.Module):
         x = dec.ln_post(x[:, 1 : queries.shape[1]])
         return dec.ffn(x)
 
+    def reconstruct(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] (not clamped) from the decoder's outputs: the VQGAN decode of the
+        soft code, or the VAE decode of the predicted latents (``base_tokenizer.unscale_decode``
+        False, the default: without undoing the 0.2325 scale, as the official code does)."""
+        if self.config.is_vae:
+            return self.base_tokenizer.decode_latents(outputs)
+        return self.base_tokenizer.decode_latents(self.soft_code(outputs))
+
     def soft_code(self, logits: torch.Tensor) -> torch.Tensor:
         """Expected VQGAN code embedding under the predicted distribution: [B, g*g, C]."""
         # detached as in the official code: no gradient reaches the VQGAN codebook, even when unfrozen
@@ -315,9 +389,24 @@ class ALITCore(nn.Module):
     def halting_mask(
         self, logits: torch.Tensor, gt_indices: torch.Tensor, mode: str, generator: torch.Generator | None = None
     ) -> torch.Tensor | None:
-        """Which grid cells are already reconstructed well enough to be masked out: bool [B, g*g]."""
+        """Which grid cells are already reconstructed well enough to be masked out: bool [B, g*g].
+
+        VAE variant (``logits``: predicted latents, ``gt_indices``: target latents): a cell is done
+        when the mean |error| over its channels is below the threshold ("threshold"). "official"
+        reproduces the official code, whose mask is written into a copy and so never masks: all
+        False, which still puts the mask token in the graph with weight 0 (a zero gradient, not
+        None, as there)."""
         if mode == "off":
             return None
+        if self.config.is_vae:
+            if mode == "official":
+                return torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+            if mode == "threshold":
+                error = (logits.detach().float() - gt_indices.float()).abs().mean(-1)
+                return error < self.config.halting_threshold
+            raise ValueError(f"halting {mode!r}: the VAE variant halts deterministically; use 'threshold', 'official' or 'off'")
+        if mode == "official":
+            mode = "stochastic"
         p = logits.detach().float().softmax(-1).gather(-1, gt_indices[..., None]).squeeze(-1)
         confident = p >= self.config.halting_threshold
         if mode == "threshold":
@@ -347,7 +436,8 @@ class ALITCore(nn.Module):
     ) -> tuple[IterationOutput, torch.Tensor]:
         """One recurrent iteration. ``carry`` is ``initial_state`` at iteration 0 and, after that,
         what the previous step returned (its encoder output, halted). Returns the iteration's
-        outputs and the carry for the next one.
+        outputs and the carry for the next one. ``gt_indices`` is the base's ``target`` (the VAE's
+        latents for that variant).
 
         The decoder runs only when ``decode``; the halting mask needs its logits, so an iteration
         that is not decoded is not halted (as in the official training loop). The mask is drawn at
@@ -363,15 +453,19 @@ class ALITCore(nn.Module):
         out = IterationOutput(iteration, latents, vq.indices, logits, gt_indices, vq.loss, vq.z_q)
         return out, self.apply_halting(x_out, mask)
 
-    def start_carry(self, images: torch.Tensor, base: BaseOutput | None = None) -> tuple[torch.Tensor, BaseOutput]:
-        """The base tokenizer's outputs (computed unless given) and the carry of iteration 0."""
-        if base is None:
-            base = self.encode_base(images)
+    def start_carry(
+        self, images: torch.Tensor, base: BaseOutput | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, BaseOutput]:
+        """The base tokenizer's outputs (computed unless given) and the carry of iteration 0.
+        ``generator`` draws the VAE's posterior sample (where one is drawn)."""
+        base = self.encode_base(images, generator) if base is None else self.resolve_base(base, generator)
         return self.initial_state(self.image_tokens(images, base)), base
 
     def _check_loop_args(self, iterations: int, halting: str) -> None:
         if halting not in HALTING_MODES:
             raise ValueError(f"unknown halting mode {halting!r}; expected one of {HALTING_MODES}")
+        if halting == "stochastic" and self.config.is_vae:
+            raise ValueError("halting 'stochastic': the VAE variant halts deterministically; use 'threshold', 'official' or 'off'")
         if not 1 <= iterations <= self.config.iterations:
             raise ValueError(f"iterations must be in [1, {self.config.iterations}], got {iterations}")
 
@@ -382,17 +476,21 @@ class ALITCore(nn.Module):
         iterations: int | None = None,
         halting: str = "off",
         generator: torch.Generator | None = None,
+        base: BaseOutput | None = None,
     ) -> list[IterationOutput]:
         """Run ``iterations`` recurrent iterations (all by default); one record per iteration.
-        ``generator`` (on the images' device) drives stochastic halting. No host sync."""
+        ``generator`` (on the images' device) drives stochastic halting, and for the VAE the
+        posterior sample. ``base``: the base tokenizer's output for these images, computed unless
+        given (e.g. fixed posterior samples). No host sync."""
         iterations = self.config.iterations if iterations is None else iterations
         self._check_loop_args(iterations, halting)
         self.assert_images(images)
         images = self.model_images(images)
-        carry, base = self.start_carry(images)
+        carry, base = self.start_carry(images, base, generator)
+        target = base.target
         records = []
         for t in range(iterations):
-            rec, carry = self.step(carry, t, base.gt_indices, decode=True, halting=halting, generator=generator)
+            rec, carry = self.step(carry, t, target, decode=True, halting=halting, generator=generator)
             records.append(rec)
         return records
 
@@ -422,7 +520,9 @@ class ALITCore(nn.Module):
         """The stage-1 (latent distillation) loss, summed over the iterations it is taken at.
 
         Per iteration t: weight[t] * NLL(logits, gt codes) + MSE(soft code, gt code embeddings)
-        + VQ loss. ``sample_grad_iters=k`` takes it at k random iterations only; the decoder (and
+        + VQ loss; for the VAE variant weight[t] * MSE(predicted latents, scaled latents) + VQ loss
+        (no VQ loss for continuous tokens). For the VAE the device stream (``halting_generator``)
+        draws the posterior sample. ``sample_grad_iters=k`` takes it at k random iterations only; the decoder (and
         so the halting) runs at those alone, as in the official training loop, and iterations after
         the last of them are not run (they cannot change the loss).
 
@@ -443,20 +543,27 @@ class ALITCore(nn.Module):
             raise ValueError(message)
         images = self.model_images(images)
         selected = self.sample_iterations(sample_grad_iters, host_generator)
-        carry, base = self.start_carry(images, base)
-        codebook = self.base_tokenizer.codebook.detach()
-        gt_code = codebook[base.gt_indices].float()
+        carry, base = self.start_carry(images, base, halting_generator)
+        target = base.target
+        if not cfg.is_vae:
+            codebook = self.base_tokenizer.codebook.detach()
+            gt_code = codebook[base.gt_indices].float()
         out = LossOutput(loss=torch.zeros((), device=images.device))
         total = torch.zeros((), device=images.device, dtype=torch.float32)
         for t in range(selected[-1] + 1):
             taken = t in selected
-            rec, carry = self.step(carry, t, base.gt_indices, decode=taken, halting=halting, generator=halting_generator)
+            rec, carry = self.step(carry, t, target, decode=taken, halting=halting, generator=halting_generator)
             if not taken:
                 continue
-            logits = rec.logits.float()
-            nll = F.cross_entropy(logits.flatten(0, 1), rec.gt_indices.flatten())
-            code_mse = F.mse_loss(self.soft_code(logits).float(), gt_code)
-            term = cfg.iteration_weights[t] * nll + code_mse + rec.vq_loss
+            if cfg.is_vae:
+                # the weight is on the code (MSE) term here; there is no NLL
+                nll = F.mse_loss(rec.logits.float(), target.float())
+                term = cfg.iteration_weights[t] * nll + rec.vq_loss
+            else:
+                logits = rec.logits.float()
+                nll = F.cross_entropy(logits.flatten(0, 1), rec.gt_indices.flatten())
+                code_mse = F.mse_loss(self.soft_code(logits).float(), gt_code)
+                term = cfg.iteration_weights[t] * nll + code_mse + rec.vq_loss
             total = total + term
             out.per_iteration[t] = term.detach()
             out.nll[t] = nll.detach()
