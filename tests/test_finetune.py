@@ -181,3 +181,25 @@ def test_gan_schedule_is_the_official_one_as_fractions():
     factors = [gan_factor(points, epoch / 200) for epoch in range(200)]
     assert factors[:21] == [0.0] * 21 and factors[21:101] == [0.2] * 80 and factors[101:] == [0.8] * 99
     assert parse_gan_schedule("off") == ()
+
+
+def test_stage1_ema_epoch_reset_copies_the_live_weights_at_each_epoch(files, tmp_path):
+    # 4 steps per epoch; an EMA that barely moves (decay ~1) holds the weights of the last epoch
+    # start with the reset (step 4) and the initial weights without it
+    from alit_fast.training.stages import main as stages_main
+
+    def run(out, *extra):
+        return stages_main(["--init", files["init"], "--config", files["config"], "--data", "synthetic",
+                            "--data-length", "8", "--batch-size", "2", "--lr", "1e-2", "--threads", "1",
+                            "--no-progress", "--halting", "off", "--ema", "0.99999999", "--steps", "5", "--out",
+                            str(out), *extra])
+
+    assert run(tmp_path / "reset", "--ema-epoch-reset", "--stop-at", "4") == 0
+    at_4 = torch.load(tmp_path / "reset" / "checkpoint.pt", weights_only=True)["model"]
+    assert run(tmp_path / "reset", "--ema-epoch-reset", "--resume") == 0
+    assert run(tmp_path / "plain") == 0
+    key = "encoder.transformer.0.mlp.c_fc.weight"
+    init = files["model"].state_dict()[key]
+    torch.testing.assert_close(load_file(tmp_path / "reset" / "ema.safetensors")[key], at_4[key], rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_file(tmp_path / "plain" / "ema.safetensors")[key], init, rtol=0, atol=1e-6)
+    assert (at_4[key] - init).abs().max() > 1e-3

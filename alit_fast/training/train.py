@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     p.add_argument("--grad-clip", type=float, default=3.0, help="max grad norm (0: off)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step (0: no EMA)")
+    p.add_argument("--ema-epoch-reset", action="store_true",
+                   help="copy the live weights into the EMA at every epoch start, as the official code does (its "
+                        "saved EMA is then mostly the last epoch's start); off by default")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "off"), help="autocast; default fp16 on GPU, off on CPU")
     p.add_argument("--sample-grad-iters", type=int, default=None,
                    help="take the loss at this many random iterations per step (default: all)")
@@ -650,6 +653,8 @@ def train(args: argparse.Namespace) -> int:
     try:
         while run.step < stop_at and not timed_out:
             epoch, skip = divmod(run.step, run.batches.steps_per_epoch)
+            if args.ema_epoch_reset and skip == 0 and run.ema is not None:
+                update_ema(run.ema, run.model, 0.0)
             for batch in run.batches.epoch(epoch, skip):
                 result = train_step(run, batch)
                 health.update(run.step, result)
