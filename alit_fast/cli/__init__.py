@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "encode": ("alit_fast.cli.encode", "main", "adaptive-length tokenization of image files"),
     "decode": ("alit_fast.cli.decode", "main", "decode a token file back to images"),
     "convert": ("alit_fast.cli.convert", "main", "an official checkpoint -> a Hub-layout model directory"),
+    "visualize": ("alit_fast.cli.visualize", "main", "reconstructions per token count, token attention maps, images by token count"),
 }
 
 

@@ -1,0 +1,108 @@
+"""``alit-fast visualize``: token sheets (reconstruction at every token count, the decoder's attention
+to each of the first K tokens) and, for several images, all of them sorted by the token count a
+criterion chose. One PNG."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from ..inference import check_criterion_fits, criterion_name, parse_criterion
+from ..io.images import find_images, load_image
+from ..io.visualize import sorted_by_count, stack, token_sheet
+from ._common import add_model_args, device_from, load_model_or_report
+
+PROG = "alit-fast visualize"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Draw what ALIT's tokens hold, as one PNG.")
+    p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
+    add_model_args(p, "demo")
+    p.add_argument("--out", default="alit_viz.png", help="the PNG to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--tokens-shown", type=int, default=8, help="attention maps for the first K tokens (default 8)")
+    p.add_argument("--layer", default="mean", help="decoder layer of the maps: 'mean' over all (default) or an index")
+    p.add_argument("--sheets", type=int, default=4, help="token sheets for the first N images (default 4)")
+    p.add_argument("--criterion", default="code-acc:0.6", help="criterion of the sorted grid (default code-acc:0.6, the demo's)")
+    p.add_argument("--max-images", type=int, default=64, help="at most this many images are read (default 64)")
+    p.add_argument("--scale", type=int, default=4, help="pixel enlargement of every panel (default 4)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"{PROG}: {message}", file=sys.stderr)
+        return 2
+
+    for flag, value, low in (("--tokens-shown", args.tokens_shown, 1), ("--sheets", args.sheets, 0),
+                             ("--max-images", args.max_images, 1), ("--scale", args.scale, 1), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            return fail(f"{flag} must be >= {low}, got {value}")
+    layer: str | int = args.layer
+    if layer != "mean":
+        try:
+            layer = int(layer)
+        except ValueError:
+            return fail(f"--layer must be 'mean' or a layer index, got {args.layer!r}")
+    if not args.out.lower().endswith(".png"):
+        return fail(f"--out {args.out}: the picture is a PNG; give a .png name")
+    if os.path.isdir(args.out):
+        return fail(f"--out {args.out} is a directory; give a file name")
+    if os.path.exists(args.out) and not args.overwrite:
+        return fail(f"--out {args.out} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        return fail(f"--out {args.out}: the folder {parent} does not exist or is not writable")
+    missing = [p for p in args.inputs if not os.path.exists(p)]
+    if missing:
+        return fail(f"no such file or directory: {missing[0]}")
+    paths = find_images(args.inputs)[: args.max_images]
+    if not paths:
+        return fail(f"no images found in {', '.join(args.inputs)}")
+    try:
+        device = device_from(args.device)
+    except ValueError as exc:
+        return fail(str(exc))
+    model = load_model_or_report(args.checkpoint, args.backend, device, PROG)
+    if model is None:
+        return 2
+    cfg = model.config
+    if args.tokens_shown > cfg.max_tokens:
+        return fail(f"--tokens-shown {args.tokens_shown}: the model makes at most {cfg.max_tokens} tokens")
+    depth = cfg.layers
+    if layer != "mean" and not -depth <= layer < depth:
+        return fail(f"--layer {layer}: the decoder has {depth} layers")
+    spec = args.criterion
+    try:
+        criterion = parse_criterion(spec)
+        check_criterion_fits(model, criterion)
+    except (ValueError, TypeError) as exc:
+        return fail(f"--criterion {spec}: {exc}")
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(path, cfg.image_size))
+        except (OSError, ValueError) as exc:
+            return fail(f"cannot read image {path}: {exc}")
+    batch = torch.stack(images).to(device)
+    sheets = []
+    if args.sheets:
+        sheets.append(token_sheet(model, batch[: args.sheets], first=args.tokens_shown, layers=layer, scale=args.scale))
+    if len(paths) > 1:
+        tokens = model.encode(batch, criterion, batch_size=args.batch_size)
+        counts = [int(n) for n in tokens.lengths.tolist()]
+        sheets.append(sorted_by_count(batch.cpu(), counts, scale=args.scale))
+    picture = stack(sheets) if len(sheets) > 1 else sheets[0]
+    tmp = args.out + ".tmp.png"
+    picture.image.save(tmp)
+    os.replace(tmp, args.out)
+    what = f"{min(len(paths), args.sheets)} token sheet(s)"
+    if len(paths) > 1:
+        what += f", {len(paths)} images sorted by {criterion_name(criterion)}"
+    print(f"wrote {args.out}: {what}")
+    return 0
