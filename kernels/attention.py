@@ -28,19 +28,23 @@ precision   DOT_PREC   the matrix products                                    te
 
 "high" maps to plain tf32, as PyTorch's own CUDA matmuls do under "high" (cuBLAS TF32), rather than
 to Triton's "tf32x3" (three tf32 products per product, ~fp32 accuracy): tf32x3 triples the
-tensor-core work and raises register pressure for an accuracy "highest" already gives, and no
-setting of PyTorch's asks for that middle ground. The PTX of the tf32 kernels has no
-cvt.rna.tf32.f32: mma.sync / wgmma get the raw fp32 bits and use the top 19 of them, i.e. the
-operands are truncated (up to 2^-10 relative each). The CPU interpreter ignores input_precision and
-multiplies in full fp32, so under the interpreter (``UPCAST``) the kernels truncate the operands of
-every tf32 product themselves: the interpreter tests measure tf32 rounding (the truncating kind, the
-worse of the two), not an fp32 upper bound.
+tensor-core work and does not compile clean on the tf32 tiles (AOT: the 64 x 32 forward at D = 128
+spills 292 B on sm_90 and 2.9 KB on sm_80, the sm_80 dq kernel 968 B, the sm_90 dk/dv kernel goes
+from 124 to 255 registers), for an accuracy "highest" already gives; no setting of PyTorch's asks
+for that middle ground.
+
+The PTX of the tf32 kernels has no cvt.rna.tf32.f32: mma.sync / wgmma get the raw fp32 bits and use
+the top 19 of them, i.e. the operands are truncated (up to 2^-10 relative each). The CPU interpreter
+ignores input_precision and multiplies in full fp32, so under the interpreter (``UPCAST``) the
+kernels truncate the operands of every tf32 product themselves: the interpreter tests measure tf32
+rounding (the truncating kind, the worse of the two), not an fp32 upper bound.
 
 Tiles, lengths 1 mod 32, autotuning
 -----------------------------------
 ALIT's lengths are L = 257 + 32k (and 65 + 8k for the demo preset): one token past a multiple of
 32, so with 64-wide tiles the last key tile and the last query tile would each run a whole tile for
-one token (25% more work at L = 257). Every kernel therefore splits both dimensions:
+one token (320 x 320 tile work for 257 x 257 at L = 257, 55% more). Every kernel therefore splits
+both dimensions:
 
 * streamed dimension (keys in the forward and the dq kernel, queries in the dk/dv kernel): the
   full BLOCK_N (BLOCK_M) tiles run without any length mask, the remainder runs in BLOCK_T = 16
@@ -49,20 +53,22 @@ one token (25% more work at L = 257). Every kernel therefore splits both dimensi
   BLOCK_T valid rows computes a BLOCK_T-row tile (and writes zeros for the rest of its block)
   instead of a BLOCK_M-row one.
 
-At L = 257 with 64 x 64 tiles this is 272 x 272 tile work per (batch, head) instead of 320 x 320.
-
-(BLOCK_T = 32 would cost a 32-wide tile for the one token at L = 257 + 64k, and tile sizes that
-divide 257 + 32k exactly do not exist: tiles are powers of two and these lengths are odd.)
+At L = 257 with 64 x 64 tiles this is 272 x 272 tile work per (batch, head), 12% above 257 x 257.
+BLOCK_T = 32 would cost a 32-wide tile for the one token at L = 257 + 64k, and tile sizes that
+divide 257 + 32k exactly do not exist (tiles are powers of two, these lengths are odd). A remainder
+of 33 (L = 289 + 64k) takes three 16-wide tail tiles, and a resident block with 17..BLOCK_M - 1
+valid rows still computes all BLOCK_M rows.
 
 On a GPU the block sizes come from ``triton.autotune`` over a small, per-architecture candidate
 set (``CANDIDATES``; every candidate compiles without spills and within the shared-memory limit of
 its architecture, see the comment there), keyed on the length bucket cdiv(L, 32) (each of ALIT's
-lengths is its own bucket: the tails differ), the head-dim tile, the precision, HAS_LENGTHS and the
-dtypes. Each list offers tiles that fit two or more CTAs per SM (on sm_90 the forward's old 128 x 64
-x 3-stage tile took 128 KB of shared memory at D = 128: one CTA per SM) next to the larger ones. Tuning benchmarks each candidate once per key and
-process (results also cached on disk by Triton): run one call per shape before capturing a CUDA
-graph. After that the launch path makes no host sync and no host-to-device copy. Under the
-interpreter one fixed config is used (multi-config autotuning crashes the interpreter).
+lengths is its own bucket: their tails differ), the head-dim tile, the precision, HAS_LENGTHS and
+the dtypes. Each list offers tiles that fit two or more CTAs per SM next to larger ones at one CTA
+per SM (on sm_90 the old 128 x 64 x 3-stage forward took 128 KB of shared memory at D = 128: one
+CTA per SM). Tuning benchmarks each candidate once per key and process (results also cached on
+disk by Triton): run one call per shape before capturing a CUDA graph. After that the launch path
+makes no host sync and no host-to-device copy. Under the interpreter one fixed config is used
+(multi-config autotuning crashes the interpreter).
 
 Backward: dq
 ------------
@@ -133,6 +139,10 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 #
 # Under the interpreter (UPCAST) with DOT_PREC "tf32" every operand of a product is cut to tf32
 # (the `& -8192` lines): the interpreter itself computes each tl.dot in full fp32.
+#
+# H and L_BUCKET (only the autotuning key) are not specialized on: Triton would compile another
+# variant whenever one of them is divisible by 16 (H = 16, L = 481..512) for no gain in the code.
+_NO_SPECIALIZE = ["H", "L_BUCKET"]
 
 
 @triton.jit
@@ -223,7 +233,7 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base,
     tl.store(lse_base + offs_m, lse, mask=row_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(
     Q, K, V, Out, Lse, Lengths,
     s_qb, s_ql, s_qh, s_qd,
@@ -265,7 +275,7 @@ def _fwd_kernel(
                   row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _bwd_delta_kernel(
     Out, DO, Delta, Lengths,
     s_ob, s_ol, s_oh, s_od,
@@ -362,7 +372,7 @@ def _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_ba
              dv.to(dv_base.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DQ, Lengths,
     s_qb, s_ql, s_qh, s_qd,
@@ -474,7 +484,7 @@ def _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
              dq.to(dq_base.dtype.element_ty), mask=(offs_m < L)[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, Lengths,
     s_qb, s_ql, s_qh, s_qd,
@@ -542,21 +552,27 @@ def _bwd_dq_kernel(
 #   with atomics it also keeps a dq tile, so its lists are one step smaller;
 # * sm_89 (99 KB) only gets entries of at most 99 KB, e.g. no 3-stage 128 x 64 fp16 forward at D = 128.
 _T = tuple[int, int, int, int]
+# the FMA ("ieee") lists: one code on every architecture, but ptxas allocates differently per target
 _FMA_FWD = {64: [(32, 64, 8, 1), (32, 64, 8, 2), (64, 16, 8, 1), (32, 32, 8, 2)],
-            128: [(32, 64, 8, 1), (32, 64, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2)]}
+            128: [(32, 64, 8, 1), (32, 64, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2)],
+            ("sm89", 128): [(32, 64, 8, 2), (32, 16, 8, 1), (32, 16, 8, 2), (16, 32, 8, 2)]}
 _FMA_DKDV = {64: [(32, 32, 8, 1), (16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)],
-             128: [(32, 32, 8, 2), (16, 32, 8, 1), (32, 16, 8, 2), (64, 16, 8, 1)]}
+             128: [(32, 32, 8, 2), (16, 32, 8, 1), (32, 16, 8, 2), (64, 16, 8, 1)],
+             ("sm89", 64): [(32, 32, 8, 1), (16, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 1)],
+             ("sm89", 128): [(16, 32, 8, 1), (16, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 1)]}
 _FMA_DKDV_ATOMIC = {64: [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2), (64, 16, 8, 1)],
-                    128: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)]}
+                    128: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)],
+                    ("sm80", 64): [(32, 32, 8, 2), (16, 32, 8, 2), (64, 16, 8, 1), (32, 16, 8, 2)],
+                    ("sm89", 128): [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 1)]}
 _FMA_DQ = {64: [(32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2)],
            128: [(16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 2), (32, 16, 8, 1)]}
 
 
-def _lists(tc: dict[tuple[str, str, int], list[_T]], fma: dict[int, list[_T]]):
+def _lists(tc: dict[tuple[str, str, int], list[_T]], fma: dict) -> dict[tuple[str, str, int], list[_T]]:
     out = dict(tc)
-    for arch in ("sm90", "sm80", "sm89"):  # the FMA path has the same code on every architecture
-        for d, lst in fma.items():
-            out[(arch, "ieee", d)] = lst
+    for arch in ("sm90", "sm80", "sm89"):
+        for d in (64, 128):
+            out[(arch, "ieee", d)] = fma.get((arch, d), fma[d])
     return out
 
 
@@ -591,7 +607,7 @@ CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
     }, _FMA_DKDV),
     "dkdv_atomic": _lists({
         ("sm90", "16bit", 64): [(64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
-        ("sm90", "16bit", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2)],
+        ("sm90", "16bit", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
         ("sm80", "16bit", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
         ("sm80", "16bit", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
         ("sm89", "16bit", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
@@ -601,7 +617,7 @@ CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
         ("sm80", "tf32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
         ("sm80", "tf32", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
         ("sm89", "tf32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
-        ("sm89", "tf32", 128): [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
+        ("sm89", "tf32", 128): [(32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2), (32, 16, 8, 2)],
     }, _FMA_DKDV_ATOMIC),
     "dq": _lists({
         ("sm90", "16bit", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
@@ -609,12 +625,12 @@ CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
         ("sm80", "16bit", 64): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
         ("sm80", "16bit", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2), (64, 64, 8, 3)],
         ("sm89", "16bit", 64): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
-        ("sm89", "16bit", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2), (64, 32, 8, 2)],
+        ("sm89", "16bit", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
         ("sm90", "tf32", 64): [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)],
         ("sm90", "tf32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (128, 32, 8, 2)],
         ("sm80", "tf32", 64): [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)],
         ("sm80", "tf32", 128): [(32, 32, 4, 2), (32, 32, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2)],
-        ("sm89", "tf32", 64): [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)],
+        ("sm89", "tf32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)],
         ("sm89", "tf32", 128): [(32, 32, 4, 2), (32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
     }, _FMA_DQ),
 }

@@ -191,7 +191,9 @@ def _vq_prep_codes_kernel(
     tl.store(aux_ptr + 2 * K + codes64, tl.sqrt_rn(ec2), mask=code_ok)
 
 
-@triton.jit
+# write_zq stays a runtime value: Triton would otherwise specialize 1 to a constant, and a call
+# with z_q would run different code (and could get different bits) than one without
+@triton.jit(do_not_specialize=["write_zq"])
 def _vq_tc_kernel(
     z_ptr,
     cb_ptr,
@@ -348,8 +350,9 @@ def _vq_tc_kernel(
                 for d0 in range(0, D_PAD, BLOCK_D):
                     dk = d0 + tl.arange(0, BLOCK_D)
                     dmask = dk[None, :] < D
-                    # addresses from `has`, so they are formed here, per trip: a hoisted copy of
-                    # a 64 x 64 tile of 64-bit addresses per d tile would hold 128+ registers
+                    # addresses from `has`, so they are formed here, per trip: hoisted out of
+                    # the loops, a BLOCK_N x BLOCK_D tile of 64-bit addresses per d tile would
+                    # stay live through the whole search (that spilled on sm_80/sm_89)
                     zx = tl.load(
                         z_ptr + tl.where(has, rows64, 0)[:, None] * stride_zn + dk[None, :] * stride_zd,
                         mask=has[:, None] & dmask,
@@ -380,7 +383,7 @@ def _vq_tc_kernel(
         tl.store(part_i_ptr + part, best_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["write_zq", "SPLITS"])
 def _vq_finalize_kernel(
     z_ptr,
     cb_ptr,
@@ -431,16 +434,18 @@ def _vq_finalize_kernel(
 # registers, across the d loop and spill on sm_80/sm_89).
 _GPU_SMALL = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 2)}
 _GPU_TILED = (64, 64, 32, 4, 2)
-# An explicit register cap: without one, ptxas (12.9, sm_89) sometimes aims at 128 registers and
-# spills. 128 keeps four 4-warp programs per SM where that fits without spilling (d <= 16), 168
-# three, 255 leaves the choice to ptxas.
-_GPU_MAXNREG = {16: 128, 32: 168, 64: 255, "tiled": 255}
+# An explicit register cap: without one ptxas aims at an occupancy step (128 or 168 registers) and
+# may spill to reach it (seen on sm_80 and sm_89). 128 keeps four 4-warp programs per SM where that
+# fits without spilling (d <= 16); at d = 32 the fp32 (tf32) variants need ~185-200, so 192; 255
+# leaves the choice to ptxas.
+_GPU_MAXNREG = {16: 128, 32: 192, 64: 255, "tiled": 255}
+_FINALIZE_MAXNREG = 255
 _FINALIZE_GPU = (64, 4)
 _PREP_GPU = (64, 4)
 # The interpreter pays per op, not per element: big tiles mean few programs and few loop trips.
 # One fixed config there (autotuning with several configs crashes under the interpreter).
-_INTERP_SMALL = (256, 512)
-_INTERP_TILED = (256, 512, 128)
+_INTERP_SMALL = (256, 1024)
+_INTERP_TILED = (256, 1024, 128)
 _FINALIZE_INTERP = (1024, 1)
 _PREP_INTERP = (1024, 1)
 
@@ -487,9 +492,13 @@ def _sm_count(device_index: int) -> int:
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 132  # an H100/H200: only shapes the (interpreter) split choice
+    # meta tensors: an ahead-of-time check that presents a GPU through torch.cuda
+    if device.type == "cuda" or (device.type == "meta" and not is_interpreting()):
+        try:
+            return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        except (AssertionError, RuntimeError):  # no CUDA here
+            pass
+    return 132  # an H100/H200
 
 
 def _pick_splits(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
@@ -595,5 +604,6 @@ def vq_nearest_triton(
             z, cb, part_r, part_i, indices, score, zq_arg, int(return_zq),
             n, d, z.stride(0), z.stride(1), splits,
             NORMALIZE=bool(normalize), BLOCK_N=fbn, BLOCK_D=bd, D_PAD=d_pad, num_warps=fwarps,
+            **({} if interp else {"maxnreg": _FINALIZE_MAXNREG}),
         )
     return (indices, score, zq) if return_zq else (indices, score)
