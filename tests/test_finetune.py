@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,7 +67,8 @@ def test_few_finetune_steps_lower_the_generator_loss(files, tmp_path, backend):
     # one fixed batch (one step per epoch: the loss is always at iteration 0), GAN on, no
     # discriminator step: the generator loss on that batch must fall
     steps = "4" if backend == "torch" else "2"  # the triton kernels run in the interpreter on CPUs
-    rc = _run(files, tmp_path, "--backend", backend, "--steps", steps, "--data-length", "2", "--lr", "2e-3")
+    rc = _run(files, tmp_path, "--backend", backend, "--steps", steps, "--data-length", "1", "--batch-size", "1",
+              "--lr", "2e-3")
     assert rc == 0
     log = _log(tmp_path)
     assert [r["kind"] for r in log] == ["generator"] * int(steps)
@@ -96,7 +101,8 @@ def test_official_quirks_give_discriminator_steps_to_the_first_only(files, tmp_p
 
 
 def test_resume_is_exact(files, tmp_path):
-    common = ("--steps", "6", "--disc-every", "2", "--ema", "0.9", "--save-every", "100")
+    # 4 steps per epoch, g d g | d g: the split is mid-epoch, the run crosses an epoch (counter reset)
+    common = ("--steps", "5", "--disc-every", "2", "--ema", "0.9", "--save-every", "100")
     assert _run(files, tmp_path / "full", *common) == 0
     assert _run(files, tmp_path / "split", *common, "--stop-at", "3") == 0
     assert not (tmp_path / "split" / "model.safetensors").exists()
@@ -150,7 +156,7 @@ def test_lpips_term_with_weights_from_files(files, tmp_path, capsys):
     torch.save(random_vgg16(), tmp_path / "vgg16.pth")
     torch.save(random_heads(), tmp_path / "heads.pth")
     rc = _run(files, tmp_path / "run", "--lpips", "on", "--vgg-weights", str(tmp_path / "vgg16.pth"),
-              "--lpips-heads", str(tmp_path / "heads.pth"), "--steps", "2", "--data-length", "2")
+              "--lpips-heads", str(tmp_path / "heads.pth"), "--steps", "1", "--data-length", "2")
     assert rc == 0
     log = _log(tmp_path / "run")
     assert all(r["lpips"] > 0 and abs(r["rec"] - (r["l1"] + r["lpips"])) < 1e-5 for r in log)
@@ -203,3 +209,45 @@ def test_stage1_ema_epoch_reset_copies_the_live_weights_at_each_epoch(files, tmp
     torch.testing.assert_close(load_file(tmp_path / "reset" / "ema.safetensors")[key], at_4[key], rtol=0, atol=1e-6)
     torch.testing.assert_close(load_file(tmp_path / "plain" / "ema.safetensors")[key], init, rtol=0, atol=1e-6)
     assert (at_4[key] - init).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(os.environ.get("ALIT_FAST_SLOW_TESTS") != "1",
+                    reason="two torchrun processes take ~10-25 s on 2 CPU cores; set ALIT_FAST_SLOW_TESTS=1")
+def test_torchrun_two_processes_end_with_the_same_weights(files, tmp_path):
+    # each rank sees other images: the same weights at the end need the gradient average (a
+    # generator step and a discriminator step) and rank 0's BatchNorm statistics
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alit_fast.train",
+           "--stage", "finetune", "--init", files["init"], "--config", files["config"], "--data", "synthetic",
+           "--data-length", "8", "--batch-size", "2", "--steps", "2", "--lr", "1e-3", "--lpips", "off",
+           "--disc-ndf", str(NDF), "--gan-schedule", "0:0.2", "--disc-every", "2", "--no-progress",
+           "--weights-digest", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.findall(r"rank (\d) weights sha256 (\w+) discriminators (\w+)", proc.stdout)
+    digests = {rank: (model, discs) for rank, model, discs in found}
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], proc.stdout
+    assert [r["kind"] for r in _log(tmp_path)] == ["generator", "discriminator"]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(files, tmp_path, monkeypatch, capsys):
+    import alit_fast.training.finetune as finetune
+
+    real = finetune.generator_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the second generator step goes bad
+            terms["loss_graph"] = terms["loss_graph"] * float("nan")
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(finetune, "generator_loss", poisoned)
+    assert _run(files, tmp_path, "--steps", "4", "--save-every", "1", "--data-length", "2") == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient at step 2" in err and "step 1" in err
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "model.safetensors").exists()
