@@ -89,7 +89,7 @@ def test_encode_cli_in_a_subprocess(checkpoint, image_dir, tmp_path):
 
 def test_encode_reports_when_nothing_can_be_read(checkpoint, image_dir, tmp_path, capsys):
     rc = encode_main([str(image_dir / "corrupt.png"), "--checkpoint", checkpoint, "--out", str(tmp_path / "t.safetensors")])
-    assert rc == 1 and "none of the 1 files" in capsys.readouterr().err
+    assert rc == 2 and "none of the 1 files" in capsys.readouterr().err  # a user error: exit status 2
     assert not (tmp_path / "t.safetensors").exists()
     assert encode_main([str(tmp_path), "--checkpoint", checkpoint, "--criterion", "bogus"]) == 2
     missing = str(tmp_path / "missing.safetensors")

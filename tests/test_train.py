@@ -312,7 +312,7 @@ def test_cache_base_round_trip(tiny_json, tmp_path):
     for a, b in zip(_log(tmp_path / "plain"), _log(tmp_path / "cached")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     other = ALIT(tiny_config())
-    with pytest.raises(SystemExit, match="other VQGAN weights"):
+    with pytest.raises(ValueError, match="other VQGAN weights"):
         ds.check_model(other)
 
 

@@ -1,4 +1,6 @@
-"""What the file commands share: model loading with one-line errors, the device, common flags."""
+"""What the file commands share: model loading with one-line errors, the device, output checks,
+common flags. User errors are raised as UsageError; ``run_command`` prints them as one line
+(``alit-fast <command>: ...``, exit 2) and lets every other exception (a bug) keep its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +11,9 @@ import torch
 
 from ..io import ALIT, CheckpointError, load_model
 from ..ops import BACKENDS
+from ..training.utils import OneLineParser, UsageError, one_line, run_command
+
+__all__ = ["OneLineParser", "UsageError", "one_line", "run_command"]
 
 
 def checkpoint_spec(spec: str) -> str:
@@ -19,10 +24,18 @@ def checkpoint_spec(spec: str) -> str:
 def load_model_or_report(spec: str, backend: str, device: str | torch.device, prog: str) -> ALIT | None:
     """load_model, or None after a one-line message: a wrong path or name is not worth a traceback."""
     try:
-        return load_model(spec, backend, device)
-    except (FileNotFoundError, CheckpointError, RuntimeError, ValueError) as exc:
-        print(f"{prog}: cannot load the model {spec!r}: {exc}", file=sys.stderr)
+        return load_model_or_raise(spec, backend, device)
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
         return None
+
+
+def load_model_or_raise(spec: str, backend: str, device: str | torch.device) -> ALIT:
+    """load_model; a missing, unreadable or unfitting checkpoint is a UsageError naming it."""
+    try:
+        return load_model(spec, backend, device)
+    except (FileNotFoundError, CheckpointError, ValueError, OSError) as exc:
+        raise UsageError(f"cannot load the model {spec!r}: {one_line(exc)}") from exc
 
 
 def device_from(name: str) -> torch.device:
@@ -32,24 +45,46 @@ def device_from(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from exc
+        raise UsageError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
+        raise UsageError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 
-def check_output_file(path: str) -> None:
+def check_output_file(path: str, replaceable=None, flag: str = "--out") -> None:
     """Refuse before any work an --out that cannot be written: a directory, or a missing or
-    read-only parent folder."""
+    read-only parent folder; and one that exists but is not a file this command writes
+    (``replaceable(path)`` says whether it is): a user's file is never overwritten."""
     if os.path.isdir(path):
-        raise ValueError(f"--out {path} is a directory; give a file name")
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise ValueError(f"--out {path}: the folder {parent} does not exist")
+        raise UsageError(f"{flag} {path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {path}: the folder {parent} is not writable")
+        raise UsageError(f"{flag} {path}: the folder {parent} is not writable")
+    if replaceable is not None and os.path.exists(path) and not replaceable(path):
+        raise UsageError(f"{flag} {path} exists and is not a file this command wrote; it is left alone "
+                         "(give another name, or remove it first)")
+
+
+def check_output_dir(path: str, flag: str = "--out") -> None:
+    """Refuse before any work an output folder that is a file, or lies under one."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{flag} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK):
+        raise UsageError(f"{flag} {path}: the folder {probe} is not writable")
+
+
+def check_positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} must be >= 1, got {value}")
 
 
 def add_model_args(parser: argparse.ArgumentParser, checkpoint_default: str | None) -> None:

@@ -11,11 +11,14 @@ from ..config import PRESETS, ALITConfig
 from ..io import ALIT
 from ..training.base_cache import check_cache_destination, source_dataset, write_cache
 from ..training.train import initial_weights, load_initial
-from ..training.utils import resolve_config
+from ..training.utils import OneLineParser, UsageError, resolve_config, run_command
+
+
+PROG = "alit-fast cache-base"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="alit-fast cache-base", description="Run the frozen VQGAN once over a dataset and store its outputs.")
+    p = OneLineParser(prog=PROG, description="Run the frozen VQGAN once over a dataset and store its outputs.")
     p.add_argument("--data", required=True, help="an image folder, or synthetic / photos / demo")
     p.add_argument("--data-length", type=int, default=None, help="items in a synthetic/photos/demo dataset")
     p.add_argument("--out", required=True, help="the cache directory to write")
@@ -30,29 +33,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
+    if args.data_length is not None and args.data_length < 1:
+        p.error(f"--data-length must be >= 1, got {args.data_length}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     try:  # before the model is built: nothing runs for a destination that would lose data
         check_cache_destination(args.out, args.data, args.overwrite)
     except ValueError as exc:
-        print(f"alit-fast cache-base: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from exc
     state, init_cfg = initial_weights(args.init) if args.init else (None, None)
     cfg: ALITConfig = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
+    meta = {"data": args.data, "data_length": args.data_length, "seed": args.seed, "init": args.init}
+    dataset = source_dataset(dict(meta, image_size=cfg.image_size))  # a bad --data is refused before the model
     model = ALIT(cfg)
     if state is not None:
         load_initial(model, state)
     try:
         model.set_backend(args.backend)
     except NotImplementedError as exc:
-        raise SystemExit(f"backend {args.backend!r} is not available yet: {exc}") from exc
+        raise UsageError(f"backend {args.backend!r} is not available yet: {exc}") from exc
     if torch.cuda.is_available():
         model.cuda()
-    meta = {"data": args.data, "data_length": args.data_length, "seed": args.seed, "init": args.init}
-    dataset = source_dataset(dict(meta, image_size=cfg.image_size))
     out = write_cache(model, dataset, args.out, meta, args.batch_size, args.dtype, args.workers)
     print(f"cached {len(dataset)} items ({cfg.grid_size}x{cfg.grid_size} grid, z {args.dtype}) in {out}")
     return 0

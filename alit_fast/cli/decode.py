@@ -11,14 +11,25 @@ from tqdm import tqdm
 
 from ..inference import TokenBatch, check_token_batch
 from ..io.images import save_image
-from ._common import add_model_args, device_from, load_model_or_report
+from ._common import (
+    OneLineParser,
+    UsageError,
+    add_model_args,
+    check_output_dir,
+    check_positive,
+    device_from,
+    load_model_or_raise,
+    one_line,
+    run_command,
+)
 
 
 def _decode_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alit-fast decode", description="Decode a token file back to PNG images.")
+    p = OneLineParser(prog="alit-fast decode", description="Decode a token file back to PNG images.")
     p.add_argument("tokens", help="a file written by alit-fast encode")
     add_model_args(p, None)
     p.add_argument("--out", default="decoded", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace images of the same names already in --out")
     p.add_argument("--ignore-config", action="store_true",
                    help="decode tokens recorded as encoded by a model of another config")
     return p
@@ -34,42 +45,42 @@ def _output_names(tokens: TokenBatch) -> list[str]:
     return names
 
 
+PROG = "alit-fast decode"
+
+
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _decode_parser().parse_args(argv)
-    if args.batch_size < 1:
-        print(f"alit-fast decode: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
-        return 2
+    check_positive("--batch-size", args.batch_size)
     try:
         tokens = TokenBatch.load(args.tokens)
     except (OSError, ValueError) as exc:
-        print(f"alit-fast decode: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(one_line(exc)) from exc
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        print(f"alit-fast decode: --out {args.out} is a file, not a directory", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {args.out} is a file, not a directory")
+    check_output_dir(args.out)
     spec = args.checkpoint or tokens.checkpoint
     if spec is None:
-        print("alit-fast decode: the token file names no checkpoint; pass --checkpoint", file=sys.stderr)
-        return 2
-    try:
-        device = device_from(args.device)
-    except ValueError as exc:
-        print(f"alit-fast decode: {exc}", file=sys.stderr)
-        return 2
-    model = load_model_or_report(spec, args.backend, device, "alit-fast decode")
-    if model is None:
-        return 2
+        raise UsageError("the token file names no checkpoint; pass --checkpoint")
+    device = device_from(args.device)
+    model = load_model_or_raise(spec, args.backend, device)
     check_config = not args.ignore_config
     try:  # the whole file, once, before any image is written
         check_token_batch(model, tokens, check_config)
     except ValueError as exc:
         hint = "; pass --ignore-config to decode anyway" if "another config" in str(exc) else ""
-        print(f"alit-fast decode: {args.tokens}: {exc}{hint}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
+        raise UsageError(f"{args.tokens}: {exc}{hint}") from exc
     names = _output_names(tokens)
+    existing = [n for n in names if os.path.exists(os.path.join(args.out, n))]
+    if existing and not args.overwrite:
+        raise UsageError(f"--out {args.out} already holds {len(existing)} of the images to write ({', '.join(existing[:3])}"
+                         f"{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace them")
+    os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    step = max(1, args.batch_size)
+    step = args.batch_size
     with tqdm(total=len(tokens), unit="img", desc="decode", file=sys.stderr) as bar:
         for lo in range(0, len(tokens), step):
             part = TokenBatch(tokens.codes[lo : lo + step], tokens.lengths[lo : lo + step], tokens.codebook_size,

@@ -11,10 +11,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..inference import l1_per_image, pixels_from_logits
+from ..inference import check_criterion_fits, l1_per_image, parse_criterion, pixels_from_logits
 from ..io.images import center_crop, to_tensor
 from ..training.data import COMPLEXITY_LEVELS, SyntheticImages, item_rng, load_photos, synthetic_image
-from ._common import load_model_or_report
+from ..ops import BACKENDS
+from ._common import (
+    OneLineParser,
+    UsageError,
+    check_output_file,
+    check_positive,
+    load_model_or_raise,
+    run_command,
+)
 
 DEMO_CRITERION = "code-acc:0.6"
 DEMO_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")
@@ -150,10 +158,10 @@ def make_grid(items: list[DemoImage], reconstructions: torch.Tensor, lengths: li
 
 # ---------------------------------------------------------------------- entry point
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alit-fast demo", description=__doc__)
+    p = OneLineParser(prog=PROG, description=__doc__)
     p.add_argument("--checkpoint", default="demo", help="the model (default: the bundled demo model)")
     p.add_argument("--criterion", default=DEMO_CRITERION)
-    p.add_argument("--backend", default="torch")
+    p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--out", default="alit_demo.png", help="where the PNG grid goes")
     p.add_argument("--per-level", type=int, default=2, help="synthetic images per complexity level")
     p.add_argument("--no-photos", action="store_true", help="leave out the scikit-image photographs")
@@ -163,11 +171,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+PROG = "alit-fast demo"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    model = load_model_or_report(args.checkpoint, args.backend, "cpu", "alit-fast demo")
-    if model is None:
-        return 2
+    check_positive("--per-level", args.per_level)
+    check_positive("--eval-per-level", args.eval_per_level)
+    try:
+        criterion = parse_criterion(args.criterion)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    check_output_file(args.out)
+    if not args.out.lower().endswith(IMAGE_SUFFIXES):
+        raise UsageError(f"--out {args.out}: give an image file name ({', '.join(IMAGE_SUFFIXES)})")
+    model = load_model_or_raise(args.checkpoint, args.backend, "cpu")
+    try:
+        check_criterion_fits(model, criterion)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     cfg = model.config
     items = demo_images(cfg.image_size, args.per_level, photos=not args.no_photos)
     images = torch.stack([it.image for it in items])

@@ -2,16 +2,39 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
-from ..inference import FALLBACKS, TokenBatch, check_criterion_fits, check_fallback, criterion_name, parse_criterion
-from ..io.images import find_images, load_image
-from ._common import add_model_args, check_output_file, checkpoint_spec, device_from, load_model_or_report
+from ..inference import (
+    FALLBACKS,
+    TokenBatch,
+    check_criterion_fits,
+    check_fallback,
+    criterion_name,
+    iteration_range,
+    parse_criterion,
+)
+from ..inference.tokens import FORMAT as TOKEN_FORMAT
+from ..io.images import IMAGE_EXTENSIONS, find_images, image_file_problem, load_image
+from ._common import (
+    OneLineParser,
+    UsageError,
+    add_model_args,
+    check_output_file,
+    check_positive,
+    checkpoint_spec,
+    device_from,
+    load_model_or_raise,
+    one_line,
+    run_command,
+)
 
 
 # ---------------------------------------------------------------------- reporting
@@ -33,7 +56,7 @@ def _chunks(items: list, size: int):
 
 # ---------------------------------------------------------------------- encode
 def _encode_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alit-fast encode", description="Adaptive-length tokenization of image files.")
+    p = OneLineParser(prog=PROG, description="Adaptive-length tokenization of image files.")
     p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
     add_model_args(p, "demo")
     p.add_argument(
@@ -50,51 +73,88 @@ def _encode_parser() -> argparse.ArgumentParser:
         help="an image that never meets the criterion gets max_tokens (max) or its best-scoring count (best, the official rule)",
     )
     p.add_argument("--halting", choices=("off", "threshold", "stochastic"), default="off")
-    p.add_argument("--out", default="tokens.safetensors")
+    p.add_argument("--out", default="tokens.safetensors",
+                   help="the token file to write; an existing file is replaced only if it is a token file")
     p.add_argument("--quiet", action="store_true", help="no per-image lines")
     return p
 
 
+PROG = "alit-fast encode"
+
+
+def is_token_file(path: str) -> bool:
+    """Whether ``path`` is a token file (what --out may replace)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == TOKEN_FORMAT
+    except Exception:  # not safetensors at all
+        return False
+
+
+def _input_files(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """(files whose header reads as an image, 'path (reason)' for those that do not)."""
+    missing = [item for item in inputs if not os.path.exists(item)]
+    if missing:
+        raise UsageError(f"input not found: {', '.join(missing)}")
+    files, skipped = [], []
+    for path in find_images(inputs):
+        reason = image_file_problem(path)
+        if reason is None:
+            files.append(path)
+        else:
+            skipped.append(f"{path} ({reason})")
+    if not files and not skipped:
+        raise UsageError(f"no image files found in {', '.join(inputs)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if not files:
+        raise UsageError(f"none of the {len(skipped)} files could be read as an image: {_listing(skipped)}")
+    return files, skipped
+
+
+def _listing(items: list[str], most: int = 5) -> str:
+    more = f"; and {len(items) - most} more" if len(items) > most else ""
+    return "; ".join(items[:most]) + more
+
+
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _encode_parser().parse_args(argv)
-    try:  # everything a user can get wrong, before any model or file is loaded
+    # everything a user can get wrong, before any model or file is loaded
+    try:
         criterion = parse_criterion(args.criterion)
         check_fallback(criterion, args.fallback)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        check_output_file(args.out)
-        device = device_from(args.device)
-    except ValueError as exc:
-        print(f"alit-fast encode: {exc}", file=sys.stderr)
-        return 2
-    files = find_images(args.inputs)
-    if not files:
-        print("alit-fast encode: no image files found", file=sys.stderr)
-        return 2
-    model = load_model_or_report(args.checkpoint, args.backend, device, "alit-fast encode")
-    if model is None:
-        return 2
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    check_positive("--batch-size", args.batch_size)
+    check_positive("--min-tokens", args.min_tokens)
+    check_positive("--max-tokens", args.max_tokens)
+    if args.min_tokens is not None and args.max_tokens is not None and args.min_tokens > args.max_tokens:
+        raise UsageError(f"--min-tokens {args.min_tokens} is above --max-tokens {args.max_tokens}")
+    check_output_file(args.out, replaceable=is_token_file)
+    device = device_from(args.device)
+    files, skipped = _input_files(args.inputs)
+    model = load_model_or_raise(args.checkpoint, args.backend, device)
     cfg = model.config
     try:
         check_criterion_fits(model, criterion)
+        iteration_range(model, args.min_tokens, args.max_tokens)
     except ValueError as exc:
-        print(f"alit-fast encode: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc).replace("min_tokens", "--min-tokens").replace("max_tokens", "--max-tokens")) from exc
 
     batches: list[TokenBatch] = []
-    skipped: list[str] = []
     model_seconds = 0.0
     started = time.perf_counter()
     bar = tqdm(total=len(files), unit="img", desc="encode", file=sys.stderr)
-    for group in _chunks(files, max(1, args.batch_size)):
+    for group in _chunks(files, args.batch_size):
         images, names = [], []
         for path in group:
             try:
                 images.append(load_image(path, cfg.image_size))
                 names.append(str(path))
-            except Exception as exc:  # any unreadable file is reported and skipped, never fatal
-                skipped.append(str(path))
-                tqdm.write(f"skipped {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            except Exception as exc:  # a body that fails to decode past a good header: reported, never fatal
+                skipped.append(f"{path} ({type(exc).__name__}: {one_line(exc)})")
         if images:
             t0 = time.perf_counter()
             tokens = model.encode(
@@ -116,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     if not batches:
-        print(f"alit-fast encode: none of the {len(files)} files could be read", file=sys.stderr)
-        return 1
+        raise UsageError(f"none of the {len(skipped)} files could be read as an image: {_listing(skipped)}")
     result = TokenBatch.cat(batches)
     result.checkpoint = checkpoint_spec(args.checkpoint)
     result.extra["criterion"] = criterion_name(criterion)
@@ -132,5 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(lengths) / max(elapsed, 1e-9):.1f} images/s overall"
     )
     if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
+        # one line, after the work: the token file holds every other image (their names are in it)
+        print(f"{PROG}: warning: skipped {len(skipped)} unreadable file(s): {_listing(skipped, 20)}", file=sys.stderr)
     return 0

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ..config import ALITConfig, VAEConfig, VQGANConfig
 from .model import ALIT
-from .weights import METADATA_CONFIG_KEY, CheckpointError, save_model
+from .weights import METADATA_CONFIG_KEY, CheckpointError, read_safetensors, save_model
 
 IGNORED_PREFIXES = ("gan_losses.",)
 # what DDP or torch.compile wrap around parameter names
@@ -41,9 +41,7 @@ def read_checkpoint(
         if os.path.isdir(path):
             raise CheckpointError(f"{path} is a directory, not a checkpoint file")
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            raw = load_file(path, device=str(map_location))
+            raw = read_safetensors(path, map_location)[0]
         else:
             try:
                 raw = torch.load(path, map_location=map_location, weights_only=True)
@@ -204,7 +202,14 @@ def load_official(
     Takes a raw state dict or a dict with ``ema`` / ``model`` entries (``ema`` preferred, as the
     official evaluation does); ``gan_losses.*`` (the stage-2 discriminators) are ignored. An
     alit_fast training checkpoint is built with the config it records (its ``ema`` weights).
+
+    Official checkpoints record no config: every size is read off the tensor shapes, and what no
+    shape shows comes from the released recipe. The number of heads is taken equal to the number
+    of layers (true of every released model and preset: 8, 12, 16); pass ``num_heads`` for a
+    model trained otherwise. The halting threshold and loss weights are the recipe's defaults.
     """
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise ValueError(f"num_heads must be a whole number >= 1, got {num_heads!r}")
     state, recorded = read_checkpoint(path_or_state_dict, map_location)
     cfg = recorded if recorded is not None and num_heads is None else infer_config(state, num_heads)
     with torch.device("meta"):
@@ -216,15 +221,14 @@ def load_official(
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch") -> ALIT:
     """Load a model written by ``ALIT.save``."""
+    state, meta = read_safetensors(path, map_location)  # names a missing/unreadable file, checks the fingerprint
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(path, framework="pt", device=str(map_location)) as f:
-        meta = f.metadata() or {}
-        if METADATA_CONFIG_KEY not in meta:
-            raise CheckpointError(f"{path} has no alit_fast config in its metadata; use load_official for official checkpoints")
+    if METADATA_CONFIG_KEY not in meta:
+        raise CheckpointError(f"{path} has no alit_fast config in its metadata; use load_official for official checkpoints")
+    try:
         cfg = ALITConfig.from_json(meta[METADATA_CONFIG_KEY])
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the config in its metadata cannot be read ({exc})") from exc
     with torch.device("meta"):
         model = ALIT(cfg, backend=backend)
     model = model.to_empty(device=map_location)

@@ -56,3 +56,14 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     to_pil(image).save(path)
+
+
+def image_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be an image file, from its header alone (cheap: the pixels are not
+    decoded), or None. A file whose body is damaged past a good header fails later, in load_image."""
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 (the header was parsed)
+    except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -2,21 +2,87 @@
 metadata. Written here, read by ``alit_fast.io.checkpoint.load``."""
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Mapping
 
 import torch
 from safetensors.torch import save_file
 
 METADATA_CONFIG_KEY = "alit_fast_config"
+# sha256 over the config JSON and every tensor (name, dtype, shape, bytes), written at save: some
+# settings show in no tensor shape (heads, the halting threshold, the loss weights), so metadata
+# edited after saving would otherwise load silently as a different model
+FINGERPRINT_KEY = "alit_fast_sha256"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model; the message lists every problem at once."""
 
 
+def fingerprint(config_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(config_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def check_fingerprint(path: str, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise a CheckpointError when a file's recorded fingerprint does not match its config and
+    weights. Files written before fingerprints (and by other tools) carry none and pass."""
+    recorded = metadata.get(FINGERPRINT_KEY)
+    if recorded is not None and recorded != fingerprint(metadata.get(METADATA_CONFIG_KEY, ""), tensors):
+        raise CheckpointError(
+            f"{path}: its config metadata or its weights were edited after it was saved (the fingerprint "
+            "recorded at save does not match): the config may contradict the weights. Re-save the model with "
+            "ALIT.save, or load the weights alone with load_official(path, num_heads=...)")
+
+
+def writable_file(path: str | os.PathLike, what: str = "the output") -> str:
+    """``path`` as a string, after refusing a directory or a missing parent folder by name."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {what} to {path}: it is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot write {what} to {path}: the folder {parent} does not exist")
+    return path
+
+
 def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Weights and config to ``path``, through a temporary file: a kill leaves the old file or the new."""
+    path = writable_file(path, "the model")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(tensors, tmp, metadata={METADATA_CONFIG_KEY: model.config.to_json(), "format": "pt"})
-    os.replace(tmp, path)
+    config_json = model.config.to_json()
+    tmp = f"{path}.tmp"
+    metadata = {METADATA_CONFIG_KEY: config_json, "format": "pt", FINGERPRINT_KEY: fingerprint(config_json, tensors)}
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file; a missing, directory or unreadable file is named,
+    and a recorded fingerprint is checked."""
+    from safetensors import safe_open
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        with safe_open(path, framework="pt", device=str(map_location)) as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors' own error types for a truncated, garbled or foreign file
+        raise CheckpointError(f"{path} cannot be read as a safetensors file ({exc})") from exc
+    check_fingerprint(path, meta, tensors)
+    return tensors, meta

@@ -83,6 +83,15 @@ def write_cache(model: ALITCore, dataset: Dataset, out: str | os.PathLike, meta:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        return _write_cache(model, dataset, out, tmp, meta, batch_size, dtype, workers)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # an unfinished cache is never left behind
+        raise
+
+
+def _write_cache(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, meta: dict, batch_size: int, dtype: str,
+                 workers: int) -> Path:
     cfg = model.config
     g, C, N = cfg.grid_size, cfg.vqgan.z_channels, len(dataset)
     index_dtype = np.int16 if cfg.vqgan.codebook_size <= np.iinfo(np.int16).max else np.int32
@@ -138,9 +147,9 @@ class BaseCacheDataset(Dataset):
     def check_model(self, model: ALITCore) -> None:
         """Refuse a cache made with another config or other VQGAN weights than ``model`` has."""
         if self.meta["config"] != model.config.to_json():
-            raise SystemExit(f"--base-cache {self.dir} was written for a different config than the model's")
+            raise ValueError(f"{self.dir} was written for a different config than the model's")
         if self.meta["vqgan_sha256"] != vqgan_digest(model):
-            raise SystemExit(f"--base-cache {self.dir} was written with other VQGAN weights (pass the same --init)")
+            raise ValueError(f"{self.dir} was written with other VQGAN weights (pass the same --init)")
 
     def __len__(self) -> int:
         return self.meta["count"]

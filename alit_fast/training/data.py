@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..io.images import IMAGE_EXTENSIONS, center_crop, to_tensor
+from ..io.images import IMAGE_EXTENSIONS, center_crop, image_file_problem, to_tensor
+from .utils import UsageError
 
 COMPLEXITY_LEVELS = ("flat", "few_shapes", "many_shapes", "texture", "noise")
 # scikit-image's bundled sample photographs (all ship inside the wheel, no download)
@@ -112,21 +114,44 @@ class EpochDataset(Dataset):
         self.epoch = epoch
 
 
+class UnreadableImage(UsageError):
+    """An image file whose pixels cannot be decoded (its header read fine when the folder was listed)."""
+
+
 class ImageFolder(EpochDataset):
     """Every image under ``root`` (recursive, sorted paths), read with Pillow.
 
     ``augment=True`` applies the official RandomResizedCrop(scale 0.8-1, ratio 3/4-4/3) + flip;
     ``augment=False`` takes the center crop (what the base cache stores).
+
+    Files whose header Pillow cannot read are left out when the folder is listed (``skipped``
+    names them with the reason; build_dataset prints them): the rest is indexed in sorted order,
+    so a resumed run sees the same items as long as the folder does not change. A folder with no
+    readable image is refused. A file that breaks later (a damaged body past a good header)
+    stops the run with an UnreadableImage naming it.
     """
 
     def __init__(self, root: str | os.PathLike, size: int, augment: bool = True, seed: int = 0) -> None:
         super().__init__(seed)
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise NotADirectoryError(f"{self.root} is a file, not an image folder")
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not self.paths:
+        candidates = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not candidates:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+        self.paths: list[Path] = []
+        self.skipped: list[str] = []
+        for path in candidates:
+            problem = image_file_problem(path)
+            if problem is None:
+                self.paths.append(path)
+            else:
+                self.skipped.append(f"{path} ({problem})")
+        if not self.paths:
+            raise ValueError(f"none of the {len(candidates)} image files under {self.root} could be read: "
+                             + "; ".join(self.skipped[:5]) + ("; ..." if len(self.skipped) > 5 else ""))
         self.size = size
         self.augment = augment
 
@@ -134,8 +159,13 @@ class ImageFolder(EpochDataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        with Image.open(self.paths[index]) as f:
-            image = f.convert("RGB")
+        path = self.paths[index]
+        try:
+            with Image.open(path) as f:
+                image = f.convert("RGB")
+        except Exception as exc:  # Pillow's errors for a damaged body: name the file, not the decoder
+            raise UnreadableImage(f"image {path} cannot be read ({type(exc).__name__}: {exc}); remove or "
+                                  "replace it") from exc
         if self.augment:
             image = random_resized_crop(image, self.size, item_rng(self.seed, self.epoch, index))
         else:
@@ -313,14 +343,28 @@ def build_dataset(spec: str, size: int, seed: int = 0, augment: bool = True, len
     ``synthetic`` (complexity levels 0..4), ``photos`` (scikit-image crops), ``demo`` (both:
     4 synthetic images for every photo crop), or a folder of images. ``synthetic:LEVELS`` and
     ``demo:LEVELS`` keep only the synthetic levels listed as digits, e.g. ``demo:0123``.
+    A spec that names nothing usable is a UsageError naming ``--data`` (or ``--data-length``).
     """
+    if length is not None and length < 1:
+        raise UsageError(f"--data-length must be >= 1, got {length}")
     name, _, level_digits = spec.partition(":")
-    if name in ("synthetic", "demo") and not os.path.isdir(spec):
-        levels = tuple(int(c) for c in level_digits) if level_digits else (0, 1, 2, 3, 4)
-        if name == "synthetic":
-            return SyntheticImages(size, length or 10_000, seed, levels)
-        n = length or 10_000
-        return Mixture([SyntheticImages(size, n * 4 // 5, seed, levels), PhotoCrops(size, n - n * 4 // 5, seed)])
-    if spec == "photos":
-        return PhotoCrops(size, length or 2_000, seed)
-    return ImageFolder(spec, size, augment=augment, seed=seed)
+    try:
+        if name in ("synthetic", "demo") and not os.path.isdir(spec):
+            if not level_digits.isdigit() and level_digits:
+                raise ValueError(f"levels are digits 0..{len(COMPLEXITY_LEVELS) - 1}, e.g. {name}:0123")
+            levels = tuple(int(c) for c in level_digits) if level_digits else (0, 1, 2, 3, 4)
+            if name == "synthetic":
+                return SyntheticImages(size, length or 10_000, seed, levels)
+            n = length or 10_000
+            if n < 5:
+                raise ValueError("a demo mixture needs --data-length >= 5 (4 synthetic images per photo crop)")
+            return Mixture([SyntheticImages(size, n * 4 // 5, seed, levels), PhotoCrops(size, n - n * 4 // 5, seed)])
+        if spec == "photos":
+            return PhotoCrops(size, length or 2_000, seed)
+        folder = ImageFolder(spec, size, augment=augment, seed=seed)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--data {spec}: {exc}") from exc
+    if folder.skipped:
+        print(f"warning: --data {spec}: skipped {len(folder.skipped)} unreadable file(s): "
+              + "; ".join(folder.skipped[:20]) + ("; ..." if len(folder.skipped) > 20 else ""), file=sys.stderr)
+    return folder

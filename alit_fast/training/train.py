@@ -29,12 +29,25 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load_state_strict, read_checkpoint, read_state_dict
+from ..io.weights import read_safetensors
 from ..models import HALTING_MODES, BaseOutput
 from ..models.alit import images_in_range
 from .base_cache import BaseCacheDataset
 from .code_restart import DeadCodeRestarter
 from .data import build_dataset
-from .utils import atomic_torch_save, resolve_config, rng_state, seed_everything, set_rng_state, weights_digest
+from .utils import (
+    OneLineParser,
+    one_line,
+    UsageError,
+    atomic_torch_save,
+    check_number,
+    resolve_config,
+    rng_state,
+    run_command,
+    seed_everything,
+    set_rng_state,
+    weights_digest,
+)
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -46,8 +59,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class UsageError(ValueError):
-    """A user error found before any work: one line, exit status 2."""
+# UsageError (a user error: one line, exit status 2) lives in .utils, shared with the CLI
 
 
 RUN_FILES = (CHECKPOINT, LOG, "model.safetensors", "ema.safetensors")
@@ -59,6 +71,13 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
     Every rank runs the checks, so all of them stop on a refusal and none waits for the others."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
+    above = out.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"--out {out}: {above} is a file, not a folder")
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not (resume or overwrite):
         raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it "
@@ -71,7 +90,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="alit-fast train", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="alit-fast train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None,
                    help=f"preset ({', '.join(PRESETS)}) or a JSON file of ALITConfig fields; default: the config "
                         "stored in --init if it has one, else 'demo'")
@@ -152,6 +171,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not (value >= 0 and math.isfinite(value)):
             p.error(f"--{name} must be a finite number >= 0, got {value}")
+    for name in ("data_length", "stop_at"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("workers", "threads", "restart_dead_codes"):
+        if getattr(args, name, 0) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    # (flag, value, low, high, low open, high open): a value out of range would train silently wrong
+    ranges = [("--warmup", args.warmup, 0, None, False, False), ("--min-lr", args.min_lr, 0, None, False, False),
+              ("--weight-decay", args.weight_decay, 0, None, False, False),
+              ("--grad-clip", args.grad_clip, 0, None, False, False), ("--ema", args.ema, 0, 1, False, True),
+              ("--linear-init-std", args.linear_init_std, 0, None, True, False),
+              ("--time-limit", args.time_limit, 0, None, True, False)]
+    ranges += [("--betas", beta, 0, 1, False, True) for beta in args.betas]
+    try:
+        for flag, value, low, high, low_open, high_open in ranges:
+            check_number(flag, value, low, high, low_open, high_open)
+    except UsageError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -209,26 +246,26 @@ class Dist:
 # ---------------------------------------------------------------------------- model set-up
 def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], ALITConfig | None]:
     """The state dict of an official or alit_fast checkpoint, and the config stored with it if any."""
-    from safetensors import safe_open
-
-    if path.endswith(".safetensors") and os.path.exists(path):
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        cfg = ALITConfig.from_json(meta[METADATA_CONFIG_KEY]) if METADATA_CONFIG_KEY in meta else None
-        return read_state_dict(path, "cpu"), cfg
     try:
+        if path.endswith(".safetensors") and os.path.isfile(path):
+            state, meta = read_safetensors(path, "cpu")  # names a damaged file, checks the fingerprint
+            cfg = ALITConfig.from_json(meta[METADATA_CONFIG_KEY]) if METADATA_CONFIG_KEY in meta else None
+            return read_state_dict(state, "cpu"), cfg
         return read_checkpoint(path, "cpu")  # a training checkpoint.pt records its config
-    except (CheckpointError, FileNotFoundError) as exc:
-        raise UsageError(f"--init: {exc}") from exc
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
+        raise UsageError(f"--init: {one_line(exc)}") from exc
 
 
 def load_initial(model: ALIT, state: dict[str, torch.Tensor]) -> str:
     """Load ``state`` into ``model``: all of it, or only the VQGAN. Returns what was loaded."""
     prefix = "base_tokenizer."
-    if state and all(k.startswith(prefix) for k in state):
-        load_state_strict(model.base_tokenizer, {k[len(prefix):]: v for k, v in state.items()})
-        return "the VQGAN (base_tokenizer.*)"
-    load_state_strict(model, state)
+    try:
+        if state and all(k.startswith(prefix) for k in state):
+            load_state_strict(model.base_tokenizer, {k[len(prefix):]: v for k, v in state.items()})
+            return "the VQGAN (base_tokenizer.*)"
+        load_state_strict(model, state)
+    except CheckpointError as exc:  # the checkpoint fits another config: name the flag, in one line
+        raise UsageError(f"--init: {one_line(exc)} (pass the --config it was trained with)") from exc
     return WHOLE_MODEL
 
 
@@ -261,8 +298,11 @@ def update_ema(ema: ALIT, model: ALIT, decay: float) -> None:
 # ---------------------------------------------------------------------------- data
 def build_training_data(args: argparse.Namespace, cfg: ALITConfig, model: ALIT) -> Dataset:
     if args.base_cache:
-        ds = BaseCacheDataset(args.base_cache)
-        ds.check_model(model)
+        try:
+            ds = BaseCacheDataset(args.base_cache)
+            ds.check_model(model)
+        except (OSError, ValueError, KeyError) as exc:  # missing, unfinished, damaged or another model's
+            raise UsageError(f"--base-cache {args.base_cache}: {one_line(exc)}") from exc
         return ds
     return build_dataset(args.data, cfg.image_size, seed=args.seed, augment=True, length=args.data_length)
 
@@ -277,7 +317,7 @@ class EpochBatches:
         self.workers = args.workers
         self.steps_per_epoch = len(self.sampler) // self.batch_size
         if self.steps_per_epoch == 0:
-            raise SystemExit(f"the dataset has {len(dataset)} items: fewer than one batch of {self.batch_size} per process "
+            raise UsageError(f"the dataset has {len(dataset)} items: fewer than one batch of {self.batch_size} per process "
                              f"({d.world} processes)")
 
     def epoch(self, epoch: int, skip_batches: int = 0):
@@ -385,6 +425,8 @@ def build(args: argparse.Namespace, d: Dist) -> Run:
     seed_everything(args.seed + d.rank)
     init_state, init_cfg = initial_weights(args.init) if args.init else (None, None)
     cfg = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
+    if args.sample_grad_iters is not None and args.sample_grad_iters > cfg.iterations:
+        raise UsageError(f"--sample-grad-iters {args.sample_grad_iters}: the model has only {cfg.iterations} iterations")
     model = ALIT(cfg)
     whole_model = False
     if init_state is not None:
@@ -434,15 +476,68 @@ def build(args: argparse.Namespace, d: Dist) -> Run:
                batches=batches, total_steps=total_steps, total_batch=total_batch, out=Path(args.out))
 
 
+# what a checkpoint.pt must hold to resume from (written by save_checkpoint)
+CHECKPOINT_ENTRIES = ("model", "ema", "optimizer", "scheduler", "scaler", "rng", "generator", "step", "config")
+
+
+def _other_checkpoints(path: Path) -> str:
+    """What the user can fall back on when ``path`` cannot be resumed from, for the message."""
+    folder = path.parent if path.parent.is_dir() else None
+    others = sorted(p.name for p in folder.glob("*.pt") if p != path and p.is_file()) if folder else []
+    if others:
+        return f"; other checkpoints in {folder}: {', '.join(others)} (pass one as --resume PATH)"
+    return "; no earlier checkpoint is kept there: start again with --overwrite"
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """A checkpoint.pt to resume from; a missing, damaged or incomplete one is a UsageError naming it."""
+    if path.is_dir():
+        raise UsageError(f"--resume: {path} is a directory, not a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/pickle/zip errors of a truncated or garbled file
+        raise UsageError(f"--resume: {path} cannot be read, it is damaged or not a checkpoint "
+                         f"({type(exc).__name__}: {one_line(exc)[:200]}){_other_checkpoints(path)}") from exc
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"--resume: {path} holds a {type(ckpt).__name__}, not a training checkpoint"
+                         f"{_other_checkpoints(path)}")
+    missing = [k for k in CHECKPOINT_ENTRIES if k not in ckpt]
+    if missing:
+        raise UsageError(f"--resume: {path} is incomplete (no {', '.join(missing)}): not a checkpoint written by "
+                         f"alit-fast train{_other_checkpoints(path)}")
+    return ckpt
+
+
 def resume(run: Run, spec: str) -> None:
-    """Load a checkpoint into ``run``: weights, EMA, optimizer, schedule, scaler, every random stream."""
+    """Load a checkpoint into ``run``: weights, EMA, optimizer, schedule, scaler, every random stream.
+
+    A bare ``--resume`` with no checkpoint in --out yet (a first run killed before, or during, its
+    first save) starts the run from step 0."""
     d = run.d
     path = run.ckpt_path if spec == "auto" else Path(spec)
     if not path.exists():
-        raise SystemExit(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if spec == "auto":
+            if d.main:
+                print(f"--resume: no checkpoint in {run.out} yet; starting from step 0", flush=True)
+            return
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    ckpt = read_training_checkpoint(path)
     if ckpt["config"] != run.cfg.to_json():
-        raise SystemExit(f"--resume: {path} was written for a different config")
+        raise UsageError(f"--resume: {path} was written for a different config")
+    if len(ckpt["rng"]) != d.world:
+        raise UsageError(f"--resume: {path} was written by {len(ckpt['rng'])} processes, this run has {d.world}")
+    try:
+        _load_run_state(run, ckpt)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise UsageError(f"--resume: {path} does not fit this run ({type(exc).__name__}: {one_line(exc)[:200]})"
+                         f"{_other_checkpoints(path)}") from exc
+    run.step = run.last_good = ckpt["step"]
+    if d.main:
+        print(f"resumed from {path} at step {run.step}", flush=True)
+
+
+def _load_run_state(run: Run, ckpt: dict) -> None:
+    d = run.d
     run.model.load_state_dict(ckpt["model"])
     if run.ema is not None and ckpt["ema"] is not None:
         run.ema.load_state_dict(ckpt["ema"])
@@ -450,8 +545,6 @@ def resume(run: Run, spec: str) -> None:
     run.sched.load_state_dict(ckpt["scheduler"])
     if run.scaler is not None and ckpt["scaler"] is not None:
         run.scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) != d.world:
-        raise SystemExit(f"--resume: {path} was written by {len(ckpt['rng'])} processes, this run has {d.world}")
     set_rng_state(ckpt["rng"][d.rank])
     streams = ckpt["generator"][d.rank]
     if isinstance(streams, dict):
@@ -463,9 +556,6 @@ def resume(run: Run, spec: str) -> None:
             run.halting_gen.set_state(streams)
     if run.restarter is not None and ckpt.get("code_restart") is not None:
         run.restarter.load_state_dict(ckpt["code_restart"])
-    run.step = run.last_good = ckpt["step"]
-    if d.main:
-        print(f"resumed from {path} at step {run.step}", flush=True)
 
 
 def save(run: Run) -> None:
@@ -693,14 +783,15 @@ def train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        if args.stage != "pretrain":  # stage 2 is routed by alit_fast.training.stages, before parsing
-            raise UsageError(f"--stage {args.stage}: run it as `python -m alit_fast.train` or `alit-fast train`")
-        return train(args)
-    except UsageError as exc:
-        print(f"alit-fast train: {exc}", file=sys.stderr)
-        return 2
+    # a user error is one line and exit status 2; anything else is a bug and keeps its traceback
+    return run_command("alit-fast train", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    if args.stage != "pretrain":  # stage 2 is routed by alit_fast.training.stages, before parsing
+        raise UsageError(f"--stage {args.stage}: run it as `python -m alit_fast.train` or `alit-fast train`")
+    return train(args)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,67 @@
-"""Small pieces the trainers share: config resolution, seeding, RNG capture, atomic writes."""
+"""Small pieces the trainers and the CLI share: user errors and their one-line report, config
+resolution, seeding, RNG capture, atomic writes."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import random
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..config import PRESETS, ALITConfig
+
+
+# ---------------------------------------------------------------------------- user errors
+class UsageError(ValueError):
+    """Something the user got wrong (an option, a file): the command prints it as one line,
+    ``<prog>: <message>``, and exits with status 2. Every other exception is a bug and keeps its
+    traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (``<prog>: <message>``, exit 2) like every other
+    user error, not a usage block followed by the message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def one_line(message: object) -> str:
+    """A message on one line (CheckpointError lists its problems on several)."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def run_command(prog: str, body: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None) -> int:
+    """Run a command's body: a UsageError becomes one line on stderr and exit status 2."""
+    try:
+        return int(body(argv) or 0)
+    except UsageError as exc:
+        sys.stdout.flush()
+        print(f"{prog}: {one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
+
+
+def check_number(name: str, value: float | None, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise a UsageError unless ``value`` (if given) is finite and within the bounds."""
+    if value is None:
+        return
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + (")" if high_open or high is None else "]")
+        raise UsageError(f"{name} must be a finite number in {interval}, got {value}")
 
 
 def resolve_config(spec: str) -> ALITConfig:
@@ -19,11 +70,16 @@ def resolve_config(spec: str) -> ALITConfig:
         return PRESETS[spec]
     path = Path(spec)
     if not path.is_file():
-        raise SystemExit(f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
-    fields = json.loads(path.read_text())
-    if fields.get("iteration_weights") is not None:
-        fields["iteration_weights"] = tuple(fields["iteration_weights"])
-    return ALITConfig(**fields)
+        raise UsageError(f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
+    try:
+        fields = json.loads(path.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError(f"expected a JSON object of ALITConfig fields, got a {type(fields).__name__}")
+        if fields.get("iteration_weights") is not None:
+            fields["iteration_weights"] = tuple(fields["iteration_weights"])
+        return ALITConfig(**fields)
+    except (OSError, ValueError, TypeError) as exc:  # unreadable, not JSON, unknown fields, invalid sizes
+        raise UsageError(f"--config {spec}: {one_line(exc)}") from exc
 
 
 def seed_everything(seed: int) -> None:

@@ -27,11 +27,11 @@ from ..config import ALITConfig
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
 from .data import SyntheticImages, build_dataset
-from .utils import atomic_torch_save, resolve_config, seed_everything
+from .utils import OneLineParser, UsageError, atomic_torch_save, check_number, resolve_config, run_command, seed_everything
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m alit_fast.train_vqgan", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="demo", help="preset name or JSON file of ALITConfig fields (its vqgan part is used)")
     p.add_argument("--data", default="demo", help="demo | synthetic | photos | an image folder")
     p.add_argument("--steps", type=int, default=3000)
@@ -51,7 +51,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/vqgan")
     p.add_argument("--log-every", type=int, default=25)
-    return p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", help="replace a VQGAN run already in --out")
+    args = p.parse_args(argv)
+    for flag in ("steps", "batch_size", "log_every"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("crop", "active_codes", "restart_every", "threads"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    try:
+        check_number("--lr", args.lr, 0, None, low_open=True)
+        check_number("--beta", args.beta, 0)
+        check_number("--grad-loss", args.grad_loss, 0)
+        check_number("--time-limit", args.time_limit, 0)
+    except UsageError as exc:
+        p.error(str(exc))
+    return args
+
+
+PROG = "python -m alit_fast.train_vqgan"
+RUN_FILES = ("vqgan.safetensors", "optimizer.pt", "log.jsonl", "summary.json")
 
 
 def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,19 +130,35 @@ def save_base_tokenizer(tok: BaseTokenizer, cfg: ALITConfig, path: Path) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = resolve_config(args.config)
+    if args.active_codes > cfg.vqgan.codebook_size:
+        raise UsageError(f"--active-codes {args.active_codes}: the VQGAN has {cfg.vqgan.codebook_size} codes")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not args.overwrite:  # an earlier run's weights are never replaced unasked
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --overwrite to replace it")
+    dataset = build_dataset(args.data, cfg.image_size, seed=args.seed)  # a bad --data is refused before any write
     out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()
     seed_everything(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
     tok = BaseTokenizer(cfg.vqgan)
     tok.train()
-    dataset = build_dataset(args.data, cfg.image_size, seed=args.seed)
-    held_out = torch.stack([build_dataset(args.data, cfg.image_size, seed=args.seed + 1)[i]["image"] for i in range(64)])
+    if len(dataset) < args.batch_size:  # drop_last would leave no batch at all, and the loop would never end
+        raise UsageError(f"--data {args.data} has {len(dataset)} items: fewer than one --batch-size {args.batch_size}")
+    held_out = torch.stack([build_dataset(args.data, cfg.image_size, seed=args.seed + 1)[i]["image"]
+                            for i in range(min(64, len(dataset)))])
     flat_probe = torch.stack([SyntheticImages(cfg.image_size, 10, seed=args.seed + 2)[i]["image"] for i in range(10)])
     opt = torch.optim.Adam(tok.parameters(), lr=args.lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(
