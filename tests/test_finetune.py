@@ -251,3 +251,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(files, tmp_path, mon
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_fp16_steps_the_grad_scaler_skips_do_not_stop_the_run(files, tmp_path):
+    # the first steps overflow at the GradScaler's initial scale (65536): skipped, not fatal
+    assert _run(files, tmp_path, "--amp", "fp16", "--steps", "3", "--data-length", "2") == 0
+    log = _log(tmp_path)
+    assert len(log) == 3 and not all(r["grad_norm"] < float("inf") for r in log), [r["grad_norm"] for r in log]
+    assert all(r["loss"] < float("inf") for r in log)

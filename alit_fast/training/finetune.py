@@ -40,7 +40,7 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -370,9 +370,9 @@ class StepOutput:
     terms: dict[str, torch.Tensor]  # 0-d, on the device
     loss: torch.Tensor  # what Health checks
     grad_norm: torch.Tensor
+    skipped: torch.Tensor  # the fp16 GradScaler skipped the step (an overflow while it finds its scale)
     images_ok: torch.Tensor
     lr: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _reduce_grads(params: list[nn.Parameter], d: Dist) -> None:
@@ -400,8 +400,12 @@ def _sync_buffers(module: nn.Module, d: Dist) -> None:
             dist.broadcast(b, 0)
 
 
-def _optimize(run: FinetuneRun, loss: torch.Tensor, opt, scaler, clip_params, reduce_params) -> torch.Tensor:
-    """Backward, rank average, unscale, clip, step; returns the pre-clip grad norm (on the device)."""
+def _optimize(
+    run: FinetuneRun, loss: torch.Tensor, opt, scaler, clip_params, reduce_params
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward, rank average, unscale, clip, step. Returns the pre-clip grad norm and whether
+    the GradScaler skipped the step (0-d tensors on the device): an fp16 overflow is how the
+    scaler finds its scale, not a diverged run, so Health forgives an inf norm on such a step."""
     opt.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -412,13 +416,17 @@ def _optimize(run: FinetuneRun, loss: torch.Tensor, opt, scaler, clip_params, re
         scaler.unscale_(opt)
     clip = run.args.grad_clip if run.args.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, clip)
+    skipped = torch.zeros((), dtype=torch.bool, device=grad_norm.device)
     if scaler is not None:
+        scale = scaler.get_scale() if scaler._scale is None else scaler._scale.clone()
         scaler.step(opt)
         scaler.update()
+        # update() lowers the scale exactly when the step was skipped (a device compare, no read)
+        skipped = (scaler._scale < scale).reshape(()).to(grad_norm.device)
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return grad_norm.detach()
+    return grad_norm.detach(), skipped
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -452,7 +460,7 @@ def finetune_step(run: FinetuneRun, batch: dict) -> StepOutput:
             terms = discriminator_loss(run.model, disc, images, k, factor)
         _set_lr(run.opt_d, lr)
         loss = terms.pop("loss_graph")
-        grad_norm = _optimize(run, loss, run.opt_d, run.scaler_d, run.disc_params, run.disc_params)
+        grad_norm, skipped = _optimize(run, loss, run.opt_d, run.scaler_d, run.disc_params, run.disc_params)
         _sync_buffers(disc, run.d)
         kind = "discriminator"
     else:
@@ -468,7 +476,7 @@ def finetune_step(run: FinetuneRun, batch: dict) -> StepOutput:
             _set_lr(run.opt_g, lr)
             loss = terms.pop("loss_graph")
             reduce = run.gen_params + (run.disc_params if args.official_quirks else [])
-            grad_norm = _optimize(run, loss, run.opt_g, run.scaler_g, run.gen_params, reduce)
+            grad_norm, skipped = _optimize(run, loss, run.opt_g, run.scaler_g, run.gen_params, reduce)
         finally:
             disc.requires_grad_(True)
         if factor > 0 or args.official_quirks:
@@ -478,7 +486,7 @@ def finetune_step(run: FinetuneRun, batch: dict) -> StepOutput:
     if run.ema is not None:
         update_ema(run.ema, run.model, args.ema)  # after every step, both kinds (as official)
     return StepOutput(kind=kind, iteration=k, factor=factor, terms=terms, loss=terms.get("loss", terms.get("d_loss")),
-                      grad_norm=grad_norm, images_ok=images_ok, lr=lr)
+                      grad_norm=grad_norm, skipped=skipped, images_ok=images_ok, lr=lr)
 
 
 # ---------------------------------------------------------------------------- health and logging
@@ -491,7 +499,7 @@ class Health:
         self.images_bad = torch.zeros((), dtype=torch.bool, device=device)
 
     def update(self, step: int, out: StepOutput) -> None:
-        bad = ~(torch.isfinite(out.loss) & torch.isfinite(out.grad_norm) & out.images_ok)
+        bad = ~(torch.isfinite(out.loss) & (torch.isfinite(out.grad_norm) | out.skipped) & out.images_ok)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
         self.images_bad = self.images_bad | ~out.images_ok
 
