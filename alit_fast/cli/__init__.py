@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "encode": ("alit_fast.cli.encode", "main", "adaptive-length tokenization of image files"),
     "decode": ("alit_fast.cli.decode", "main", "decode a token file back to images"),
     "convert": ("alit_fast.cli.convert", "main", "an official checkpoint -> a Hub-layout model directory"),
+    "pretokenize": ("alit_fast.cli.pretokenize", "main", "a dataset -> sharded token files and one index (resumable, torchrun)"),
     "visualize": ("alit_fast.cli.visualize", "main", "reconstructions per token count, token attention maps, images by token count"),
 }
 
@@ -31,11 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"alit-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"alit-fast: unknown command {name!r} (one of {', '.join(COMMANDS)}; see alit-fast --help)", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    result = getattr(importlib.import_module(module), func)(rest)
-    return int(result or 0)
+    from ..training.utils import run_command  # the one place user errors become one line
+
+    # a UsageError (a user error) is one line and exit status 2; any other exception is a bug and
+    # keeps its traceback. Each command's main does the same, so this only catches one that escapes.
+    return run_command(f"alit-fast {name}", getattr(importlib.import_module(module), func), rest)
 
 
 if __name__ == "__main__":

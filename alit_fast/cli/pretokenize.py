@@ -1,0 +1,155 @@
+"""``alit-fast pretokenize``: a whole image folder (or webdataset ``.tar`` shards) to sharded token
+files and one index, for training a generator on tokens. Resumes after a kill (finished shards
+are kept); under ``torchrun --nproc_per_node=N`` each rank writes its own shards (k mod N) and
+rank 0 writes the index, which is then the same, byte for byte, as a one-process run's.
+Also reached as ``alit-fast encode DIR --shard-size S --out OUT_DIR``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..inference import check_criterion_fits, criterion_name, parse_criterion
+from ..io.token_dataset import (
+    INDEX_NAME,
+    Plan,
+    encode_shard,
+    list_sources,
+    recorded_plan,
+    save_shard,
+    owned_files,
+    read_source,
+    shard_is_done,
+    shard_path,
+    write_index,
+)
+from ._common import add_model_args, checkpoint_spec, device_from, load_model_or_report
+
+PROG = "alit-fast pretokenize"
+
+
+def _parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Tokenize a dataset into shards plus an index.")
+    p.add_argument("inputs", nargs="+", help="image folders (recursive), image files, or .tar shards")
+    add_model_args(p, "demo")
+    p.add_argument("--out", required=True, help="the output directory (new, empty, or a run of the same plan to resume)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default 1000)")
+    p.add_argument("--criterion", default="code-acc:0.9", help="tokens:N, code-acc:F, code-nll:F or pixel-l1:F")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove the shards and index of an earlier run of another plan in --out first")
+    return p
+
+
+def _histogram(lengths: list[int], step: int, top: int, width: int = 40) -> str:
+    counts = Counter(lengths)
+    peak = max(counts.values()) if counts else 1
+    return "\n".join(f"  {n:>5} tokens | {'#' * round(width * counts.get(n, 0) / peak)} {counts.get(n, 0)}"
+                     for n in range(step, top + 1, step))
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = _parser(prog).parse_args(argv)
+    rank, world = _dist_info()
+
+    def fail(message: str) -> int:
+        if rank == 0:
+            print(f"{prog}: {message}", file=sys.stderr)
+        return 2
+
+    for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
+        if value < 1:
+            return fail(f"{flag} must be >= 1, got {value}")
+    try:
+        criterion = parse_criterion(args.criterion)
+    except (TypeError, ValueError) as exc:
+        return fail(f"--criterion {args.criterion}: {exc}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return fail(f"--out {args.out} is a file; give a directory")
+    try:
+        sources = list_sources(args.inputs)
+    except (OSError, ValueError) as exc:
+        return fail(str(exc))
+    if not sources:
+        return fail(f"no images found in {', '.join(args.inputs)}")
+    try:
+        device = device_from(args.device)
+    except ValueError as exc:
+        return fail(str(exc))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    model = load_model_or_report(args.checkpoint, args.backend, device, prog)
+    if model is None:
+        return 2
+    try:
+        check_criterion_fits(model, criterion)
+    except ValueError as exc:
+        return fail(f"--criterion {args.criterion}: {exc}")
+    plan = Plan(tuple(sources), args.shard_size, model.config.to_json(), checkpoint_spec(args.checkpoint),
+                criterion_name(criterion), args.batch_size)
+
+    # what is already in --out: nothing, or this plan's own files (resume), or refuse
+    os.makedirs(args.out, exist_ok=True)
+    ours = owned_files(args.out)
+    strangers = sorted(set(os.listdir(args.out)) - {p.name for p in ours})
+    if strangers:
+        return fail(f"--out {args.out} holds files this command did not write ({strangers[0]}, ...); use a new or empty directory")
+    foreign = [p for p in ours if p.suffix in (".safetensors", ".json") and recorded_plan(p) != plan.fingerprint]
+    if foreign and not args.overwrite:
+        return fail(f"--out {args.out} holds a run of other images, model or options ({foreign[0].name}); "
+                    "pass --overwrite to replace it")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    try:
+        if rank == 0:  # leftovers of a killed save, and (only with --overwrite) another run's files
+            for path in [p for p in ours if p.name.endswith(".tmp")] + foreign:
+                path.unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()
+        mine = [k for k in range(plan.num_shards) if k % world == rank]
+        todo = [k for k in mine if not shard_is_done(args.out, plan, k)]
+
+        def encode(images: torch.Tensor):
+            return model.encode(images.to(device), criterion)
+
+        started, done_images = time.perf_counter(), 0
+        with tqdm(total=sum(len(plan.shard_sources(k)) for k in todo), unit="img", desc=f"pretokenize[{rank}]",
+                  file=sys.stderr, disable=rank != 0 and world > 1) as bar:
+            for k in todo:
+                batch = encode_shard(plan, k, lambda s: read_source(s, model.config.image_size), encode)
+                save_shard(batch, shard_path(args.out, k))
+                done_images += len(plan.shard_sources(k))
+                bar.update(len(plan.shard_sources(k)))
+        elapsed = time.perf_counter() - started
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            index = write_index(args.out, plan)
+            lengths = [item[1] for item in index["items"]]
+            mean = sum(lengths) / max(1, len(lengths))
+            resumed = plan.num_shards - len(todo) if world == 1 else None
+            print(f"wrote {args.out}: {len(lengths)} images in {plan.num_shards} shards, mean {mean:.1f} tokens"
+                  + (f", {len(index['skipped'])} unreadable (listed in {INDEX_NAME})" if index["skipped"] else "")
+                  + (f"; {resumed} shards kept from an earlier run" if resumed else "")
+                  + (f"; {done_images / max(elapsed, 1e-9):.1f} images/s on rank 0" if done_images else ""))
+            print(_histogram(lengths, model.config.tokens_per_iter, model.config.max_tokens))
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""A tokenized dataset on disk: shards of token files and one index, written by
+``alit-fast pretokenize`` and read back by ``open_dataset`` for training a generator on tokens.
+
+Layout of the output directory:
+
+- ``shard-00000.safetensors``, ... : ordinary token files (``TokenBatch.save``: checksums, the
+  encoding model's config, the source names), shard k holding images [k*S, (k+1)*S) of the plan;
+- ``index.json``: the plan's fingerprint, the model and criterion, every shard (file, sha256 of its
+  bytes, images) and per image [source, token count, shard, offset]; images that could not be read
+  are listed under ``skipped`` with the reason, never dropped silently.
+
+A shard depends only on its images and the model (its batches start at the shard's first image),
+so any number of processes, any resumption order and a single process all write the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from ..inference import TokenBatch
+from .images import IMAGE_EXTENSIONS, center_crop, find_images, to_tensor
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "alit_fast.token_dataset.v1"
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+TAR_SEPARATOR = "::"
+
+
+# ---------------------------------------------------------------------------- sources
+def list_sources(inputs: Iterable[str | os.PathLike]) -> list[str]:
+    """Every image to tokenize, in a fixed order: files as given, directories searched recursively
+    (sorted), and webdataset-style ``.tar`` shards as ``TAR::MEMBER`` for each image member, in
+    the tar's own order."""
+    sources: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"input not found: {path}")
+        if path.is_file() and path.suffix.lower() == ".tar":
+            sources += _tar_members(path)
+        elif path.is_dir():
+            for found in find_images([path]):
+                sources.append(str(found))
+            for tar in sorted(p for p in path.rglob("*.tar") if p.is_file()):
+                sources += _tar_members(tar)
+        else:
+            sources.append(str(path))
+    return sources
+
+
+def _tar_members(path: Path) -> list[str]:
+    try:
+        with tarfile.open(path) as tar:
+            names = [m.name for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS]
+    except (tarfile.TarError, OSError) as exc:
+        raise ValueError(f"{path} cannot be read as a tar shard: {exc}") from exc
+    return [f"{path}{TAR_SEPARATOR}{name}" for name in names]
+
+
+def read_source(source: str, size: int) -> torch.Tensor:
+    """[3, size, size] in [0, 1] (the evaluation transform); OSError/ValueError for a bad image."""
+    if TAR_SEPARATOR in source:
+        tar_path, member = source.split(TAR_SEPARATOR, 1)
+        with tarfile.open(tar_path) as tar:
+            handle = tar.extractfile(member)
+            if handle is None:
+                raise OSError(f"{member} is not a file in {tar_path}")
+            data = handle.read()
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = image.convert("RGB")
+    else:
+        with Image.open(source) as image:
+            rgb = image.convert("RGB")
+    return to_tensor(center_crop(rgb, size))
+
+
+# ---------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Plan:
+    """What a run tokenizes and how: the same plan always gives the same shards."""
+
+    sources: tuple[str, ...]
+    shard_size: int
+    config_json: str
+    checkpoint: str
+    criterion: str
+    batch_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return (len(self.sources) + self.shard_size - 1) // self.shard_size
+
+    def shard_sources(self, k: int) -> tuple[str, ...]:
+        return self.sources[k * self.shard_size : (k + 1) * self.shard_size]
+
+    @property
+    def fingerprint(self) -> str:
+        doc = json.dumps([list(self.sources), self.shard_size, self.config_json, self.checkpoint, self.criterion,
+                          self.batch_size])
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def shard_path(out: str | os.PathLike, k: int) -> Path:
+    return Path(out) / SHARD_PATTERN.format(k)
+
+
+def recorded_plan(path: str | os.PathLike) -> str | None:
+    """The plan fingerprint a shard file or index records (metadata only; None if unreadable)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text(encoding="utf-8")).get("plan")
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("extra.plan")
+    except Exception:  # damaged: belongs to no plan
+        return None
+
+
+def shard_is_done(out: str | os.PathLike, plan: Plan, k: int) -> bool:
+    """A shard file that exists, passes its checksums and belongs to this plan."""
+    path = shard_path(out, k)
+    if not path.exists():
+        return False
+    try:
+        batch = TokenBatch.load(path)
+    except (OSError, ValueError):
+        return False  # a damaged shard is redone (the writer replaces files atomically)
+    return batch.extra.get("plan") == plan.fingerprint and batch.extra.get("shard") == str(k)
+
+
+def encode_shard(
+    plan: Plan, k: int, read: Callable[[str], torch.Tensor], encode: Callable[[torch.Tensor], TokenBatch],
+) -> TokenBatch:
+    """Shard k's tokens: its readable images in batches of ``plan.batch_size`` from the shard's start."""
+    names, skipped, parts = [], {}, []
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        if pending:
+            parts.append(encode(torch.stack([image for _, image in pending])))
+            names.extend(name for name, _ in pending)
+            pending.clear()
+
+    for source in plan.shard_sources(k):
+        try:
+            pending.append((source, read(source)))
+        except (OSError, ValueError) as exc:  # reported in the index, never dropped silently
+            skipped[source] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if len(pending) == plan.batch_size:
+            flush()
+    flush()
+    if parts:
+        batch = TokenBatch.cat(parts)
+    else:
+        codebook_size = json.loads(plan.config_json).get("codebook_size", 4096)
+        batch = TokenBatch(torch.zeros(0, 0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), codebook_size,
+                           config_json=plan.config_json)
+    batch.names = names
+    batch.checkpoint = plan.checkpoint
+    batch.extra = {"plan": plan.fingerprint, "shard": str(k), "criterion": plan.criterion,
+                   "skipped": json.dumps(skipped, sort_keys=True)}
+    return batch
+
+
+def save_shard(batch: TokenBatch, path: str | os.PathLike) -> None:
+    """``batch.save`` with a canonical header: safetensors writes its metadata in hash-map order,
+    which differs from process to process, so the same tokens would give different bytes (and a
+    resumed or multi-process run would not match a one-process run byte for byte)."""
+    path = Path(path)
+    batch.save(path)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_index(out: str | os.PathLike, plan: Plan) -> dict:
+    """index.json from the shard files themselves (so it is the same whoever wrote them)."""
+    items, skipped, shards = [], {}, []
+    for k in range(plan.num_shards):
+        path = shard_path(out, k)
+        batch = TokenBatch.load(path)
+        if batch.extra.get("plan") != plan.fingerprint:
+            raise ValueError(f"{path} belongs to another run (its plan fingerprint differs)")
+        lengths = batch.lengths.tolist()
+        items += [[name, n, k, offset] for offset, (name, n) in enumerate(zip(batch.names or [], lengths))]
+        skipped.update(json.loads(batch.extra.get("skipped", "{}")))
+        shards.append({"file": path.name, "sha256": _file_sha256(path), "images": len(lengths)})
+    index = {
+        "format": INDEX_FORMAT,
+        "plan": plan.fingerprint,
+        "checkpoint": plan.checkpoint,
+        "criterion": plan.criterion,
+        "config": json.loads(plan.config_json),
+        "shard_size": plan.shard_size,
+        "batch_size": plan.batch_size,
+        "images": len(items),
+        "shards": shards,
+        "items": items,
+        "skipped": skipped,
+    }
+    target = Path(out) / INDEX_NAME
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(index, separators=(",", ":")) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+    return index
+
+
+def owned_files(out: str | os.PathLike) -> list[Path]:
+    """The files a pretokenize run writes into its directory (what --overwrite may remove)."""
+    root = Path(out)
+    found = [p for p in root.glob("shard-*.safetensors*") if p.is_file()]
+    found += [p for p in (root / INDEX_NAME, root / (INDEX_NAME + ".tmp")) if p.exists()]
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------- reading
+@dataclass
+class TokenItem:
+    codes: torch.Tensor  # [n] ids, or [n, d] continuous vectors
+    length: int
+    path: str
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random access to a tokenized dataset: ``dataset[i]`` -> TokenItem(codes, length, path).
+    Shards are read on demand (checksums checked) and the most recent one is kept."""
+
+    def __init__(self, index_path: str | os.PathLike) -> None:
+        path = Path(index_path)
+        if path.is_dir():
+            path = path / INDEX_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"token dataset index not found: {path}")
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a token dataset index: {exc}") from None
+        if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{path} is not a token dataset index (format {INDEX_FORMAT!r} expected)")
+        self.root = path.parent
+        self.index = index
+        self.items = index["items"]
+        self._cached: tuple[int, TokenBatch] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [item[1] for item in self.items]
+
+    def _shard(self, k: int) -> TokenBatch:
+        if self._cached is None or self._cached[0] != k:
+            info = self.index["shards"][k]
+            batch = TokenBatch.load(self.root / info["file"])
+            if batch.extra.get("plan") != self.index["plan"]:
+                raise ValueError(f"{self.root / info['file']} belongs to another run than {INDEX_NAME}")
+            self._cached = (k, batch)
+        return self._cached[1]
+
+    def __getitem__(self, i: int) -> TokenItem:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        name, length, k, offset = self.items[i]
+        return TokenItem(self._shard(k)[offset], int(length), name)
+
+
+def open_dataset(index_path: str | os.PathLike) -> TokenDataset:
+    """A tokenized dataset written by ``alit-fast pretokenize`` (its index.json or its directory)."""
+    return TokenDataset(index_path)
