@@ -3,6 +3,7 @@ batches and a re-creation of the official procedure. Functions take an ``ALITCor
 ``alit_fast.ALIT`` methods (``start``, ``encode``, ``decode``) call them."""
 from .criteria import (
     CodeAccuracy,
+    CodeMAE,
     CodeNLL,
     Criterion,
     FunctionCriterion,
@@ -32,6 +33,7 @@ from .tokens import PAD, TokenBatch, code_dtype
 
 __all__ = [
     "CodeAccuracy",
+    "CodeMAE",
     "CodeNLL",
     "Criterion",
     "FALLBACKS",

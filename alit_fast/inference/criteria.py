@@ -2,12 +2,13 @@
 
 After each iteration a criterion sees the images still being encoded (a ``StepView``) and says
 which of them may stop. Criteria are objects, callables, or the strings the CLI takes:
-``"tokens:64"``, ``"code-acc:0.9"``, ``"code-nll:1.5"``, ``"pixel-l1:0.05"``.
+``"tokens:64"``, ``"code-acc:0.9"``, ``"code-nll:1.5"``, ``"pixel-l1:0.05"``, and for the VAE
+variant (whose decoder regresses latents: no codes to score) ``"code-mae:0.05"``.
 
 An image stops at the first iteration whose criterion holds (never before ``min_tokens``). One
 that never meets it gets ``max_tokens`` (fallback "max"), or with fallback "best" the count whose
 score was best (the official procedure's rule; only for criteria with a score: code-acc, code-nll,
-pixel-l1). Comparisons: tokens ``>=``, code-acc ``>=``, code-nll ``<=``, pixel-l1 ``<`` (strict,
+code-mae, pixel-l1). Comparisons: tokens ``>=``, code-acc ``>=``, code-nll and code-mae ``<=``, pixel-l1 ``<`` (strict,
 like the official threshold test).
 """
 from __future__ import annotations
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
 
 
 def pixels_from_logits(model: "ALIT", logits: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1] decoded from the soft code of decoder logits [B, g*g, K]."""
-    return model.base_tokenizer.decode_latents(model.soft_code(logits)).clamp(0.0, 1.0)
+    """Images [B, 3, H, W] in [0, 1] decoded from the soft code of decoder logits [B, g*g, K]
+    (VAE variant: from the predicted latents, see ``ALITCore.reconstruct``)."""
+    return model.reconstruct(logits).clamp(0.0, 1.0)
 
 
 def l1_per_image(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
@@ -72,6 +74,8 @@ class Criterion:
     # criteria with a per-image ``score(view)`` say which way is better; None: no score, so no
     # "best" fallback
     higher_is_better: bool | None = None
+    # the base tokenizers whose decoder outputs the criterion can read
+    bases: tuple[str, ...] = ("vqgan", "vae")
 
     def __call__(self, view: StepView) -> torch.Tensor:
         raise NotImplementedError
@@ -101,6 +105,7 @@ class CodeAccuracy(Criterion):
 
     threshold: float
     higher_is_better = True
+    bases = ("vqgan",)
 
     def __post_init__(self) -> None:
         _check_threshold("code-acc", self.threshold, 0.0, 1.0)
@@ -118,6 +123,7 @@ class CodeNLL(Criterion):
 
     threshold: float
     higher_is_better = False
+    bases = ("vqgan",)
 
     def __post_init__(self) -> None:
         _check_threshold("code-nll", self.threshold, 0.0, math.inf)
@@ -125,6 +131,25 @@ class CodeNLL(Criterion):
     def score(self, view: StepView) -> torch.Tensor:
         logp = view.logits.float().log_softmax(-1)
         return -logp.gather(-1, view.gt_indices[..., None]).squeeze(-1).mean(-1)
+
+    def __call__(self, view: StepView) -> torch.Tensor:
+        return self.score(view) <= self.threshold
+
+
+@dataclass
+class CodeMAE(Criterion):
+    """VAE variant: stop once the mean |predicted - VAE latent| over the grid is <= threshold
+    (per cell, the quantity the VAE's halting compares with 0.025)."""
+
+    threshold: float
+    higher_is_better = False
+    bases = ("vae",)
+
+    def __post_init__(self) -> None:
+        _check_threshold("code-mae", self.threshold, 0.0, math.inf)
+
+    def score(self, view: StepView) -> torch.Tensor:
+        return (view.logits.float() - view.gt_indices.float()).abs().flatten(1).mean(1)
 
     def __call__(self, view: StepView) -> torch.Tensor:
         return self.score(view) <= self.threshold
@@ -177,6 +202,7 @@ _PARSERS: dict[str, tuple[type, Callable[[str], float]]] = {
     "tokens": (TokenCount, int),
     "code-acc": (CodeAccuracy, float),
     "code-nll": (CodeNLL, float),
+    "code-mae": (CodeMAE, float),
     "pixel-l1": (PixelL1, float),
 }
 
@@ -208,6 +234,7 @@ def criterion_name(criterion: Criterion) -> str:
         ("tokens", TokenCount, "tokens"),
         ("code-acc", CodeAccuracy, "threshold"),
         ("code-nll", CodeNLL, "threshold"),
+        ("code-mae", CodeMAE, "threshold"),
         ("pixel-l1", PixelL1, "threshold"),
     ):
         if type(criterion) is cls:
@@ -217,6 +244,7 @@ def criterion_name(criterion: Criterion) -> str:
 
 __all__ = [
     "CodeAccuracy",
+    "CodeMAE",
     "CodeNLL",
     "Criterion",
     "FunctionCriterion",

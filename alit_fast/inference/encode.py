@@ -45,7 +45,12 @@ def iteration_range(model: ALITCore, min_tokens: int | None, max_tokens: int | N
 
 def check_criterion_fits(model: ALITCore, criterion: Criterion) -> None:
     """A fixed token count must be one the model can produce: a multiple of the tokens added per
-    iteration, at most ``max_tokens``."""
+    iteration, at most ``max_tokens``. Code criteria must read this model's decoder: code-acc and
+    code-nll the VQGAN variant's logits, code-mae the VAE variant's latents."""
+    base = model.config.base_tokenizer
+    if base not in getattr(criterion, "bases", (base,)):
+        raise ValueError(f"{criterion_name(criterion)} does not apply to a model on the {base.upper()} base "
+                         f"tokenizer (it reads the {' or '.join(b.upper() for b in criterion.bases)} variant's decoder)")
     if isinstance(criterion, TokenCount):
         T, most = model.config.tokens_per_iter, model.config.max_tokens
         if criterion.tokens % T or criterion.tokens > most:
@@ -157,7 +162,7 @@ def _encode_chunk(
             better = better & live
             best_score[rows] = torch.where(better, score, best_score[rows])
             best_count[rows] = torch.where(better, count, best_count[rows])
-            best_codes[rows] = torch.where(better[:, None], state.indices[rows], best_codes[rows])
+            best_codes[rows] = torch.where(_per_row(better, best_codes), state.indices[rows], best_codes[rows])
             met[rows] = met[rows] | (stop & live)
         if count < last:
             # the one sync of the iteration: which images stop, and whether everything so far is sane
@@ -168,8 +173,13 @@ def _encode_chunk(
     lengths, codes = state.lengths, state.indices
     if best:
         lengths = torch.where(met, lengths, best_count * T)
-        codes = torch.where(met[:, None], codes, best_codes)
+        codes = torch.where(_per_row(met, codes), codes, best_codes)
     return _Chunk(lengths=lengths, codes=codes, in_range=in_range, finite=finite)
+
+
+def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-image bool [b] shaped to broadcast over code rows [b, n] or vector rows [b, n, d]."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _raise_bad_inputs(images: torch.Tensor, in_range: torch.Tensor) -> None:
@@ -222,6 +232,11 @@ def encode(
     codes = torch.cat([c.codes for c in chunks])
     in_range = torch.stack([c.in_range for c in chunks]).all()
     finite = torch.stack([c.finite for c in chunks]).all()
+    extra = {"criterion": criterion_name(crit)}
+    if fallback != "max":
+        extra["fallback"] = fallback
+    if not model.config.quantize_latent:
+        return _continuous_batch(model, images, lengths, codes, in_range, finite, extra)
     packed = torch.cat([torch.stack([in_range, finite]).long(), lengths, codes.flatten()]).tolist()
     if not (packed[0] and packed[1]):
         _raise_bad_inputs(images, in_range)
@@ -230,12 +245,26 @@ def encode(
     flat = packed[2 + B :]
     width = codes.shape[1]
     rows = [flat[i * width : (i + 1) * width] for i in range(B)]
-    extra = {"criterion": criterion_name(crit)}
-    if fallback != "max":
-        extra["fallback"] = fallback
     return TokenBatch.from_host_rows(
         rows, host_lengths, model.config.codebook_size, config_json=model.config.to_json(), extra=extra
     )
+
+
+def _continuous_batch(model, images, lengths, vectors, in_range, finite, extra) -> TokenBatch:
+    """The continuous tokens' batch, with the same single read: flags, lengths and vectors go to
+    the host together in float64 (exact for fp32, fp16 and bf16 values and for the counts)."""
+    B, width, d = vectors.shape
+    packed = torch.cat([torch.stack([in_range, finite]).double(), lengths.double(), vectors.double().flatten()]).cpu()
+    if not (packed[0] and packed[1]):
+        _raise_bad_inputs(images, in_range)
+    host_lengths = packed[2 : 2 + B].long()
+    longest = int(host_lengths.max()) if B else 0
+    codes = packed[2 + B :].view(B, width, d)[:, :longest].float()
+    width = longest
+    # stored as float32: exactly what the model produced (TokenBatch.with_dtype(torch.float16) halves a file)
+    codes = codes.masked_fill(torch.arange(width)[None, :, None] >= host_lengths[:, None, None], 0.0)
+    return TokenBatch(codes=codes, lengths=host_lengths, codebook_size=model.config.codebook_size,
+                      config_json=model.config.to_json(), extra=extra, check_lengths=False)
 
 
 # ---------------------------------------------------------------------- decode
@@ -261,11 +290,24 @@ def check_token_batch(model: ALITCore, tokens: TokenBatch, check_config: bool = 
     if check_config and tokens.config_json is not None and tokens.config_json != cfg.to_json():
         raise ValueError("the tokens were encoded by a model with another config; decode them with that model "
                          "(or pass check_config=False to decode anyway)")
+    if tokens.continuous != (not cfg.quantize_latent):
+        have, want = ("continuous vectors", "code ids") if tokens.continuous else ("code ids", "continuous vectors")
+        raise ValueError(f"the tokens are {have}, but this model's 1D tokens are {want}")
     if tokens.codebook_size != cfg.codebook_size:
         raise ValueError(f"the tokens use a {tokens.codebook_size}-code codebook, the model {cfg.codebook_size}")
     codes = tokens.padded(0)
-    extremes = torch.stack([codes.min(), codes.max()]) if codes.numel() else torch.zeros(2, dtype=torch.int64)
-    values = torch.cat([extremes, tokens.lengths.to(torch.int64)]).tolist()
+    if tokens.continuous:
+        if codes.shape[-1] != cfg.latent_dim:
+            raise ValueError(f"the token vectors have {codes.shape[-1]} values, the model's {cfg.latent_dim}")
+        # a NaN or inf anywhere makes the sum one; read with the lengths (no code range to check)
+        finite = torch.isfinite(codes.float().sum()).double().view(1)
+        values = torch.cat([finite, finite, tokens.lengths.double()]).tolist()
+        if not values[0]:
+            raise ValueError("the token vectors hold NaN or inf")
+        values = [0, 0] + [int(n) for n in values[2:]]
+    else:
+        extremes = torch.stack([codes.min(), codes.max()]) if codes.numel() else torch.zeros(2, dtype=torch.int64)
+        values = torch.cat([extremes, tokens.lengths.to(torch.int64)]).tolist()
     stats = TokenStats(lengths=values[2:], code_min=values[0], code_max=values[1])
     if stats.lengths and max(stats.lengths) > cfg.max_tokens:
         raise ValueError(f"an image has {max(stats.lengths)} tokens; the model decodes at most {cfg.max_tokens}")
@@ -281,10 +323,11 @@ def check_token_batch(model: ALITCore, tokens: TokenBatch, check_config: bool = 
 
 
 def _decode_logits_checked(model: ALITCore, padded: torch.Tensor, lengths: torch.Tensor, host_lengths: list[int]) -> torch.Tensor:
-    """``padded``: int64 codes [b, >= max length] with valid ids past each length."""
+    """``padded``: int64 codes [b, >= max length] with valid ids past each length (or continuous
+    vectors [b, >= max length, d])."""
     device = model.latent_tokens.device
     width = max(host_lengths)
-    z_q = model.quantize.codes(padded[:, :width].to(device))
+    z_q = model.token_latents(padded[:, :width].to(device))
     # equal lengths need no key mask, and then take the same path as a rollout's decoder
     mixed = min(host_lengths) != width
     return model.decode_logits(z_q, lengths.to(device) if mixed else None)
@@ -324,7 +367,7 @@ class OfficialEncoding:
     iteration: int  # the chosen iteration (0-based), one for the whole batch
     num_tokens: int
     latents: torch.Tensor  # [B, n, W] encoder outputs before ln_post (what the official encode returns)
-    indices: torch.Tensor  # [B, n]
+    indices: torch.Tensor | None  # [B, n]; None for continuous tokens (they are in latents' projection)
     reconstructions: torch.Tensor  # [B, 3, H, W], not clamped
     errors: list[float]  # the batch's mean L1 at every iteration
 
@@ -334,18 +377,19 @@ def official_encode(
     model: ALITCore,
     images: torch.Tensor,
     threshold: float = 0.07,
-    halting: str = "stochastic",
+    halting: str = "official",
     generator: torch.Generator | None = None,
 ) -> OfficialEncoding:
     """The authors' ``encode(imgs, return_min_length_embedding=True, threshold)``, re-created for
     comparison: every iteration and every pixel decode runs, then one length is chosen for the
     whole batch: the first iteration whose batch-mean L1 is below ``threshold``, else the one with
-    the lowest error. Like the official evaluation it halts stochastically by default, and does not
-    clamp the reconstructions. (A baseline, so it keeps the official host reads too.)"""
+    the lowest error. Like the official evaluation it halts as the official code does by default
+    (VQGAN: stochastically; VAE: the no-op, with a sampled posterior), and does not clamp the
+    reconstructions. (A baseline, so it keeps the official host reads too.)"""
     records = model.rollout(images, halting=halting, generator=generator)
     reconstructions, errors = [], []
     for rec in records:
-        pixels = model.base_tokenizer.decode_latents(model.soft_code(rec.logits))
+        pixels = model.reconstruct(rec.logits)
         reconstructions.append(pixels)
         errors.append(float(l1_per_image(images, pixels).mean()))
     below = [t for t, e in enumerate(errors) if e < threshold]
@@ -353,7 +397,7 @@ def official_encode(
     rec = records[chosen]
     return OfficialEncoding(
         iteration=chosen,
-        num_tokens=int(rec.indices.shape[1]),
+        num_tokens=int(rec.z_q.shape[1]),
         latents=rec.latents,
         indices=rec.indices,
         reconstructions=reconstructions[chosen],

@@ -47,13 +47,13 @@ class ImageResult:
 
     iterations: int
     latents: torch.Tensor  # [n, W]
-    indices: torch.Tensor  # [n]
+    indices: torch.Tensor | None  # [n]; None for continuous tokens (they are z_q)
     z_q: torch.Tensor  # [n, d]
     logits: torch.Tensor | None  # [g*g, K]; None when the decoder was skipped at that iteration
 
     @property
     def num_tokens(self) -> int:
-        return int(self.indices.numel())
+        return int(self.z_q.shape[0])
 
 
 def compile_step(model: ALITCore, **compile_kwargs) -> StepFn:
@@ -112,18 +112,23 @@ class RolloutState:
         self._step_fn = step_fn if step_fn is not None else model.step
         B = images.shape[0]
         with torch.no_grad():
-            self._carry, self.base = model.start_carry(images, base)
+            # the generator also draws the VAE's posterior sample (that variant has no stochastic halting)
+            self._carry, self.base = model.start_carry(images, base, generator)
         device = images.device
-        # per image: iterations run so far, and the latent codes of the latest one (-1 past them)
+        # per image: iterations run so far, and the tokens of the latest one: code ids (-1 past
+        # them), or for continuous tokens the vectors [B, max_tokens, d] (0 past them)
         self.iterations = torch.zeros(B, dtype=torch.int64, device=device)
-        self.indices = torch.full((B, cfg.max_tokens), -1, dtype=torch.int64, device=device)
+        if cfg.quantize_latent:
+            self.indices = torch.full((B, cfg.max_tokens), -1, dtype=torch.int64, device=device)
+        else:
+            self.indices = torch.zeros(B, cfg.max_tokens, cfg.latent_dim, dtype=images.dtype, device=device)
         self._results: list[tuple[StepOutput, int] | None] = [None] * B
         # host copies of who is active, so that control flow never reads the device
         self._active_ids: list[int] = list(range(B))
         self.active = torch.arange(B, device=device)  # ids of the images in the working batch
         self._all_rows = self.active
         self.active_mask = torch.ones(B, dtype=torch.bool, device=device)  # static shapes: who still counts
-        self._gt = self.base.gt_indices
+        self._gt = self.base.target
         self._images = images
         self._t = 0
         self.last: StepOutput | None = None
@@ -165,14 +170,16 @@ class RolloutState:
         )
         rows = self._all_rows if self.static_shapes else self.active
         out = StepOutput(**vars(rec), rows=rows)
-        n = rec.indices.shape[1]
+        tokens = rec.tokens
+        n = tokens.shape[1]
         if self.static_shapes:
             live = self.active_mask
             self.iterations = torch.where(live, t + 1, self.iterations)
-            self.indices[:, :n] = torch.where(live[:, None], rec.indices, self.indices[:, :n])
+            keep = live.view(-1, *([1] * (tokens.dim() - 1)))
+            self.indices[:, :n] = torch.where(keep, tokens.to(self.indices.dtype), self.indices[:, :n])
         else:
             self.iterations[self.active] = t + 1
-            self.indices[self.active, :n] = rec.indices
+            self.indices[self.active, :n] = tokens.to(self.indices.dtype)
         if self.keep_outputs:
             # row j of this step is image _active_ids[j] when compacting, image j with static shapes
             for j, i in enumerate(self._active_ids):
@@ -245,13 +252,14 @@ class RolloutState:
         return ImageResult(
             iterations=out.iteration + 1,
             latents=out.latents[j],
-            indices=out.indices[j],
+            indices=None if out.indices is None else out.indices[j],
             z_q=out.z_q[j],
             logits=None if out.logits is None else out.logits[j],
         )
 
     def sequences(self) -> list[torch.Tensor]:
-        """Each image's latest code ids, of its own length (reads the lengths: one host sync)."""
+        """Each image's latest code ids (or continuous vectors), of its own length (reads the
+        lengths: one host sync)."""
         lengths = self.lengths.tolist()
         return [self.indices[i, :n] for i, n in enumerate(lengths)]
 

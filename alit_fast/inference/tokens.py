@@ -2,6 +2,11 @@
 
 In memory the codes are padded to the longest image (pad value -1, never a valid code); on disk
 they are stored flat, one image after another, so short images cost only their own tokens.
+
+Continuous 1D tokens (models with ``quantize_latent=False``) are vectors, not ids: ``codes`` is then
+a float tensor [B, L, d] padded with 0, stored in float32 by ``encode`` (exactly what the model
+produced) or float16/bfloat16 after ``with_dtype`` (half the file); the file says which
+(``alit_fast.tokens.continuous.v1``, the dtype is the stored tensor's).
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT = "alit_fast.tokens.v1"
+CONTINUOUS_FORMAT = "alit_fast.tokens.continuous.v1"
 PAD = -1
+VECTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def code_dtype(codebook_size: int) -> torch.dtype:
@@ -26,7 +33,7 @@ def code_dtype(codebook_size: int) -> torch.dtype:
 
 @dataclass
 class TokenBatch:
-    codes: torch.Tensor  # [B, max(lengths)] int16/int32, padded with -1
+    codes: torch.Tensor  # [B, max(lengths)] int16/int32, padded with -1; continuous: [B, max(lengths), d] float
     lengths: torch.Tensor  # [B] int64, tokens per image
     codebook_size: int
     config_json: str | None = None  # the encoding model's ALITConfig, so a decoder can check it fits
@@ -37,12 +44,16 @@ class TokenBatch:
     check_lengths: InitVar[bool] = True
 
     def __post_init__(self, check_lengths: bool = True) -> None:
-        if self.codes.dim() != 2 or self.lengths.dim() != 1 or self.codes.shape[0] != self.lengths.shape[0]:
+        code_dims = 3 if self.continuous else 2
+        if self.codes.dim() != code_dims or self.lengths.dim() != 1 or self.codes.shape[0] != self.lengths.shape[0]:
             raise ValueError(
-                f"TokenBatch expects codes [B, L] and lengths [B], got {tuple(self.codes.shape)} and {tuple(self.lengths.shape)}"
+                f"TokenBatch expects codes [B, L] (ids) or [B, L, d] (continuous vectors) and lengths [B], "
+                f"got {tuple(self.codes.shape)} and {tuple(self.lengths.shape)}"
             )
-        if self.codes.is_floating_point() or self.lengths.is_floating_point():
-            raise ValueError(f"TokenBatch codes and lengths must be integers, got {self.codes.dtype} and {self.lengths.dtype}")
+        if self.continuous and self.codes.dtype not in VECTOR_DTYPES:
+            raise ValueError(f"continuous token vectors are stored as one of {VECTOR_DTYPES}, got {self.codes.dtype}")
+        if self.lengths.is_floating_point():
+            raise ValueError(f"TokenBatch lengths must be integers, got {self.lengths.dtype}")
         self.lengths = self.lengths.to(torch.int64)
         if check_lengths and len(self):
             lo, hi = torch.stack([self.lengths.min(), self.lengths.max()]).tolist()
@@ -55,7 +66,10 @@ class TokenBatch:
     @classmethod
     def from_sequences(cls, sequences: Sequence[torch.Tensor], codebook_size: int, **meta) -> "TokenBatch":
         """One 1D tensor of code ids per image, of any lengths; ids are checked against the
-        codebook before they are narrowed to the stored integer type."""
+        codebook before they are narrowed to the stored integer type. Float [n, d] tensors make a
+        continuous batch (stored in their dtype; float64 becomes float32)."""
+        if any(s.is_floating_point() for s in sequences):
+            return cls._from_vectors(sequences, codebook_size, **meta)
         lengths = torch.tensor([int(s.numel()) for s in sequences], dtype=torch.int64)
         width = int(lengths.max()) if len(sequences) else 0
         flat = [s.reshape(-1) for s in sequences if s.numel()]
@@ -70,6 +84,40 @@ class TokenBatch:
         for i, seq in enumerate(sequences):
             codes[i, : seq.numel()] = seq.reshape(-1).to(codes.dtype).cpu()
         return cls(codes=codes, lengths=lengths, codebook_size=codebook_size, check_lengths=False, **meta)
+
+    @classmethod
+    def _from_vectors(cls, sequences: Sequence[torch.Tensor], codebook_size: int, **meta) -> "TokenBatch":
+        odd = [s for s in sequences if not s.is_floating_point() or s.dim() != 2]
+        if odd:
+            raise ValueError(f"code ids must be integers (got {odd[0].dtype} of shape {list(odd[0].shape)}); continuous "
+                             "tokens are float [n, d] tensors, one per image (not mixed with ids)")
+        dims = {s.shape[1] for s in sequences}
+        dtypes = {s.dtype for s in sequences}
+        if len(dims) != 1 or len(dtypes) != 1:
+            raise ValueError(f"continuous tokens must share one width and dtype, got widths {sorted(dims)} and {dtypes}")
+        dtype = dtypes.pop()
+        dtype = dtype if dtype in VECTOR_DTYPES else torch.float32
+        lengths = torch.tensor([s.shape[0] for s in sequences], dtype=torch.int64)
+        codes = torch.zeros(len(sequences), int(lengths.max()), dims.pop(), dtype=dtype)
+        for i, seq in enumerate(sequences):
+            codes[i, : seq.shape[0]] = seq.detach().to(dtype).cpu()
+        return cls(codes=codes, lengths=lengths, codebook_size=codebook_size, check_lengths=False, **meta)
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the tokens are continuous vectors (a model with quantize_latent=False)."""
+        return self.codes.is_floating_point()
+
+    def with_dtype(self, dtype: torch.dtype) -> "TokenBatch":
+        """Continuous tokens stored in ``dtype`` (float16 or bfloat16 halve a file; rounding the
+        vectors changes what decodes, a little)."""
+        if not self.continuous:
+            raise ValueError("with_dtype: code ids have their own integer type; only continuous tokens take a float dtype")
+        if dtype not in VECTOR_DTYPES:
+            raise ValueError(f"with_dtype: continuous tokens are stored as one of {VECTOR_DTYPES}, got {dtype}")
+        return TokenBatch(codes=self.codes.to(dtype), lengths=self.lengths, codebook_size=self.codebook_size,
+                          config_json=self.config_json, checkpoint=self.checkpoint, names=self.names,
+                          extra=dict(self.extra), check_lengths=False)
 
     @classmethod
     def from_host_rows(
@@ -110,21 +158,31 @@ class TokenBatch:
         return int(self.lengths.shape[0])
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        """The code ids of image ``i`` as int64."""
+        """The code ids of image ``i`` as int64 (continuous: its vectors [n, d], stored dtype)."""
+        if self.continuous:
+            return self.codes[i, : int(self.lengths[i])]
         return self.codes[i, : int(self.lengths[i])].to(torch.int64)
 
     def sequences(self) -> list[torch.Tensor]:
         return [self[i] for i in range(len(self))]
 
     def padded(self, pad: int = 0) -> torch.Tensor:
-        """int64 [B, max(lengths)] with ``pad`` past each image's length (0 is a valid, maskable code)."""
-        codes = self.codes.to(torch.int64)
+        """int64 [B, max(lengths)] with ``pad`` past each image's length (0 is a valid, maskable code);
+        continuous: the vectors [B, max(lengths), d] with ``pad`` past each length."""
+        codes = self.codes if self.continuous else self.codes.to(torch.int64)
         width = codes.shape[1]
         past = torch.arange(width)[None, :] >= self.lengths[:, None]
-        return codes.masked_fill(past, pad)
+        return codes.masked_fill(past[..., None] if self.continuous else past, pad)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
+        if self.continuous:
+            d = self.codes.shape[-1]
+            flat = torch.cat([self[i] for i in range(len(self))]) if len(self) else self.codes.new_zeros(0, d)
+            tensors = {"codes": flat.contiguous(), "lengths": self.lengths.to(torch.int32).contiguous()}
+            meta = {"format": CONTINUOUS_FORMAT, "codebook_size": str(self.codebook_size),
+                    "sha256": _digest(tensors["codes"], tensors["lengths"])}
+            return self._write(path, tensors, meta)
         flat = torch.cat([self[i] for i in range(len(self))]) if len(self) else torch.zeros(0, dtype=torch.int64)
         tensors = {
             "codes": flat.to(code_dtype(self.codebook_size)).contiguous(),
@@ -132,6 +190,9 @@ class TokenBatch:
         }
         meta = {"format": FORMAT, "codebook_size": str(self.codebook_size),
                 "sha256": _digest(tensors["codes"], tensors["lengths"])}
+        self._write(path, tensors, meta)
+
+    def _write(self, path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
         if self.config_json is not None:
             meta["alit_fast_config"] = self.config_json
         if self.checkpoint is not None:
@@ -154,7 +215,7 @@ class TokenBatch:
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
+                if meta.get("format") not in (FORMAT, CONTINUOUS_FORMAT):
                     raise ValueError(f"{path} is not an alit_fast token file (format {meta.get('format')!r})")
                 stored_codes, stored_lengths = f.get_tensor("codes"), f.get_tensor("lengths")
         except ValueError:
@@ -163,9 +224,14 @@ class TokenBatch:
             raise ValueError(f"{path} cannot be read as a token file: {exc}") from exc
         if "sha256" in meta and meta["sha256"] != _digest(stored_codes, stored_lengths):
             raise ValueError(f"{path}: the token data do not match their checksum (the file is damaged)")
-        flat, lengths = stored_codes.to(torch.int64), stored_lengths.to(torch.int64)
-        if int(lengths.sum()) != flat.numel() or bool((lengths < 0).any()):
-            raise ValueError(f"{path}: the lengths ({int(lengths.sum())} tokens) do not match the {flat.numel()} codes")
+        continuous = meta["format"] == CONTINUOUS_FORMAT
+        if continuous and (stored_codes.dim() != 2 or stored_codes.dtype not in VECTOR_DTYPES):
+            raise ValueError(f"{path}: continuous tokens must be stored as [N, d] floats, got "
+                             f"{list(stored_codes.shape)} {stored_codes.dtype}")
+        flat, lengths = (stored_codes if continuous else stored_codes.to(torch.int64)), stored_lengths.to(torch.int64)
+        count = flat.shape[0] if continuous else flat.numel()
+        if int(lengths.sum()) != count or bool((lengths < 0).any()):
+            raise ValueError(f"{path}: the lengths ({int(lengths.sum())} tokens) do not match the {count} codes")
         codebook_size = int(meta["codebook_size"])
         seqs = list(torch.split(flat, lengths.tolist())) if len(lengths) else []
         extra = {k[len("extra.") :]: v for k, v in meta.items() if k.startswith("extra.")}
