@@ -363,8 +363,9 @@ def run_cli(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 1
 
 
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file's size and modification time: what a write, a truncation or a deletion changes."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
 def _params(cases: list[tuple]) -> list:
@@ -491,7 +492,7 @@ API_CASES = [
         o / "t.safetensors"), ValueError, "code ids"),
     ("tokens-codebook-size-zero", lambda e, o: _token_batch(codebook_size=0), ValueError, "codebook_size"),
     ("tokens-lengths-past-codes", lambda e, o: _token_batch(lengths=torch.tensor([5])), ValueError, "lengths"),
-    ("tokens-float-codes", lambda e, o: _token_batch(codes=torch.rand(1, 4)), ValueError, "integers"),
+    ("tokens-float-codes", lambda e, o: _token_batch(codes=torch.rand(1, 4)), ValueError, "TokenBatch"),
     ("tokens-cat-not-a-batch", lambda e, o: TokenBatch.cat([TokenBatch.load(e.tokens), "x"]), TypeError, "TokenBatch"),
     ("tokens-cat-empty", lambda e, o: TokenBatch.cat([]), ValueError, "at least one"),
     ("tokens-cat-other-models", lambda e, o: TokenBatch.cat([TokenBatch.load(e.tokens), _token_batch(codebook_size=32)]),
@@ -523,3 +524,131 @@ def test_api_fault_raises_a_clear_error(env, tmp_path, call, error, message):
     assert "\n" not in str(info.value).strip()
     assert _snapshot(env.root) == before
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+# ---------------------------------------------------------------------------- the handler, and valid edge cases
+def test_an_unknown_command_is_one_line(capsys):
+    assert cli_main(["encdoe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alit-fast: unknown command 'encdoe'")
+
+
+def test_a_bug_keeps_its_traceback(env, tmp_path, monkeypatch):
+    # only a UsageError is a user error: anything else escapes the handler with its traceback
+    import alit_fast.cli.encode as encode_cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(encode_cli, "load_model_or_raise", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        cli_main(_encode(env, tmp_path))
+
+
+def test_a_partly_unreadable_folder_is_encoded_and_the_rest_named(env, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    shutil.copytree(env.images, folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    out = tmp_path / "t.safetensors"
+    assert cli_main(["encode", str(folder), "--checkpoint", str(env.model), "--out", str(out), "--quiet"]) == 0
+    tokens = TokenBatch.load(out)
+    assert sorted(Path(n).name for n in tokens.names) == ["a.png", "b.png"]
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warning) == 1 and "skipped 1 unreadable file" in warning[0] and "broken.png" in warning[0]
+
+
+def test_training_skips_unreadable_files_by_name_and_stops_on_a_damaged_body(env, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.png").write_text("not an image")
+    args = ["train", *_train_args(env, tmp_path / "run"), "--data", str(folder), "--steps", "1"]
+    assert cli_main(args) == 0
+    assert "skipped 1 unreadable file(s)" in capsys.readouterr().err
+    # a body damaged past a good header is found only when read: one line naming it, exit 2
+    good = (folder / "0.png").read_bytes()
+    (folder / "0.png").write_bytes(good[: len(good) // 2])
+    assert cli_main(args[:-2] + ["--steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("alit-fast train: image ") and "0.png" in err[-1]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1  # the last checkpoint stands
+
+
+# ---------------------------------------------------------------------------- kills mid-save
+# a training run that SIGKILLs itself inside its Nth checkpoint write, after half the bytes are out
+KILLED_MID_SAVE = r"""
+import os, signal, sys
+import torch
+real_save, count = torch.save, [0]
+def save_then_die(obj, f, *args, **kwargs):
+    count[0] += 1
+    if count[0] == int(os.environ["ALIT_KILL_AT_SAVE"]):
+        f.write(b"half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save_then_die
+from alit_fast.training.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _kill_run_args(env, out: Path) -> list[str]:
+    return [*_train_args(env, out), "--steps", "4", "--save-every", "2", "--halting", "stochastic",
+            "--sample-grad-iters", "2", "--ema", "0.9", "--lr", "3e-3"]
+
+
+def _log_records(out: Path) -> list[dict]:
+    keys = ("step", "loss", "per_iteration", "nll", "lr")
+    return [{k: r[k] for k in keys} for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def full_run(env, tmp_path_factory) -> Path:
+    """The uninterrupted run the killed ones must match."""
+    full = tmp_path_factory.mktemp("full") / "run"
+    assert cli_main(["train", *_kill_run_args(env, full)]) == 0
+    return full
+
+
+def test_a_run_killed_mid_save_resumes_exactly(env, full_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    full, killed = full_run, tmp_path / "killed"
+    # SIGKILL inside the second save (step 4): the step-2 checkpoint stands, a temporary file and
+    # log lines past step 2 are left behind
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, *_kill_run_args(env, killed)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, ALIT_KILL_AT_SAVE="2", OMP_NUM_THREADS="1"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert list(killed.glob(".checkpoint.pt.tmp*"))
+    assert torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 2
+    assert cli_main(["train", *_kill_run_args(env, killed), "--resume"]) == 0
+    assert not list(killed.glob(".checkpoint.pt.tmp*"))
+    assert _log_records(killed) == _log_records(full)
+    a, b = alit_fast.load(full / "ema.safetensors"), alit_fast.load(killed / "ema.safetensors")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_a_kill_during_the_first_save_lets_resume_start_cleanly(env, full_run, tmp_path, monkeypatch, capsys):
+    from alit_fast.training import utils as train_utils
+
+    full, killed = full_run, tmp_path / "killed"
+
+    def dies_midway(obj, f, *args, **kwargs):  # the in-process stand-in for a kill
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_utils.torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["train", *_kill_run_args(env, killed)])
+    monkeypatch.undo()
+    assert not (killed / "checkpoint.pt").exists() and list(killed.glob(".checkpoint.pt.tmp*"))
+    assert cli_main(["train", *_kill_run_args(env, killed), "--resume"]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert _log_records(killed) == _log_records(full)
