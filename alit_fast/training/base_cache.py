@@ -6,6 +6,9 @@ epoch for the same image. The cache stores them as memory-mapped numpy arrays
 paths, config, a digest of the VQGAN weights). ``alit-fast train --base-cache DIR`` then reads
 them instead of running the VQGAN.
 
+For the VAE variant the cache holds the posterior instead (``mean.npy`` and ``std.npy``
+[N, C, g, g], unscaled), so that training still draws a fresh sample of it at every step.
+
 The cache is of CENTER CROPS (image folders: shorter side resized, central square; photo crops:
 their epoch-0 crops; synthetic images are fixed anyway): a run that reads it trains without
 random augmentation, because an augmented image would need a fresh VQGAN pass.
@@ -49,7 +52,7 @@ def is_base_cache(path: Path) -> bool:
         meta = json.loads(index.read_text())
     except (OSError, ValueError):
         return False
-    expected = {INDEX, "z.npy", "gt_indices.npy"}
+    expected = {INDEX, "z.npy", "gt_indices.npy", "mean.npy", "std.npy"}
     return isinstance(meta, dict) and "vqgan_sha256" in meta and {p.name for p in path.iterdir()} <= expected
 
 
@@ -93,6 +96,8 @@ def write_cache(model: ALITCore, dataset: Dataset, out: str | os.PathLike, meta:
 def _write_cache(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, meta: dict, batch_size: int, dtype: str,
                  workers: int) -> Path:
     cfg = model.config
+    if cfg.is_vae:
+        return _write_posterior(model, dataset, out, tmp, meta, batch_size, dtype, workers)
     g, C, N = cfg.grid_size, cfg.vqgan.z_channels, len(dataset)
     index_dtype = np.int16 if cfg.vqgan.codebook_size <= np.iinfo(np.int16).max else np.int32
     z_map = np.lib.format.open_memmap(tmp / "z.npy", mode="w+", dtype=np.dtype(dtype), shape=(N, C, g, g))
@@ -110,6 +115,34 @@ def _write_cache(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, meta: 
     z_map.flush()
     gt_map.flush()
     del z_map, gt_map
+    return _finish(model, dataset, out, tmp, meta, N, dtype, labels)
+
+
+def _write_posterior(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, meta: dict, batch_size: int,
+                     dtype: str, workers: int) -> Path:
+    """The VAE's posterior mean and std per image (no sample: training draws its own)."""
+    cfg = model.config
+    shape = (len(dataset), cfg.base_channels, cfg.grid_size, cfg.grid_size)
+    maps = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=np.dtype(dtype), shape=shape)
+            for k in POSTERIOR_ARRAYS}
+    device = next(model.parameters()).device
+    model.eval()
+    labels = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
+        base = model.encode_base(batch["image"].to(device))
+        idx = batch["index"].numpy()
+        maps["mean"][idx] = base.mean.float().cpu().numpy().astype(dtype)
+        maps["std"][idx] = base.std.float().cpu().numpy().astype(dtype)
+        labels.extend(int(v) for v in batch["label"])
+    for m in maps.values():
+        m.flush()
+    del maps
+    return _finish(model, dataset, out, tmp, dict(meta, base="vae"), shape[0], dtype, labels)
+
+
+def _finish(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, meta: dict, N: int, dtype: str,
+            labels: list[int]) -> Path:
+    cfg = model.config
     meta = dict(meta, version=FORMAT_VERSION, count=N, z_dtype=dtype, labels=labels, config=cfg.to_json(),
                 vqgan_sha256=vqgan_digest(model), image_size=cfg.image_size)
     if isinstance(dataset, ImageFolder):
@@ -125,8 +158,12 @@ def _write_cache(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, meta: 
     return out
 
 
+POSTERIOR_ARRAYS = ("mean", "std")
+
+
 class BaseCacheDataset(Dataset):
-    """Items of the source dataset (center crops) with their cached ``z`` and ``gt_indices``."""
+    """Items of the source dataset (center crops) with their cached ``z`` and ``gt_indices``
+    (VAE: ``mean`` and ``std``)."""
 
     def __init__(self, cache: str | os.PathLike) -> None:
         self.dir = Path(cache)
@@ -157,13 +194,18 @@ class BaseCacheDataset(Dataset):
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         # opened lazily so each loader worker maps the files itself
         if self._z is None:
-            self._z = np.load(self.dir / "z.npy", mmap_mode="r")
-            self._gt = np.load(self.dir / "gt_indices.npy", mmap_mode="r")
+            names = POSTERIOR_ARRAYS if self.meta.get("base") == "vae" else ("z", "gt_indices")
+            self._z = np.load(self.dir / f"{names[0]}.npy", mmap_mode="r")
+            self._gt = np.load(self.dir / f"{names[1]}.npy", mmap_mode="r")
         return self._z, self._gt
 
     def __getitem__(self, index: int) -> dict:
         z, gt = self._arrays()
         item = dict(self.images[index])
+        if self.meta.get("base") == "vae":
+            item["mean"] = torch.from_numpy(np.array(z[index], dtype=np.float32))
+            item["std"] = torch.from_numpy(np.array(gt[index], dtype=np.float32))
+            return item
         item["z"] = torch.from_numpy(np.array(z[index], dtype=np.float32))
         item["gt_indices"] = torch.from_numpy(np.array(gt[index], dtype=np.int64))
         return item

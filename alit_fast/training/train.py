@@ -126,7 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "off"), help="autocast; default fp16 on GPU, off on CPU")
     p.add_argument("--sample-grad-iters", type=int, default=None,
                    help="take the loss at this many random iterations per step (default: all)")
-    p.add_argument("--halting", default="stochastic", choices=HALTING_MODES)
+    # "official": the official rule of the model's variant (VQGAN: stochastic; VAE: its no-op)
+    p.add_argument("--halting", default="official", choices=HALTING_MODES)
     p.add_argument("--linear-init-std", type=float, default=None,
                    help="re-initialise the trainable Linear weights with this std instead of the official 0.02 "
                         "(not when --init holds a whole model). Small inits put a short run on a long plateau "
@@ -461,6 +462,8 @@ def build(args: argparse.Namespace, d: Dist) -> Run:
     stream_seed = args.seed * 1009 + d.rank
     sample_gen = torch.Generator().manual_seed(stream_seed)
     halting_gen = torch.Generator(device=device).manual_seed(stream_seed + 1)
+    if args.restart_dead_codes > 0 and model.quantize is None:
+        raise UsageError("--restart-dead-codes: this model's 1D tokens are continuous; it has no latent codebook")
     restarter = DeadCodeRestarter(model.quantize, args.restart_dead_codes, args.seed) if args.restart_dead_codes > 0 else None
 
     runner: torch.nn.Module = torch.compile(model) if args.compile else model
@@ -600,6 +603,8 @@ def train_step(run: Run, batch: dict) -> StepResult:
     base = None
     if "z" in batch:
         base = BaseOutput(z=batch["z"].to(device).float(), gt_indices=batch["gt_indices"].to(device).long())
+    elif "mean" in batch:  # a VAE posterior from the cache: the model draws this step's sample
+        base = BaseOutput(z=None, mean=batch["mean"].to(device).float(), std=batch["std"].to(device).float())
     with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         result = run.runner(images, base=base, halting=args.halting, sample_grad_iters=args.sample_grad_iters,
                             generator=run.sample_gen, halting_generator=run.halting_gen, check_images=False)
