@@ -23,7 +23,7 @@ from alit_fast.training.finetune import init_discriminators
 from alit_fast.training.finetune_loss import gan_factor, parse_gan_schedule
 from alit_fast.training.stages import main as train_main
 from tests._single_thread import one_thread  # noqa: F401
-from tests.test_lpips import random_heads, random_vgg16
+from tests.test_lpips import official_lpips_keys, random_heads, random_vgg16
 
 NDF = 8  # a narrow PatchGAN keeps the tests fast; the official width (64) is tested on a checkpoint
 
@@ -152,11 +152,12 @@ def test_official_stage2_checkpoint_loads_for_inference_and_continued_finetuning
     assert len(params) == 3 * 13 and all(torch.equal(saved[k], gan[k]) for k in params)
 
 
-def test_lpips_term_with_weights_from_files(files, tmp_path, capsys):
-    torch.save(random_vgg16(), tmp_path / "vgg16.pth")
-    torch.save(random_heads(), tmp_path / "heads.pth")
-    rc = _run(files, tmp_path / "run", "--lpips", "on", "--vgg-weights", str(tmp_path / "vgg16.pth"),
-              "--lpips-heads", str(tmp_path / "heads.pth"), "--steps", "1", "--data-length", "2")
+def test_lpips_term_with_weights_from_an_official_checkpoint_or_files(files, tmp_path, capsys):
+    # the LPIPS an official stage-2 checkpoint stores (gan_losses.*.perceptual_loss.*); the
+    # file-based loading is tested in test_lpips.py, its options' wiring by the error below
+    torch.save({"model": official_lpips_keys(random_vgg16(), random_heads(), copies=1)}, tmp_path / "official.pth")
+    rc = _run(files, tmp_path / "run", "--lpips", "on", "--lpips-checkpoint", str(tmp_path / "official.pth"),
+              "--steps", "1", "--data-length", "2")
     assert rc == 0
     log = _log(tmp_path / "run")
     assert all(r["lpips"] > 0 and abs(r["rec"] - (r["l1"] + r["lpips"])) < 1e-5 for r in log)

@@ -168,3 +168,31 @@ def test_missing_heads_and_wrong_files_are_named(hub_cache, tmp_path):
 def test_lpips_refuses_mismatched_batches():
     with pytest.raises(ValueError, match="same shape"):
         LPIPS()(torch.zeros(1, 3, 32, 32), torch.zeros(2, 3, 32, 32))
+
+
+def official_lpips_keys(vgg: dict, heads: dict, copies: int = 2) -> dict[str, torch.Tensor]:
+    """How an official ALIT stage-2 checkpoint stores its LPIPS: one copy per iteration, VGG16 in
+    lpips's slices (torchvision's indices kept), the scaling layer, the heads."""
+    slices = {1: (0, 2), 2: (5, 7), 3: (10, 12, 14), 4: (17, 19, 21), 5: (24, 26, 28)}
+    out = {}
+    for i in range(copies):
+        p = f"gan_losses.{i}.perceptual_loss."
+        out[p + "scaling_layer.shift"] = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+        out[p + "scaling_layer.scale"] = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        for s, idx in slices.items():
+            for j in idx:
+                for w in ("weight", "bias"):
+                    out[f"{p}net.slice{s}.{j}.{w}"] = vgg[f"features.{j}.{w}"]
+        out.update({p + k: v for k, v in heads.items()})
+    return out
+
+
+def test_lpips_loads_from_an_official_stage2_checkpoint(weights, loaded, tmp_path):
+    path = tmp_path / "official.pth"
+    torch.save({"model": official_lpips_keys(weights["vgg"], weights["heads"]), "epoch": 3}, path)
+    from_checkpoint = load_lpips(checkpoint=path)
+    x, y = _images(6, (2, 3, 16, 16)), _images(7, (2, 3, 16, 16))
+    torch.testing.assert_close(from_checkpoint(x, y), loaded(x, y), rtol=0, atol=0)
+    torch.save({"model": {"encoder_positional_embedding": torch.zeros(1)}}, tmp_path / "stage1.pth")
+    with pytest.raises(LPIPSWeightsError, match="no gan_losses.0.perceptual_loss"):
+        load_lpips(checkpoint=tmp_path / "stage1.pth")

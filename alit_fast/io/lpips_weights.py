@@ -7,12 +7,17 @@ error naming it and where it goes.
 - Heads: ``lpips/weights/v0.1/vgg.pth`` inside an installed ``lpips`` package, found without
   importing it (lpips imports torchvision, which does not import with every torch build); or a
   path.
+- Or both from an official ALIT stage-2 checkpoint, which stores the LPIPS it trained with
+  (torchvision's VGG16 and taming's copy of the v0.1 heads) under
+  ``gan_losses.{i}.perceptual_loss.{net.slice*,lin*}``: ``load_lpips(checkpoint=...)``.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -95,6 +100,31 @@ def lpips_state_dict(vgg: dict[str, torch.Tensor], heads: dict[str, torch.Tensor
     return state
 
 
+_OFFICIAL_KEY = re.compile(r"^(?:module\.)?gan_losses\.(\d+)\.perceptual_loss\.(?:net\.slice\d\.(\d+)\.(weight|bias)|lin(\d)\.model\.1\.weight)$")
+
+
+def lpips_state_from_official(checkpoint: Mapping) -> dict[str, torch.Tensor]:
+    """LPIPS's state dict from an official stage-2 checkpoint dict (its ``model`` or ``ema``
+    entry, or the state dict itself): the copy of iteration 0 (all copies are the same frozen
+    weights). Empty if it holds none."""
+    for entry in ("model", "ema", "state_dict", None):
+        state = checkpoint.get(entry) if entry is not None else checkpoint
+        if not isinstance(state, Mapping):
+            continue
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            m = _OFFICIAL_KEY.match(key) if isinstance(key, str) else None
+            if m is None or m.group(1) != "0":
+                continue
+            if m.group(2) is not None:
+                out[f"features.{m.group(2)}.{m.group(3)}"] = value
+            else:
+                out[f"lins.{m.group(4)}.1.weight"] = value
+        if out:
+            return out
+    return {}
+
+
 def _check(model: LPIPS, state: dict[str, torch.Tensor], vgg_path: Path, heads_path: Path) -> None:
     expected = model.state_dict()
     for key, ref in expected.items():
@@ -110,12 +140,28 @@ def load_lpips(
     vgg_path: str | os.PathLike | None = None,
     heads_path: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
+    checkpoint: str | os.PathLike | Mapping | None = None,
 ) -> LPIPS:
-    """A frozen LPIPS in eval mode (dropout off) with the real weights; inputs in [-1, 1]."""
-    vgg_file, heads_file = find_vgg16(vgg_path), find_lpips_heads(heads_path)
+    """A frozen LPIPS in eval mode (dropout off) with the real weights; inputs in [-1, 1].
+    ``checkpoint``: take every weight from an official ALIT stage-2 checkpoint instead (a path, or
+    the dict itself for files that need ``torch.load(weights_only=False)``)."""
     model = LPIPS()
-    state = lpips_state_dict(_read(vgg_file), _read(heads_file))
-    _check(model, state, vgg_file, heads_file)
+    if checkpoint is not None:
+        if isinstance(checkpoint, Mapping):
+            source, raw = Path("the checkpoint dict"), checkpoint
+        else:
+            source = Path(checkpoint)
+            if not source.is_file():
+                raise LPIPSWeightsError(f"checkpoint {source} not found")
+            raw = _read(source)
+        state = lpips_state_from_official(raw)
+        if not state:
+            raise LPIPSWeightsError(f"{source} holds no gan_losses.0.perceptual_loss.* (not an official stage-2 checkpoint)")
+        _check(model, state, source, source)
+    else:
+        vgg_file, heads_file = find_vgg16(vgg_path), find_lpips_heads(heads_path)
+        state = lpips_state_dict(_read(vgg_file), _read(heads_file))
+        _check(model, state, vgg_file, heads_file)
     model.load_state_dict(state, strict=True)
     model.requires_grad_(False).eval()
     return model.to(device) if device is not None else model
@@ -129,4 +175,5 @@ __all__ = [
     "find_vgg16",
     "load_lpips",
     "lpips_state_dict",
+    "lpips_state_from_official",
 ]

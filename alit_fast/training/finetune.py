@@ -107,6 +107,9 @@ def finetune_parser() -> argparse.ArgumentParser:
                    help="torchvision's vgg16-397923af.pth (default: torch hub's cache)")
     p.add_argument("--lpips-heads", default=None,
                    help="lpips's weights/v0.1/vgg.pth (default: inside the installed lpips package)")
+    p.add_argument("--lpips-checkpoint", default=None,
+                   help="take LPIPS (VGG16 and heads) from an official stage-2 checkpoint's "
+                        "gan_losses.0.perceptual_loss.* instead of the two files")
     p.add_argument("--gan-schedule", default=DEFAULT_SCHEDULE,
                    help="FRACTION:FACTOR,...: the GAN factor from each fraction of the run on (0 before the "
                         "first; 'off': never). Default: the official epochs 21 and 101 of 200")
@@ -255,7 +258,7 @@ def build(args: argparse.Namespace, d: Dist) -> FinetuneRun:
     lpips = None
     if args.lpips == "on":
         try:
-            lpips = load_lpips(args.vgg_weights, args.lpips_heads)
+            lpips = load_lpips(args.vgg_weights, args.lpips_heads, checkpoint=args.lpips_checkpoint)
         except LPIPSWeightsError as exc:
             raise UsageError(f"{exc} (or --lpips off)") from exc
         if args.official_quirks:
