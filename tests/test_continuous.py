@@ -10,7 +10,7 @@ from alit_fast.cli.decode import main as decode_main
 from alit_fast.cli.encode import main as encode_main
 from alit_fast.inference import TokenBatch, decode_logits
 from alit_fast.models import BaseOutput
-from alit_fast.testing import random_images, tiny_config, tiny_vae_config
+from alit_fast.testing import count_syncs, random_images, tiny_config, tiny_vae_config
 from tests._single_thread import one_thread  # noqa: F401
 
 LAYOUTS = {
@@ -200,3 +200,21 @@ def test_triton_backend_matches_torch_on_the_vae_variant(models):
         torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
         if a.indices is not None:
             assert torch.equal(a.indices, b.indices)
+
+
+@pytest.mark.parametrize("name", ["vae-continuous", "vae-quantized"])
+def test_sync_budget_holds_for_the_vae_and_continuous_tokens(models, name):
+    model = models[name]
+    images = random_images(3, 32, seed=8)
+    gen = torch.Generator().manual_seed(0)
+    with count_syncs() as rollout:
+        with torch.no_grad():
+            model.rollout(images, generator=gen, halting="official")
+    with count_syncs() as fixed:
+        tokens = model.encode(images, "tokens:8", generator=gen)
+    with count_syncs() as scored:
+        model.encode(images, "code-mae:0.01", generator=gen)  # never met: judged at iterations 1 and 2
+    with count_syncs() as decoded:
+        model.decode(tokens)
+    assert (rollout.total, fixed.total, scored.total, decoded.total) == (0, 1, 3, 1), (
+        dict(rollout), dict(fixed), dict(scored), dict(decoded))

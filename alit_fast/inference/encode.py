@@ -254,12 +254,12 @@ def _continuous_batch(model, images, lengths, vectors, in_range, finite, extra) 
     """The continuous tokens' batch, with the same single read: flags, lengths and vectors go to
     the host together in float64 (exact for fp32, fp16 and bf16 values and for the counts)."""
     B, width, d = vectors.shape
-    packed = torch.cat([torch.stack([in_range, finite]).double(), lengths.double(), vectors.double().flatten()]).cpu()
+    packed = torch.cat([torch.stack([in_range, finite]).double(), lengths.double(), vectors.double().flatten()]).tolist()
     if not (packed[0] and packed[1]):
         _raise_bad_inputs(images, in_range)
-    host_lengths = packed[2 : 2 + B].long()
-    longest = int(host_lengths.max()) if B else 0
-    codes = packed[2 + B :].view(B, width, d)[:, :longest].float()
+    host_lengths = torch.tensor(packed[2 : 2 + B], dtype=torch.int64)
+    longest = int(max(packed[2 : 2 + B], default=0))
+    codes = torch.tensor(packed[2 + B :], dtype=torch.float64).view(B, width, d)[:, :longest].float()
     width = longest
     # stored as float32: exactly what the model produced (TokenBatch.with_dtype(torch.float16) halves a file)
     codes = codes.masked_fill(torch.arange(width)[None, :, None] >= host_lengths[:, None, None], 0.0)
