@@ -100,7 +100,11 @@ def lpips_state_dict(vgg: dict[str, torch.Tensor], heads: dict[str, torch.Tensor
     return state
 
 
-_OFFICIAL_KEY = re.compile(r"^(?:module\.)?gan_losses\.(\d+)\.perceptual_loss\.(?:net\.slice\d\.(\d+)\.(weight|bias)|lin(\d)\.model\.1\.weight)$")
+# gan_losses.{copy}.perceptual_loss.: net.slice{s}.{torchvision index}.{weight|bias} or lin{k}.model.1.weight
+_OFFICIAL_KEY = re.compile(
+    r"^(?:module\.)?gan_losses\.(\d+)\.perceptual_loss\."
+    r"(?:net\.slice\d\.(\d+)\.(weight|bias)|lin(\d)\.model\.1\.weight)$"
+)
 
 
 def lpips_state_from_official(checkpoint: Mapping) -> dict[str, torch.Tensor]:

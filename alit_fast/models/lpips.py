@@ -77,7 +77,9 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS expects two [B, 3, H, W] batches of the same shape, got {list(x.shape)} and {list(y.shape)}")
+            raise ValueError(
+                f"LPIPS expects two [B, 3, H, W] batches of the same shape, got {list(x.shape)} and {list(y.shape)}"
+            )
         # one pass over both batches: half the kernel launches of two
         both = torch.cat([x, y]).to(self.shift.dtype)
         feats = self.taps((both - self.shift) / self.scale)

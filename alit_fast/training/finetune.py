@@ -42,6 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -82,7 +83,9 @@ from .utils import atomic_torch_save, resolve_config, rng_state, seed_everything
 
 STAGE = "finetune"
 # stage-1 options that mean nothing here: refused by name rather than silently ignored
-STAGE1_ONLY = ("--base-cache", "--sample-grad-iters", "--halting", "--linear-init-std", "--restart-dead-codes", "--compile")
+STAGE1_ONLY = (
+    "--base-cache", "--sample-grad-iters", "--halting", "--linear-init-std", "--restart-dead-codes", "--compile",
+)
 DEFAULT_SCHEDULE = ",".join(f"{start}:{value}" for start, value in OFFICIAL_GAN_SCHEDULE)
 
 
@@ -177,7 +180,7 @@ class FinetuneRun:
     total_steps: int
     total_batch: int
     lr: float
-    lr_at: object  # step -> multiplier
+    lr_at: Callable[[int], float]  # step -> multiplier of lr
     options: LossOptions
     out: Path
     step: int = 0
