@@ -44,6 +44,10 @@ class TokenBatch:
     check_lengths: InitVar[bool] = True
 
     def __post_init__(self, check_lengths: bool = True) -> None:
+        if isinstance(self.codebook_size, bool) or not isinstance(self.codebook_size, int) or self.codebook_size < 1:
+            raise ValueError(f"TokenBatch codebook_size must be a whole number >= 1, got {self.codebook_size!r}")
+        if not isinstance(self.codes, torch.Tensor) or not isinstance(self.lengths, torch.Tensor):
+            raise TypeError("TokenBatch codes and lengths must be tensors")
         code_dims = 3 if self.continuous else 2
         if self.codes.dim() != code_dims or self.lengths.dim() != 1 or self.codes.shape[0] != self.lengths.shape[0]:
             raise ValueError(
@@ -139,6 +143,9 @@ class TokenBatch:
         """Concatenate batches encoded by the same model (metadata is taken from the first)."""
         if not batches:
             raise ValueError("TokenBatch.cat needs at least one batch")
+        strays = sorted({type(b).__name__ for b in batches if not isinstance(b, TokenBatch)})
+        if strays:
+            raise TypeError(f"TokenBatch.cat takes TokenBatch objects, got {', '.join(strays)}")
         first = batches[0]
         for b in batches[1:]:
             configs = (b.config_json, first.config_json)
@@ -176,6 +183,12 @@ class TokenBatch:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"cannot save tokens to {path}: it is a directory; give a file name")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise FileNotFoundError(f"cannot save tokens to {path}: the folder {os.path.dirname(os.path.abspath(path))} "
+                                    "does not exist")
         if self.continuous:
             d = self.codes.shape[-1]
             flat = torch.cat([self[i] for i in range(len(self))]) if len(self) else self.codes.new_zeros(0, d)
@@ -184,6 +197,10 @@ class TokenBatch:
                     "sha256": _digest(tensors["codes"], tensors["lengths"])}
             return self._write(path, tensors, meta)
         flat = torch.cat([self[i] for i in range(len(self))]) if len(self) else torch.zeros(0, dtype=torch.int64)
+        if flat.numel():  # before the narrowing cast: an id past the codebook would wrap into a valid one
+            lo, hi = torch.stack([flat.min(), flat.max()]).tolist()
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(f"code ids must lie in [0, {self.codebook_size}), got [{lo}, {hi}]; nothing was saved")
         tensors = {
             "codes": flat.to(code_dtype(self.codebook_size)).contiguous(),
             "lengths": self.lengths.to(torch.int32).contiguous(),
@@ -201,9 +218,14 @@ class TokenBatch:
             meta["names"] = json.dumps(self.names)
         for key, value in self.extra.items():
             meta[f"extra.{key}"] = value
-        tmp = f"{os.fspath(path)}.tmp"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)  # a killed run never leaves a half-written token file
+        meta[META_DIGEST_KEY] = _meta_digest(meta)
+        tmp = f"{path}.tmp"
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)  # a killed run never leaves a half-written token file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TokenBatch":
@@ -224,6 +246,14 @@ class TokenBatch:
             raise ValueError(f"{path} cannot be read as a token file: {exc}") from exc
         if "sha256" in meta and meta["sha256"] != _digest(stored_codes, stored_lengths):
             raise ValueError(f"{path}: the token data do not match their checksum (the file is damaged)")
+        if META_DIGEST_KEY in meta and meta[META_DIGEST_KEY] != _meta_digest(meta):
+            raise ValueError(f"{path}: the metadata (codebook size, config, names) do not match their checksum "
+                             "(the file was edited or is damaged)")
+        try:
+            json.loads(meta.get("names", "null"))
+            int(meta["codebook_size"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: damaged metadata ({exc})") from exc
         continuous = meta["format"] == CONTINUOUS_FORMAT
         if continuous and (stored_codes.dim() != 2 or stored_codes.dtype not in VECTOR_DTYPES):
             raise ValueError(f"{path}: continuous tokens must be stored as [N, d] floats, got "
@@ -243,6 +273,15 @@ class TokenBatch:
             names=json.loads(meta["names"]) if "names" in meta else None,
             extra=extra,
         )
+
+
+META_DIGEST_KEY = "sha256_meta"
+
+
+def _meta_digest(meta: dict[str, str]) -> str:
+    """sha256 of every other metadata entry: an edited codebook size or config would otherwise
+    decode the codes as something else."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != META_DIGEST_KEY}, sort_keys=True).encode()).hexdigest()
 
 
 def _digest(codes: torch.Tensor, lengths: torch.Tensor) -> str:
