@@ -218,3 +218,26 @@ def test_sync_budget_holds_for_the_vae_and_continuous_tokens(models, name):
         model.decode(tokens)
     assert (rollout.total, fixed.total, scored.total, decoded.total) == (0, 1, 3, 1), (
         dict(rollout), dict(fixed), dict(scored), dict(decoded))
+
+
+def test_static_shapes_give_the_same_continuous_tokens(models):
+    model = models["vqgan-continuous"]
+    images = random_images(5, 32, seed=9)
+
+    def every_other(view):  # image i stops after i % 3 + 1 iterations
+        return view.rows % 3 < view.iteration + 1
+
+    compact = model.encode(images, every_other)
+    static = model.encode(images, every_other, static_shapes=True)
+    assert compact.lengths.tolist() == [4, 8, 12, 4, 8]
+    assert torch.equal(compact.lengths, static.lengths) and torch.equal(compact.codes, static.codes)
+    # start/step by hand: each image's vectors are those of its last iteration
+    state = model.start(images)
+    state.step()
+    state.finish([0, 1])
+    state.step()
+    seqs = state.sequences()
+    assert [s.shape for s in seqs] == [(4, 12)] * 2 + [(8, 12)] * 3
+    with torch.no_grad():
+        recs = model.rollout(images, iterations=2)
+    assert torch.equal(seqs[0], recs[0].z_q[0]) and torch.equal(seqs[4], recs[1].z_q[4])
