@@ -393,3 +393,14 @@ def test_official_halting_never_masks_even_when_every_cell_qualifies(vae_model):
     assert mask.shape == (2, 64) and not mask.any()
     assert vae_model.halting_mask(pred, pred + 1e-4, "threshold").all()
     assert not vae_model.halting_mask(pred, pred + 1.0, "threshold").any()
+
+
+def test_official_halting_of_the_vqgan_variant_is_its_stochastic_rule():
+    from alit_fast.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = ALIT(tiny_config(halting_threshold=0.01))
+    images = random_images(2, 32, seed=8)
+    losses = [model(images, halting=mode, generator=torch.Generator().manual_seed(2)).loss.detach()
+              for mode in ("stochastic", "official", "off")]
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
