@@ -652,3 +652,11 @@ def test_a_kill_during_the_first_save_lets_resume_start_cleanly(env, full_run, t
     assert cli_main(["train", *_kill_run_args(env, killed), "--resume"]) == 0
     assert "no checkpoint in" in capsys.readouterr().out
     assert _log_records(killed) == _log_records(full)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
+@pytest.mark.parametrize("where", ["cuda", "toaster"])
+def test_loading_onto_a_device_this_machine_lacks_says_so(env, where):
+    # not "cannot be read as a safetensors file": the file is fine, the device is not
+    with pytest.raises(ValueError, match="map_location"):
+        alit_fast.load(env.model, map_location=where)

@@ -66,6 +66,17 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
+def check_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device; a malformed name or a GPU this machine lacks is a ValueError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{name} {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {device!r}: this machine has no CUDA GPU")
+    return dev
+
+
 def read_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors file; a missing, directory or unreadable file is named,
     and a recorded fingerprint is checked."""
@@ -78,6 +89,7 @@ def read_safetensors(path: str | os.PathLike, map_location: str | torch.device =
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    check_device(map_location, "map_location")  # else a wrong device reads as a damaged file
     try:
         with safe_open(path, framework="pt", device=str(map_location)) as f:
             meta = dict(f.metadata() or {})
