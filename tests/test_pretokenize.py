@@ -189,3 +189,26 @@ def test_open_dataset_errors_name_the_problem(tmp_path):
     (tmp_path / "index.json").write_text("{}")
     with pytest.raises(ValueError, match="not a token dataset index"):
         open_dataset(tmp_path)
+
+
+def test_encode_with_shard_size_writes_the_same_dataset(setup, tmp_path, capsys):
+    assert _run(setup, tmp_path / "a") == 0
+    assert cli_main(["encode", str(setup / "images"), "--checkpoint", str(setup / "model.safetensors"),
+                     "--out", str(tmp_path / "b"), "--shard-size", "3", "--batch-size", "2",
+                     "--criterion", CRITERION]) == 0
+    assert _files(tmp_path / "b") == _files(tmp_path / "a")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # argparse's exit, one line
+        cli_main(["encode", str(setup / "images"), "--out", str(tmp_path / "c"), "--shard-size", "3", "--quiet"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alit-fast encode: ") and "--quiet" in err and "\n" not in err
+
+
+def test_fallback_and_token_bounds_are_part_of_the_plan(setup, tmp_path, capsys):
+    assert _run(setup, tmp_path / "a", "--max-tokens", "32") == 0
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert max(item[1] for item in index["items"]) <= 32 and "max_tokens=32" in index["criterion"]
+    assert _run(setup, tmp_path / "a") == 2  # another plan in the same directory
+    assert _run(setup, tmp_path / "b", "--min-tokens", "40", "--max-tokens", "32") == 2
+    assert "--min-tokens 40 is above --max-tokens 32" in capsys.readouterr().err

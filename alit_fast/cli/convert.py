@@ -10,13 +10,14 @@ from collections.abc import Mapping
 import torch
 
 from ..io import CheckpointError, load_official
+from ._common import OneLineParser
 from ..io.repo import REPO_FILES, push_to_hub, save_pretrained
 
 PROG = "alit-fast convert"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].strip("`"))
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0].strip("`"))
     p.add_argument("checkpoint", help="an official .pth checkpoint (model/ema dict or raw state dict)")
     p.add_argument("out", help="the directory to write (model.safetensors, config.json, README.md)")
     p.add_argument("--entry", choices=("ema", "model"), default=None,

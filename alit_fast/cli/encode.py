@@ -76,6 +76,9 @@ def _encode_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="tokens.safetensors",
                    help="the token file to write; an existing file is replaced only if it is a token file")
     p.add_argument("--quiet", action="store_true", help="no per-image lines")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="write a tokenized dataset instead: --out is a directory of shards of this many images "
+                        "and an index (see alit-fast pretokenize)")
     return p
 
 
@@ -116,6 +119,12 @@ def _listing(items: list[str], most: int = 5) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--shard-size" or a.startswith("--shard-size=") for a in argv):
+        # a dataset, not a handful of files: sharded token files and an index (alit-fast pretokenize)
+        from .pretokenize import main as pretokenize_main
+
+        return pretokenize_main(argv, prog=PROG)
     return run_command(PROG, _main, argv)
 
 

@@ -16,7 +16,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..inference import check_criterion_fits, criterion_name, parse_criterion
+from ..inference import (
+    FALLBACKS,
+    check_criterion_fits,
+    check_fallback,
+    criterion_name,
+    iteration_range,
+    parse_criterion,
+)
 from ..io.token_dataset import (
     INDEX_NAME,
     Plan,
@@ -30,18 +37,22 @@ from ..io.token_dataset import (
     shard_path,
     write_index,
 )
-from ._common import add_model_args, checkpoint_spec, device_from, load_model_or_report
+from ._common import OneLineParser, add_model_args, checkpoint_spec, device_from, load_model_or_report
 
 PROG = "alit-fast pretokenize"
 
 
 def _parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Tokenize a dataset into shards plus an index.")
+    p = OneLineParser(prog=prog, description="Tokenize a dataset into shards plus an index.")
     p.add_argument("inputs", nargs="+", help="image folders (recursive), image files, or .tar shards")
     add_model_args(p, "demo")
     p.add_argument("--out", required=True, help="the output directory (new, empty, or a run of the same plan to resume)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default 1000)")
     p.add_argument("--criterion", default="code-acc:0.9", help="tokens:N, code-acc:F, code-nll:F or pixel-l1:F")
+    p.add_argument("--min-tokens", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--fallback", choices=FALLBACKS, default="max",
+                   help="an image that never meets the criterion gets max_tokens (max) or its best-scoring count (best)")
     p.add_argument("--overwrite", action="store_true",
                    help="remove the shards and index of an earlier run of another plan in --out first")
     return p
@@ -69,11 +80,15 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             print(f"{prog}: {message}", file=sys.stderr)
         return 2
 
-    for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
-        if value < 1:
+    for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size),
+                        ("--min-tokens", args.min_tokens), ("--max-tokens", args.max_tokens)):
+        if value is not None and value < 1:
             return fail(f"{flag} must be >= 1, got {value}")
+    if args.min_tokens is not None and args.max_tokens is not None and args.min_tokens > args.max_tokens:
+        return fail(f"--min-tokens {args.min_tokens} is above --max-tokens {args.max_tokens}")
     try:
         criterion = parse_criterion(args.criterion)
+        check_fallback(criterion, args.fallback)
     except (TypeError, ValueError) as exc:
         return fail(f"--criterion {args.criterion}: {exc}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -97,8 +112,16 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         check_criterion_fits(model, criterion)
     except ValueError as exc:
         return fail(f"--criterion {args.criterion}: {exc}")
+    try:
+        iteration_range(model, args.min_tokens, args.max_tokens)
+    except ValueError as exc:
+        return fail(str(exc).replace("min_tokens", "--min-tokens").replace("max_tokens", "--max-tokens"))
+    # the encode options are part of the plan: another choice is another run
+    options = criterion_name(criterion) + "".join(
+        f" {flag}={value}" for flag, value in (("min_tokens", args.min_tokens), ("max_tokens", args.max_tokens),
+                                               ("fallback", args.fallback)) if value not in (None, "max"))
     plan = Plan(tuple(sources), args.shard_size, model.config.to_json(), checkpoint_spec(args.checkpoint),
-                criterion_name(criterion), args.batch_size)
+                options, args.batch_size)
 
     # what is already in --out: nothing, or this plan's own files (resume), or refuse
     os.makedirs(args.out, exist_ok=True)
@@ -122,7 +145,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         todo = [k for k in mine if not shard_is_done(args.out, plan, k)]
 
         def encode(images: torch.Tensor):
-            return model.encode(images.to(device), criterion)
+            return model.encode(images.to(device), criterion, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                                fallback=args.fallback)
 
         started, done_images = time.perf_counter(), 0
         with tqdm(total=sum(len(plan.shard_sources(k)) for k in todo), unit="img", desc=f"pretokenize[{rank}]",

@@ -12,13 +12,13 @@ import torch
 from ..inference import check_criterion_fits, criterion_name, parse_criterion
 from ..io.images import find_images, load_image
 from ..io.visualize import sorted_by_count, stack, token_sheet
-from ._common import add_model_args, device_from, load_model_or_report
+from ._common import OneLineParser, add_model_args, device_from, load_model_or_report
 
 PROG = "alit-fast visualize"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Draw what ALIT's tokens hold, as one PNG.")
+    p = OneLineParser(prog=PROG, description="Draw what ALIT's tokens hold, as one PNG.")
     p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
     add_model_args(p, "demo")
     p.add_argument("--out", default="alit_viz.png", help="the PNG to write")
