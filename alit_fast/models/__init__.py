@@ -1,4 +1,4 @@
-"""The nn layer: the VQGAN base tokenizer, the transformer blocks and ALIT's recurrent core.
+"""The nn layer: the VQGAN and KL-VAE base tokenizers, the transformer blocks and ALIT's recurrent core.
 
 Nothing here reads files, chooses token counts or validates more than its own inputs; inference
 (alit_fast.inference) and file I/O (alit_fast.io) build on it.
@@ -14,6 +14,7 @@ from .alit import (
     QuantizedLatents,
 )
 from .transformer import PackedAttention, ResidualAttentionBlock, Transformer, run_blocks
+from .vae import VAEBaseTokenizer
 from .vqgan import BaseTokenizer, VQGANQuantizer
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "QuantizedLatents",
     "ResidualAttentionBlock",
     "Transformer",
+    "VAEBaseTokenizer",
     "VQGANQuantizer",
     "run_blocks",
 ]
