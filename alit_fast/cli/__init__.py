@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: alit-fast COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS)) + 1
+    lines += [f"  {name:<{width}} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines.append("\n`alit-fast COMMAND --help` describes a command's options.")
     return "\n".join(lines)
 

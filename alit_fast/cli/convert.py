@@ -17,7 +17,7 @@ PROG = "alit-fast convert"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0].strip("`"))
+    p = OneLineParser(prog=PROG, description="An official ALIT checkpoint (or an alit_fast training checkpoint) to a Hub-layout model directory.")
     p.add_argument("checkpoint", help="an official .pth checkpoint (model/ema dict or raw state dict)")
     p.add_argument("out", help="the directory to write (model.safetensors, config.json, README.md)")
     p.add_argument("--entry", choices=("ema", "model"), default=None,
