@@ -7,6 +7,7 @@ training and cli.
 """
 from .config import PRESETS, ALITConfig, VQGANConfig, get_config
 from .inference import RolloutState, TokenBatch
+from .evaluation import evaluate
 from .io import ALIT, CheckpointError, infer_config, load, load_official, load_pretrained
 from .models import HALTING_MODES, ALITCore, IterationOutput, LossOutput
 from .ops import BACKENDS
@@ -26,6 +27,7 @@ __all__ = [
     "RolloutState",
     "TokenBatch",
     "VQGANConfig",
+    "evaluate",
     "get_config",
     "infer_config",
     "load",

@@ -23,11 +23,13 @@ LAYERS = {
     "alit_fast.models": 3,
     "alit_fast.inference": 4,
     "alit_fast.io": 5,
+    "alit_fast.evaluation": 5.5,  # metrics and the evaluation pass: loads models and images (io)
     "alit_fast.training": 6,
     "alit_fast.cli": 7,
     # `python -m alit_fast.train` / `-m alit_fast.train_vqgan`: entry points, like the CLI
     "alit_fast.train": 7,
     "alit_fast.train_vqgan": 7,
+    "alit_fast.evaluate": 7,  # `python -m alit_fast.evaluate`
     "alit_fast": 8,  # the package root: the public API, re-exports only
 }
 

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "encode": ("alit_fast.cli.encode", "main", "adaptive-length tokenization of image files"),
     "decode": ("alit_fast.cli.decode", "main", "decode a token file back to images"),
     "convert": ("alit_fast.cli.convert", "main", "an official checkpoint -> a Hub-layout model directory"),
+    "evaluate": ("alit_fast.cli.evaluate", "main", "L1/L2/PSNR/SSIM/LPIPS/rFID at every token count and per criterion"),
     "pretokenize": ("alit_fast.cli.pretokenize", "main", "a dataset -> sharded token files and one index (resumable, torchrun)"),
     "visualize": ("alit_fast.cli.visualize", "main", "reconstructions per token count, token attention maps, images by token count"),
 }

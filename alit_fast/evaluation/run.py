@@ -1,0 +1,452 @@
+"""``evaluate``: reconstruction metrics of an ALIT model at every token count and for adaptive
+criteria, in one batched pass with streaming sums.
+
+Per batch: one rollout gives every iteration's decoder logits; each iteration needed is decoded to
+pixels once; every metric of every image at every such iteration is computed on the device; fixed
+rows add their values to float64 sums, and each criterion row picks each image's own iteration
+from the same values (and the same Inception features), so an adaptive row costs no extra
+forward. Nothing is written to disk and what is kept does not grow with the data set (bar one
+token count and one PNG size per image for the adaptive rows' Spearman correlation).
+
+The default is the official ``evaluate_rfid.py``'s procedure: its center crop (done by the data
+source, see data.py), fp32, stochastic halting at every iteration (the official evaluation halts
+as training does; seeded here), and the uint8 truncation its PNG round trip applies to both the
+ground truth and the reconstructions. ``halting="off"`` gives deterministic numbers.
+
+Under ``torch.distributed`` each rank evaluates its shard (rank r takes items r, r + world, ...)
+and the sums are all-reduced once at the end.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..inference import Criterion, StepView, TokenCount, criterion_name, parse_criterion, pixels_from_logits
+from ..inference.encode import check_criterion_fits, check_fallback
+from ..models import HALTING_MODES
+from .data import ImageFiles, png_bytes_per_pixel, to_unit
+from .metrics import FeatureStats, MetricSums, fid_from_stats, l1_l2, psnr_from_mse, quantize_uint8, spearman, ssim
+
+METRICS = ("l1", "l2", "psnr", "ssim", "lpips", "fid")
+PER_IMAGE = ("l1", "l2", "psnr", "ssim", "lpips")  # averaged over images; fid is per set
+FID_METHODS = ("eigh", "sqrtm")
+
+
+@dataclass
+class EvalRow:
+    """One line of the report: a fixed token count or an adaptive criterion."""
+
+    name: str  # "tokens:32" or the criterion, e.g. "code-acc:0.6"
+    kind: str  # "fixed" or "adaptive"
+    tokens: float  # the count, or the mean count per image
+    metrics: dict[str, float]
+    images: int
+    psnr_exact_images: int = 0  # images reconstructed exactly (infinite PSNR, left out of its mean)
+    histogram: dict[int, int] | None = None  # adaptive rows: images per token count
+    spearman_png: float | None = None  # adaptive rows: Spearman(token count, PNG bytes per pixel)
+
+    def as_dict(self) -> dict:
+        out = {"name": self.name, "kind": self.kind, "tokens": self.tokens, "images": self.images}
+        out.update({k: _json_number(v) for k, v in self.metrics.items()})
+        if "psnr" in self.metrics:
+            out["psnr_exact_images"] = self.psnr_exact_images
+        if self.histogram is not None:
+            out["histogram"] = {str(k): v for k, v in self.histogram.items()}
+            out["spearman_tokens_png_size"] = _json_number(self.spearman_png)
+        return out
+
+
+@dataclass
+class EvalReport:
+    rows: list[EvalRow]
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    images: int = 0
+
+    def row(self, name: str) -> EvalRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def as_dict(self) -> dict:
+        rows = []
+        for r in self.rows:
+            d = r.as_dict()
+            d["seconds"] = round(self.seconds, 3)  # one pass makes every row
+            rows.append(d)
+        return {"settings": self.settings, "images": self.images, "seconds": self.seconds,
+                "images_per_second": self.images / self.seconds if self.seconds > 0 else None, "rows": rows}
+
+
+def _json_number(v: float | None):
+    """JSON has no inf or NaN: they are written as null (the report says why next to them)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return None
+    return v
+
+
+# ---------------------------------------------------------------------- argument checks
+def parse_tokens(spec: "str | int | Sequence[int] | None", tokens_per_iter: int, max_tokens: int) -> list[int]:
+    """The fixed token counts to report: "all", "32,64", an int or a list. Each must be a
+    multiple of the tokens per iteration, at most max_tokens."""
+    if spec is None or spec == "all":
+        return list(range(tokens_per_iter, max_tokens + 1, tokens_per_iter))
+    if spec == "none" or (not isinstance(spec, str) and not isinstance(spec, int) and len(spec) == 0):
+        return []
+    if isinstance(spec, str):
+        try:
+            counts = [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--tokens {spec!r}: give 'all' or token counts separated by commas, e.g. 32,64") from None
+    elif isinstance(spec, int):
+        counts = [spec]
+    else:
+        counts = [int(s) for s in spec]
+    bad = [n for n in counts if n < tokens_per_iter or n > max_tokens or n % tokens_per_iter]
+    if bad:
+        raise ValueError(f"token counts {bad}: this model gives {tokens_per_iter}, {2 * tokens_per_iter}, ..., "
+                         f"{max_tokens} tokens (multiples of {tokens_per_iter})")
+    return sorted(set(counts))
+
+
+def parse_metrics(spec: "str | Sequence[str]") -> tuple[str, ...]:
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise ValueError(f"unknown metric(s) {bad or names}; choose from {','.join(METRICS)}")
+    return tuple(n for n in METRICS if n in names)
+
+
+# ---------------------------------------------------------------------- data sources
+def _batches(data, batch_size: int, rank: int, world: int, num_workers: int, size: int, crop: str):
+    """(uint8 or float batch [b, 3, S, S], number of items) pairs of this rank's shard, and the
+    shard's length when known."""
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        data = ImageFiles(data, size, crop)
+        if len(data) == 0:
+            raise ValueError(f"no image files found in {data.files and data.files[0] or 'the folder'}")
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 3:
+            data = data[None]
+        shard = data[rank::world]
+        return ((shard[i : i + batch_size]) for i in range(0, shard.shape[0], batch_size)), shard.shape[0]
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        indices = list(range(rank, len(data), world))
+        subset = torch.utils.data.Subset(data, indices)
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=_stack, shuffle=False)
+        return iter(loader), len(indices)
+    if isinstance(data, Iterable):  # a loader or any iterable of batches; the caller shards it
+        return (_as_batch(b) for b in data), None
+    raise TypeError(f"evaluate: data must be images [N, 3, H, W], a folder, a Dataset or an iterable of batches, "
+                    f"got {type(data).__name__}")
+
+
+def _stack(items: list) -> torch.Tensor:
+    return torch.stack([_as_batch(i) if not isinstance(i, torch.Tensor) else i for i in items])
+
+
+def _as_batch(item) -> torch.Tensor:
+    if isinstance(item, dict):
+        item = item["image"]
+    elif isinstance(item, (tuple, list)):
+        item = item[0]  # (images, labels) as torchvision's ImageFolder gives them
+    if not isinstance(item, torch.Tensor):
+        raise TypeError(f"evaluate: a batch must be a tensor (or a dict with 'image'), got {type(item).__name__}")
+    return item if item.dim() == 4 else item[None]
+
+
+# ---------------------------------------------------------------------- the pass
+@dataclass
+class _Criterion:
+    name: str
+    criterion: Criterion
+    sums: MetricSums
+    features: FeatureStats | None
+    histogram: torch.Tensor  # float64 [iterations]
+    counts: list[torch.Tensor] = field(default_factory=list)  # per-batch chosen iteration ids (device)
+    png: list[float] = field(default_factory=list)
+
+
+def _select(criterion: Criterion, fallback: str, views: list[StepView], first: int) -> torch.Tensor:
+    """Each image's chosen iteration (0-based, a device tensor): the first at or after ``first``
+    whose criterion holds; an image that never meets it gets the last (fallback "max") or its
+    best-scoring one (fallback "best", the earliest of equal scores) - encode's rule."""
+    last = len(views) - 1
+    b = views[0].rows.numel()
+    device = views[0].rows.device
+    chosen = torch.full((b,), last, dtype=torch.int64, device=device)
+    decided = torch.zeros(b, dtype=torch.bool, device=device)
+    for t in range(first, last):  # at the last iteration everything stops regardless
+        met = criterion(views[t]).to(device).reshape(-1)
+        take = met & ~decided
+        chosen = torch.where(take, t, chosen)
+        decided = decided | met
+    if fallback == "best":
+        scores = torch.stack([criterion.score(views[t]).double().to(device) for t in range(first, last + 1)])
+        best = scores.argmax(0) if criterion.higher_is_better else scores.argmin(0)  # argmax/argmin: first of ties
+        met_last = criterion(views[last]).to(device).reshape(-1)
+        fallback_pick = torch.where(met_last, last, best + first)
+        chosen = torch.where(decided, chosen, fallback_pick)
+    return chosen
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    data,
+    tokens: "str | int | Sequence[int] | None" = "all",
+    criteria: "Sequence[str | Criterion]" = (),
+    metrics: "str | Sequence[str]" = ("l1", "l2", "psnr", "ssim"),
+    batch_size: int = 16,
+    halting: str = "stochastic",
+    seed: int = 0,
+    quantize: bool = True,
+    fallback: str = "max",
+    fid_weights: str | None = None,
+    lpips_vgg: str | None = None,
+    lpips_heads: str | None = None,
+    fid_method: str = "eigh",
+    crop: str = "center",
+    num_workers: int = 0,
+    progress: bool = False,
+    fid_model=None,
+    lpips_model=None,
+) -> EvalReport:
+    """Evaluate ``model`` (an ``alit_fast.ALIT``) on ``data``: images [N, 3, S, S] in [0, 1] (or
+    uint8), a folder of image files (read with the official center crop), a Dataset of such
+    images, or an iterable of batches.
+
+    ``tokens``: the fixed counts to report ("all" or a list); ``criteria``: adaptive rows (the
+    CLI's criterion strings or Criterion objects; ``fallback`` as in ``encode``); ``metrics``: any
+    of l1, l2, psnr, ssim, lpips, fid. ``halting``: "stochastic" (the official evaluation; seeded
+    with ``seed``), "threshold" or "off" (deterministic). ``quantize``: the official PNG round
+    trip's uint8 truncation of both sets. FID's weights are pytorch-fid's file (``fid_weights``
+    or torch hub's cache); LPIPS's torchvision's VGG16 and lpips's v0.1 heads. ``fid_method``:
+    "eigh" (the trace of the matrix square root from two symmetric eigendecompositions, on the
+    device) or "sqrtm" (pytorch-fid's scipy sqrtm; the same value, far slower at 2048 dims).
+
+    Under an initialised ``torch.distributed`` group each rank evaluates its share of a tensor,
+    folder or Dataset, and every rank returns the same report."""
+    cfg = model.config
+    T, iters = cfg.tokens_per_iter, cfg.iterations
+    metric_names = parse_metrics(metrics)
+    counts = parse_tokens(tokens, T, cfg.max_tokens)
+    crits = [parse_criterion(c) for c in criteria]
+    for c in crits:
+        check_fallback(c, fallback)
+        check_criterion_fits(model, c)
+    if not counts and not crits:
+        raise ValueError("nothing to evaluate: give token counts or a criterion")
+    if halting not in HALTING_MODES:
+        raise ValueError(f"unknown halting mode {halting!r}; expected one of {HALTING_MODES}")
+    if fid_method not in FID_METHODS:
+        raise ValueError(f"unknown fid_method {fid_method!r}; expected one of {FID_METHODS}")
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    names = [criterion_name(c) for c in crits]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a criterion is given twice: {names}")
+
+    device = model.latent_tokens.device
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    use_fid, use_lpips = "fid" in metric_names, "lpips" in metric_names
+    per_image = tuple(m for m in metric_names if m in PER_IMAGE)
+    # weights first: a missing file should fail before any image is read
+    inception = fid_model if fid_model is not None or not use_fid else _load_inception(fid_weights, device)
+    lpips_net = lpips_model if lpips_model is not None or not use_lpips else _load_lpips(lpips_vgg, lpips_heads, device)
+    if inception is not None:
+        inception = inception.to(device).eval()
+    if lpips_net is not None:
+        lpips_net = lpips_net.to(device).eval()
+
+    # the iterations to decode: the fixed rows', and every one an adaptive row may pick
+    fixed_iters = [n // T - 1 for n in counts]
+    if crits:
+        needed = list(range(iters))
+    else:
+        needed = sorted(set(fixed_iters))
+    last_iter = max(needed) + 1
+    dim = 2048
+    fixed = {t: MetricSums(per_image, device) for t in fixed_iters}
+    fixed_feats = {t: FeatureStats(dim, device) for t in fixed_iters} if use_fid else {}
+    gt_feats = FeatureStats(dim, device) if use_fid else None
+    adaptive = [
+        _Criterion(n, c, MetricSums(per_image, device), FeatureStats(dim, device) if use_fid else None,
+                   torch.zeros(iters, dtype=torch.float64, device=device))
+        for n, c in zip(names, crits)
+    ]
+    generator = None
+    if halting == "stochastic":
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed) + rank)  # each rank its own stream (one process: the seed itself)
+
+    batches, shard_len = _batches(data, int(batch_size), rank, world, num_workers, cfg.image_size, crop)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=shard_len, unit="img", desc=f"evaluate (rank 0 of {world})" if world > 1 else "evaluate",
+                   dynamic_ncols=True)
+    started = time.perf_counter()
+    offset = 0
+    for raw in batches:
+        x = to_unit(raw, device)
+        if x.dim() != 4 or x.shape[1:] != (3, cfg.image_size, cfg.image_size):
+            raise ValueError(f"evaluate: images must be [B, 3, {cfg.image_size}, {cfg.image_size}] (the model's size; "
+                             f"read files with the official center crop), got {list(x.shape)}")
+        b = x.shape[0]
+        gt = quantize_uint8(x) if quantize else x.float()
+        records = model.rollout(x, iterations=last_iter, halting=halting, generator=generator)
+        values: dict[int, dict[str, torch.Tensor]] = {}
+        feats: dict[int, torch.Tensor] = {}
+        pixels_raw: dict[int, torch.Tensor] = {}
+        for t in needed:
+            raw_pixels = pixels_from_logits(model, records[t].logits)  # clamped to [0, 1]
+            pixels_raw[t] = raw_pixels
+            rec = quantize_uint8(raw_pixels) if quantize else raw_pixels.float()
+            values[t] = _per_image(per_image, gt, rec, lpips_net)
+            if inception is not None:
+                feats[t] = inception(rec).double()
+        gt_f = inception(gt).double() if inception is not None else None
+        if gt_feats is not None:
+            gt_feats.add(gt_f)
+        for t in fixed_iters:
+            fixed[t].add(values[t], b, torch.full((b,), (t + 1) * T, device=device))
+            if use_fid:
+                fixed_feats[t].add(feats[t])
+        if adaptive:
+            rows_ids = torch.arange(b, device=device) + offset
+            views = [
+                StepView(model, t, (t + 1) * T, rows_ids, records[t].gt_indices, model.model_images(x), records[t].logits,
+                         _pixels=pixels_raw[t])
+                for t in range(iters)
+            ]
+            png = png_bytes_per_pixel(_uint8(gt))
+            stacked = {m: torch.stack([values[t][m] for t in range(iters)]) for m in per_image}  # [iters, b]
+            all_f = torch.stack([feats[t] for t in range(iters)]) if use_fid else None  # [iters, b, dim]
+            for a in adaptive:
+                chosen = _select(a.criterion, fallback, views, 0)
+                picked = {m: v.gather(0, chosen[None]).squeeze(0) for m, v in stacked.items()}
+                a.sums.add(picked, b, (chosen + 1) * T)
+                if a.features is not None:
+                    a.features.add(all_f[chosen, torch.arange(b, device=device)])
+                a.histogram += torch.bincount(chosen, minlength=iters).double()
+                a.counts.append(chosen)
+                a.png += png
+        offset += b
+        if bar is not None:
+            bar.update(b)
+    if bar is not None:
+        bar.close()
+
+    # ------------------------------------------------------------ reduce across ranks, then report
+    tensors: list[torch.Tensor] = []
+    for t in fixed_iters:
+        tensors.append(fixed[t].sums)
+        if use_fid:
+            tensors += fixed_feats[t].tensors()
+    if gt_feats is not None:
+        tensors += gt_feats.tensors()
+    for a in adaptive:
+        tensors += [a.sums.sums, a.histogram]
+        if a.features is not None:
+            tensors += a.features.tensors()
+    per_image_counts = [[(torch.cat(a.counts) if a.counts else torch.zeros(0, dtype=torch.int64, device=device)).tolist(), a.png]
+                        for a in adaptive]
+    if distributed and world > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        for stats in [gt_feats, *fixed_feats.values(), *(a.features for a in adaptive)]:
+            if stats is not None:
+                stats.drop_rows()  # each rank kept only its own vectors
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, per_image_counts)
+        per_image_counts = [[sum((g[i][0] for g in gathered), []), sum((g[i][1] for g in gathered), [])]
+                            for i in range(len(adaptive))]
+    seconds = time.perf_counter() - started
+    if distributed and world > 1:
+        longest = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        seconds = float(longest)
+
+    rows: list[EvalRow] = []
+    total_images = 0
+    for t in fixed_iters:
+        means = fixed[t].means()
+        total_images = means["images"]
+        row_metrics = {m: means[m] for m in per_image}
+        if use_fid:
+            row_metrics["fid"] = _fid(fixed_feats[t], gt_feats, fid_method)
+        rows.append(EvalRow(f"tokens:{(t + 1) * T}", "fixed", float((t + 1) * T), row_metrics, means["images"],
+                            means.get("psnr_exact_images", 0)))
+    for a, (chosen, png) in zip(adaptive, per_image_counts):
+        means = a.sums.means()
+        total_images = means["images"]
+        row_metrics = {m: means[m] for m in per_image}
+        if use_fid:
+            row_metrics["fid"] = _fid(a.features, gt_feats, fid_method)
+        hist = {(t + 1) * T: int(v) for t, v in enumerate(a.histogram.tolist())}
+        tokens_per_image = [(c + 1) * T for c in chosen]
+        rows.append(EvalRow(a.name, "adaptive", means["mean_tokens"], row_metrics, means["images"],
+                            means.get("psnr_exact_images", 0), hist, spearman(tokens_per_image, png)))
+    settings = {
+        "image_size": cfg.image_size,
+        "tokens_per_iteration": T,
+        "max_tokens": cfg.max_tokens,
+        "metrics": list(metric_names),
+        "halting": halting,
+        "seed": seed if halting == "stochastic" else None,
+        "deterministic": halting != "stochastic",
+        "quantize_uint8": quantize,
+        "crop": crop,
+        "fallback": fallback if crits else None,
+        "fid_method": fid_method if use_fid else None,
+        "batch_size": int(batch_size),
+        "world_size": world,
+        "device": str(device),
+        "dtype": str(model.latent_tokens.dtype).replace("torch.", ""),
+    }
+    return EvalReport(rows=rows, settings=settings, seconds=seconds, images=total_images)
+
+
+def _per_image(names: tuple[str, ...], gt: torch.Tensor, rec: torch.Tensor, lpips_net) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if {"l1", "l2", "psnr"} & set(names):
+        l1, l2 = l1_l2(gt, rec)
+        out["l1"], out["l2"] = l1, l2
+        out["psnr"] = psnr_from_mse(l2)
+    if "ssim" in names:
+        out["ssim"] = ssim(gt, rec)
+    if "lpips" in names:
+        out["lpips"] = lpips_net(gt * 2 - 1, rec * 2 - 1).double().reshape(-1)
+    return out
+
+
+def _uint8(images01: torch.Tensor) -> torch.Tensor:
+    return (images01 * 255.0).round().to(torch.uint8)
+
+
+def _fid(a: FeatureStats, b: FeatureStats, method: str) -> float:
+    if float(a.count) < 2:
+        return math.nan
+    return fid_from_stats(a, b, method)
+
+
+def _load_inception(path, device):
+    from .weights import load_fid_inception
+
+    return load_fid_inception(path, device)
+
+
+def _load_lpips(vgg, heads, device):
+    from ..io.lpips_weights import load_lpips
+
+    return load_lpips(vgg, heads, device)

@@ -1,0 +1,1 @@
+"""Recorded outputs of pytorch-fid and lpips on seeded weights (record.py), and the seeded weights (seeded.py)."""
