@@ -133,8 +133,13 @@ def _(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.T
 def vq_nearest_triton_op(
     z: torch.Tensor, codebook: torch.Tensor, normalize: bool, validate: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The triton backend: one fused launch, no N x K matrix. Inputs are detached: the lookup is not
-    differentiable (the quantizer builds its straight-through estimator around it)."""
+    """The triton backend: no N x K matrix (a small codebook-prep launch, the search, and a combine
+    launch when the codebook is split across programs). The search ranks codes with a tensor-core
+    dot (tf32 for fp32 z, the input dtype for bf16 / fp16) and re-ranks, exactly in fp32, every
+    code within a proven error bound of the best approximate distance: the indices are the fp32
+    reference's, lowest index on ties (see ``alit_fast.kernels.vq``). No host sync, no
+    host-to-device copy. Inputs are detached: the lookup is not differentiable (the quantizer
+    builds its straight-through estimator around it)."""
     _check_inputs(z, codebook, validate)
     return _vq_nearest_op(z.detach(), codebook.detach(), bool(normalize))
 
