@@ -658,5 +658,6 @@ def test_a_kill_during_the_first_save_lets_resume_start_cleanly(env, full_run, t
 @pytest.mark.parametrize("where", ["cuda", "toaster"])
 def test_loading_onto_a_device_this_machine_lacks_says_so(env, where):
     # not "cannot be read as a safetensors file": the file is fine, the device is not
-    with pytest.raises(ValueError, match="map_location"):
-        alit_fast.load(env.model, map_location=where)
+    for load in (alit_fast.load, alit_fast.load_official):
+        with pytest.raises(ValueError, match="map_location"):
+            load(env.model if load is alit_fast.load else env.pickle_pth, map_location=where)

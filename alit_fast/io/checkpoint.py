@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ..config import ALITConfig, VAEConfig, VQGANConfig
 from .model import ALIT
-from .weights import METADATA_CONFIG_KEY, CheckpointError, read_safetensors, save_model
+from .weights import METADATA_CONFIG_KEY, CheckpointError, check_device, read_safetensors, save_model
 
 IGNORED_PREFIXES = ("gan_losses.",)
 # what DDP or torch.compile wrap around parameter names
@@ -42,6 +42,7 @@ def read_checkpoint(
             raise CheckpointError(f"{path} is a directory, not a checkpoint file")
         if path.endswith(".safetensors"):
             raw = read_safetensors(path, map_location)[0]
+        check_device(map_location, "map_location")  # else a wrong device reads as an unreadable file
         else:
             try:
                 raw = torch.load(path, map_location=map_location, weights_only=True)
