@@ -40,9 +40,9 @@ def read_checkpoint(
             raise FileNotFoundError(f"checkpoint not found: {path}")
         if os.path.isdir(path):
             raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+        check_device(map_location, "map_location")  # else a wrong device reads as an unreadable file
         if path.endswith(".safetensors"):
             raw = read_safetensors(path, map_location)[0]
-        check_device(map_location, "map_location")  # else a wrong device reads as an unreadable file
         else:
             try:
                 raw = torch.load(path, map_location=map_location, weights_only=True)
