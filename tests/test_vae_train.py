@@ -62,3 +62,21 @@ def test_continuous_model_refuses_dead_code_restarts(tmp_path, capsys):
     config.write_text(json.dumps(dataclasses.asdict(tiny_vae_config(quantize_latent=False))))
     assert _run(str(config), tmp_path / "run", "--steps", "1", "--restart-dead-codes", "2") == 2
     assert "no latent codebook" in capsys.readouterr().err
+
+
+def test_a_bare_kl_autoencoder_file_initialises_the_vae(tmp_path):
+    from alit_fast.io.checkpoint import read_checkpoint
+    from alit_fast.training.train import load_initial
+
+    torch.manual_seed(1)
+    model = ALIT(tiny_vae_config())
+    # MAR's kl16.ckpt layout: the autoencoder's own names under "model", plus entries ALIT has no use for
+    bare = {k[len("base_tokenizer.vae."):]: v for k, v in model.state_dict().items() if k.startswith("base_tokenizer.vae.")}
+    bare["loss.logvar"] = torch.zeros(())
+    torch.save({"model": bare}, tmp_path / "kl16.ckpt")
+    state, _ = read_checkpoint(tmp_path / "kl16.ckpt", "cpu")
+    assert set(state) == {k for k in model.state_dict() if k.startswith("base_tokenizer.vae.")}
+    fresh = ALIT(tiny_vae_config())
+    assert load_initial(fresh, state) == "the base tokenizer (base_tokenizer.*)"
+    for k, v in model.base_tokenizer.state_dict().items():
+        assert torch.equal(fresh.base_tokenizer.state_dict()[k], v)

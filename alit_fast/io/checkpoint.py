@@ -14,9 +14,11 @@ from safetensors import safe_open
 
 from ..config import ALITConfig, VAEConfig, VQGANConfig
 from .model import ALIT
-from .weights import METADATA_CONFIG_KEY, CheckpointError, check_device, read_safetensors, save_model
+from .weights import METADATA_CONFIG_KEY, CheckpointError, read_safetensors, save_model
 
 IGNORED_PREFIXES = ("gan_losses.",)
+# a bare LDM / MAR KL autoencoder file (MAR's kl16.ckpt, which the official code saves as vae.ckpt)
+AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 # what DDP or torch.compile wrap around parameter names
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -40,7 +42,6 @@ def read_checkpoint(
             raise FileNotFoundError(f"checkpoint not found: {path}")
         if os.path.isdir(path):
             raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-        check_device(map_location, "map_location")  # else a wrong device reads as an unreadable file
         if path.endswith(".safetensors"):
             raw = read_safetensors(path, map_location)[0]
         else:
@@ -73,7 +74,17 @@ def read_checkpoint(
         if key.startswith(IGNORED_PREFIXES):
             continue
         state[key] = value
-    return state, config
+    return _as_alit_vae(state), config
+
+
+def _as_alit_vae(state: dict) -> dict:
+    """A bare KL autoencoder's tensors renamed into ALIT's layout (``base_tokenizer.vae.*``), so it
+    initialises the VAE base tokenizer; its other entries (a training loss's) are dropped, as the
+    official loader's strict=False load drops them. Any other state is returned as it is (ALIT's
+    own ``encoder.*`` keys never come with a top-level ``quant_conv``)."""
+    if not {"encoder.conv_in.weight", "quant_conv.weight", "post_quant_conv.weight"} <= set(state):
+        return state
+    return {f"base_tokenizer.vae.{k}": v for k, v in state.items() if k.startswith(AUTOENCODER_PREFIXES)}
 
 
 def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:

@@ -263,7 +263,7 @@ def load_initial(model: ALIT, state: dict[str, torch.Tensor]) -> str:
     try:
         if state and all(k.startswith(prefix) for k in state):
             load_state_strict(model.base_tokenizer, {k[len(prefix):]: v for k, v in state.items()})
-            return "the VQGAN (base_tokenizer.*)"
+            return "the base tokenizer (base_tokenizer.*)"
         load_state_strict(model, state)
     except CheckpointError as exc:  # the checkpoint fits another config: name the flag, in one line
         raise UsageError(f"--init: {one_line(exc)} (pass the --config it was trained with)") from exc
