@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ..config import ALITConfig, VAEConfig, VQGANConfig
 from .model import ALIT
-from .weights import METADATA_CONFIG_KEY, CheckpointError, read_safetensors, save_model
+from .weights import METADATA_CONFIG_KEY, CheckpointError, check_device, read_safetensors, save_model
 
 IGNORED_PREFIXES = ("gan_losses.",)
 # a bare LDM / MAR KL autoencoder file (MAR's kl16.ckpt, which the official code saves as vae.ckpt)
@@ -42,6 +42,7 @@ def read_checkpoint(
             raise FileNotFoundError(f"checkpoint not found: {path}")
         if os.path.isdir(path):
             raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+        check_device(map_location, "map_location")  # else a wrong device reads as an unreadable file
         if path.endswith(".safetensors"):
             raw = read_safetensors(path, map_location)[0]
         else:
