@@ -649,9 +649,11 @@ def test_a_kill_during_the_first_save_lets_resume_start_cleanly(env, full_run, t
         cli_main(["train", *_kill_run_args(env, killed)])
     monkeypatch.undo()
     assert not (killed / "checkpoint.pt").exists() and list(killed.glob(".checkpoint.pt.tmp*"))
+    (killed / "model.safetensors.tmp").write_bytes(b"half the final weights")  # a kill in ALIT.save
     assert cli_main(["train", *_kill_run_args(env, killed), "--resume"]) == 0
     assert "no checkpoint in" in capsys.readouterr().out
     assert _log_records(killed) == _log_records(full)
+    assert not [p.name for p in killed.iterdir() if ".tmp" in p.name]
 
 
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")

@@ -85,8 +85,11 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f".{CHECKPOINT}.tmp*"):
-        stale.unlink()
+    # what a kill mid-write leaves: checkpoints (atomic_torch_save) and final weights (ALIT.save)
+    stale = [*out.glob(f".{CHECKPOINT}.tmp*"), *(out / f"{name}.tmp" for name in RUN_FILES if name.endswith(".safetensors"))]
+    for path in stale:
+        if path.is_file():
+            path.unlink()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -592,6 +595,9 @@ class StepResult:
     grad_norm: torch.Tensor
     codes_moved: int
     images_ok: torch.Tensor  # 0-d bool: the batch's values were in [0, 1]
+    # 0-d bool: the fp16 GradScaler skipped the step. An inf gradient then is how the scaler finds
+    # its scale (its first steps overflow as a rule), not a diverged run
+    skipped: torch.Tensor | None = None
 
 
 def train_step(run: Run, batch: dict) -> StepResult:
@@ -615,9 +621,13 @@ def train_step(run: Run, batch: dict) -> StepResult:
     else:
         result.loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    skipped = None
     if run.scaler is not None:
+        scale = run.scaler._scale.clone()
         run.scaler.step(run.opt)
         run.scaler.update()
+        # update() lowers the scale exactly when it skipped the step: a device compare, no read
+        skipped = (run.scaler._scale < scale).reshape(())
     else:
         run.opt.step()
     run.sched.step()
@@ -630,7 +640,7 @@ def train_step(run: Run, batch: dict) -> StepResult:
         update_ema(run.ema, run.model, args.ema)
     return StepResult(loss=result.loss.detach(), per_iteration=result.per_iteration, nll=result.nll,
                       grad_norm=grad_norm.detach(), codes_moved=0 if moved is None else len(moved),
-                      images_ok=images_in_range(images))
+                      images_ok=images_in_range(images), skipped=skipped)
 
 
 class Health:
@@ -642,7 +652,10 @@ class Health:
         self.images_bad = torch.zeros((), dtype=torch.bool, device=device)
 
     def update(self, step: int, result: StepResult) -> None:
-        bad = ~(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm) & result.images_ok)
+        grad_ok = torch.isfinite(result.grad_norm)
+        if result.skipped is not None:
+            grad_ok = grad_ok | result.skipped.to(grad_ok.device)
+        bad = ~(torch.isfinite(result.loss) & grad_ok & result.images_ok)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
         self.images_bad = self.images_bad | ~result.images_ok
 
