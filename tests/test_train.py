@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -381,3 +382,16 @@ def test_cache_base_never_deletes_what_it_did_not_write(tmp_path, capsys):
     assert cache_main(common + ["--out", str(cache)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert cache_main(common + ["--out", str(cache), "--overwrite"]) == 0
+
+
+def test_fp16_steps_the_grad_scaler_skips_do_not_stop_the_run(tiny_json, tmp_path, monkeypatch):
+    # a GradScaler's first steps overflow as a rule and are skipped: that is how it finds its
+    # scale, not a diverged run (an inf gradient norm stopped such a run before). The tiny model
+    # does not overflow at the default 65536, so start the scale where it must.
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**40))
+    assert _run(tiny_json, tmp_path, "--amp", "fp16", "--steps", "3", "--halting", "off") == 0
+    log = _log(tmp_path)
+    assert len(log) == 3 and not any(math.isfinite(r["grad_norm"]) for r in log), [r["grad_norm"] for r in log]
+    assert all(r["loss"] < float("inf") for r in log)

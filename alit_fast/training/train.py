@@ -595,6 +595,9 @@ class StepResult:
     grad_norm: torch.Tensor
     codes_moved: int
     images_ok: torch.Tensor  # 0-d bool: the batch's values were in [0, 1]
+    # 0-d bool: the fp16 GradScaler skipped the step. An inf gradient then is how the scaler finds
+    # its scale (its first steps overflow as a rule), not a diverged run
+    skipped: torch.Tensor | None = None
 
 
 def train_step(run: Run, batch: dict) -> StepResult:
@@ -618,9 +621,13 @@ def train_step(run: Run, batch: dict) -> StepResult:
     else:
         result.loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    skipped = None
     if run.scaler is not None:
+        scale = run.scaler._scale.clone()
         run.scaler.step(run.opt)
         run.scaler.update()
+        # update() lowers the scale exactly when it skipped the step: a device compare, no read
+        skipped = (run.scaler._scale < scale).reshape(())
     else:
         run.opt.step()
     run.sched.step()
@@ -633,7 +640,7 @@ def train_step(run: Run, batch: dict) -> StepResult:
         update_ema(run.ema, run.model, args.ema)
     return StepResult(loss=result.loss.detach(), per_iteration=result.per_iteration, nll=result.nll,
                       grad_norm=grad_norm.detach(), codes_moved=0 if moved is None else len(moved),
-                      images_ok=images_in_range(images))
+                      images_ok=images_in_range(images), skipped=skipped)
 
 
 class Health:
@@ -645,7 +652,10 @@ class Health:
         self.images_bad = torch.zeros((), dtype=torch.bool, device=device)
 
     def update(self, step: int, result: StepResult) -> None:
-        bad = ~(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm) & result.images_ok)
+        grad_ok = torch.isfinite(result.grad_norm)
+        if result.skipped is not None:
+            grad_ok = grad_ok | result.skipped.to(grad_ok.device)
+        bad = ~(torch.isfinite(result.loss) & grad_ok & result.images_ok)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
         self.images_bad = self.images_bad | ~result.images_ok
 
