@@ -185,3 +185,17 @@ def test_encode_cli_checks_the_output_path_before_encoding(image_dir, checkpoint
     assert encode_main([str(image_dir), "--checkpoint", checkpoint, "--out", str(out)]) == 2
     assert "--out" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_encode_cli_takes_the_official_halting_mode(image_dir, tmp_path, capsys):
+    # 'official' is the one mode both variants take (stochastic for a VQGAN model, the official
+    # no-op for a VAE model), so the CLI must offer it
+    from alit_fast.testing import tiny_vae_config
+
+    torch.manual_seed(0)
+    vae_model = tmp_path / "vae.safetensors"
+    ALIT(tiny_vae_config()).save(str(vae_model))
+    out = tmp_path / "tokens.safetensors"
+    assert encode_main([str(image_dir), "--checkpoint", str(vae_model), "--criterion", "tokens:8",
+                        "--halting", "official", "--out", str(out)]) == 0
+    assert TokenBatch.load(out).lengths.tolist() == [8, 8, 8]

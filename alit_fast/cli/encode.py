@@ -22,6 +22,7 @@ from ..inference import (
     parse_criterion,
 )
 from ..inference.tokens import FORMAT as TOKEN_FORMAT
+from ..models import HALTING_MODES
 from ..io.images import IMAGE_EXTENSIONS, find_images, image_file_problem, load_image
 from ._common import (
     OneLineParser,
@@ -72,7 +73,9 @@ def _encode_parser() -> argparse.ArgumentParser:
         default="max",
         help="an image that never meets the criterion gets max_tokens (max) or its best-scoring count (best, the official rule)",
     )
-    p.add_argument("--halting", choices=("off", "threshold", "stochastic"), default="off")
+    p.add_argument("--halting", choices=HALTING_MODES, default="off",
+                   help="dynamic halting while encoding: off (deterministic, default), threshold, stochastic, or "
+                        "official (the official rule: stochastic for VQGAN models, the no-op for VAE models)")
     p.add_argument("--out", default="tokens.safetensors",
                    help="the token file to write; an existing file is replaced only if it is a token file")
     p.add_argument("--quiet", action="store_true", help="no per-image lines")
