@@ -138,7 +138,8 @@ def test_stochastic_halting_is_seeded_and_reported(model, images):
     b = evaluate(model, images[:4], tokens="64", metrics="l1", seed=3)
     off = evaluate(model, images[:4], tokens="64", metrics="l1", halting="off")
     assert a.rows[0].metrics == b.rows[0].metrics
-    assert a.settings["halting"] == "stochastic" and a.settings["seed"] == 3 and not a.settings["deterministic"]
+    assert a.settings["halting"] == "official" and a.settings["seed"] == 3 and not a.settings["deterministic"]
+    assert a.rows[0].metrics != evaluate(model, images[:4], tokens="64", metrics="l1", seed=4).rows[0].metrics
     assert off.settings["deterministic"]
 
 

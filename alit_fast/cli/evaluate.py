@@ -39,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--backend", default="torch", help="torch, triton or official (attention / VQ kernels)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--halting", choices=HALTING_MODES, default="stochastic",
-                   help="stochastic (default: the official evaluation's, seeded by --seed), threshold, or off (deterministic)")
+    p.add_argument("--halting", choices=HALTING_MODES, default="official",
+                   help="official (default: as the official evaluation halts: stochastic with a VQGAN base, seeded by "
+                        "--seed; never with a VAE), stochastic, threshold, or off (deterministic)")
     p.add_argument("--seed", type=int, default=0, help="the stochastic halting's seed (rank r uses seed + r)")
     p.add_argument("--crop", choices=CROPS, default="center",
                    help="center: the official center crop at native resolution (default); resize: shorter side to the "

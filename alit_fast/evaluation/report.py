@@ -32,7 +32,7 @@ def markdown(report: EvalReport) -> str:
         f"{report.images} images, {report.seconds:.1f} s ({report.images / max(report.seconds, 1e-9):.1f} images/s), "
         f"world size {s.get('world_size', 1)}, {s.get('device')}, {s.get('dtype')}",
         f"halting {s.get('halting')}" + (f" (seed {s.get('seed')}: stochastic, as the official evaluation)"
-                                         if s.get("halting") == "stochastic" else " (deterministic)")
+                                         if not s.get("deterministic") else " (deterministic)")
         + f"; crop {s.get('crop')}; uint8 truncation {'on' if s.get('quantize_uint8') else 'off'}"
         + (f"; FID {s.get('fid_method')}" if s.get("fid_method") else ""),
         "",

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..inference import Criterion, StepView, TokenCount, criterion_name, parse_criterion, pixels_from_logits
+from ..inference import Criterion, StepView, criterion_name, parse_criterion, pixels_from_logits
 from ..inference.encode import check_criterion_fits, check_fallback
 from ..models import HALTING_MODES
 from .data import ImageFiles, png_bytes_per_pixel, to_unit
@@ -215,7 +215,7 @@ def evaluate(
     criteria: "Sequence[str | Criterion]" = (),
     metrics: "str | Sequence[str]" = ("l1", "l2", "psnr", "ssim"),
     batch_size: int = 16,
-    halting: str = "stochastic",
+    halting: str = "official",
     seed: int = 0,
     quantize: bool = True,
     fallback: str = "max",
@@ -235,8 +235,9 @@ def evaluate(
 
     ``tokens``: the fixed counts to report ("all" or a list); ``criteria``: adaptive rows (the
     CLI's criterion strings or Criterion objects; ``fallback`` as in ``encode``); ``metrics``: any
-    of l1, l2, psnr, ssim, lpips, fid. ``halting``: "stochastic" (the official evaluation; seeded
-    with ``seed``), "threshold" or "off" (deterministic). ``quantize``: the official PNG round
+    of l1, l2, psnr, ssim, lpips, fid. ``halting``: "official" (default: the official evaluation's,
+    stochastic with a VQGAN base, seeded with ``seed``, a no-op with a VAE), "stochastic",
+    "threshold" or "off" (deterministic). ``quantize``: the official PNG round
     trip's uint8 truncation of both sets. FID's weights are pytorch-fid's file (``fid_weights``
     or torch hub's cache); LPIPS's torchvision's VGG16 and lpips's v0.1 heads. ``fid_method``:
     "eigh" (the trace of the matrix square root from two symmetric eigendecompositions, on the
@@ -294,7 +295,7 @@ def evaluate(
         for n, c in zip(names, crits)
     ]
     generator = None
-    if halting == "stochastic":
+    if halting in ("stochastic", "official"):
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed) + rank)  # each rank its own stream (one process: the seed itself)
 
@@ -407,14 +408,16 @@ def evaluate(
         tokens_per_image = [(c + 1) * T for c in chosen]
         rows.append(EvalRow(a.name, "adaptive", means["mean_tokens"], row_metrics, means["images"],
                             means.get("psnr_exact_images", 0), hist, spearman(tokens_per_image, png)))
+    # "official" halts stochastically with a VQGAN base and never with a VAE (the official code's mask is lost)
+    deterministic = halting in ("off", "threshold") or (halting == "official" and getattr(cfg, "is_vae", False))
     settings = {
         "image_size": cfg.image_size,
         "tokens_per_iteration": T,
         "max_tokens": cfg.max_tokens,
         "metrics": list(metric_names),
         "halting": halting,
-        "seed": seed if halting == "stochastic" else None,
-        "deterministic": halting != "stochastic",
+        "seed": seed if not deterministic else None,
+        "deterministic": deterministic,
         "quantize_uint8": quantize,
         "crop": crop,
         "fallback": fallback if crits else None,
