@@ -129,10 +129,11 @@ def parse_metrics(spec: "str | Sequence[str]") -> tuple[str, ...]:
 def _batches(data, batch_size: int, rank: int, world: int, num_workers: int, size: int, crop: str):
     """(uint8 or float batch [b, 3, S, S], number of items) pairs of this rank's shard, and the
     shard's length when known."""
-    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-        data = ImageFiles(data, size, crop)
+    if isinstance(data, str) or hasattr(data, "__fspath__"):
+        folder = data
+        data = ImageFiles(folder, size, crop)
         if len(data) == 0:
-            raise ValueError(f"no image files found in {data.files and data.files[0] or 'the folder'}")
+            raise ValueError(f"no image files found in {folder}")
     if isinstance(data, torch.Tensor):
         if data.dim() == 3:
             data = data[None]
