@@ -169,3 +169,18 @@ def test_center_crop_follows_torchvision_rounding_and_padding(h, w):
         assert np.array_equal(out, padded[top : top + 32, left : left + 32])
         assert (out == 0).any()
     assert center_crop_box(33, 35, 32) == (0, 2)  # round(0.5) = 0, round(1.5) = 2
+
+
+def test_resize_crop_is_the_custom_images_transform_and_bad_files_are_named(tmp_path):
+    from alit_fast.evaluation.data import read_image
+
+    rng = np.random.default_rng(9)
+    array = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "wide.png")
+    got = read_image(tmp_path / "wide.png", 32, "resize")
+    resized = np.array(Image.fromarray(array).resize((51, 32), Image.BICUBIC))  # shorter side 40 -> 32
+    left = int(round((51 - 32) / 2))
+    assert torch.equal(got, torch.from_numpy(resized[:, left : left + 32]).permute(2, 0, 1))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        read_image(tmp_path / "broken.png", 32)
