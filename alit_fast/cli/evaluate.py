@@ -19,14 +19,14 @@ from ..evaluation import CROPS, FID_METHODS, METRICS, evaluate, parse_metrics, p
 from ..evaluation.data import ImageFiles
 from ..inference import FALLBACKS, parse_criterion
 from ..models import HALTING_MODES
-from ._common import device_from, load_model_or_report
+from ._common import OneLineParser, device_from, load_model_or_report
 
 PROG = "alit-fast evaluate"
 OUTPUTS = ("metrics.json", "metrics.md", "curves.png")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a folder of images (searched recursively; official center crop)")
     p.add_argument("--checkpoint", required=True, help="an alit_fast .safetensors file, an official checkpoint "
                    "(.pth; its 'ema' weights), or a bundled model name (demo)")
