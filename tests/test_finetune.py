@@ -1,8 +1,10 @@
 """Stage-2 training (--stage finetune): the generator loss falls on both backends, which
 discriminators train with and without --official-quirks, exact resume, official stage-2
-checkpoints (gan_losses.*) for inference and continued fine-tuning, LPIPS wiring, usage errors."""
+checkpoints (gan_losses.*) for inference and continued fine-tuning, LPIPS wiring, usage errors;
+the KL-VAE variant (loss falls, exact resume, adaptive weight at the VAE decoder's last layer)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -18,9 +20,10 @@ from safetensors.torch import load_file
 from alit_fast import ALIT
 from alit_fast.io import load_official
 from alit_fast.io.gan_checkpoint import discriminator_state, read_discriminators
-from alit_fast.testing import random_images, tiny_config
+from alit_fast.models.discriminator import hinge_g_loss
+from alit_fast.testing import random_images, tiny_config, tiny_vae_config
 from alit_fast.training.finetune import init_discriminators
-from alit_fast.training.finetune_loss import gan_factor, parse_gan_schedule
+from alit_fast.training.finetune_loss import LossOptions, gan_factor, generator_loss, last_layer, parse_gan_schedule
 from alit_fast.training.stages import main as train_main
 from tests._single_thread import one_thread  # noqa: F401
 from tests.test_lpips import official_lpips_keys, random_heads, random_vgg16
@@ -37,6 +40,17 @@ def files(tmp_path_factory):
     model = ALIT(cfg)
     model.save(str(root / "stage1.safetensors"))
     return {"root": root, "config": str(root / "tiny.json"), "init": str(root / "stage1.safetensors"), "model": model}
+
+
+@pytest.fixture(scope="module")
+def vae_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune_vae")
+    cfg = tiny_vae_config()
+    (root / "tiny_vae.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    torch.manual_seed(0)
+    model = ALIT(cfg)
+    model.save(str(root / "stage1.safetensors"))
+    return {"root": root, "config": str(root / "tiny_vae.json"), "init": str(root / "stage1.safetensors"), "model": model}
 
 
 def _run(files, out: Path, *extra: str) -> int:
@@ -258,3 +272,75 @@ def test_fp16_steps_the_grad_scaler_skips_do_not_stop_the_run(files, tmp_path):
     log = _log(tmp_path)
     assert len(log) == 2 and not all(r["grad_norm"] < float("inf") for r in log), [r["grad_norm"] for r in log]
     assert all(r["loss"] < float("inf") for r in log)
+
+
+# ---------------------------------------------------------------------------- the KL-VAE variant
+def test_few_vae_finetune_steps_lower_the_generator_loss(vae_files, tmp_path):
+    # as the VQGAN test: one fixed batch, GAN on, loss at iteration 0; a fresh posterior sample
+    # each step, so the fall is on the loss, not on one draw's noise
+    rc = _run(vae_files, tmp_path, "--steps", "4", "--data-length", "1", "--batch-size", "1", "--lr", "2e-3")
+    assert rc == 0
+    log = _log(tmp_path)
+    assert [r["kind"] for r in log] == ["generator"] * 4
+    assert all({"l1", "vq", "g_loss", "d_weight", "loss"} <= set(r) and r["vq"] > 0 for r in log)
+    assert log[-1]["loss"] < log[0]["loss"] * 0.95 and log[-1]["l1"] < log[0]["l1"], [r["loss"] for r in log]
+    # the whole KL-VAE trained (nothing of it is frozen, as official), the encoder included
+    final = load_file(tmp_path / "model.safetensors")
+    init = vae_files["model"].state_dict()
+    for key in ("base_tokenizer.vae.encoder.conv_in.weight", "base_tokenizer.vae.quant_conv.weight",
+                "base_tokenizer.vae.post_quant_conv.weight", "base_tokenizer.vae.decoder.conv_out.weight"):
+        assert not torch.equal(final[key], init[key]), key
+
+
+def test_vae_finetune_resume_is_exact(vae_files, tmp_path):
+    # g d | g d: the posterior samples of both kinds of step come from the checkpointed stream
+    common = ("--steps", "4", "--disc-every", "2", "--ema", "0.9", "--save-every", "100")
+    assert _run(vae_files, tmp_path / "full", *common) == 0
+    assert _run(vae_files, tmp_path / "split", *common, "--stop-at", "2") == 0
+    assert _run(vae_files, tmp_path / "split", *common, "--resume") == 0
+    drop = ("time", "images_per_s")
+    full = [{k: v for k, v in r.items() if k not in drop} for r in _log(tmp_path / "full")]
+    split = [{k: v for k, v in r.items() if k not in drop} for r in _log(tmp_path / "split")]
+    assert full == split and [r["kind"][0] for r in full] == list("gdgd")
+    for name in ("model.safetensors", "ema.safetensors", "discriminators.safetensors"):
+        a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "split" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_vae_adaptive_weight_is_taken_at_the_vae_decoders_last_layer(vae_files):
+    model = copy.deepcopy(vae_files["model"]).requires_grad_(True).double()
+    assert last_layer(model) is model.base_tokenizer.vae.decoder.conv_out.weight
+    disc = init_discriminators(1, NDF, 3, seed=0)[0].double()
+    images = random_images(2, 32, seed=4).double()
+    terms = generator_loss(model, disc, None, images, 1, 0.2, LossOptions(), torch.Generator().manual_seed(7))
+    # the reference: the same posterior sample, decoded, the gradient norms at the VAE's conv_out
+    vae = model.base_tokenizer.vae
+    mean, std = vae.posterior(images)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7)).double()
+    records = model.rollout(images, iterations=2, base=model.resolve_base(_vae_base(mean, std, noise, model)))
+    x_hat = vae.decode(records[1].logits.transpose(1, 2).reshape(2, -1, 8, 8))
+    rec = (images - x_hat).abs().mean()
+    g = hinge_g_loss(disc(x_hat))
+    w = vae.decoder.conv_out.weight
+    ref = torch.autograd.grad(rec, w, retain_graph=True)[0].norm() / (torch.autograd.grad(g, w)[0].norm() + 1e-4)
+    # the loss takes its L1 in float32
+    torch.testing.assert_close(terms["l1"].double(), rec.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["d_weight"].double(), ref, rtol=1e-5, atol=0)
+    # the encoder is trained through the posterior sample
+    terms["loss_graph"].backward()
+    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0 and vae.quant_conv.weight.grad.abs().sum() > 0
+
+
+def _vae_base(mean, std, noise, model):
+    from alit_fast.models import BaseOutput
+
+    return BaseOutput(z=model.base_tokenizer.latents(mean, std, noise=noise), mean=mean, std=std)
+
+
+def test_vae_continuous_tokens_have_no_vq_term():
+    torch.manual_seed(1)
+    model = ALIT(tiny_vae_config(quantize_latent=False)).requires_grad_(True)
+    disc = init_discriminators(1, NDF, 3, seed=0)[0]
+    terms = generator_loss(model, disc, None, random_images(2, 32, seed=5), 0, 0.0, LossOptions(),
+                           torch.Generator().manual_seed(3))
+    assert terms["vq"] == 0 and torch.equal(terms["loss"], terms["rec"]) and terms["rec"] > 0

@@ -6,6 +6,14 @@ code through the VQGAN decoder, and is either a generator step (L1 + LPIPS + ada
 GAN factor x hinge GAN loss + 1D VQ loss) or a discriminator step (hinge loss of D_k). There is
 one PatchGAN per iteration, with its own AdamW and GradScaler. See finetune_loss.py for the math.
 
+With a KL-VAE base (as the official ``adaptive_vae.py``) the same loop trains ALIT and the whole
+KL-VAE (encoder, decoder, quant_conv, post_quant_conv: the official stage 2 sets requires_grad on
+every base-tokenizer parameter, and the VAE has no codebook to keep frozen); only LPIPS is
+frozen. The pixels are the KL-VAE decode of the regressed latents (not unscaled, as official),
+the adaptive weight is taken at the VAE decoder's conv_out, and there is no KL term. The
+posterior sample is drawn from the run's device stream (seeded per rank, in the checkpoint), so
+a run repeats and resumes exactly; the official code draws it from the global CPU generator.
+
 Official defaults (ALIT_STAGE2_EVAL_FACTS.md part A): k is round-robin over the iterations, a
 counter reset at each epoch and advanced on generator steps; while the GAN factor is above 0,
 every ``--disc-every``-th step (9) of an epoch is a discriminator step; the GAN factor is 0, then
@@ -188,6 +196,7 @@ class FinetuneRun:
     disc_counter: int = 0  # the fixed discriminator round-robin (not reset)
     last_good: int | None = None
     per_epoch: bool = True  # the run is measured in epochs (the GAN schedule steps per epoch)
+    latent_gen: torch.Generator | None = None  # device stream: the VAE's posterior samples
 
     @property
     def ckpt_path(self) -> Path:
@@ -225,15 +234,15 @@ def build(args: argparse.Namespace, d: Dist) -> FinetuneRun:
     seed_everything(args.seed + d.rank)
     init_state, init_cfg = initial_weights(args.init)
     cfg = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
-    if getattr(cfg, "is_vae", False):
-        raise UsageError("stage 2 (--stage finetune) is implemented for the VQGAN base only; this config has a VAE base")
     model = ALIT(cfg)
     what = load_initial(model, init_state)
     if d.main:
         print(f"initialised {what} from {args.init}", flush=True)
-    # stage 2 trains everything but the VQGAN codebook (it only ever enters detached)
+    # stage 2 trains everything but the VQGAN codebook (it only ever enters detached); a KL-VAE
+    # base has no codebook and trains whole, as official
     model.requires_grad_(True)
-    model.base_tokenizer.vqgan.quantize.requires_grad_(False)
+    if not cfg.is_vae:
+        model.base_tokenizer.vqgan.quantize.requires_grad_(False)
     model.set_backend(args.backend)
     model.set_activation_checkpointing(args.activation_checkpointing)
 
@@ -288,6 +297,8 @@ def build(args: argparse.Namespace, d: Dist) -> FinetuneRun:
                               weight_decay=args.disc_weight_decay)
     scaler_g = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     scaler_d = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    # the VAE's posterior samples; seeded as stage 1's device stream
+    latent_gen = torch.Generator(device=device).manual_seed(args.seed * 1009 + d.rank + 1)
     options = LossOptions(lpips_weight=args.lpips_weight, lpips_unit_range=args.official_quirks,
                           gan_term_when_off=args.official_quirks)
     return FinetuneRun(
@@ -296,7 +307,7 @@ def build(args: argparse.Namespace, d: Dist) -> FinetuneRun:
         scaler_g=scaler_g, scaler_d=scaler_d, amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
         batches=batches, total_steps=total_steps, total_batch=total_batch, lr=lr,
         lr_at=lr_lambda(warmup, total_steps, args.min_lr / lr if lr > 0 else 0.0), options=options,
-        out=Path(args.out), per_epoch=per_epoch,
+        out=Path(args.out), per_epoch=per_epoch, latent_gen=latent_gen,
     )
 
 
@@ -304,6 +315,7 @@ def build(args: argparse.Namespace, d: Dist) -> FinetuneRun:
 def save(run: FinetuneRun) -> None:
     d = run.d
     rng = d.gather(rng_state())
+    latent = d.gather(run.latent_gen.get_state().cpu()) if run.latent_gen is not None else None
     if d.main:
         atomic_torch_save({
             "stage": STAGE,
@@ -315,6 +327,7 @@ def save(run: FinetuneRun) -> None:
             "scaler": run.scaler_g.state_dict() if run.scaler_g is not None else None,
             "scaler_discriminator": run.scaler_d.state_dict() if run.scaler_d is not None else None,
             "rng": rng,  # one entry per rank
+            "latent_generator": latent,  # one entry per rank
             "counters": {"generator": run.gen_counter, "discriminator": run.disc_counter},
             "step": run.step,
             "epoch": run.step // run.steps_per_epoch,
@@ -349,6 +362,8 @@ def resume(run: FinetuneRun, spec: str) -> None:
         if scaler is not None and ckpt[key] is not None:
             scaler.load_state_dict(ckpt[key])
     set_rng_state(ckpt["rng"][d.rank])
+    if run.latent_gen is not None and ckpt.get("latent_generator") is not None:
+        run.latent_gen.set_state(ckpt["latent_generator"][d.rank])
     run.gen_counter = ckpt["counters"]["generator"]
     run.disc_counter = ckpt["counters"]["discriminator"]
     run.step = run.last_good = ckpt["step"]
@@ -463,7 +478,7 @@ def finetune_step(run: FinetuneRun, batch: dict) -> StepOutput:
             run.disc_counter += 1
         disc = run.discriminators[k]
         with autocast:
-            terms = discriminator_loss(run.model, disc, images, k, factor)
+            terms = discriminator_loss(run.model, disc, images, k, factor, run.latent_gen)
         _set_lr(run.opt_d, lr)
         loss = terms.pop("loss_graph")
         grad_norm, skipped = _optimize(run, loss, run.opt_d, run.scaler_d, run.disc_params, run.disc_params)
@@ -478,7 +493,7 @@ def finetune_step(run: FinetuneRun, batch: dict) -> StepOutput:
         disc.requires_grad_(args.official_quirks)
         try:
             with autocast:
-                terms = generator_loss(run.model, disc, run.lpips, images, k, factor, run.options)
+                terms = generator_loss(run.model, disc, run.lpips, images, k, factor, run.options, run.latent_gen)
             _set_lr(run.opt_g, lr)
             loss = terms.pop("loss_graph")
             reduce = run.gen_params + (run.disc_params if args.official_quirks else [])

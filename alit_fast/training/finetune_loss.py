@@ -1,15 +1,20 @@
-"""The stage-2 ("full fine-tuning") losses of ALIT, VQGAN base.
+"""The stage-2 ("full fine-tuning") losses of ALIT, VQGAN or KL-VAE base.
 
-At the loss iteration k the image is rebuilt from the decoder's soft code (softmax of the
-logits times the frozen VQGAN codebook) through the VQGAN decoder, with gradients into ALIT and
-the VQGAN encoder and decoder. Generator loss:
+At the loss iteration k the image is rebuilt from the decoder's output with gradients into ALIT
+and the base tokenizer's encoder and decoder:
+- VQGAN base: the soft code (softmax of the logits times the frozen VQGAN codebook) through the
+  VQGAN decoder;
+- VAE base: the regressed latents through the KL-VAE decode, without undoing the 0.2325 scale
+  (as official); the encoder trains through its posterior sample, drawn from ``generator``.
+Generator loss:
 
     L1(x, x_hat) + lpips_weight * LPIPS(x, x_hat)
       + adaptive_weight * gan_factor * (-mean D_k(x_hat)) + the 1D VQ loss at k
 
-with taming's adaptive weight ||grad_W rec|| / (||grad_W g|| + 1e-4), clamped to [0, 1e4] and
-detached, W the VQGAN decoder's last conv. Discriminator loss: hinge on D_k(x) and D_k(x_hat
-detached), real and fake in two calls (BatchNorm statistics per call, as official).
+(no VQ loss for continuous tokens, no KL term for the VAE) with taming's adaptive weight
+||grad_W rec|| / (||grad_W g|| + 1e-4), clamped to [0, 1e4] and detached, W the base decoder's
+last conv (``last_layer``). Discriminator loss: hinge on D_k(x) and D_k(x_hat detached), real
+and fake in two calls (BatchNorm statistics per call, as official).
 
 Pure functions of modules and tensors; the loop, optimizers and schedule are in finetune.py.
 """
@@ -57,19 +62,35 @@ def gan_factor(schedule: tuple[tuple[float, float], ...], progress: float) -> fl
     return value
 
 
-def reconstruct(model: ALITCore, images: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixels rebuilt at ``iteration`` and that iteration's 1D VQ loss, with gradients into ALIT
-    and the VQGAN encoder and decoder (the codebook is detached in ``soft_code``).
+def reconstruct(
+    model: ALITCore, images: torch.Tensor, iteration: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels rebuilt at ``iteration`` and that iteration's 1D VQ loss (0 for continuous tokens),
+    with gradients into ALIT and the base tokenizer's encoder and decoder (the VQGAN codebook is
+    detached in ``soft_code``). For the VAE the posterior sample is drawn with ``generator`` (on
+    the images' device) and its gradient reaches the encoder through mean and std.
 
     Only iterations 0..k run and only k is decoded; halting is off: in the official stage 2 it
     is applied after the loss iteration's loss, so it never changes the loss. The VQGAN's own
     code lookup is skipped for the same reason (it only feeds halting)."""
-    z = model.base_tokenizer.vqgan.encoder(images)
-    carry, _ = model.start_carry(images, BaseOutput(z=z, gt_indices=None))
+    base = model.base_tokenizer
+    if model.config.is_vae:
+        mean, std = base.posterior(images)
+        code = BaseOutput(z=base.latents(mean, std, generator), mean=mean, std=std)
+    else:
+        code = BaseOutput(z=base.vqgan.encoder(images), gt_indices=None)
+    carry, _ = model.start_carry(images, code)
     for t in range(iteration + 1):
         out, carry = model.step(carry, t, None, decode=t == iteration, halting="off")
-    code = model.soft_code(out.logits)
-    return model.base_tokenizer.decode_latents(code), out.vq_loss
+    return model.reconstruct(out.logits), out.vq_loss
+
+
+def last_layer(model: ALITCore) -> torch.Tensor:
+    """The weight the adaptive weight balances the gradients at: the base decoder's last conv
+    (official ``vqgan.decoder.conv_out.weight`` / ``vae.decoder.conv_out.weight``)."""
+    base = model.base_tokenizer
+    decoder = base.vae.decoder if model.config.is_vae else base.vqgan.decoder
+    return decoder.conv_out.weight
 
 
 def adaptive_weight(rec: torch.Tensor, g: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
@@ -98,9 +119,11 @@ def generator_loss(
     iteration: int,
     factor: float,
     options: LossOptions,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The generator loss at ``iteration`` and its terms (0-d tensors; ``loss`` has the graph)."""
-    x_hat, vq_loss = reconstruct(model, images, iteration)
+    """The generator loss at ``iteration`` and its terms (0-d tensors; ``loss`` has the graph).
+    ``generator`` draws the VAE's posterior sample."""
+    x_hat, vq_loss = reconstruct(model, images, iteration, generator)
     l1 = (images.float() - x_hat.float()).abs().mean()
     rec = l1
     terms: dict[str, torch.Tensor] = {"l1": l1.detach(), "vq": vq_loss.detach()}
@@ -116,7 +139,7 @@ def generator_loss(
         g = hinge_g_loss(discriminator(x_hat))
         # the official code resets the discriminator weight to 0.2 while the GAN is off; its
         # product with the zero factor is zero either way
-        d_weight = adaptive_weight(rec, g, model.base_tokenizer.vqgan.decoder.conv_out.weight)
+        d_weight = adaptive_weight(rec, g, last_layer(model))
         loss = loss + d_weight * factor * g
         terms["g_loss"] = g.detach()
         terms["d_weight"] = d_weight
@@ -126,13 +149,19 @@ def generator_loss(
 
 
 def discriminator_loss(
-    model: ALITCore, discriminator: nn.Module, images: torch.Tensor, iteration: int, factor: float
+    model: ALITCore,
+    discriminator: nn.Module,
+    images: torch.Tensor,
+    iteration: int,
+    factor: float,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The hinge loss of the iteration's discriminator on real images and detached fakes."""
+    """The hinge loss of the iteration's discriminator on real images and detached fakes.
+    ``generator`` draws the VAE's posterior sample (the official step samples here too)."""
     with torch.no_grad():
         # the official step runs the generator with its graph and then discards every gradient
         # but the discriminator's; without one the result is the same
-        x_hat, _ = reconstruct(model, images, iteration)
+        x_hat, _ = reconstruct(model, images, iteration, generator)
     logits_real = discriminator(images)
     logits_fake = discriminator(x_hat.detach())
     d = factor_gate(factor) * hinge_d_loss(logits_real, logits_fake)
