@@ -551,11 +551,12 @@ def _bwd_dq_kernel(
 # * the dk/dv kernel holds k, v, dk, dv of its key block: BLOCK_N 64 needs 8 warps for D = 128;
 #   with atomics it also keeps a dq tile, so its lists are one step smaller;
 # * sm_89 (99 KB) only gets entries of at most 99 KB, e.g. no 3-stage 128 x 64 fp16 forward at D = 128.
-# The full AOT check at ALIT's shapes (2026-12-03, benchmarks/RESULTS.md) then removed the entries
-# that spilled 4-36 bytes in some variant, nearly always the one without lengths: ptxas settles on
-# an occupancy step (64, 80 or 128 registers) and spills to stay there, or runs out at 255. That is
-# why some lists are shorter, or differ per architecture; an explicit maxnreg per config (as
-# kernels/vq.py passes) may recover them, to be checked by another full run.
+# The full AOT check at ALIT's shapes (2026-12-03, benchmarks/RESULTS.md) then removed the 29
+# entries that spilled 4-36 bytes in some variant, nearly always the one without lengths: ptxas
+# settles on an occupancy step (64, 80 or 128 registers) and spills to stay there, or runs out at
+# 255. That is why some lists are shorter (sm_89's 16-bit dq at D = 128 keeps one entry) or differ
+# per architecture; an explicit maxnreg per config (as kernels/vq.py passes) may recover them, to
+# be checked by another full run.
 _T = tuple[int, int, int, int]
 # the FMA ("ieee") lists: one code on every architecture, but ptxas allocates differently per target
 _FMA_FWD = {64: [(32, 64, 8, 1), (32, 64, 8, 2), (64, 16, 8, 1), (32, 32, 8, 2)],
@@ -572,13 +573,14 @@ _FMA_DKDV_ATOMIC = {64: [(32, 32, 8, 2), (16, 32, 8, 2), (64, 16, 8, 1), (32, 16
                     ("sm89", 64): [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2), (64, 16, 8, 1)],
                     128: [(32, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)],
                     ("sm90", 128): [(16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)],
-                    ("sm89", 128): [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 1)]}
+                    ("sm89", 128): [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 1)]}
 _FMA_DQ = {64: [(32, 64, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2)],
            ("sm90", 64): [(32, 64, 8, 2), (64, 16, 8, 2), (16, 32, 8, 2)],
            ("sm89", 64): [(32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2)],
            128: [(16, 32, 8, 2), (64, 16, 8, 2)],
            ("sm90", 128): [(16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 2), (32, 16, 8, 1)],
            ("sm89", 128): [(16, 32, 8, 2), (64, 16, 8, 2), (32, 16, 8, 1)]}
+
 
 def _lists(tc: dict[tuple[str, str, int], list[_T]], fma: dict) -> dict[tuple[str, str, int], list[_T]]:
     out = dict(tc)
