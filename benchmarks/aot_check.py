@@ -1330,8 +1330,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true", help="a line on stderr per finished compile")
     parser.add_argument("--progress-jsonl", default=None, help="append each finished compile's JSON row here")
     args = parser.parse_args(argv)
-    # SIGTERM as an exception, so the worker processes are ended with this one
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     targets = [int(t) for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
@@ -1368,4 +1366,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM as an exception, so the worker processes are ended with this one (set here, not in
+    # main(), which tests call in their own process)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())
