@@ -23,7 +23,7 @@ setup(
         "pytest-benchmark",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "huggingface_hub>=0.23"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "scipy", "huggingface_hub>=0.23"],
         "demo": ["scikit-image"],
         "hub": ["huggingface_hub>=0.23"],
     },
