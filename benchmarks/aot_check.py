@@ -1191,7 +1191,11 @@ def run_check(
     try:
         with contextlib.ExitStack() as stack:
             pool = None
-            if workers > 1:
+            # in-process compiles are not reliable in a process that has used the interpreter:
+            # after a torch.compile of the interpreted kernels, triton.compile here failed
+            # ("'block_argument' object has no attribute 'dtype'"), so such a process always
+            # compiles in spawned workers, even for one
+            if workers > 1 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
                 # spawn, not fork: a fresh interpreter that imports the kernels with
                 # TRITON_INTERPRET=0 (real JITFunctions) and inherits no torch / triton state. The
                 # workers start now, so their imports overlap the capture; the variables are set
