@@ -238,8 +238,6 @@ def test_cli_refuses_a_data_path_that_is_not_a_folder(tmp_path, capsys):
     assert code == 2 and "is not a folder" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(os.environ.get("ALIT_FAST_SLOW_TESTS") != "1",
-                    reason="three CPU processes take ~15-40 s on 2 cores; set ALIT_FAST_SLOW_TESTS=1")
 def test_torchrun_two_processes_equal_one(image_dir, tmp_path):
     """``python -m alit_fast.evaluate`` under torchrun (2 CPU processes, gloo): the same report as
     one process, to float64 round-off (each image runs in the batch it has in one process; the

@@ -224,8 +224,6 @@ def test_stage1_ema_epoch_reset_copies_the_live_weights_at_each_epoch(files, tmp
     assert (at_4[key] - init).abs().max() > 1e-3
 
 
-@pytest.mark.skipif(os.environ.get("ALIT_FAST_SLOW_TESTS") != "1",
-                    reason="two torchrun processes take ~10-25 s on 2 CPU cores; set ALIT_FAST_SLOW_TESTS=1")
 def test_torchrun_two_processes_end_with_the_same_weights(files, tmp_path):
     # each rank sees other images: the same weights at the end need the gradient average (a
     # generator step and a discriminator step) and rank 0's BatchNorm statistics
