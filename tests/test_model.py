@@ -129,7 +129,7 @@ def test_sample_grad_iters_takes_the_loss_at_k_iterations(model):
     assert len(out.per_iteration) == 1
     full = model(images, halting="off")
     (t,) = out.per_iteration
-    assert out.per_iteration[t] == pytest.approx(full.per_iteration[t], rel=1e-5)
+    assert float(out.per_iteration[t]) == pytest.approx(float(full.per_iteration[t]), rel=1e-5)
 
 
 def test_vq_straight_through_and_loss(model):
