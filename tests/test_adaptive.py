@@ -256,3 +256,20 @@ def test_decoding_with_a_model_of_another_config_needs_an_explicit_opt_out(model
 def test_token_counts_off_the_iteration_grid_are_refused(model):
     with pytest.raises(ValueError, match="multiples of 4"):
         model.decode(_random_tokens(model, [4, 6]))
+
+
+def test_the_same_tokens_save_to_the_same_bytes(tmp_path):
+    # safetensors writes metadata in hash-map order; token files are rewritten with sorted keys so
+    # that equal batches give equal files (what the pre-tokenizer's resume and torchrun rely on)
+    from alit_fast.inference import TokenBatch
+
+    batch = TokenBatch.from_sequences([torch.tensor([1, 2, 3]), torch.tensor([4])], 16, config_json="{}",
+                                      checkpoint="demo", names=["a.png", "b.png"], extra={"x": "1", "y": "2"})
+    files = []
+    for i in range(4):
+        batch.save(tmp_path / f"t{i}.safetensors")
+        files.append((tmp_path / f"t{i}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    loaded = TokenBatch.load(tmp_path / "t0.safetensors")
+    assert loaded.names == ["a.png", "b.png"] and loaded.extra == {"x": "1", "y": "2"}
+    assert [s.tolist() for s in loaded.sequences()] == [[1, 2, 3], [4]]

@@ -30,7 +30,6 @@ from ..io.token_dataset import (
     encode_shard,
     list_sources,
     recorded_plan,
-    save_shard,
     owned_files,
     read_source,
     shard_is_done,
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
                   file=sys.stderr, disable=rank != 0 and world > 1) as bar:
             for k in todo:
                 batch = encode_shard(plan, k, lambda s: read_source(s, model.config.image_size), encode)
-                save_shard(batch, shard_path(args.out, k))
+                batch.save(shard_path(args.out, k))
                 done_images += len(plan.shard_sources(k))
                 bar.update(len(plan.shard_sources(k)))
         elapsed = time.perf_counter() - started

@@ -222,6 +222,7 @@ class TokenBatch:
         tmp = f"{path}.tmp"
         try:
             save_file(tensors, tmp, metadata=meta)
+            _canonical_header(tmp)
             os.replace(tmp, path)  # a killed run never leaves a half-written token file
         finally:
             if os.path.exists(tmp):
@@ -276,6 +277,19 @@ class TokenBatch:
 
 
 META_DIGEST_KEY = "sha256_meta"
+
+
+def _canonical_header(path: str) -> None:
+    """Rewrite a safetensors file's header with sorted keys. safetensors writes the metadata in
+    hash-map order, which differs from process to process, so the same tokens gave different
+    bytes (and a resumed or multi-process pre-tokenizer run could not match a one-process run)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    size = int.from_bytes(raw[:8], "little")
+    text = json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + raw[8 + size :])
 
 
 def _meta_digest(meta: dict[str, str]) -> str:

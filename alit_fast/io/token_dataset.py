@@ -172,22 +172,6 @@ def encode_shard(
     return batch
 
 
-def save_shard(batch: TokenBatch, path: str | os.PathLike) -> None:
-    """``batch.save`` with a canonical header: safetensors writes its metadata in hash-map order,
-    which differs from process to process, so the same tokens would give different bytes (and a
-    resumed or multi-process run would not match a one-process run byte for byte)."""
-    path = Path(path)
-    batch.save(path)
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
-    os.replace(tmp, path)
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
