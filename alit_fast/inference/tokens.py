@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import write_atomic
+
 FORMAT = "alit_fast.tokens.v1"
 CONTINUOUS_FORMAT = "alit_fast.tokens.continuous.v1"
 PAD = -1
@@ -219,14 +221,12 @@ class TokenBatch:
         for key, value in self.extra.items():
             meta[f"extra.{key}"] = value
         meta[META_DIGEST_KEY] = _meta_digest(meta)
-        tmp = f"{path}.tmp"
-        try:
+
+        def write(tmp: str) -> None:
             save_file(tensors, tmp, metadata=meta)
             _canonical_header(tmp)
-            os.replace(tmp, path)  # a killed run never leaves a half-written token file
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        write_atomic(path, write)  # a killed run never leaves a half-written token file
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TokenBatch":

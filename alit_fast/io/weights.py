@@ -9,6 +9,8 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save_file
 
+from ..files import write_atomic
+
 METADATA_CONFIG_KEY = "alit_fast_config"
 # sha256 over the config JSON and every tensor (name, dtype, shape, bytes), written at save: some
 # settings show in no tensor shape (heads, the halting threshold, the loss weights), so metadata
@@ -56,14 +58,8 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
     path = writable_file(path, "the model")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config_json = model.config.to_json()
-    tmp = f"{path}.tmp"
     metadata = {METADATA_CONFIG_KEY: config_json, "format": "pt", FINGERPRINT_KEY: fingerprint(config_json, tensors)}
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def check_device(device: str | torch.device, name: str = "device") -> torch.device:

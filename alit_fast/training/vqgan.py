@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from ..config import ALITConfig
+from ..files import write_atomic
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
 from .data import SyntheticImages, build_dataset
@@ -124,9 +125,7 @@ def evaluate(tok: BaseTokenizer, images: torch.Tensor) -> dict[str, float]:
 def save_base_tokenizer(tok: BaseTokenizer, cfg: ALITConfig, path: Path) -> None:
     """Weights under ``base_tokenizer.*`` with the ALIT config in the metadata."""
     tensors = {f"base_tokenizer.{k}": v.detach().contiguous().cpu() for k, v in tok.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_CONFIG_KEY: cfg.to_json(), "format": "pt"})
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_CONFIG_KEY: cfg.to_json(), "format": "pt"}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,31 @@
+"""Writing a file all at once: a temporary file beside it, then a rename.
+
+A kill mid-write leaves the old file or the new one, never half of one. The result gets the
+permissions an ordinary ``open()`` would give under the user's umask: safetensors creates its
+files private (0600), which on a shared machine hides models and token files from the group the
+user meant to share them with.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; put it straight back
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file, which then replaces ``path``; on error it is removed."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

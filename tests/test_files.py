@@ -1,0 +1,61 @@
+"""Files written all at once: whole or not at all, with the permissions the user's umask gives."""
+import os
+import stat
+
+import pytest
+import torch
+
+from alit_fast import ALIT
+from alit_fast.files import write_atomic
+from alit_fast.inference import TokenBatch
+from alit_fast.testing import tiny_config
+
+
+@pytest.fixture
+def umask():
+    def set_mask(mask: int) -> None:
+        os.umask(mask)
+
+    old = os.umask(0o022)
+    yield set_mask
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_model_and_token_files_get_the_umask_permissions_not_private_ones(tmp_path, umask, mask):
+    umask(mask)
+    torch.manual_seed(0)
+    model = ALIT(tiny_config())
+    model.save(str(tmp_path / "model.safetensors"))
+    codes = torch.randint(0, 16, (2, 8), dtype=torch.int32)
+    codes[0, 4:] = -1
+    tokens = TokenBatch(codes=codes, lengths=torch.tensor([4, 8]), codebook_size=16)
+    tokens.save(str(tmp_path / "tokens.safetensors"))
+    assert _mode(tmp_path / "model.safetensors") == 0o666 & ~mask
+    assert _mode(tmp_path / "tokens.safetensors") == 0o666 & ~mask
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "weights.bin"
+    target.write_bytes(b"old")
+
+    def half_then_fail(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(b"ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, half_then_fail)
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["weights.bin"]
+
+
+def test_a_write_replaces_the_file_in_one_step(tmp_path):
+    target = tmp_path / "weights.bin"
+    target.write_bytes(b"old")
+    write_atomic(target, lambda tmp: open(tmp, "wb").write(b"new"))
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["weights.bin"]
