@@ -47,7 +47,6 @@ import argparse
 import copy
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,6 +56,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import PRESETS, ALITConfig
+from ..files import write_atomic
 from ..io import ALIT, CheckpointError, load_state_strict
 from ..io.gan_checkpoint import DISCRIMINATOR_PREFIX, discriminator_state, read_discriminators
 from ..io.lpips_weights import LPIPSWeightsError, load_lpips
@@ -72,14 +72,13 @@ from .finetune_loss import (
 )
 from .train import (
     CHECKPOINT,
-    EXIT_NONFINITE,
-    LOG,
     Dist,
     EpochBatches,
-    JsonlLog,
-    NonFiniteLoss,
+    Progress,
+    Stage,
     UsageError,
     build_training_data,
+    drive,
     initial_weights,
     load_initial,
     lr_lambda,
@@ -379,7 +378,7 @@ def write_final(run: FinetuneRun) -> None:
         if run.ema is not None:
             run.ema.save(str(run.out / "ema.safetensors"))
         state = {k: v.detach().contiguous().cpu() for k, v in discriminator_state(run.discriminators).items()}
-        save_file(state, str(run.out / "discriminators.safetensors"))
+        write_atomic(run.out / "discriminators.safetensors", lambda tmp: save_file(state, tmp))
 
 
 # ---------------------------------------------------------------------------- one step
@@ -549,6 +548,18 @@ def _nonfinite_message(run: FinetuneRun, host: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- the loop
+def _record(run: FinetuneRun) -> Callable[[int, dict, StepOutput], dict]:
+    def record(epoch: int, host: dict, out: StepOutput) -> dict:
+        return {"step": run.step, "epoch": epoch, "kind": out.kind, "iteration": out.iteration,
+                "gan_factor": out.factor, **host["terms"], "grad_norm": host["grad_norm"], "lr": out.lr}
+
+    return record
+
+
+def _postfix(host: dict, out: StepOutput, rate: float) -> str:
+    return f"{out.kind[0]} k={out.iteration} " + " ".join(f"{k} {v:.3f}" for k, v in host["terms"].items())
+
+
 def train(args: argparse.Namespace) -> int:
     d = Dist()
     if args.threads > 0:
@@ -558,69 +569,17 @@ def train(args: argparse.Namespace) -> int:
     run = build(args, d)
     if args.resume:
         resume(run, args.resume)
-    log = JsonlLog(run.out / LOG, run.step if args.resume else None) if d.main else None
-    bar = None
-    if d.main and not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    health = Health(d.device)
-    stop_at = min(run.total_steps, args.stop_at) if args.stop_at is not None else run.total_steps
-    start = time.time()
-    since = (start, run.step)
-    status, timed_out = 0, False
     run.model.train()
     run.discriminators.train()
-    try:
-        while run.step < stop_at and not timed_out:
-            epoch, skip = divmod(run.step, run.steps_per_epoch)
-            for batch in run.batches.epoch(epoch, skip):
-                out = finetune_step(run, batch)
-                health.update(run.step, out)
-                if bar is not None:
-                    bar.update(1)
-                at_end = run.step >= stop_at
-                saving = run.step % args.save_every == 0 or at_end
-                reading = saving or run.step % args.log_every == 0
-                if args.time_limit is not None and (reading or not d.enabled):
-                    timed_out = not d.all_true(time.time() - start <= args.time_limit)
-                    saving = saving or timed_out
-                if reading or timed_out:
-                    host = read_step(run, out, health)
-                    if host["bad"]:
-                        raise NonFiniteLoss(_nonfinite_message(run, host))
-                    now = time.time()
-                    rate = run.total_batch * (run.step - since[1]) / max(now - since[0], 1e-9)
-                    since = (now, run.step)
-                    if log is not None:
-                        log.write({"step": run.step, "epoch": epoch, "kind": out.kind, "iteration": out.iteration,
-                                   "gan_factor": out.factor, **host["terms"], "grad_norm": host["grad_norm"],
-                                   "lr": out.lr, "images_per_s": rate, "time": round(now - start, 3)})
-                    if bar is not None:
-                        bar.set_postfix_str(f"{out.kind[0]} k={out.iteration} " + " ".join(
-                            f"{k} {v:.3f}" for k, v in host["terms"].items()))
-                if saving:
-                    save(run)
-                if at_end or timed_out:
-                    break
-        if timed_out and run.step < run.total_steps and d.main:
-            print(f"time limit reached at step {run.step}; continue with --resume", flush=True)
-        if run.step >= run.total_steps:
-            write_final(run)
-    except NonFiniteLoss as exc:
-        if d.main:
-            print(f"\nalit-fast train: {exc}", file=sys.stderr, flush=True)
-        status = EXIT_NONFINITE
-    finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-    if args.weights_digest:
-        print(f"rank {d.rank} weights sha256 {weights_digest(run.model)} discriminators "
-              f"{weights_digest(run.discriminators)}", flush=True)
-    d.close()
-    return status
+    return drive(run, args, Stage(
+        step=lambda batch: finetune_step(run, batch),
+        read=lambda out, health: read_step(run, out, health),
+        nonfinite_message=lambda host: _nonfinite_message(run, host),
+        save=lambda: save(run),
+        write_final=lambda: write_final(run),
+        progress=Progress(run, bool(args.resume), _record(run), _postfix),
+        digest=lambda: f"{weights_digest(run.model)} discriminators {weights_digest(run.discriminators)}",
+    ))
 
 
 def main(argv: list[str]) -> int:

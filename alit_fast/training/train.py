@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -700,10 +701,18 @@ def _nonfinite_message(run: Run, host: dict) -> str:
 
 # ---------------------------------------------------------------------------- logging
 class Progress:
-    """The JSONL log and the progress bar (rank 0)."""
+    """The JSONL log and the progress bar (rank 0). ``record(epoch, host, result)`` gives a read
+    step's log fields and ``postfix(host, result, rate)`` the bar's text; the throughput and the
+    elapsed time are added here."""
 
-    def __init__(self, run: Run, resumed: bool) -> None:
-        self.run = run
+    def __init__(
+        self,
+        run,
+        resumed: bool,
+        record: Callable[[int, dict, object], dict],
+        postfix: Callable[[dict, object, float], str],
+    ) -> None:
+        self.run, self.record, self.postfix = run, record, postfix
         self.log = JsonlLog(run.out / LOG, run.step if resumed else None) if run.d.main else None
         self.bar = None
         if run.d.main and not run.args.no_progress:
@@ -713,7 +722,7 @@ class Progress:
         self.start = time.time()
         self._since = (time.time(), run.step)
 
-    def write(self, epoch: int, host: dict, result: StepResult) -> None:
+    def write(self, epoch: int, host: dict, result) -> None:
         run = self.run
         now = time.time()
         t0, s0 = self._since
@@ -721,15 +730,9 @@ class Progress:
         self._since = (now, run.step)
         if self.log is None:
             return
-        self.log.write({"step": run.step, "epoch": epoch, "loss": host["loss"],
-                        "per_iteration": {str(k): v for k, v in host["per_iteration"].items()},
-                        "nll": {str(k): v for k, v in host["nll"].items()},
-                        "lr": run.opt.param_groups[0]["lr"], "grad_norm": host["grad_norm"],
-                        "images_per_s": rate, "time": round(now - self.start, 3),
-                        **({"codes_moved": result.codes_moved} if run.restarter is not None else {})})
+        self.log.write({**self.record(epoch, host, result), "images_per_s": rate, "time": round(now - self.start, 3)})
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {host['loss']:.3f} | iters {_fmt_iters(host['per_iteration'])} | "
-                                     f"{rate:.1f} img/s")
+            self.bar.set_postfix_str(self.postfix(host, result, rate))
 
     def tick(self) -> None:
         if self.bar is not None:
@@ -742,7 +745,86 @@ class Progress:
             self.log.close()
 
 
+def _stage1_record(run: Run) -> Callable[[int, dict, StepResult], dict]:
+    def record(epoch: int, host: dict, result: StepResult) -> dict:
+        return {"step": run.step, "epoch": epoch, "loss": host["loss"],
+                "per_iteration": {str(k): v for k, v in host["per_iteration"].items()},
+                "nll": {str(k): v for k, v in host["nll"].items()},
+                "lr": run.opt.param_groups[0]["lr"], "grad_norm": host["grad_norm"],
+                **({"codes_moved": result.codes_moved} if run.restarter is not None else {})}
+
+    return record
+
+
+def _stage1_postfix(host: dict, result: StepResult, rate: float) -> str:
+    return f"loss {host['loss']:.3f} | iters {_fmt_iters(host['per_iteration'])} | {rate:.1f} img/s"
+
+
 # ---------------------------------------------------------------------------- the loop
+@dataclass
+class Stage:
+    """What a training stage plugs into the shared loop: its step and how to read, log, save it."""
+
+    step: Callable[[object], object]  # one optimizer step on a batch -> its (device-side) result
+    read: Callable[[object, "Health"], dict]  # the one host read of a logging step; "bad" says stop
+    nonfinite_message: Callable[[dict], str]
+    save: Callable[[], None]
+    write_final: Callable[[], None]
+    progress: Progress
+    digest: Callable[[], str]
+    epoch_start: Callable[[int], None] | None = None  # before an epoch's first step
+
+
+def drive(run, args: argparse.Namespace, stage: Stage) -> int:
+    """Steps until ``--steps``/``--stop-at`` or ``--time-limit``, reading the device only where a
+    log line or a checkpoint needs it; a non-finite step stops the run with EXIT_NONFINITE."""
+    d = run.d
+    health = Health(d.device)
+    stop_at = min(run.total_steps, args.stop_at) if args.stop_at is not None else run.total_steps
+    status = 0
+    timed_out = False
+    try:
+        while run.step < stop_at and not timed_out:
+            epoch, skip = divmod(run.step, run.batches.steps_per_epoch)
+            if skip == 0 and stage.epoch_start is not None:
+                stage.epoch_start(epoch)
+            for batch in run.batches.epoch(epoch, skip):
+                result = stage.step(batch)
+                health.update(run.step, result)
+                stage.progress.tick()
+                at_end = run.step >= stop_at
+                saving = run.step % args.save_every == 0 or at_end
+                # host-only on one process; on several, every rank must agree (a collective), so
+                # it is asked only where the step reads the device anyway
+                reading = saving or run.step % args.log_every == 0
+                if args.time_limit is not None and (reading or not d.enabled):
+                    timed_out = not d.all_true(time.time() - stage.progress.start <= args.time_limit)
+                    saving = saving or timed_out
+                if reading or timed_out:
+                    host = stage.read(result, health)
+                    if host["bad"]:
+                        raise NonFiniteLoss(stage.nonfinite_message(host))
+                    stage.progress.write(epoch, host, result)
+                if saving:
+                    stage.save()
+                if at_end or timed_out:
+                    break
+        if timed_out and run.step < run.total_steps and d.main:
+            print(f"time limit reached at step {run.step}; continue with --resume", flush=True)
+        if run.step >= run.total_steps:
+            stage.write_final()
+    except NonFiniteLoss as exc:
+        if d.main:
+            print(f"\nalit-fast train: {exc}", file=sys.stderr, flush=True)
+        status = EXIT_NONFINITE
+    finally:
+        stage.progress.close()
+    if args.weights_digest:
+        print(f"rank {d.rank} weights sha256 {stage.digest()}", flush=True)
+    d.close()
+    return status
+
+
 def train(args: argparse.Namespace) -> int:
     d = Dist()
     if args.threads > 0:
@@ -752,52 +834,21 @@ def train(args: argparse.Namespace) -> int:
     run = build(args, d)
     if args.resume:
         resume(run, args.resume)
-    progress = Progress(run, resumed=bool(args.resume))
-    health = Health(d.device)
-    stop_at = min(run.total_steps, args.stop_at) if args.stop_at is not None else run.total_steps
-    status = 0
-    timed_out = False
     run.model.train()
-    try:
-        while run.step < stop_at and not timed_out:
-            epoch, skip = divmod(run.step, run.batches.steps_per_epoch)
-            if args.ema_epoch_reset and skip == 0 and run.ema is not None:
-                update_ema(run.ema, run.model, 0.0)
-            for batch in run.batches.epoch(epoch, skip):
-                result = train_step(run, batch)
-                health.update(run.step, result)
-                progress.tick()
-                at_end = run.step >= stop_at
-                saving = run.step % args.save_every == 0 or at_end
-                # host-only on one process; on several, every rank must agree (a collective), so
-                # it is asked only where the step reads the device anyway
-                reading = saving or at_end or run.step % args.log_every == 0
-                if args.time_limit is not None and (reading or not d.enabled):
-                    timed_out = not d.all_true(time.time() - progress.start <= args.time_limit)
-                    saving = saving or timed_out
-                if reading or timed_out:
-                    host = read_step(run, result, health)
-                    if host["bad"]:
-                        raise NonFiniteLoss(_nonfinite_message(run, host))
-                    progress.write(epoch, host, result)
-                if saving:
-                    save(run)
-                if at_end or timed_out:
-                    break
-        if timed_out and run.step < run.total_steps and d.main:
-            print(f"time limit reached at step {run.step}; continue with --resume", flush=True)
-        if run.step >= run.total_steps:
-            write_final(run)
-    except NonFiniteLoss as exc:
-        if d.main:
-            print(f"\nalit-fast train: {exc}", file=sys.stderr, flush=True)
-        status = EXIT_NONFINITE
-    finally:
-        progress.close()
-    if args.weights_digest:
-        print(f"rank {d.rank} weights sha256 {weights_digest(run.model)}", flush=True)
-    d.close()
-    return status
+
+    def reset_ema(epoch: int) -> None:
+        update_ema(run.ema, run.model, 0.0)
+
+    return drive(run, args, Stage(
+        step=lambda batch: train_step(run, batch),
+        read=lambda result, health: read_step(run, result, health),
+        nonfinite_message=lambda host: _nonfinite_message(run, host),
+        save=lambda: save(run),
+        write_final=lambda: write_final(run),
+        progress=Progress(run, bool(args.resume), _stage1_record(run), _stage1_postfix),
+        digest=lambda: weights_digest(run.model),
+        epoch_start=reset_ema if args.ema_epoch_reset and run.ema is not None else None,
+    ))
 
 
 def main(argv: list[str] | None = None) -> int:
