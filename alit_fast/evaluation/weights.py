@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.hub_cache import find_weights_file, hub_checkpoint_path
 from ..models.inception import FIDInceptionV3
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -18,18 +19,12 @@ class FIDWeightsError(FileNotFoundError):
 
 
 def default_fid_weights_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
+    return hub_checkpoint_path(FID_WEIGHTS_FILE)  # where pytorch-fid itself keeps it
 
 
 def find_fid_weights(path: str | os.PathLike | None = None) -> Path:
-    target = Path(path) if path is not None else default_fid_weights_path()
-    if not target.is_file():
-        where = "" if path is not None else " (torch hub's cache, where pytorch-fid keeps it)"
-        raise FIDWeightsError(
-            f"FID needs pytorch-fid's Inception weights {FID_WEIGHTS_FILE}: {target} not found; download "
-            f"{FID_WEIGHTS_URL} and put it there{where}, or pass --fid-weights PATH"
-        )
-    return target
+    return find_weights_file(path, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, "FID (pytorch-fid's Inception)", FIDWeightsError,
+                             "pass --fid-weights PATH")
 
 
 def load_fid_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:

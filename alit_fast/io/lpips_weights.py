@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..models.lpips import LPIPS, TAP_CHANNELS
+from .hub_cache import find_weights_file, hub_checkpoint_path
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -34,18 +35,12 @@ class LPIPSWeightsError(FileNotFoundError):
 
 
 def default_vgg16_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    return hub_checkpoint_path(VGG16_FILE)  # where torchvision itself keeps it
 
 
 def find_vgg16(path: str | os.PathLike | None = None) -> Path:
     """The VGG16 weights file: ``path``, else torch hub's cache."""
-    target = Path(path) if path is not None else default_vgg16_path()
-    if not target.is_file():
-        raise LPIPSWeightsError(
-            f"LPIPS needs torchvision's VGG16 weights: {target} not found; download {VGG16_URL} and put it "
-            f"there{'' if path is not None else ' (torch hub cache)'} or pass its path"
-        )
-    return target
+    return find_weights_file(path, VGG16_FILE, VGG16_URL, "LPIPS (torchvision's VGG16)", LPIPSWeightsError, "pass its path")
 
 
 def _lpips_package_dir() -> Path | None:

@@ -1,0 +1,28 @@
+"""Third-party weight files (pytorch-fid's Inception, torchvision's VGG16) found where torch hub
+caches them, ``torch.hub.get_dir()/checkpoints/``, or at a path the user gives. Nothing downloads:
+this machine or a cluster node may be offline, and a silent fetch would hide which file a number
+came from."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def hub_checkpoint_path(file_name: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+def find_weights_file(
+    path: str | os.PathLike | None, file_name: str, url: str, needed_by: str, error: type[Exception], how_to_pass: str
+) -> Path:
+    """``path``, else torch hub's cached ``file_name``; missing: ``error`` with one line saying which
+    file, where it goes and where to get it."""
+    target = Path(path) if path is not None else hub_checkpoint_path(file_name)
+    if not target.is_file():
+        where = "" if path is not None else " (torch hub's cache)"
+        raise error(
+            f"{needed_by} needs {file_name}: {target} not found; download {url} and put it there{where}, or {how_to_pass}"
+        )
+    return target
