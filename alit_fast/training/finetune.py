@@ -79,10 +79,10 @@ from .train import (
     UsageError,
     build_training_data,
     drive,
+    open_run,
     initial_weights,
     load_initial,
     lr_lambda,
-    prepare_out,
     update_ema,
 )
 from .train import parse_args as parse_stage1_args
@@ -561,14 +561,7 @@ def _postfix(host: dict, out: StepOutput, rate: float) -> str:
 
 
 def train(args: argparse.Namespace) -> int:
-    d = Dist()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    prepare_out(Path(args.out), bool(args.resume), args.overwrite, write=d.main)
-    d.barrier()
-    run = build(args, d)
-    if args.resume:
-        resume(run, args.resume)
+    run = open_run(args, build, resume)
     run.model.train()
     run.discriminators.train()
     return drive(run, args, Stage(

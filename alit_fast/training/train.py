@@ -825,7 +825,9 @@ def drive(run, args: argparse.Namespace, stage: Stage) -> int:
     return status
 
 
-def train(args: argparse.Namespace) -> int:
+def open_run(args: argparse.Namespace, build: Callable, resume: Callable):
+    """The process group, threads, the output folder (rank 0 prepares it while the others wait),
+    then ``build(args, d)`` and, with ``--resume``, ``resume(run, path)``."""
     d = Dist()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -834,6 +836,11 @@ def train(args: argparse.Namespace) -> int:
     run = build(args, d)
     if args.resume:
         resume(run, args.resume)
+    return run
+
+
+def train(args: argparse.Namespace) -> int:
+    run = open_run(args, build, resume)
     run.model.train()
 
     def reset_ema(epoch: int) -> None:
