@@ -15,8 +15,8 @@ import alit_fast
 from alit_fast.cli import main as cli_main
 from alit_fast.io import ALIT, CheckpointError, load_official
 from alit_fast.io.pretrained import load_model, parse_hub_spec
-from alit_fast.io.repo import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
-from alit_fast.testing import random_images, tiny_config
+from alit_fast.io.repo import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, model_card
+from alit_fast.testing import random_images, tiny_config, tiny_vae_config
 from tests._single_thread import one_thread  # noqa: F401
 
 hub = pytest.importorskip("huggingface_hub")
@@ -207,3 +207,14 @@ def test_convert_missing_entry_is_named(tmp_path, capsys):
     torch.save(ALIT(tiny_config()).state_dict(), ckpt)
     assert cli_main(["convert", str(ckpt), str(tmp_path / "o"), "--entry", "ema"]) == 2
     assert "no 'ema' entry" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, tiny_vae_config], ids=["vqgan", "vae"])
+def test_model_card_example_runs_on_the_model_it_describes(make_config):
+    torch.manual_seed(0)
+    model = ALIT(make_config()).eval()
+    card = model_card(model, repo_id="me/tiny")
+    example = next(line for line in card.splitlines() if "model.encode(" in line)
+    criterion = example.split('criterion="', 1)[1].split('"', 1)[0]
+    tokens = model.encode(torch.rand(2, 3, 32, 32), criterion=criterion)
+    assert tokens.lengths.shape == (2,)

@@ -61,7 +61,9 @@ def model_card(model: torch.nn.Module, repo_id: str | None = None, evaluation: d
         "```python",
         "import alit_fast",
         f'model = alit_fast.load_pretrained("hf-hub:{name}")',
-        'tokens = model.encode(images, criterion="code-acc:0.6")   # float [B, 3, H, W] in [0, 1]',
+        # the official encode API's rule and default: valid for VQGAN and VAE bases, and for models
+        # after stage 2 (whose codes no longer track the base tokenizer's)
+        'tokens = model.encode(images, criterion="pixel-l1:0.07")   # float [B, 3, H, W] in [0, 1]',
         "recon = model.decode(tokens)",
         "```",
         "",
