@@ -101,13 +101,14 @@ def test_visualize_png_panels_equal_recorded_attention(image_dir, tmp_path, caps
 
 
 def test_visualize_sorts_images_by_the_criterions_counts(image_dir, tmp_path, capsys):
+    from alit_fast.cli.demo import DEMO_CRITERION
     from alit_fast.io.visualize import sorted_by_count
 
     out = tmp_path / "viz.png"
     assert cli_main(["visualize", str(image_dir), "--out", str(out), "--sheets", "0", "--scale", "1"]) == 0
     model = alit_fast.load_pretrained("demo")
     images = torch.stack([load_image(p, 32) for p in find_images([image_dir])])
-    counts = [int(n) for n in model.encode(images, "code-acc:0.6").lengths.tolist()]
+    counts = [int(n) for n in model.encode(images, DEMO_CRITERION).lengths.tolist()]  # the default
     sheet = sorted_by_count(images, counts, scale=1)
     assert sheet.counts == sorted(counts)
     assert np.array_equal(np.array(Image.open(out).convert("RGB")), np.array(sheet.image))

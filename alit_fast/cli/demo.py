@@ -24,7 +24,7 @@ from ._common import (
     run_command,
 )
 
-DEMO_CRITERION = "code-acc:0.6"
+DEMO_CRITERION = "pixel-l1:0.12"  # chosen on validation images after stage 2 (benchmarks/demo_criterion_sweep.py)
 DEMO_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")
 # the demo's own images and the held-out evaluation images use seeds that training does not
 DEMO_SEED = 2024

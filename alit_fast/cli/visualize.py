@@ -13,6 +13,7 @@ from ..inference import check_criterion_fits, criterion_name, parse_criterion
 from ..io.images import find_images, load_image
 from ..io.visualize import sorted_by_count, stack, token_sheet
 from ._common import OneLineParser, add_model_args, device_from, load_model_or_report
+from .demo import DEMO_CRITERION
 
 PROG = "alit-fast visualize"
 
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-shown", type=int, default=8, help="attention maps for the first K tokens (default 8)")
     p.add_argument("--layer", default="mean", help="decoder layer of the maps: 'mean' over all (default) or an index")
     p.add_argument("--sheets", type=int, default=4, help="token sheets for the first N images (default 4)")
-    p.add_argument("--criterion", default="code-acc:0.6", help="criterion of the sorted grid (default code-acc:0.6, the demo's)")
+    p.add_argument("--criterion", default=DEMO_CRITERION, help=f"criterion of the sorted grid (default {DEMO_CRITERION}, the demo's)")
     p.add_argument("--max-images", type=int, default=64, help="at most this many images are read (default 64)")
     p.add_argument("--scale", type=int, default=4, help="pixel enlargement of every panel (default 4)")
     return p

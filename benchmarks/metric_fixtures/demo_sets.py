@@ -1,9 +1,11 @@
-"""Write the image folders the README's evaluation table is measured on:
+"""Write the image folders the README's evaluation table and pictures are made from:
 
     python -m benchmarks.metric_fixtures.demo_sets --out eval_sets
     # eval_sets/heldout: the 100 held-out synthetic images of `alit-fast demo --evaluate` (seed 777777,
     #                    20 per complexity level; training never drew this seed), 32x32 PNGs, lossless
     # eval_sets/photos:  scikit-image's bundled colour photographs (no download), as PNGs at full size
+    # eval_sets/demo:    the 14 images of `alit-fast demo` (32x32), named so that a flat colour, a
+    #                    few shapes and a photograph come first: docs/visualize.png's token sheets
 """
 from __future__ import annotations
 
@@ -47,12 +49,26 @@ def write_photos(folder: Path) -> int:
     return count
 
 
+def write_demo(folder: Path, size: int = 32) -> int:
+    from alit_fast.cli.demo import demo_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    items = demo_images(size)
+    first = ["flat-0", "few_shapes-0", "chelsea"]
+    ordered = [it for name in first for it in items if it.name == name] + [it for it in items if it.name not in first]
+    for k, item in enumerate(ordered):
+        array = (item.image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(folder / f"{k:02d}_{item.name}.png")
+    return len(ordered)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="eval_sets")
     args = p.parse_args()
     out = Path(args.out)
-    print(f"{write_heldout(out / 'heldout')} held-out images, {write_photos(out / 'photos')} photographs -> {out}")
+    print(f"{write_heldout(out / 'heldout')} held-out images, {write_photos(out / 'photos')} photographs, "
+          f"{write_demo(out / 'demo')} demo images -> {out}")
 
 
 if __name__ == "__main__":
