@@ -12,8 +12,14 @@ from typing import Callable
 
 
 def _umask() -> int:
-    # os.umask can only be read by setting it; put it straight back
-    mask = os.umask(0o022)
+    try:  # Linux: readable without touching it (setting it, even briefly, races other threads' files)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere it can only be read by setting it; put it straight back
     os.umask(mask)
     return mask
 
@@ -24,7 +30,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     tmp = f"{path}.tmp"
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError:  # a file system without POSIX modes (vfat, some network mounts)
+            pass
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

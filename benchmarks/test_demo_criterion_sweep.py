@@ -7,10 +7,12 @@ import torch
 from alit_fast import ALIT
 from alit_fast.config import VQGANConfig
 from alit_fast.testing import tiny_config
-from benchmarks.demo_criterion_sweep import main
+import benchmarks.demo_criterion_sweep as sweep_module
+from alit_fast.cli.demo import HELD_OUT_SEED, ClaimFigures
+from benchmarks.demo_criterion_sweep import VALIDATION_SEED, main
 
 
-def test_sweep_picks_the_best_validation_criterion_and_reports_it_held_out(tmp_path, capsys):
+def test_sweep_script_reports_every_candidate_and_the_chosen_one_held_out(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = tiny_config(vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48))
     path = tmp_path / "tiny.safetensors"
@@ -24,9 +26,22 @@ def test_sweep_picks_the_best_validation_criterion_and_reports_it_held_out(tmp_p
     assert list(rows) == candidates
     # a fixed count gives every image the same count: no correlation, so never chosen over a finite one
     assert math.isnan(rows[candidates[0]]["spearman"])
-    finite = [s for s in candidates if not math.isnan(rows[s]["spearman"])]
-    if finite:
-        best = max(rows[s]["spearman"] for s in finite)
-        assert result["chosen"] in finite and rows[result["chosen"]]["spearman"] == best
+    assert result["chosen"] in candidates[1:]
     assert result["held_out"]["num_images"] == 10
     assert f"held-out set (seed 777777), {result['chosen']}" in capsys.readouterr().out
+
+
+def test_sweep_chooses_the_best_validation_spearman_then_fewer_tokens_and_runs_only_it_held_out(monkeypatch):
+    table = {"a": (0.70, 30.0), "b": (0.90, 40.0), "c": (0.90, 20.0), "d": (math.nan, 8.0)}
+    calls = []
+
+    def figures(model, spec, per_level, seed):
+        calls.append((spec, seed))
+        spearman, tokens = table[spec]
+        return ClaimFigures(spearman=spearman, tokens_per_level={0: tokens, 4: tokens}, error_per_tokens={8: 0.1},
+                            num_images=2 * per_level)
+
+    monkeypatch.setattr(sweep_module, "evaluate_claims", figures)
+    result = sweep_module.sweep(None, list(table), per_level=1)
+    assert result["chosen"] == "c"  # ties with b on Spearman, fewer tokens
+    assert calls == [(s, VALIDATION_SEED) for s in table] + [("c", HELD_OUT_SEED)]

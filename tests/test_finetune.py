@@ -224,6 +224,18 @@ def test_stage1_ema_epoch_reset_copies_the_live_weights_at_each_epoch(files, tmp
     assert (at_4[key] - init).abs().max() > 1e-3
 
 
+def test_stage2_takes_the_same_ema_epoch_reset_switch(files, tmp_path):
+    # as in stage 1: 4 steps per epoch, an EMA that barely moves holds the weights of step 4
+    out = tmp_path / "reset"
+    common = ("--ema", "0.99999999", "--ema-epoch-reset", "--lr", "1e-2", "--steps", "5")
+    assert _run(files, out, *common, "--stop-at", "4") == 0
+    at_4 = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert _run(files, out, *common, "--resume") == 0
+    key = "encoder.transformer.0.mlp.c_fc.weight"
+    torch.testing.assert_close(load_file(out / "ema.safetensors")[key], at_4[key], rtol=0, atol=1e-6)
+    assert (at_4[key] - files["model"].state_dict()[key]).abs().max() > 1e-3
+
+
 def test_torchrun_two_processes_end_with_the_same_weights(files, tmp_path):
     # each rank sees other images: the same weights at the end need the gradient average (a
     # generator step and a discriminator step) and rank 0's BatchNorm statistics

@@ -459,7 +459,7 @@ def finetune_step(run: FinetuneRun, batch: dict) -> StepOutput:
     step_in_epoch = run.step % run.steps_per_epoch
     if step_in_epoch == 0:
         run.gen_counter = 0
-        if args.official_quirks and run.ema is not None:
+        if (args.official_quirks or args.ema_epoch_reset) and run.ema is not None:
             update_ema(run.ema, run.model, 0.0)  # the official per-epoch EMA reset
     factor = gan_factor(run.args.gan_schedule_points, run.progress())
     images = batch["image"].to(device, non_blocking=True)

@@ -87,7 +87,9 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
         return
     out.mkdir(parents=True, exist_ok=True)
     # what a kill mid-write leaves: checkpoints (atomic_torch_save) and final weights (ALIT.save)
-    stale = [*out.glob(f".{CHECKPOINT}.tmp*"), *(out / f"{name}.tmp" for name in RUN_FILES if name.endswith(".safetensors"))]
+    # discriminators.safetensors: stage 2's third weights file
+    weights = [name for name in RUN_FILES if name.endswith(".safetensors")] + ["discriminators.safetensors"]
+    stale = [*out.glob(f".{CHECKPOINT}.tmp*"), *(out / f"{name}.tmp" for name in weights)]
     for path in stale:
         if path.is_file():
             path.unlink()
