@@ -42,6 +42,7 @@ SECTIONS = (
     "adaptive-encode",
     "train",
     "train-compiled",
+    "train-stage2",
 )
 
 # used for the floors when a ceiling could not be measured: the bf16 matmul rate and the copy
@@ -500,6 +501,60 @@ def sec_train_compiled(s: Suite) -> None:
     _train(s, [name for name, _, _, compiled in TRAIN_VARIANTS if compiled])
 
 
+def sec_train_stage2(s: Suite) -> None:
+    """Stage 2 (``--stage finetune``) through its command line on this device, both backends: the
+    two GradScalers under the GPU's default fp16 autocast, the adaptive GAN weight, discriminator
+    steps, a stop and an exact-position resume. Seeded random weights of the suite's model (the
+    official per-GPU batch of 12 at full size); LPIPS off, as no VGG16 weights are on the machine."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from alit_fast import ALIT
+    from alit_fast.training.stages import main as train_main
+
+    cfg = s.sizes.model
+    batch, steps = (2, 4) if s.smoke else (12, 16)
+    scratch = Path(tempfile.mkdtemp(prefix="alit_stage2_"))
+    try:
+        torch.manual_seed(0)
+        init = scratch / "stage1.safetensors"
+        ALIT(cfg).save(str(init))
+        for backend in ("triton", "torch"):
+            if s.out_of_time():
+                s.add(case="stage-2 step", provider=backend, status="skipped", note="time budget spent")
+                continue
+            out = scratch / backend
+            argv = ["--stage", "finetune", "--init", str(init), "--data", "synthetic", "--data-length", "100000",
+                    "--batch-size", str(batch), "--steps", str(steps), "--warmup", "0", "--lpips", "off",
+                    "--gan-schedule", "0:0.2", "--disc-every", "3", "--backend", backend, "--workers", "0",
+                    "--threads", "0", "--log-every", "1", "--save-every", str(steps), "--no-progress",
+                    "--out", str(out)]
+            if s.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            first = train_main(argv + ["--stop-at", str(steps // 2)])
+            second = train_main(argv + ["--resume"]) if first == 0 else None
+            records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").exists() else []
+            numbers = [v for r in records for k, v in r.items() if isinstance(v, float) and k not in ("lr", "time")]
+            kinds = {r.get("kind") for r in records}
+            ok = (first == 0 and second == 0 and [r["step"] for r in records] == list(range(1, steps + 1))
+                  and all(math.isfinite(v) for v in numbers) and kinds == {"generator", "discriminator"}
+                  and (out / "ema.safetensors").exists())
+            # the resumed half, past its first step (which pays for the restart)
+            rates = sorted(r["images_per_s"] for r in records[steps // 2 + 1:] if r.get("kind") == "generator")
+            row = {"case": f"stage-2 step B{batch} ({cfg.image_size}px, {cfg.iterations} iterations), "
+                           f"{'fp16' if s.device.type == 'cuda' else 'fp32'}, LPIPS off",
+                   "provider": backend, "status": "ok" if ok else "fail",
+                   "images_per_s": rates[len(rates) // 2] if rates else None,
+                   "note": f"exit {first}/{second}; {len(records)} log rows; kinds {sorted(k for k in kinds if k)}"}
+            if s.device.type == "cuda":
+                row["peak_abs_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            s.add(**row)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 RUNNERS: dict[str, Callable[[Suite], None]] = {
     "environment": sec_environment,
     "ceilings": sec_ceilings,
@@ -513,6 +568,7 @@ RUNNERS: dict[str, Callable[[Suite], None]] = {
     "adaptive-encode": sec_adaptive,
     "train": sec_train,
     "train-compiled": sec_train_compiled,
+    "train-stage2": sec_train_stage2,
 }
 
 
@@ -677,7 +733,8 @@ def render_markdown(report: dict) -> str:
                              if not isinstance(v, list)).replace("|", "/")
             lines.append(f"| {r['case']} | {r['provider']} | {r['status'].upper()} | {errs} | {_fmt(r.get('tol'))} |")
         lines.append("")
-    for name in ("ceilings", "attention", "vq", "block", "rollout", "adaptive-encode", "train", "train-compiled"):
+    for name in ("ceilings", "attention", "vq", "block", "rollout", "adaptive-encode", "train", "train-compiled",
+                 "train-stage2"):
         sec = report["sections"].get(name)
         if not sec:
             continue

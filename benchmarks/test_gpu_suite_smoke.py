@@ -46,6 +46,9 @@ def test_gpu_suite_smoke(tmp_path):
         rows = report["sections"][name]["rows"]
         skipped = name == "adaptive-encode" and rows and all(r["status"] == "skipped" for r in rows)
         assert skipped or any(r.get("ms") for r in rows), name
+    # stage 2 ran on both backends, stopped and resumed (a failed check is a "fail" row, caught above)
+    stage2 = report["sections"]["train-stage2"]["rows"]
+    assert sorted(r["provider"] for r in stage2) == ["torch", "triton"] and all(r.get("images_per_s") for r in stage2)
     assert "## Summary against the goals" in markdown
     assert proc.stdout.rstrip().endswith(markdown.rstrip().splitlines()[-1])
     print(f"gpu_suite --smoke took {seconds:.1f} s")
