@@ -5,6 +5,7 @@ import torch
 
 from alit_fast import ALIT
 from alit_fast.inference.criteria import (
+    DEFAULT_CRITERION,
     CodeAccuracy,
     CodeNLL,
     FunctionCriterion,
@@ -16,7 +17,7 @@ from alit_fast.inference.criteria import (
     parse_criterion,
     pixels_from_logits,
 )
-from alit_fast.testing import random_images, tiny_config
+from alit_fast.testing import random_images, tiny_config, tiny_vae_config
 from _single_thread import one_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -278,3 +279,16 @@ def test_a_callable_returning_scores_instead_of_bools_is_refused(model):
 def test_encode_bounds_and_batch_size_are_checked(model, kwargs):
     with pytest.raises(ValueError, match="must be"):
         model.encode(random_images(2, 32), "tokens:4", **kwargs)
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, tiny_vae_config], ids=["vqgan", "vae"])
+def test_default_criterion_is_the_official_pixel_rule_and_fits_every_base(make_config):
+    # a code criterion as the default raised on every VAE-based model
+    assert parse_criterion(DEFAULT_CRITERION) == PixelL1(0.07)
+    torch.manual_seed(0)
+    model = ALIT(make_config()).eval()
+    images = random_images(3, model.config.image_size)
+    gen = torch.Generator().manual_seed(1)  # the VAE's posterior sample
+    default = model.encode(images, generator=gen)
+    explicit = model.encode(images, criterion="pixel-l1:0.07", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(default.lengths, explicit.lengths)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ..inference import (
+    DEFAULT_CRITERION,
     FALLBACKS,
     TokenBatch,
     check_criterion_fits,
@@ -62,8 +63,9 @@ def _encode_parser() -> argparse.ArgumentParser:
     add_model_args(p, "demo")
     p.add_argument(
         "--criterion",
-        default="code-acc:0.9",
-        help="when an image has enough tokens: tokens:N, code-acc:F, code-nll:F or pixel-l1:F (default code-acc:0.9)",
+        default=DEFAULT_CRITERION,
+        help="when an image has enough tokens: tokens:N, code-acc:F, code-nll:F, pixel-l1:F or code-mae:F "
+             f"(default {DEFAULT_CRITERION}, the official encode rule)",
     )
     p.add_argument("--min-tokens", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..inference import (
+    DEFAULT_CRITERION,
     FALLBACKS,
     check_criterion_fits,
     check_fallback,
@@ -47,7 +48,8 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     add_model_args(p, "demo")
     p.add_argument("--out", required=True, help="the output directory (new, empty, or a run of the same plan to resume)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default 1000)")
-    p.add_argument("--criterion", default="code-acc:0.9", help="tokens:N, code-acc:F, code-nll:F or pixel-l1:F")
+    p.add_argument("--criterion", default=DEFAULT_CRITERION,
+                   help=f"tokens:N, code-acc:F, code-nll:F, pixel-l1:F or code-mae:F (default {DEFAULT_CRITERION})")
     p.add_argument("--min-tokens", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--fallback", choices=FALLBACKS, default="max",

@@ -2,6 +2,7 @@
 batches and a re-creation of the official procedure. Functions take an ``ALITCore``; the
 ``alit_fast.ALIT`` methods (``start``, ``encode``, ``decode``) call them."""
 from .criteria import (
+    DEFAULT_CRITERION,
     CodeAccuracy,
     CodeMAE,
     CodeNLL,
@@ -32,6 +33,7 @@ from .rollout import ImageResult, RolloutState, StepOutput, compile_step, start
 from .tokens import PAD, TokenBatch, code_dtype
 
 __all__ = [
+    "DEFAULT_CRITERION",
     "CodeAccuracy",
     "CodeMAE",
     "CodeNLL",

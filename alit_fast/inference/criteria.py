@@ -197,6 +197,11 @@ class FunctionCriterion(Criterion):
         return f"FunctionCriterion({getattr(self.fn, '__name__', self.fn)!r})"
 
 
+# what encode uses when not told: the official encode API's rule and threshold. It reads pixels,
+# so it fits both base tokenizers and models after stage 2, whose codes no longer track the
+# VQGAN's (a code criterion, faster since it needs no pixel decode, is for stage-1 VQGAN models)
+DEFAULT_CRITERION = "pixel-l1:0.07"
+
 # name -> (criterion class, how its value is read: int("7.5") raises, a count is whole)
 _PARSERS: dict[str, tuple[type, Callable[[str], float]]] = {
     "tokens": (TokenCount, int),
@@ -243,6 +248,7 @@ def criterion_name(criterion: Criterion) -> str:
 
 
 __all__ = [
+    "DEFAULT_CRITERION",
     "CodeAccuracy",
     "CodeMAE",
     "CodeNLL",

@@ -16,7 +16,7 @@ import torch
 
 from ..models import ALITCore
 from ..models.alit import image_range_error, image_shape_error, images_in_range
-from .criteria import Criterion, StepView, TokenCount, criterion_name, l1_per_image, parse_criterion, pixels_from_logits
+from .criteria import DEFAULT_CRITERION, Criterion, StepView, TokenCount, criterion_name, l1_per_image, parse_criterion, pixels_from_logits
 from .rollout import RolloutState, StepFn
 from .tokens import TokenBatch
 
@@ -192,7 +192,7 @@ def _raise_bad_inputs(images: torch.Tensor, in_range: torch.Tensor) -> None:
 def encode(
     model: ALITCore,
     images: torch.Tensor,
-    criterion: "str | Criterion | Callable[[StepView], object]" = "code-acc:0.9",
+    criterion: "str | Criterion | Callable[[StepView], object]" = DEFAULT_CRITERION,
     min_tokens: int | None = None,
     max_tokens: int | None = None,
     batch_size: int | None = None,

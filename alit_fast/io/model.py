@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..inference import Criterion, RolloutState, StepView, TokenBatch, compile_step, decode, encode, start
+from ..inference import DEFAULT_CRITERION, Criterion, RolloutState, StepView, TokenBatch, compile_step, decode, encode, start
 from ..models import ALITCore
 from .repo import push_to_hub, save_pretrained
 from .weights import save_model
@@ -29,7 +29,7 @@ class ALIT(ALITCore):
     def encode(
         self,
         images: torch.Tensor,
-        criterion: "str | Criterion | Callable[[StepView], object]" = "code-acc:0.9",
+        criterion: "str | Criterion | Callable[[StepView], object]" = DEFAULT_CRITERION,
         min_tokens: int | None = None,
         max_tokens: int | None = None,
         batch_size: int | None = None,
