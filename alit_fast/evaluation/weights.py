@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.hub_cache import find_weights_file, hub_checkpoint_path
+from ..io.hub_cache import find_weights_file, hub_checkpoint_path, read_state_file
 from ..models.inception import FIDInceptionV3
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -30,12 +30,7 @@ def find_fid_weights(path: str | os.PathLike | None = None) -> Path:
 def load_fid_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
     """pytorch-fid's FID Inception-v3 with its weights, frozen, in eval mode (batch-norm statistics)."""
     file = find_fid_weights(path)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FIDWeightsError(f"{file} could not be read as a torch state dict ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict):
-        raise FIDWeightsError(f"{file} holds a {type(state).__name__}, not a state dict")
+    state = read_state_file(file, FIDWeightsError)
     with torch.device("meta"):  # no random init of 24M parameters that the file replaces
         model = FIDInceptionV3()
     expected = model.state_dict()

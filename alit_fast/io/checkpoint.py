@@ -14,13 +14,18 @@ from safetensors import safe_open
 
 from ..config import ALITConfig, VAEConfig, VQGANConfig
 from .model import ALIT
-from .weights import METADATA_CONFIG_KEY, CheckpointError, check_device, read_safetensors, save_model
+from .weights import (
+    METADATA_CONFIG_KEY,
+    CheckpointError,
+    check_checkpoint_file,
+    read_safetensors,
+    save_model,
+    strip_wrappers,
+)
 
 IGNORED_PREFIXES = ("gan_losses.",)
 # a bare LDM / MAR KL autoencoder file (MAR's kl16.ckpt, which the official code saves as vae.ckpt)
 AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-# what DDP or torch.compile wrap around parameter names
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping, map_location: str | torch.device) -> dict:
@@ -37,12 +42,7 @@ def read_checkpoint(
     if isinstance(path_or_state_dict, Mapping):
         raw = dict(path_or_state_dict)
     else:
-        path = os.fspath(path_or_state_dict)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if os.path.isdir(path):
-            raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-        check_device(map_location, "map_location")  # else a wrong device reads as an unreadable file
+        path = check_checkpoint_file(path_or_state_dict, map_location)
         if path.endswith(".safetensors"):
             raw = read_safetensors(path, map_location)[0]
         else:
@@ -69,9 +69,7 @@ def read_checkpoint(
     for key, value in raw.items():
         if not isinstance(value, torch.Tensor):
             continue
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
+        key = strip_wrappers(key)
         if key.startswith(IGNORED_PREFIXES):
             continue
         state[key] = value

@@ -15,11 +15,10 @@ from collections.abc import Mapping
 
 import torch
 
-from .weights import CheckpointError
+from .weights import CheckpointError, strip_wrappers
 
 DISCRIMINATOR_PREFIX = "gan_losses."
 _KEY = re.compile(r"^gan_losses\.(\d+)\.discriminator\.(.+)$")
-_WRAPPERS = ("module.", "_orig_mod.")
 # where a checkpoint dict keeps its state dicts, in the order looked at: the live discriminators
 # first (an official ``ema`` holds an average of them, or their start values: its update skips buffers)
 _ENTRIES = ("discriminators", "model", "ema", "state_dict")
@@ -60,10 +59,7 @@ def read_discriminators(
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 continue
-            for prefix in _WRAPPERS:
-                if key.startswith(prefix):
-                    key = key[len(prefix) :]
-            m = _KEY.match(key)
+            m = _KEY.match(strip_wrappers(key))
             if m:
                 found.setdefault(int(m.group(1)), {})[m.group(2)] = value.to(map_location)
         if found:

@@ -26,3 +26,15 @@ def find_weights_file(
             f"{needed_by} needs {file_name}: {target} not found; download {url} and put it there{where}, or {how_to_pass}"
         )
     return target
+
+
+def read_state_file(path: str | os.PathLike, error: type[Exception]) -> dict:
+    """The state dict a weights file holds (``torch.load``, weights only); ``error`` names a file
+    that cannot be read or holds something else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(f"{path} could not be read as a torch state dict ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise error(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..models.lpips import LPIPS, TAP_CHANNELS
-from .hub_cache import find_weights_file, hub_checkpoint_path
+from .hub_cache import find_weights_file, hub_checkpoint_path, read_state_file
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -70,16 +70,6 @@ def find_lpips_heads(path: str | os.PathLike | None = None) -> Path:
     if not target.is_file():
         raise LPIPSWeightsError(f"LPIPS heads file {target} not found in the installed lpips package; pass its path")
     return target
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise LPIPSWeightsError(f"{path} could not be read as a torch state dict ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(raw, dict):
-        raise LPIPSWeightsError(f"{path} holds a {type(raw).__name__}, not a state dict")
-    return raw
 
 
 def lpips_state_dict(vgg: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,14 +142,15 @@ def load_lpips(
             source = Path(checkpoint)
             if not source.is_file():
                 raise LPIPSWeightsError(f"checkpoint {source} not found")
-            raw = _read(source)
+            raw = read_state_file(source, LPIPSWeightsError)
         state = lpips_state_from_official(raw)
         if not state:
             raise LPIPSWeightsError(f"{source} holds no gan_losses.0.perceptual_loss.* (not an official stage-2 checkpoint)")
         _check(model, state, source, source)
     else:
         vgg_file, heads_file = find_vgg16(vgg_path), find_lpips_heads(heads_path)
-        state = lpips_state_dict(_read(vgg_file), _read(heads_file))
+        vgg, heads = (read_state_file(f, LPIPSWeightsError) for f in (vgg_file, heads_file))
+        state = lpips_state_dict(vgg, heads)
         _check(model, state, vgg_file, heads_file)
     model.load_state_dict(state, strict=True)
     model.requires_grad_(False).eval()

@@ -73,11 +73,21 @@ def check_device(device: str | torch.device, name: str = "device") -> torch.devi
     return dev
 
 
-def read_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """(tensors, metadata) of a safetensors file; a missing, directory or unreadable file is named,
-    and a recorded fingerprint is checked."""
-    from safetensors import safe_open
+# what DDP or torch.compile wrap around parameter names
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
+
+def strip_wrappers(key: str) -> str:
+    """A parameter name without the DDP / torch.compile prefixes a checkpoint may carry."""
+    for prefix in WRAPPER_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def check_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device) -> str:
+    """``path`` as a str, once it is known to name a file and ``map_location`` a device here:
+    otherwise the reader's error would blame the file for what is a wrong path or device."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
@@ -85,7 +95,16 @@ def read_safetensors(path: str | os.PathLike, map_location: str | torch.device =
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    check_device(map_location, "map_location")  # else a wrong device reads as a damaged file
+    check_device(map_location, "map_location")
+    return path
+
+
+def read_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file; a missing, directory or unreadable file is named,
+    and a recorded fingerprint is checked."""
+    from safetensors import safe_open
+
+    path = check_checkpoint_file(path, map_location)
     try:
         with safe_open(path, framework="pt", device=str(map_location)) as f:
             meta = dict(f.metadata() or {})
