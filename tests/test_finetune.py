@@ -31,26 +31,23 @@ from tests.test_lpips import official_lpips_keys, random_heads, random_vgg16
 NDF = 8  # a narrow PatchGAN keeps the tests fast; the official width (64) is tested on a checkpoint
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    cfg = tiny_config()
-    (root / "tiny.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+def _stage1_files(root: Path, cfg, config_name: str) -> dict:
+    """A seeded stage-1 model file and its config file, as stage 2 starts from them."""
+    (root / config_name).write_text(json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(0)
     model = ALIT(cfg)
     model.save(str(root / "stage1.safetensors"))
-    return {"root": root, "config": str(root / "tiny.json"), "init": str(root / "stage1.safetensors"), "model": model}
+    return {"root": root, "config": str(root / config_name), "init": str(root / "stage1.safetensors"), "model": model}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return _stage1_files(tmp_path_factory.mktemp("finetune"), tiny_config(), "tiny.json")
 
 
 @pytest.fixture(scope="module")
 def vae_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune_vae")
-    cfg = tiny_vae_config()
-    (root / "tiny_vae.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    torch.manual_seed(0)
-    model = ALIT(cfg)
-    model.save(str(root / "stage1.safetensors"))
-    return {"root": root, "config": str(root / "tiny_vae.json"), "init": str(root / "stage1.safetensors"), "model": model}
+    return _stage1_files(tmp_path_factory.mktemp("finetune_vae"), tiny_vae_config(), "tiny_vae.json")
 
 
 def _run(files, out: Path, *extra: str) -> int:
