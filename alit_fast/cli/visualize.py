@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
 from ..inference import check_criterion_fits, criterion_name, parse_criterion
 from ..io.images import find_images, load_image
 from ..io.visualize import sorted_by_count, stack, token_sheet
-from ._common import OneLineParser, add_model_args, device_from, load_model_or_report
+from ..files import write_atomic
+from ._common import (
+    OneLineParser,
+    UsageError,
+    add_model_args,
+    check_output_file,
+    check_positive,
+    device_from,
+    load_model_or_raise,
+    run_command,
+)
 from .demo import DEMO_CRITERION
 
 PROG = "alit-fast visualize"
@@ -34,62 +43,53 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-
-    def fail(message: str) -> int:
-        print(f"{PROG}: {message}", file=sys.stderr)
-        return 2
-
-    for flag, value, low in (("--tokens-shown", args.tokens_shown, 1), ("--sheets", args.sheets, 0),
-                             ("--max-images", args.max_images, 1), ("--scale", args.scale, 1), ("--batch-size", args.batch_size, 1)):
-        if value < low:
-            return fail(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--tokens-shown", args.tokens_shown), ("--max-images", args.max_images),
+                        ("--scale", args.scale), ("--batch-size", args.batch_size)):
+        check_positive(flag, value)
+    if args.sheets < 0:
+        raise UsageError(f"--sheets must be >= 0, got {args.sheets}")
     layer: str | int = args.layer
     if layer != "mean":
         try:
             layer = int(layer)
         except ValueError:
-            return fail(f"--layer must be 'mean' or a layer index, got {args.layer!r}")
+            raise UsageError(f"--layer must be 'mean' or a layer index, got {args.layer!r}") from None
     if not args.out.lower().endswith(".png"):
-        return fail(f"--out {args.out}: the picture is a PNG; give a .png name")
-    if os.path.isdir(args.out):
-        return fail(f"--out {args.out} is a directory; give a file name")
+        raise UsageError(f"--out {args.out}: the picture is a PNG; give a .png name")
+    check_output_file(args.out)
     if os.path.exists(args.out) and not args.overwrite:
-        return fail(f"--out {args.out} exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        return fail(f"--out {args.out}: the folder {parent} does not exist or is not writable")
+        raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
     missing = [p for p in args.inputs if not os.path.exists(p)]
     if missing:
-        return fail(f"no such file or directory: {missing[0]}")
+        raise UsageError(f"no such file or directory: {missing[0]}")
     paths = find_images(args.inputs)[: args.max_images]
     if not paths:
-        return fail(f"no images found in {', '.join(args.inputs)}")
-    try:
-        device = device_from(args.device)
-    except ValueError as exc:
-        return fail(str(exc))
-    model = load_model_or_report(args.checkpoint, args.backend, device, PROG)
-    if model is None:
-        return 2
+        raise UsageError(f"no images found in {', '.join(args.inputs)}")
+    device = device_from(args.device)
+    model = load_model_or_raise(args.checkpoint, args.backend, device)
     cfg = model.config
     if args.tokens_shown > cfg.max_tokens:
-        return fail(f"--tokens-shown {args.tokens_shown}: the model makes at most {cfg.max_tokens} tokens")
+        raise UsageError(f"--tokens-shown {args.tokens_shown}: the model makes at most {cfg.max_tokens} tokens")
     depth = cfg.layers
     if layer != "mean" and not -depth <= layer < depth:
-        return fail(f"--layer {layer}: the decoder has {depth} layers")
+        raise UsageError(f"--layer {layer}: the decoder has {depth} layers")
     spec = args.criterion
     try:
         criterion = parse_criterion(spec)
         check_criterion_fits(model, criterion)
     except (ValueError, TypeError) as exc:
-        return fail(f"--criterion {spec}: {exc}")
+        raise UsageError(f"--criterion {spec}: {exc}") from exc
     images = []
     for path in paths:
         try:
             images.append(load_image(path, cfg.image_size))
         except (OSError, ValueError) as exc:
-            return fail(f"cannot read image {path}: {exc}")
+            raise UsageError(f"cannot read image {path}: {exc}") from exc
     batch = torch.stack(images).to(device)
     sheets = []
     if args.sheets:
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = [int(n) for n in tokens.lengths.tolist()]
         sheets.append(sorted_by_count(batch.cpu(), counts, scale=args.scale))
     picture = stack(sheets) if len(sheets) > 1 else sheets[0]
-    tmp = args.out + ".tmp.png"
-    picture.image.save(tmp)
-    os.replace(tmp, args.out)
+    write_atomic(args.out, lambda tmp: picture.image.save(tmp, format="PNG"))
     what = f"{min(len(paths), args.sheets)} token sheet(s)"
     if len(paths) > 1:
         what += f", {len(paths)} images sorted by {criterion_name(criterion)}"
