@@ -192,12 +192,19 @@ def test_convert_refuses_an_existing_model_directory(tmp_path, capsys):
     assert (out / WEIGHTS_NAME).read_bytes() == before
 
 
-@pytest.mark.parametrize("make,needle", [
-    (lambda d: str(d / "missing.pth"), "no such file"),
-    (lambda d: str(d), "is a directory"),
+def _garbage(d: Path) -> str:
+    (d / "garbage.pth").write_bytes(b"not a checkpoint")
+    return str(d / "garbage.pth")
+
+
+@pytest.mark.parametrize("make,needle,extra", [
+    (lambda d: str(d / "missing.pth"), "no such file", []),
+    (lambda d: str(d), "is a directory", []),
+    (_garbage, "could not be read", []),
+    (_garbage, "could not be read", ["--entry", "ema"]),  # the entry is read before load_official
 ])
-def test_convert_bad_checkpoint_is_one_line(tmp_path, capsys, make, needle):
-    assert cli_main(["convert", make(tmp_path), str(tmp_path / "o")]) == 2
+def test_convert_bad_checkpoint_is_one_line(tmp_path, capsys, make, needle, extra):
+    assert cli_main(["convert", make(tmp_path), str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("alit-fast convert: ") and needle in err and "\n" not in err
 

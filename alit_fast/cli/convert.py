@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Mapping
 
-import torch
-
 from ..io import CheckpointError, load_official
-from ._common import OneLineParser
+from ..io.weights import read_checkpoint_file
+from ._common import OneLineParser, UsageError, check_positive, run_command
 from ..io.repo import REPO_FILES, push_to_hub, save_pretrained
 
 PROG = "alit-fast convert"
@@ -34,7 +32,7 @@ def _source(path: str, entry: str | None) -> str | Mapping:
     """The path itself, or the chosen entry of a model/ema checkpoint (with its recorded config)."""
     if entry is None:
         return path
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = read_checkpoint_file(path)
     if not isinstance(raw, Mapping) or not isinstance(raw.get(entry), Mapping):
         have = sorted(k for k, v in raw.items() if isinstance(v, Mapping)) if isinstance(raw, Mapping) else []
         raise CheckpointError(f"{path} has no {entry!r} entry (it has: {', '.join(have) or 'none'})")
@@ -45,29 +43,27 @@ def _source(path: str, entry: str | None) -> str | Mapping:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-
-    def fail(message: str) -> int:
-        print(f"{PROG}: {message}", file=sys.stderr)
-        return 2
-
     if not os.path.isfile(args.checkpoint):
-        return fail(f"{args.checkpoint}: " + ("is a directory" if os.path.isdir(args.checkpoint) else "no such file"))
-    if args.num_heads is not None and args.num_heads < 1:
-        return fail(f"--num-heads must be >= 1, got {args.num_heads}")
+        raise UsageError(f"{args.checkpoint}: " + ("is a directory" if os.path.isdir(args.checkpoint) else "no such file"))
+    check_positive("--num-heads", args.num_heads)
     if args.push and not args.repo_id:
-        return fail("--push needs --repo-id OWNER/REPO")
+        raise UsageError("--push needs --repo-id OWNER/REPO")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return fail(f"{args.out} exists and is not a directory")
+        raise UsageError(f"{args.out} exists and is not a directory")
     present = [n for n in REPO_FILES if os.path.exists(os.path.join(args.out, n))]
     if present and not args.overwrite:
-        return fail(f"{args.out} already holds {', '.join(present)}; pass --overwrite to replace them")
+        raise UsageError(f"{args.out} already holds {', '.join(present)}; pass --overwrite to replace them")
     try:
         model = load_official(_source(args.checkpoint, args.entry), num_heads=args.num_heads)
         save_pretrained(model, args.out, repo_id=args.repo_id, overwrite=args.overwrite)
         if args.push:
             print(push_to_hub(model, args.repo_id))
     except (CheckpointError, ValueError, OSError, RuntimeError) as exc:
-        return fail(str(exc).splitlines()[0] if "\n" not in str(exc) else str(exc).replace("\n", " "))
+        raise UsageError(str(exc)) from exc  # run_command puts it on one line
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0

@@ -17,7 +17,7 @@ from .model import ALIT
 from .weights import (
     METADATA_CONFIG_KEY,
     CheckpointError,
-    check_checkpoint_file,
+    read_checkpoint_file,
     read_safetensors,
     save_model,
     strip_wrappers,
@@ -42,17 +42,7 @@ def read_checkpoint(
     if isinstance(path_or_state_dict, Mapping):
         raw = dict(path_or_state_dict)
     else:
-        path = check_checkpoint_file(path_or_state_dict, map_location)
-        if path.endswith(".safetensors"):
-            raw = read_safetensors(path, map_location)[0]
-        else:
-            try:
-                raw = torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as exc:  # pickles with argparse namespaces etc. need the full unpickler
-                raise CheckpointError(
-                    f"{path} could not be read with torch.load(weights_only=True) ({exc}). If you trust the file, "
-                    "load it yourself with torch.load(path, weights_only=False) and pass the dict to load_official."
-                ) from exc
+        raw = read_checkpoint_file(path_or_state_dict, map_location)
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"the checkpoint holds a {type(raw).__name__}, not a state dict")
     config = None

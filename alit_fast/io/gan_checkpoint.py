@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .weights import CheckpointError, strip_wrappers
+from .weights import CheckpointError, read_checkpoint_file, strip_wrappers
 
 DISCRIMINATOR_PREFIX = "gan_losses."
 _KEY = re.compile(r"^gan_losses\.(\d+)\.discriminator\.(.+)$")
@@ -30,27 +30,11 @@ def discriminator_state(discriminators: torch.nn.ModuleList) -> dict[str, torch.
             for k, v in d.state_dict().items()}
 
 
-def _load(path: str) -> Mapping:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} could not be read with torch.load(weights_only=True) ({exc}); if you trust "
-                              "it, load it with weights_only=False and pass the dict") from exc
-
-
 def read_discriminators(
     path_or_state: str | os.PathLike | Mapping, map_location: str | torch.device = "cpu"
 ) -> dict[int, dict[str, torch.Tensor]]:
     """{iteration: that discriminator's state dict (``main.*`` keys)}; empty if there are none."""
-    raw = path_or_state if isinstance(path_or_state, Mapping) else _load(os.fspath(path_or_state))
+    raw = path_or_state if isinstance(path_or_state, Mapping) else read_checkpoint_file(path_or_state)
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"the checkpoint holds a {type(raw).__name__}, not a state dict")
     candidates = [raw[e] for e in _ENTRIES if isinstance(raw.get(e), Mapping)] + [raw]

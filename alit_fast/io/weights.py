@@ -113,3 +113,18 @@ def read_safetensors(path: str | os.PathLike, map_location: str | torch.device =
         raise CheckpointError(f"{path} cannot be read as a safetensors file ({exc})") from exc
     check_fingerprint(path, meta, tensors)
     return tensors, meta
+
+
+def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
+    """What a checkpoint file holds: a safetensors file's tensors, else ``torch.load``'s object
+    (weights only); a missing, directory or unreadable file is a CheckpointError naming it."""
+    path = check_checkpoint_file(path, map_location)
+    if path.endswith(".safetensors"):
+        return read_safetensors(path, map_location)[0]
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickles with argparse namespaces etc. need the full unpickler
+        raise CheckpointError(
+            f"{path} could not be read with torch.load(weights_only=True) ({exc}). If you trust the file, "
+            "load it yourself with torch.load(path, weights_only=False) and pass the dict instead of the path."
+        ) from exc
