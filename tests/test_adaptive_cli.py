@@ -121,6 +121,20 @@ def test_demo_writes_a_grid_and_prints_token_counts(checkpoint, tmp_path, capsys
         assert grid.width > 5 * 128 and grid.height > 2 * 128
 
 
+def test_demo_replaces_its_own_picture_but_not_a_users_file(checkpoint, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    args = ["--checkpoint", checkpoint, "--out", str(out), "--per-level", "1", "--no-photos"]
+    assert demo_main(args) == 0 and demo_main(args) == 0  # the README's command, run twice
+    mine = tmp_path / "mine.png"
+    Image.new("RGB", (4, 4), "red").save(mine)
+    before = mine.read_bytes()
+    capsys.readouterr()
+    assert demo_main(args[:3] + [str(mine)] + args[4:]) == 2
+    err = capsys.readouterr().err
+    assert "left alone" in err and "--overwrite" in err and mine.read_bytes() == before
+    assert demo_main(args[:3] + [str(mine)] + args[4:] + ["--overwrite"]) == 0 and mine.read_bytes() != before
+
+
 def test_evaluate_claims_reports_both_figures(checkpoint):
     from alit_fast.io import load
 

@@ -55,7 +55,7 @@ def device_from(name: str) -> torch.device:
     return device
 
 
-def check_output_file(path: str, replaceable=None, flag: str = "--out") -> None:
+def check_output_file(path: str, replaceable=None, flag: str = "--out", overwrite_flag: str | None = None) -> None:
     """Refuse before any work an --out that cannot be written: a directory, or a missing or
     read-only parent folder; and one that exists but is not a file this command writes
     (``replaceable(path)`` says whether it is): a user's file is never overwritten."""
@@ -67,8 +67,9 @@ def check_output_file(path: str, replaceable=None, flag: str = "--out") -> None:
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag} {path}: the folder {parent} is not writable")
     if replaceable is not None and os.path.exists(path) and not replaceable(path):
+        way_out = f"pass {overwrite_flag}" if overwrite_flag else "remove it first"
         raise UsageError(f"{flag} {path} exists and is not a file this command wrote; it is left alone "
-                         "(give another name, or remove it first)")
+                         f"(give another name, or {way_out})")
 
 
 def check_output_dir(path: str, flag: str = "--out") -> None:

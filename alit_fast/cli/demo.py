@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from ..inference import check_criterion_fits, l1_per_image, parse_criterion, pixels_from_logits
 from ..io.images import center_crop, to_tensor
@@ -163,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default=DEMO_CRITERION)
     p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--out", default="alit_demo.png", help="where the PNG grid goes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out this command did not write (its own PNG is replaced anyway)")
     p.add_argument("--per-level", type=int, default=2, help="synthetic images per complexity level")
     p.add_argument("--no-photos", action="store_true", help="leave out the scikit-image photographs")
     p.add_argument("--evaluate", action="store_true", help="also print the paper-claim figures on held-out images")
@@ -172,7 +174,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 PROG = "alit-fast demo"
+# a PNG text chunk marking the grids this command writes, so a rerun replaces its own picture and
+# never a user's file of the same name
+MARK = ("Software", PROG)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _written_here(path: str) -> bool:
+    try:
+        with Image.open(path) as picture:
+            return picture.info.get(MARK[0]) == MARK[1]
+    except (OSError, ValueError):
+        return False
+
+
+def _save(grid: Image.Image, path: str) -> None:
+    if path.lower().endswith(".png"):
+        info = PngImagePlugin.PngInfo()
+        info.add_text(*MARK)
+        grid.save(path, pnginfo=info)
+    else:
+        grid.save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +209,7 @@ def _main(argv: list[str] | None) -> int:
         criterion = parse_criterion(args.criterion)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
-    check_output_file(args.out)
+    check_output_file(args.out, replaceable=lambda path: args.overwrite or _written_here(path), overwrite_flag="--overwrite")
     if not args.out.lower().endswith(IMAGE_SUFFIXES):
         raise UsageError(f"--out {args.out}: give an image file name ({', '.join(IMAGE_SUFFIXES)})")
     model = load_model_or_raise(args.checkpoint, args.backend, "cpu")
@@ -208,7 +230,7 @@ def _main(argv: list[str] | None) -> int:
     for item, n, err in zip(items, lengths, errors):
         level = str(item.level) if item.level >= 0 else "photo"
         print(f"{item.name:<22}{level:>6}{n:>8}{err:>9.4f}")
-    make_grid(items, reconstructions, lengths).save(args.out)
+    _save(make_grid(items, reconstructions, lengths), args.out)
     print(f"wrote {args.out}")
     if args.evaluate:
         print()
