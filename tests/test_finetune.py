@@ -221,10 +221,11 @@ def test_stage1_ema_epoch_reset_copies_the_live_weights_at_each_epoch(files, tmp
     assert (at_4[key] - init).abs().max() > 1e-3
 
 
-def test_stage2_takes_the_same_ema_epoch_reset_switch(files, tmp_path):
+@pytest.mark.parametrize("switch", ["--ema-epoch-reset", "--official-quirks"])
+def test_stage2_resets_the_ema_each_epoch_when_asked_or_as_an_official_quirk(files, tmp_path, switch):
     # as in stage 1: 4 steps per epoch, an EMA that barely moves holds the weights of step 4
     out = tmp_path / "reset"
-    common = ("--ema", "0.99999999", "--ema-epoch-reset", "--lr", "1e-2", "--steps", "5")
+    common = ("--ema", "0.99999999", switch, "--lr", "1e-2", "--steps", "5")
     assert _run(files, out, *common, "--stop-at", "4") == 0
     at_4 = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     assert _run(files, out, *common, "--resume") == 0

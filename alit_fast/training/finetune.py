@@ -79,6 +79,7 @@ from .train import (
     UsageError,
     build_training_data,
     drive,
+    ema_epoch_reset,
     open_run,
     initial_weights,
     load_initial,
@@ -459,8 +460,6 @@ def finetune_step(run: FinetuneRun, batch: dict) -> StepOutput:
     step_in_epoch = run.step % run.steps_per_epoch
     if step_in_epoch == 0:
         run.gen_counter = 0
-        if (args.official_quirks or args.ema_epoch_reset) and run.ema is not None:
-            update_ema(run.ema, run.model, 0.0)  # the official per-epoch EMA reset
     factor = gan_factor(run.args.gan_schedule_points, run.progress())
     images = batch["image"].to(device, non_blocking=True)
     images_ok = images_in_range(images)
@@ -572,6 +571,7 @@ def train(args: argparse.Namespace) -> int:
         write_final=lambda: write_final(run),
         progress=Progress(run, bool(args.resume), _record(run), _postfix),
         digest=lambda: f"{weights_digest(run.model)} discriminators {weights_digest(run.discriminators)}",
+        epoch_start=ema_epoch_reset(run, args.official_quirks or args.ema_epoch_reset),  # a quirk, or asked for
     ))
 
 

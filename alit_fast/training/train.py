@@ -827,6 +827,14 @@ def drive(run, args: argparse.Namespace, stage: Stage) -> int:
     return status
 
 
+def ema_epoch_reset(run, enabled: bool) -> Callable[[int], None] | None:
+    """The official per-epoch EMA reset (the live weights copied into the EMA) as a
+    ``Stage.epoch_start``; None when it is off or the run keeps no EMA."""
+    if not enabled or run.ema is None:
+        return None
+    return lambda epoch: update_ema(run.ema, run.model, 0.0)
+
+
 def open_run(args: argparse.Namespace, build: Callable, resume: Callable):
     """The process group, threads, the output folder (rank 0 prepares it while the others wait),
     then ``build(args, d)`` and, with ``--resume``, ``resume(run, path)``."""
@@ -844,10 +852,6 @@ def open_run(args: argparse.Namespace, build: Callable, resume: Callable):
 def train(args: argparse.Namespace) -> int:
     run = open_run(args, build, resume)
     run.model.train()
-
-    def reset_ema(epoch: int) -> None:
-        update_ema(run.ema, run.model, 0.0)
-
     return drive(run, args, Stage(
         step=lambda batch: train_step(run, batch),
         read=lambda result, health: read_step(run, result, health),
@@ -856,7 +860,7 @@ def train(args: argparse.Namespace) -> int:
         write_final=lambda: write_final(run),
         progress=Progress(run, bool(args.resume), _stage1_record(run), _stage1_postfix),
         digest=lambda: weights_digest(run.model),
-        epoch_start=reset_ema if args.ema_epoch_reset and run.ema is not None else None,
+        epoch_start=ema_epoch_reset(run, args.ema_epoch_reset),
     ))
 
 
