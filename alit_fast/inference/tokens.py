@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ..files import write_atomic
 
@@ -222,9 +222,11 @@ class TokenBatch:
             meta[f"extra.{key}"] = value
         meta[META_DIGEST_KEY] = _meta_digest(meta)
 
+        data = _canonical_header(save(tensors, metadata=meta))
+
         def write(tmp: str) -> None:
-            save_file(tensors, tmp, metadata=meta)
-            _canonical_header(tmp)
+            with open(tmp, "wb") as f:
+                f.write(data)
 
         write_atomic(path, write)  # a killed run never leaves a half-written token file
 
@@ -279,17 +281,14 @@ class TokenBatch:
 META_DIGEST_KEY = "sha256_meta"
 
 
-def _canonical_header(path: str) -> None:
-    """Rewrite a safetensors file's header with sorted keys. safetensors writes the metadata in
-    hash-map order, which differs from process to process, so the same tokens gave different
+def _canonical_header(raw: bytes) -> bytes:
+    """A safetensors file's bytes with the header's keys sorted. safetensors writes the metadata
+    in hash-map order, which differs from process to process, so the same tokens gave different
     bytes (and a resumed or multi-process pre-tokenizer run could not match a one-process run)."""
-    with open(path, "rb") as f:
-        raw = f.read()
     size = int.from_bytes(raw[:8], "little")
     text = json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    return len(text).to_bytes(8, "little") + text + raw[8 + size :]
 
 
 def _meta_digest(meta: dict[str, str]) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_atomic
 from .weights import save_model
 
 WEIGHTS_NAME = "model.safetensors"
@@ -120,9 +121,7 @@ def save_pretrained(
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def push_to_hub(

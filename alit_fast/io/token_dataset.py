@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 from ..inference import TokenBatch
-from .images import IMAGE_EXTENSIONS, center_crop, find_images, to_tensor
+from ..files import write_atomic
+from .images import IMAGE_EXTENSIONS, find_images, load_image
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "alit_fast.token_dataset.v1"
@@ -76,12 +76,8 @@ def read_source(source: str, size: int) -> torch.Tensor:
             if handle is None:
                 raise OSError(f"{member} is not a file in {tar_path}")
             data = handle.read()
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
-    else:
-        with Image.open(source) as image:
-            rgb = image.convert("RGB")
-    return to_tensor(center_crop(rgb, size))
+        return load_image(io.BytesIO(data), size)
+    return load_image(source, size)
 
 
 # ---------------------------------------------------------------------------- plan
@@ -205,10 +201,8 @@ def write_index(out: str | os.PathLike, plan: Plan) -> dict:
         "items": items,
         "skipped": skipped,
     }
-    target = Path(out) / INDEX_NAME
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(index, separators=(",", ":")) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    text = json.dumps(index, separators=(",", ":")) + "\n"
+    write_atomic(Path(out) / INDEX_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return index
 
 
