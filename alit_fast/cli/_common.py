@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 
 import torch
 
@@ -97,3 +98,14 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_default: str | No
     parser.add_argument("--backend", choices=BACKENDS, default="torch")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=16, help="images run at once")
+
+
+def histogram(lengths: list[int], tokens_per_iter: int, max_tokens: int, width: int = 40) -> str:
+    """One text bar per possible token count."""
+    counts = Counter(lengths)
+    top = max(counts.values()) if counts else 1
+    lines = []
+    for n in range(tokens_per_iter, max_tokens + 1, tokens_per_iter):
+        bar = "#" * round(width * counts.get(n, 0) / top)
+        lines.append(f"  {n:>5} tokens | {bar} {counts.get(n, 0)}")
+    return "\n".join(lines)

@@ -5,7 +5,6 @@ import argparse
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from ._common import (
     check_positive,
     checkpoint_spec,
     device_from,
+    histogram,
     load_model_or_raise,
     one_line,
     run_command,
@@ -40,17 +40,6 @@ from ._common import (
 
 
 # ---------------------------------------------------------------------- reporting
-def histogram(lengths: list[int], tokens_per_iter: int, max_tokens: int, width: int = 40) -> str:
-    """One text bar per possible token count."""
-    counts = Counter(lengths)
-    top = max(counts.values()) if counts else 1
-    lines = []
-    for n in range(tokens_per_iter, max_tokens + 1, tokens_per_iter):
-        bar = "#" * round(width * counts.get(n, 0) / top)
-        lines.append(f"  {n:>5} tokens | {bar} {counts.get(n, 0)}")
-    return "\n".join(lines)
-
-
 def _chunks(items: list, size: int):
     for lo in range(0, len(items), size):
         yield items[lo : lo + size]

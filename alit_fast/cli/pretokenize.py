@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 import time
-from collections import Counter
 from datetime import timedelta
 
 import torch
@@ -37,7 +36,7 @@ from ..io.token_dataset import (
     shard_path,
     write_index,
 )
-from ._common import OneLineParser, add_model_args, checkpoint_spec, device_from, load_model_or_report
+from ._common import OneLineParser, add_model_args, checkpoint_spec, device_from, histogram, load_model_or_report
 
 PROG = "alit-fast pretokenize"
 
@@ -57,13 +56,6 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="remove the shards and index of an earlier run of another plan in --out first")
     return p
-
-
-def _histogram(lengths: list[int], step: int, top: int, width: int = 40) -> str:
-    counts = Counter(lengths)
-    peak = max(counts.values()) if counts else 1
-    return "\n".join(f"  {n:>5} tokens | {'#' * round(width * counts.get(n, 0) / peak)} {counts.get(n, 0)}"
-                     for n in range(step, top + 1, step))
 
 
 def _dist_info() -> tuple[int, int]:
@@ -169,7 +161,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
                   + (f", {len(index['skipped'])} unreadable (listed in {INDEX_NAME})" if index["skipped"] else "")
                   + (f"; {resumed} shards kept from an earlier run" if resumed else "")
                   + (f"; {done_images / max(elapsed, 1e-9):.1f} images/s on rank 0" if done_images else ""))
-            print(_histogram(lengths, model.config.tokens_per_iter, model.config.max_tokens))
+            print(histogram(lengths, model.config.tokens_per_iter, model.config.max_tokens))
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
