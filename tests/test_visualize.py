@@ -133,3 +133,14 @@ def test_visualize_refuses_to_replace_a_file(image_dir, tmp_path, capsys):
     out.write_bytes(b"mine")
     assert cli_main(["visualize", str(image_dir), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"mine"
+
+
+def test_visualize_keeps_an_existing_out_unless_overwrite(image_dir, tmp_path, capsys):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"the user's picture")
+    args = ["visualize", str(image_dir), "--out", str(out), "--sheets", "1", "--scale", "1"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "left alone" in err and "--overwrite" in err and "\n" not in err.strip()
+    assert out.read_bytes() == b"the user's picture"
+    assert cli_main(args + ["--overwrite"]) == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

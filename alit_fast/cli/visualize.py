@@ -61,9 +61,7 @@ def _main(argv: list[str] | None) -> int:
             raise UsageError(f"--layer must be 'mean' or a layer index, got {args.layer!r}") from None
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: the picture is a PNG; give a .png name")
-    check_output_file(args.out)
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
+    check_output_file(args.out, replaceable=lambda path: args.overwrite, overwrite_flag="--overwrite")
     missing = [p for p in args.inputs if not os.path.exists(p)]
     if missing:
         raise UsageError(f"no such file or directory: {missing[0]}")
