@@ -59,9 +59,7 @@ def _main(argv: list[str] | None) -> int:
         tokens = TokenBatch.load(args.tokens)
     except (OSError, ValueError) as exc:
         raise UsageError(one_line(exc)) from exc
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a file, not a directory")
-    check_output_dir(args.out)
+    check_output_dir(args.out)  # also refuses an --out that is a file
     spec = args.checkpoint or tokens.checkpoint
     if spec is None:
         raise UsageError("the token file names no checkpoint; pass --checkpoint")
