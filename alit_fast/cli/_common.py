@@ -11,6 +11,7 @@ from collections import Counter
 import torch
 
 from ..io import ALIT, CheckpointError, load_model
+from ..inference import Criterion, check_criterion_fits, check_fallback, iteration_range, parse_criterion
 from ..ops import BACKENDS
 from ..training.utils import OneLineParser, UsageError, one_line, run_command
 
@@ -109,3 +110,31 @@ def histogram(lengths: list[int], tokens_per_iter: int, max_tokens: int, width: 
         bar = "#" * round(width * counts.get(n, 0) / top)
         lines.append(f"  {n:>5} tokens | {bar} {counts.get(n, 0)}")
     return "\n".join(lines)
+
+
+def parse_encode_options(args: argparse.Namespace) -> Criterion:
+    """The criterion of an encoding command, once --criterion, --fallback, --batch-size,
+    --min-tokens and --max-tokens are known to make sense (before any model is loaded)."""
+    try:
+        criterion = parse_criterion(args.criterion)
+        check_fallback(criterion, args.fallback)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--criterion {args.criterion}: {exc}") from exc
+    for flag in ("--batch-size", "--min-tokens", "--max-tokens"):
+        check_positive(flag, getattr(args, flag[2:].replace("-", "_")))
+    if args.min_tokens is not None and args.max_tokens is not None and args.min_tokens > args.max_tokens:
+        raise UsageError(f"--min-tokens {args.min_tokens} is above --max-tokens {args.max_tokens}")
+    return criterion
+
+
+def check_encode_options(model: ALIT, criterion: Criterion, args: argparse.Namespace) -> None:
+    """The encoding options against the loaded model: a criterion its base can score, and token
+    bounds on its grid of counts."""
+    try:
+        check_criterion_fits(model, criterion)
+    except ValueError as exc:
+        raise UsageError(f"--criterion {args.criterion}: {exc}") from exc
+    try:
+        iteration_range(model, args.min_tokens, args.max_tokens)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("min_tokens", "--min-tokens").replace("max_tokens", "--max-tokens")) from exc

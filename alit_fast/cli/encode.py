@@ -15,11 +15,7 @@ from ..inference import (
     DEFAULT_CRITERION,
     FALLBACKS,
     TokenBatch,
-    check_criterion_fits,
-    check_fallback,
     criterion_name,
-    iteration_range,
-    parse_criterion,
 )
 from ..inference.tokens import FORMAT as TOKEN_FORMAT
 from ..models import HALTING_MODES
@@ -28,13 +24,14 @@ from ._common import (
     OneLineParser,
     UsageError,
     add_model_args,
+    check_encode_options,
     check_output_file,
-    check_positive,
     checkpoint_spec,
     device_from,
     histogram,
     load_model_or_raise,
     one_line,
+    parse_encode_options,
     run_command,
 )
 
@@ -125,26 +122,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = _encode_parser().parse_args(argv)
     # everything a user can get wrong, before any model or file is loaded
-    try:
-        criterion = parse_criterion(args.criterion)
-        check_fallback(criterion, args.fallback)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
-    check_positive("--batch-size", args.batch_size)
-    check_positive("--min-tokens", args.min_tokens)
-    check_positive("--max-tokens", args.max_tokens)
-    if args.min_tokens is not None and args.max_tokens is not None and args.min_tokens > args.max_tokens:
-        raise UsageError(f"--min-tokens {args.min_tokens} is above --max-tokens {args.max_tokens}")
+    criterion = parse_encode_options(args)
     check_output_file(args.out, replaceable=is_token_file)
     device = device_from(args.device)
     files, skipped = _input_files(args.inputs)
     model = load_model_or_raise(args.checkpoint, args.backend, device)
     cfg = model.config
-    try:
-        check_criterion_fits(model, criterion)
-        iteration_range(model, args.min_tokens, args.max_tokens)
-    except ValueError as exc:
-        raise UsageError(str(exc).replace("min_tokens", "--min-tokens").replace("max_tokens", "--max-tokens")) from exc
+    check_encode_options(model, criterion, args)
 
     batches: list[TokenBatch] = []
     model_seconds = 0.0

@@ -18,11 +18,7 @@ from tqdm import tqdm
 from ..inference import (
     DEFAULT_CRITERION,
     FALLBACKS,
-    check_criterion_fits,
-    check_fallback,
     criterion_name,
-    iteration_range,
-    parse_criterion,
 )
 from ..io.token_dataset import (
     INDEX_NAME,
@@ -36,7 +32,19 @@ from ..io.token_dataset import (
     shard_path,
     write_index,
 )
-from ._common import OneLineParser, add_model_args, checkpoint_spec, device_from, histogram, load_model_or_report
+from ._common import (
+    OneLineParser,
+    UsageError,
+    add_model_args,
+    check_encode_options,
+    check_positive,
+    checkpoint_spec,
+    device_from,
+    histogram,
+    load_model_or_raise,
+    parse_encode_options,
+    run_command,
+)
 
 PROG = "alit-fast pretokenize"
 
@@ -65,50 +73,28 @@ def _dist_info() -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    # every rank meets the same user error; one line from the first is enough
+    return run_command(prog, lambda a: _main(a, prog), argv, speak=_dist_info()[0] == 0)
+
+
+def _main(argv: list[str] | None, prog: str) -> int:
     args = _parser(prog).parse_args(argv)
     rank, world = _dist_info()
-
-    def fail(message: str) -> int:
-        if rank == 0:
-            print(f"{prog}: {message}", file=sys.stderr)
-        return 2
-
-    for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size),
-                        ("--min-tokens", args.min_tokens), ("--max-tokens", args.max_tokens)):
-        if value is not None and value < 1:
-            return fail(f"{flag} must be >= 1, got {value}")
-    if args.min_tokens is not None and args.max_tokens is not None and args.min_tokens > args.max_tokens:
-        return fail(f"--min-tokens {args.min_tokens} is above --max-tokens {args.max_tokens}")
-    try:
-        criterion = parse_criterion(args.criterion)
-        check_fallback(criterion, args.fallback)
-    except (TypeError, ValueError) as exc:
-        return fail(f"--criterion {args.criterion}: {exc}")
+    check_positive("--shard-size", args.shard_size)
+    criterion = parse_encode_options(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return fail(f"--out {args.out} is a file; give a directory")
+        raise UsageError(f"--out {args.out} is a file; give a directory")
     try:
         sources = list_sources(args.inputs)
     except (OSError, ValueError) as exc:
-        return fail(str(exc))
+        raise UsageError(str(exc)) from exc
     if not sources:
-        return fail(f"no images found in {', '.join(args.inputs)}")
-    try:
-        device = device_from(args.device)
-    except ValueError as exc:
-        return fail(str(exc))
+        raise UsageError(f"no images found in {', '.join(args.inputs)}")
+    device = device_from(args.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    model = load_model_or_report(args.checkpoint, args.backend, device, prog)
-    if model is None:
-        return 2
-    try:
-        check_criterion_fits(model, criterion)
-    except ValueError as exc:
-        return fail(f"--criterion {args.criterion}: {exc}")
-    try:
-        iteration_range(model, args.min_tokens, args.max_tokens)
-    except ValueError as exc:
-        return fail(str(exc).replace("min_tokens", "--min-tokens").replace("max_tokens", "--max-tokens"))
+    model = load_model_or_raise(args.checkpoint, args.backend, device)
+    check_encode_options(model, criterion, args)
     # the encode options are part of the plan: another choice is another run
     options = criterion_name(criterion) + "".join(
         f" {flag}={value}" for flag, value in (("min_tokens", args.min_tokens), ("max_tokens", args.max_tokens),
@@ -121,10 +107,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     ours = owned_files(args.out)
     strangers = sorted(set(os.listdir(args.out)) - {p.name for p in ours})
     if strangers:
-        return fail(f"--out {args.out} holds files this command did not write ({strangers[0]}, ...); use a new or empty directory")
+        raise UsageError(f"--out {args.out} holds files this command did not write ({strangers[0]}, ...); use a new or empty directory")
     foreign = [p for p in ours if p.suffix in (".safetensors", ".json") and recorded_plan(p) != plan.fingerprint]
     if foreign and not args.overwrite:
-        return fail(f"--out {args.out} holds a run of other images, model or options ({foreign[0].name}); "
+        raise UsageError(f"--out {args.out} holds a run of other images, model or options ({foreign[0].name}); "
                     "pass --overwrite to replace it")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))

@@ -37,13 +37,17 @@ def one_line(message: object) -> str:
     return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
-def run_command(prog: str, body: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None) -> int:
-    """Run a command's body: a UsageError becomes one line on stderr and exit status 2."""
+def run_command(
+    prog: str, body: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None, speak: bool = True
+) -> int:
+    """Run a command's body: a UsageError becomes one line on stderr (unless ``speak`` is off, e.g.
+    on every torchrun rank but the first, which all see the same error) and exit status 2."""
     try:
         return int(body(argv) or 0)
     except UsageError as exc:
-        sys.stdout.flush()
-        print(f"{prog}: {one_line(exc)}", file=sys.stderr, flush=True)
+        if speak:
+            sys.stdout.flush()
+            print(f"{prog}: {one_line(exc)}", file=sys.stderr, flush=True)
         return 2
 
 
