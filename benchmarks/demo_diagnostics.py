@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="demo")
     parser.add_argument("--pixel-threshold", type=float, default=0.07)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compare-codes", metavar="CHECKPOINT",
+                        help="also: how many grid codes this model's VQGAN shares with that model's (e.g. before stage 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, "torch", "cpu").eval()
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     base = model.encode_base(images)
     vqgan_l1 = l1_per_image(images, model.base_tokenizer.decode_indices(base.gt_indices).clamp(0, 1)).mean()
     print(f"VQGAN alone, {len(images)} held-out synthetic images: L1 {float(vqgan_l1):.4f}")
+    if args.compare_codes:
+        other = load_model(args.compare_codes, "torch", "cpu").eval()
+        same = float((other.encode_base(images).gt_indices == base.gt_indices).float().mean())
+        print(f"grid codes the same as {args.compare_codes}'s VQGAN gives: {same:.2f}")
 
     # flat colours, few shapes, many shapes: the levels whose codes a model can learn to carry
     simple = torch.stack([images[i] for i in range(len(held_out)) if held_out.level(i) <= 2])
