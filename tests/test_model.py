@@ -243,3 +243,17 @@ def test_images_of_other_float_dtypes_are_converted(model, dtype):
 def test_images_on_another_device_are_refused(model):
     with pytest.raises(ValueError, match="images are on meta but the model is on cpu"):
         model.model_images(torch.empty(1, 3, 32, 32, device="meta"))
+
+
+def test_encoder_and_decoder_are_called_as_modules(model):
+    # forward hooks (and per-module compile, FSDP wrapping) only see a module that is called
+    calls = []
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: calls.append(name))
+               for name, m in (("encoder", model.encoder), ("decoder", model.decoder))]
+    try:
+        with torch.no_grad():
+            model.rollout(random_images(1, model.config.image_size), iterations=2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls.count("encoder") == 2 and calls.count("decoder") == 2

@@ -171,6 +171,25 @@ class LatentDecoder(nn.Module):
         # logits over the VQGAN codebook, or (VAE) a regression of the latent vector
         self.ffn = nn.Sequential(nn.Linear(W, 2 * W), nn.Tanh(), nn.Linear(2 * W, cfg.decoder_out_dim))
 
+    def forward(
+        self, queries: torch.Tensor, z_q: torch.Tensor, latent_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Masked queries [1, g*g+1, W] and quantized latents [B, n, d] -> outputs per grid cell
+        [B, g*g, decoder_out_dim]. The queries come from the caller because their parameters sit
+        beside the encoder's in the official layout, not under ``decoder.``; ``latent_lengths`` as
+        in ``ALITCore.decode_logits``."""
+        B, n, _ = z_q.shape
+        latents = self.decoder_embed(z_q) + self.latent_token_positional_embedding[:n]
+        queries = queries.expand(B, -1, -1).to(latents.dtype)
+        x = self.ln_pre(torch.cat([queries, latents], dim=1))
+        lengths = None
+        if latent_lengths is not None:
+            # converted once here, not in each of the attention calls below
+            lengths = (latent_lengths.to(device=x.device, dtype=torch.int32) + queries.shape[1]).contiguous()
+        x = run_blocks(self.transformer, x, lengths)
+        x = self.ln_post(x[:, 1 : queries.shape[1]])
+        return self.ffn(x)
+
 
 def _masked_queries(cls: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([cls[None], mask.expand(1, pos.shape[0] - 1, -1)], dim=1) + pos
@@ -328,7 +347,7 @@ class ALITCore(nn.Module):
         return self.encoder_ln_recursive(torch.cat([x_out, new], dim=1))
 
     def run_encoder(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.run_blocks(x)
+        return self.encoder(x)
 
     def quantize_latents(self, latents: torch.Tensor) -> QuantizedLatents:
         z = self.pre_quantizer_mlp(self.encoder_ln_post(latents))
@@ -357,20 +376,10 @@ class ALITCore(nn.Module):
         ``latent_lengths`` (int [B], values in [0, n], checked by the caller) marks how many of
         the n latents each image really has; the rest are padding that no query attends to.
         """
-        dec = self.decoder
-        B, n, _ = z_q.shape
+        n = z_q.shape[1]
         if n > self.config.max_tokens:
             raise ValueError(f"at most {self.config.max_tokens} latent tokens can be decoded, got {n}")
-        latents = dec.decoder_embed(z_q) + dec.latent_token_positional_embedding[:n]
-        queries = self.decoder_queries().expand(B, -1, -1).to(latents.dtype)
-        x = dec.ln_pre(torch.cat([queries, latents], dim=1))
-        lengths = None
-        if latent_lengths is not None:
-            # converted once here, not in each of the attention calls below
-            lengths = (latent_lengths.to(device=x.device, dtype=torch.int32) + queries.shape[1]).contiguous()
-        x = run_blocks(dec.transformer, x, lengths)
-        x = dec.ln_post(x[:, 1 : queries.shape[1]])
-        return dec.ffn(x)
+        return self.decoder(self.decoder_queries(), z_q, latent_lengths)
 
     def reconstruct(self, outputs: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] (not clamped) from the decoder's outputs: the VQGAN decode of the

@@ -75,7 +75,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.transformer = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers))
 
-    def run_blocks(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return run_blocks(self.transformer, x, lengths)
 
 
