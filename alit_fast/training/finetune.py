@@ -74,6 +74,7 @@ from .train import (
     CHECKPOINT,
     Dist,
     EpochBatches,
+    Health,
     Progress,
     Stage,
     UsageError,
@@ -84,6 +85,7 @@ from .train import (
     initial_weights,
     load_initial,
     lr_lambda,
+    nonfinite_message,
     update_ema,
 )
 from .train import parse_args as parse_stage1_args
@@ -508,21 +510,7 @@ def finetune_step(run: FinetuneRun, batch: dict) -> StepOutput:
                       grad_norm=grad_norm, skipped=skipped, images_ok=images_ok, lr=lr)
 
 
-# ---------------------------------------------------------------------------- health and logging
-class Health:
-    """Whether every step since the last read had images in [0, 1] and finite losses and gradients;
-    kept on the device, read with the next log line or checkpoint."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.images_bad = torch.zeros((), dtype=torch.bool, device=device)
-
-    def update(self, step: int, out: StepOutput) -> None:
-        bad = ~(torch.isfinite(out.loss) & (torch.isfinite(out.grad_norm) | out.skipped) & out.images_ok)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
-        self.images_bad = self.images_bad | ~out.images_ok
-
-
+# ---------------------------------------------------------------------------- logging
 def read_step(run: FinetuneRun, out: StepOutput, health: Health) -> dict:
     """The one host read of a logging step: the step's terms (averaged over ranks) and the flags."""
     d = run.d
@@ -534,16 +522,6 @@ def read_step(run: FinetuneRun, out: StepOutput, health: Health) -> dict:
     n = len(names)
     return {"terms": dict(zip(names, host[:n])), "grad_norm": host[n], "bad": host[n + 1] > 0,
             "images_bad": host[n + 2] > 0, "first_bad": int(host[n + 3])}
-
-
-def _nonfinite_message(run: FinetuneRun, host: dict) -> str:
-    at = host["first_bad"] if host["first_bad"] > 0 else run.step
-    where = (f"the last good checkpoint is {run.ckpt_path} (step {run.last_good})." if run.last_good is not None
-             else "no checkpoint had been written yet.")
-    if host["images_bad"]:
-        return f"a batch had image values outside [0, 1] (first bad step {at}). Stopping; {where}"
-    return (f"non-finite loss or gradient at step {at} (read at step {run.step}); terms {host['terms']}. Stopping; "
-            f"{where} Try a lower --lr/--blr, --grad-clip, or --amp off.")
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -566,7 +544,7 @@ def train(args: argparse.Namespace) -> int:
     return drive(run, args, Stage(
         step=lambda batch: finetune_step(run, batch),
         read=lambda out, health: read_step(run, out, health),
-        nonfinite_message=lambda host: _nonfinite_message(run, host),
+        nonfinite_message=lambda host: nonfinite_message(run, host, f"terms {host['terms']}"),
         save=lambda: save(run),
         write_final=lambda: write_final(run),
         progress=Progress(run, bool(args.resume), _record(run), _postfix),

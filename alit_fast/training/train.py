@@ -648,7 +648,8 @@ def train_step(run: Run, batch: dict) -> StepResult:
 
 class Health:
     """Whether every step since the last read had images in [0, 1] and a finite loss and gradient,
-    kept on the device and read only when a log line or a checkpoint needs it (in that read)."""
+    kept on the device and read only when a log line or a checkpoint needs it (in that read).
+    Every stage's step result has the fields it checks (loss, grad_norm, skipped, images_ok)."""
 
     def __init__(self, device: torch.device) -> None:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
@@ -689,16 +690,22 @@ def read_step(run: Run, result: StepResult, health: Health) -> dict:
     }
 
 
-def _nonfinite_message(run: Run, host: dict) -> str:
+def nonfinite_message(run, host: dict, values: str, data_hint: str = "") -> str:
+    """Why a training stage stops at a bad step (``host`` from its ``read``): the first bad step,
+    the read ``values`` (the stage's own figures), and where to resume from."""
     at = host["first_bad"] if host["first_bad"] > 0 else run.step
     where = (f"the last good checkpoint is {run.ckpt_path} (step {run.last_good})." if run.last_good is not None
              else "no checkpoint had been written yet.")
     if host["images_bad"]:
         return (f"a batch had image values outside [0, 1] (first bad step {at}, read at step {run.step}). Stopping; "
-                f"{where} Check the data (a --base-cache written from other images?).")
-    return (f"non-finite loss or gradient at step {at} (read at step {run.step}); loss {host['loss']:.4g}, "
-            f"per-iteration losses {host['per_iteration']}. Stopping; {where} Try a lower --lr/--blr, --grad-clip, "
-            "or --amp off.")
+                f"{where}{data_hint}")
+    return (f"non-finite loss or gradient at step {at} (read at step {run.step}); {values}. Stopping; {where} "
+            "Try a lower --lr/--blr, --grad-clip, or --amp off.")
+
+
+def _stage1_nonfinite_message(run: Run, host: dict) -> str:
+    return nonfinite_message(run, host, f"loss {host['loss']:.4g}, per-iteration losses {host['per_iteration']}",
+                             " Check the data (a --base-cache written from other images?).")
 
 
 # ---------------------------------------------------------------------------- logging
@@ -855,7 +862,7 @@ def train(args: argparse.Namespace) -> int:
     return drive(run, args, Stage(
         step=lambda batch: train_step(run, batch),
         read=lambda result, health: read_step(run, result, health),
-        nonfinite_message=lambda host: _nonfinite_message(run, host),
+        nonfinite_message=lambda host: _stage1_nonfinite_message(run, host),
         save=lambda: save(run),
         write_final=lambda: write_final(run),
         progress=Progress(run, bool(args.resume), _stage1_record(run), _stage1_postfix),
