@@ -147,6 +147,10 @@ def test_spearman_equals_scipy_with_ties():
     y[:5] = y[5]
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # the demo's token counts against complexity levels: many ties on both sides
+    x, y = [32, 32, 64, 96, 96, 128, 64, 32], [0, 1, 1, 2, 3, 4, 2, 0]
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
 
 
 @pytest.mark.parametrize("h,w", [(40, 40), (41, 43), (35, 36), (20, 30), (31, 12), (33, 70)])

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
+from ..evaluation.metrics import spearman
 from ..inference import check_criterion_fits, l1_per_image, parse_criterion, pixels_from_logits
 from ..io.images import center_crop, to_tensor
 from ..training.data import COMPLEXITY_LEVELS, SyntheticImages, item_rng, load_photos, synthetic_image
@@ -55,34 +56,6 @@ def demo_images(size: int, per_level: int = 2, photos: bool = True, seed: int = 
 
 
 # ---------------------------------------------------------------------- the paper-claim figures
-def spearman(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> float:
-    """Spearman's rank correlation (ties get their mean rank); NaN when either side is constant."""
-    try:
-        from scipy.stats import spearmanr
-    except ImportError:
-        return _spearman_numpy(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
-    if np.ptp(np.asarray(x, dtype=float)) == 0 or np.ptp(np.asarray(y, dtype=float)) == 0:
-        return float("nan")
-    return float(spearmanr(x, y).statistic)
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values), dtype=float)
-    ranks[order] = np.arange(len(values), dtype=float)
-    for v in np.unique(values):
-        tied = values == v
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def _spearman_numpy(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = _ranks(x), _ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
-
-
 @dataclass
 class ClaimFigures:
     spearman: float  # chosen token count vs complexity label
