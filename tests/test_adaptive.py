@@ -273,3 +273,28 @@ def test_the_same_tokens_save_to_the_same_bytes(tmp_path):
     loaded = TokenBatch.load(tmp_path / "t0.safetensors")
     assert loaded.names == ["a.png", "b.png"] and loaded.extra == {"x": "1", "y": "2"}
     assert [s.tolist() for s in loaded.sequences()] == [[1, 2, 3], [4]]
+
+
+class _ScoreBelow:
+    """A stand-in criterion: a view is one step's scores [n]; met below 0.15, lower is better."""
+
+    higher_is_better = False
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores < 0.15
+
+    def score(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores
+
+
+@pytest.mark.parametrize("fallback,expected", [("max", [2, 1, 2, 2]), ("best", [2, 1, 1, 0])])
+def test_count_choice_takes_the_first_met_step_else_the_fallback(fallback, expected):
+    from alit_fast.inference.encode import CountChoice
+
+    # per step, 4 images: never met (best at the end), met at step 1, never (best in the middle), a tie
+    steps = torch.tensor([[0.5, 0.2, 0.4, 0.3], [0.3, 0.1, 0.2, 0.3], [0.2, 0.05, 0.4, 0.3]], dtype=torch.float64)
+    choice = CountChoice(_ScoreBelow(), fallback, 4, torch.device("cpu"))
+    last = 2
+    for at in range(last + 1 if fallback == "best" else last):  # "max" needs no judgement at the last step
+        choice.update(steps[at], at)
+    assert choice.chosen(last).tolist() == expected

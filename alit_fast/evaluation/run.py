@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..inference import Criterion, StepView, criterion_name, parse_criterion, pixels_from_logits
-from ..inference.encode import check_criterion_fits, check_fallback
+from ..inference.encode import CountChoice, check_criterion_fits, check_fallback
 from ..models import HALTING_MODES
 from .data import ImageFiles, png_bytes_per_pixel, to_unit
 from .metrics import FeatureStats, MetricSums, fid_from_stats, l1_l2, psnr_from_mse, quantize_uint8, spearman, ssim
@@ -185,27 +185,13 @@ class _Criterion:
     png: list[float] = field(default_factory=list)
 
 
-def _select(criterion: Criterion, fallback: str, views: list[StepView], first: int) -> torch.Tensor:
-    """Each image's chosen iteration (0-based, a device tensor): the first at or after ``first``
-    whose criterion holds; an image that never meets it gets the last (fallback "max") or its
-    best-scoring one (fallback "best", the earliest of equal scores) - encode's rule."""
+def _select(criterion: Criterion, fallback: str, views: list[StepView]) -> torch.Tensor:
+    """Each image's chosen iteration (0-based, a device tensor), by encode's rule (CountChoice)."""
     last = len(views) - 1
-    b = views[0].rows.numel()
-    device = views[0].rows.device
-    chosen = torch.full((b,), last, dtype=torch.int64, device=device)
-    decided = torch.zeros(b, dtype=torch.bool, device=device)
-    for t in range(first, last):  # at the last iteration everything stops regardless
-        met = criterion(views[t]).to(device).reshape(-1)
-        take = met & ~decided
-        chosen = torch.where(take, t, chosen)
-        decided = decided | met
-    if fallback == "best":
-        scores = torch.stack([criterion.score(views[t]).double().to(device) for t in range(first, last + 1)])
-        best = scores.argmax(0) if criterion.higher_is_better else scores.argmin(0)  # argmax/argmin: first of ties
-        met_last = criterion(views[last]).to(device).reshape(-1)
-        fallback_pick = torch.where(met_last, last, best + first)
-        chosen = torch.where(decided, chosen, fallback_pick)
-    return chosen
+    choice = CountChoice(criterion, fallback, views[0].rows.numel(), views[0].rows.device)
+    for t in range(last + 1 if choice.best else last):  # at the last iteration everything stops regardless
+        choice.update(views[t], t)
+    return choice.chosen(last)
 
 
 @torch.no_grad()
@@ -345,7 +331,7 @@ def evaluate(
             stacked = {m: torch.stack([values[t][m] for t in range(iters)]) for m in per_image}  # [iters, b]
             all_f = torch.stack([feats[t] for t in range(iters)]) if use_fid else None  # [iters, b, dim]
             for a in adaptive:
-                chosen = _select(a.criterion, fallback, views, 0)
+                chosen = _select(a.criterion, fallback, views)
                 picked = {m: v.gather(0, chosen[None]).squeeze(0) for m, v in stacked.items()}
                 a.sums.add(picked, b, (chosen + 1) * T)
                 if a.features is not None:

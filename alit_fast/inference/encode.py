@@ -93,6 +93,50 @@ def _finite(out) -> torch.Tensor:
     return torch.isfinite(total)
 
 
+class CountChoice:
+    """Each image's stopping point under ``criterion``, fed the judged steps in order (``at``: an
+    iteration number of the caller's choosing, increasing): the first step whose criterion holds;
+    an image that never meets it gets ``last`` (fallback "max") or its best-scoring step (fallback
+    "best", the earliest of equal scores, as the official argmin). Kept on the device: no host reads.
+    """
+
+    def __init__(self, criterion: Criterion, fallback: str, batch: int, device: torch.device) -> None:
+        self.criterion = criterion
+        self.best = fallback == "best"
+        self.met = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.first_met = torch.zeros(batch, dtype=torch.int64, device=device)
+        if self.best:
+            worst = float("-inf") if criterion.higher_is_better else float("inf")
+            self.best_score = torch.full((batch,), worst, dtype=torch.float64, device=device)
+            self.best_at = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def update(
+        self, view: StepView, at: int, rows: torch.Tensor | slice = slice(None), live: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Judge step ``at`` for the images ``rows`` (``live``: which of them count). Returns which
+        of them meet the criterion and (fallback "best") which scored better than before."""
+        stop = self.criterion(view).to(self.met.device).reshape(-1)
+        if live is not None:
+            stop = stop & live
+        self.first_met[rows] = torch.where(stop & ~self.met[rows], at, self.first_met[rows])
+        self.met[rows] = self.met[rows] | stop
+        if not self.best:
+            return stop, None
+        score = self.criterion.score(view).to(self.best_score)
+        # strictly better, so the earliest of equal scores wins
+        better = (score > self.best_score[rows]) if self.criterion.higher_is_better else (score < self.best_score[rows])
+        if live is not None:
+            better = better & live
+        self.best_score[rows] = torch.where(better, score, self.best_score[rows])
+        self.best_at[rows] = torch.where(better, at, self.best_at[rows])
+        return stop, better
+
+    def chosen(self, last: int) -> torch.Tensor:
+        """Each image's step: int64 [batch] on the device."""
+        fallback = self.best_at if self.best else torch.full_like(self.first_met, last)
+        return torch.where(self.met, self.first_met, fallback)
+
+
 @dataclass
 class _Chunk:
     """One chunk's result, still on the device: lengths [b], codes [b, max_tokens], flags."""
@@ -128,14 +172,9 @@ def _encode_chunk(
     )
     finite = torch.ones((), dtype=torch.bool, device=images.device)
     best = fallback == "best"
-    B, device = images.shape[0], images.device
+    choice = CountChoice(criterion, fallback, images.shape[0], images.device)
     if best:
-        # per image: whether it met the criterion, and its best-scoring codes so far
-        met = torch.zeros(B, dtype=torch.bool, device=device)
-        worst = float("-inf") if criterion.higher_is_better else float("inf")
-        best_score = torch.full((B,), worst, dtype=torch.float64, device=device)
-        best_codes = state.indices.clone()
-        best_count = torch.zeros(B, dtype=torch.int64, device=device)
+        best_codes = state.indices.clone()  # each image's codes at its best-scoring count so far
     scored = not isinstance(criterion, TokenCount)
     while not state.done:
         count = state.iteration + 1  # iterations once this step has run
@@ -151,29 +190,19 @@ def _encode_chunk(
         if not judge:
             continue
         view = StepView(model, out.iteration, count * T, out.rows + offset, gt, working, out.logits)
-        stop = criterion(view).to(device)
-        if live is None:
-            live = torch.ones_like(stop)
+        stop, better = choice.update(view, count, out.rows, live)
         if best:
-            rows = out.rows
-            score = criterion.score(view).to(best_score)
-            # strictly better, so the earliest of equal scores wins, as in the official argmin
-            better = (score > best_score[rows]) if criterion.higher_is_better else (score < best_score[rows])
-            better = better & live
-            best_score[rows] = torch.where(better, score, best_score[rows])
-            best_count[rows] = torch.where(better, count, best_count[rows])
-            best_codes[rows] = torch.where(_per_row(better, best_codes), state.indices[rows], best_codes[rows])
-            met[rows] = met[rows] | (stop & live)
+            best_codes[out.rows] = torch.where(_per_row(better, best_codes), state.indices[out.rows], best_codes[out.rows])
         if count < last:
             # the one sync of the iteration: which images stop, and whether everything so far is sane
-            flags = torch.cat([(stop & live), (in_range & finite).view(1)]).tolist()
+            flags = torch.cat([stop, (in_range & finite).view(1)]).tolist()
             if not flags[-1]:
                 _raise_bad_inputs(images, in_range)
             state.finish(flags[:-1])
     lengths, codes = state.lengths, state.indices
     if best:
-        lengths = torch.where(met, lengths, best_count * T)
-        codes = torch.where(_per_row(met, codes), codes, best_codes)
+        lengths = choice.chosen(last) * T
+        codes = torch.where(_per_row(choice.met, codes), codes, best_codes)
     return _Chunk(lengths=lengths, codes=codes, in_range=in_range, finite=finite)
 
 
