@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
+from ..distributed import join_group, rank_device
 from ..evaluation import CROPS, FID_METHODS, METRICS, evaluate, parse_metrics, parse_tokens, write_report
 from ..evaluation.data import ImageFiles
 from ..inference import FALLBACKS, parse_criterion
@@ -61,21 +61,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _distributed_setup(device_name: str) -> tuple[bool, torch.device | None]:
-    """Join the torchrun group when launched by it (WORLD_SIZE > 1); returns (joined, device)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False, None
-    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return True, device
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:  # what a user can get wrong, before any model or file is loaded
@@ -93,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         existing = [name for name in OUTPUTS if (out / name).exists()]
         if existing and not args.overwrite:
             raise ValueError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
-        joined, device = _distributed_setup(args.device)
-        if device is None:
-            device = device_from(args.device)
+        device = rank_device(device_from(args.device))
+        joined = join_group(device)
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2

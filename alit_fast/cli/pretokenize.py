@@ -9,12 +9,12 @@ import argparse
 import os
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..distributed import join_group, rank_device, rank_world
 from ..inference import (
     DEFAULT_CRITERION,
     FALLBACKS,
@@ -66,20 +66,14 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def _dist_info() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world
-
-
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     # every rank meets the same user error; one line from the first is enough
-    return run_command(prog, lambda a: _main(a, prog), argv, speak=_dist_info()[0] == 0)
+    return run_command(prog, lambda a: _main(a, prog), argv, speak=rank_world()[0] == 0)
 
 
 def _main(argv: list[str] | None, prog: str) -> int:
     args = _parser(prog).parse_args(argv)
-    rank, world = _dist_info()
+    rank, world = rank_world()
     check_positive("--shard-size", args.shard_size)
     criterion = parse_encode_options(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -90,9 +84,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
         raise UsageError(str(exc)) from exc
     if not sources:
         raise UsageError(f"no images found in {', '.join(args.inputs)}")
-    device = device_from(args.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = rank_device(device_from(args.device))
     model = load_model_or_raise(args.checkpoint, args.backend, device)
     check_encode_options(model, criterion, args)
     # the encode options are part of the plan: another choice is another run
@@ -112,8 +104,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if foreign and not args.overwrite:
         raise UsageError(f"--out {args.out} holds a run of other images, model or options ({foreign[0].name}); "
                     "pass --overwrite to replace it")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    join_group(device)
     try:
         if rank == 0:  # leftovers of a killed save, and (only with --overwrite) another run's files
             for path in [p for p in ours if p.name.endswith(".tmp")] + foreign:

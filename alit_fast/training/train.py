@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
+from ..distributed import join_group
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load_state_strict, read_checkpoint, read_state_dict
 from ..io.weights import read_safetensors
 from ..models import HALTING_MODES, BaseOutput
@@ -213,8 +214,8 @@ class Dist:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.enabled:
+            join_group(self.device)
 
     @property
     def main(self) -> bool:
