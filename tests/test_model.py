@@ -257,3 +257,18 @@ def test_encoder_and_decoder_are_called_as_modules(model):
         for h in handles:
             h.remove()
     assert calls.count("encoder") == 2 and calls.count("decoder") == 2
+
+
+@pytest.mark.parametrize("entry", ["rollout", "start", "evaluate", "halting_mask"])
+def test_every_entry_point_refuses_an_unknown_halting_mode_with_one_message(model, entry):
+    from alit_fast.evaluation import evaluate
+
+    images = random_images(1, model.config.image_size)
+    calls = {
+        "rollout": lambda: model.rollout(images, halting="sometimes"),
+        "start": lambda: model.start(images, halting="sometimes"),
+        "evaluate": lambda: evaluate(model, images, tokens="all", metrics="l1", halting="sometimes"),
+        "halting_mask": lambda: model.halting_mask(torch.zeros(1, 4, 8), torch.zeros(1, 4, dtype=torch.int64), "sometimes"),
+    }
+    with pytest.raises(ValueError, match=r"unknown halting mode 'sometimes'; expected one of \('off'"):
+        calls[entry]()

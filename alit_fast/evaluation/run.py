@@ -30,7 +30,6 @@ import torch.distributed as dist
 
 from ..inference import Criterion, StepView, criterion_name, parse_criterion, pixels_from_logits
 from ..inference.encode import CountChoice, check_criterion_fits, check_fallback
-from ..models import HALTING_MODES
 from .data import ImageFiles, png_bytes_per_pixel, to_unit
 from .metrics import FeatureStats, MetricSums, fid_from_stats, l1_l2, psnr_from_mse, quantize_uint8, spearman, ssim
 
@@ -242,8 +241,7 @@ def evaluate(
         check_criterion_fits(model, c)
     if not counts and not crits:
         raise ValueError("nothing to evaluate: give token counts or a criterion")
-    if halting not in HALTING_MODES:
-        raise ValueError(f"unknown halting mode {halting!r}; expected one of {HALTING_MODES}")
+    model.check_halting(halting)
     if fid_method not in FID_METHODS:
         raise ValueError(f"unknown fid_method {fid_method!r}; expected one of {FID_METHODS}")
     if isinstance(batch_size, bool) or int(batch_size) < 1:

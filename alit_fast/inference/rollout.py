@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..models import HALTING_MODES, ALITCore, BaseOutput, IterationOutput
+from ..models import ALITCore, BaseOutput, IterationOutput
 from ..models.alit import image_shape_error
 
 StepFn = Callable[..., "tuple[IterationOutput, torch.Tensor]"]
@@ -93,8 +93,7 @@ class RolloutState:
         step_fn: StepFn | None = None,
     ) -> None:
         cfg = model.config
-        if halting not in HALTING_MODES:
-            raise ValueError(f"unknown halting mode {halting!r}; expected one of {HALTING_MODES}")
+        model.check_halting(halting)
         self.limit = cfg.iterations if iterations is None else int(iterations)
         if not 1 <= self.limit <= cfg.iterations:
             raise ValueError(f"iterations must be in [1, {cfg.iterations}], got {self.limit}")

@@ -405,25 +405,28 @@ class ALITCore(nn.Module):
         reproduces the official code, whose mask is written into a copy and so never masks: all
         False, which still puts the mask token in the graph with weight 0 (a zero gradient, not
         None, as there)."""
+        self.check_halting(mode)
         if mode == "off":
             return None
         if self.config.is_vae:
             if mode == "official":
                 return torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
-            if mode == "threshold":
-                error = (logits.detach().float() - gt_indices.float()).abs().mean(-1)
-                return error < self.config.halting_threshold
-            raise ValueError(f"halting {mode!r}: the VAE variant halts deterministically; use 'threshold', 'official' or 'off'")
-        if mode == "official":
-            mode = "stochastic"
+            error = (logits.detach().float() - gt_indices.float()).abs().mean(-1)  # "threshold"
+            return error < self.config.halting_threshold
         p = logits.detach().float().softmax(-1).gather(-1, gt_indices[..., None]).squeeze(-1)
         confident = p >= self.config.halting_threshold
         if mode == "threshold":
             return confident
-        if mode == "stochastic":
-            draw = torch.bernoulli(p, generator=generator).bool() if generator is not None else torch.bernoulli(p).bool()
-            return confident & draw
-        raise ValueError(f"unknown halting mode {mode!r}; expected one of {HALTING_MODES}")
+        # "stochastic", and "official" (the VQGAN variant's official rule is the stochastic one)
+        draw = torch.bernoulli(p, generator=generator).bool() if generator is not None else torch.bernoulli(p).bool()
+        return confident & draw
+
+    def check_halting(self, mode: str) -> None:
+        """Raise a ValueError for a halting mode that is unknown or that this variant cannot use."""
+        if mode not in HALTING_MODES:
+            raise ValueError(f"unknown halting mode {mode!r}; expected one of {HALTING_MODES}")
+        if mode == "stochastic" and self.config.is_vae:
+            raise ValueError(f"halting {mode!r}: the VAE variant halts deterministically; use 'threshold', 'official' or 'off'")
 
     def apply_halting(self, x_out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is None:
@@ -471,10 +474,7 @@ class ALITCore(nn.Module):
         return self.initial_state(self.image_tokens(images, base)), base
 
     def _check_loop_args(self, iterations: int, halting: str) -> None:
-        if halting not in HALTING_MODES:
-            raise ValueError(f"unknown halting mode {halting!r}; expected one of {HALTING_MODES}")
-        if halting == "stochastic" and self.config.is_vae:
-            raise ValueError("halting 'stochastic': the VAE variant halts deterministically; use 'threshold', 'official' or 'off'")
+        self.check_halting(halting)
         if not 1 <= iterations <= self.config.iterations:
             raise ValueError(f"iterations must be in [1, {self.config.iterations}], got {iterations}")
 
