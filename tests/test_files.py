@@ -59,3 +59,27 @@ def test_a_write_replaces_the_file_in_one_step(tmp_path):
     target.write_bytes(b"old")
     write_atomic(target, lambda tmp: open(tmp, "wb").write(b"new"))
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["weights.bin"]
+
+
+def test_the_new_file_reaches_the_disk_before_it_replaces_the_old(tmp_path, monkeypatch):
+    from alit_fast.training.utils import atomic_torch_save
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "checkpoint.pt"
+    atomic_torch_save({"step": 3}, target)  # the trainers' checkpoints share the one writer
+    tmp = f"{target}.tmp"
+    assert events[:2] == [("fsync", tmp), ("replace", tmp)]
+    assert events[2] == ("fsync", str(tmp_path))  # then the folder, so the rename itself is kept
+    assert torch.load(target, weights_only=True) == {"step": 3}

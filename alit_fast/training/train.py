@@ -69,7 +69,7 @@ RUN_FILES = (CHECKPOINT, LOG, "model.safetensors", "ema.safetensors")
 
 def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) -> None:
     """Refuse to replace an earlier run without --resume or --overwrite, and (``write``: rank 0)
-    clear what a killed save left behind (temporary checkpoint files are .checkpoint.pt.tmpPID).
+    clear what a killed save left behind (write_atomic's NAME.tmp files).
     Every rank runs the checks, so all of them stop on a refusal and none waits for the others."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
@@ -87,10 +87,10 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
-    # what a kill mid-write leaves: checkpoints (atomic_torch_save) and final weights (ALIT.save)
-    # discriminators.safetensors: stage 2's third weights file
-    weights = [name for name in RUN_FILES if name.endswith(".safetensors")] + ["discriminators.safetensors"]
-    stale = [*out.glob(f".{CHECKPOINT}.tmp*"), *(out / f"{name}.tmp" for name in weights)]
+    # what a kill mid-write leaves: checkpoints (atomic_torch_save) and final weights (ALIT.save),
+    # discriminators.safetensors: stage 2's third file; .checkpoint.pt.tmpPID: an older version's
+    written = [CHECKPOINT] + [name for name in RUN_FILES if name.endswith(".safetensors")] + ["discriminators.safetensors"]
+    stale = [*out.glob(f".{CHECKPOINT}.tmp*"), *(out / f"{name}.tmp" for name in written)]
     for path in stale:
         if path.is_file():
             path.unlink()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..config import PRESETS, ALITConfig
+from ..files import write_atomic
 
 
 # ---------------------------------------------------------------------------- user errors
@@ -113,14 +114,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, fsync, then rename: a kill leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through ``write_atomic``: a kill leaves the old file or the new one."""
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    write_atomic(path, save)
 
 
 def weights_digest(module: torch.nn.Module) -> str:
