@@ -184,6 +184,119 @@ class _Criterion:
     png: list[float] = field(default_factory=list)
 
 
+@dataclass
+class _Pass:
+    """What one evaluation pass computes and the sums it keeps (all on the device)."""
+
+    model: object
+    per_image: tuple[str, ...]  # the per-image metrics asked for
+    fixed_iters: list[int]  # 0-based iterations of the fixed rows
+    needed: list[int]  # the iterations to decode: the fixed rows', or all when a criterion may pick any
+    fixed: dict[int, MetricSums]
+    fixed_feats: dict[int, FeatureStats]  # with FID only
+    gt_feats: FeatureStats | None
+    adaptive: list[_Criterion]
+    inception: object = None
+    lpips_net: object = None
+
+    @property
+    def use_fid(self) -> bool:
+        return self.gt_feats is not None
+
+
+def _check_arguments(model, tokens, criteria, metrics, fallback, halting, fid_method, batch_size):
+    """The metric names, fixed counts, criteria and their names; a ValueError for anything wrong."""
+    cfg = model.config
+    metric_names = parse_metrics(metrics)
+    counts = parse_tokens(tokens, cfg.tokens_per_iter, cfg.max_tokens)
+    crits = [parse_criterion(c) for c in criteria]
+    for c in crits:
+        check_fallback(c, fallback)
+        check_criterion_fits(model, c)
+    if not counts and not crits:
+        raise ValueError("nothing to evaluate: give token counts or a criterion")
+    model.check_halting(halting)
+    if fid_method not in FID_METHODS:
+        raise ValueError(f"unknown fid_method {fid_method!r}; expected one of {FID_METHODS}")
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    names = [criterion_name(c) for c in crits]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a criterion is given twice: {names}")
+    return metric_names, counts, crits, names
+
+
+def _new_pass(model, metric_names, counts, crits, names, device) -> _Pass:
+    T, iters, dim = model.config.tokens_per_iter, model.config.iterations, 2048
+    use_fid = "fid" in metric_names
+    per_image = tuple(m for m in metric_names if m in PER_IMAGE)
+    fixed_iters = [n // T - 1 for n in counts]
+    adaptive = [
+        _Criterion(n, c, MetricSums(per_image, device), FeatureStats(dim, device) if use_fid else None,
+                   torch.zeros(iters, dtype=torch.float64, device=device))
+        for n, c in zip(names, crits)
+    ]
+    return _Pass(
+        model=model, per_image=per_image, fixed_iters=fixed_iters,
+        needed=list(range(iters)) if crits else sorted(set(fixed_iters)),
+        fixed={t: MetricSums(per_image, device) for t in fixed_iters},
+        fixed_feats={t: FeatureStats(dim, device) for t in fixed_iters} if use_fid else {},
+        gt_feats=FeatureStats(dim, device) if use_fid else None, adaptive=adaptive,
+    )
+
+
+def _load_networks(p: _Pass, metric_names, fid_model, lpips_model, fid_weights, lpips_vgg, lpips_heads, device) -> None:
+    """Inception (FID) and LPIPS, given or loaded; first, so a missing file fails before any image is read."""
+    if "fid" in metric_names:
+        p.inception = (fid_model if fid_model is not None else _load_inception(fid_weights, device)).to(device).eval()
+    if "lpips" in metric_names:
+        net = lpips_model if lpips_model is not None else _load_lpips(lpips_vgg, lpips_heads, device)
+        p.lpips_net = net.to(device).eval()
+
+
+def _halting_generator(halting: str, seed: int, rank: int, device: torch.device) -> torch.Generator | None:
+    if halting not in ("stochastic", "official"):
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed) + rank)  # each rank its own stream (one process: the seed itself)
+    return generator
+
+
+def _check_batch(x: torch.Tensor, size: int) -> None:
+    if x.dim() != 4 or x.shape[1:] != (3, size, size):
+        raise ValueError(f"evaluate: images must be [B, 3, {size}, {size}] (the model's size; "
+                         f"read files with the official center crop), got {list(x.shape)}")
+
+
+def _add_batch(p: _Pass, x: torch.Tensor, offset: int, quantize: bool, halting: str, generator, fallback: str) -> None:
+    """One batch: a rollout, each needed iteration decoded and measured once, every row's sums."""
+    model = p.model
+    gt = quantize_uint8(x) if quantize else x.float()
+    records = model.rollout(x, iterations=max(p.needed) + 1, halting=halting, generator=generator)
+    values: dict[int, dict[str, torch.Tensor]] = {}
+    feats: dict[int, torch.Tensor] = {}
+    pixels: dict[int, torch.Tensor] = {}
+    for t in p.needed:
+        pixels[t] = pixels_from_logits(model, records[t].logits)  # clamped to [0, 1]
+        rec = quantize_uint8(pixels[t]) if quantize else pixels[t].float()
+        values[t] = _per_image(p.per_image, gt, rec, p.lpips_net)
+        if p.inception is not None:
+            feats[t] = p.inception(rec).double()
+    if p.gt_feats is not None:
+        p.gt_feats.add(p.inception(gt).double())
+    _add_fixed(p, values, feats, x.shape[0])
+    if p.adaptive:
+        _add_adaptive(p, x, gt, records, pixels, values, feats, offset, fallback)
+
+
+def _add_fixed(p: _Pass, values: dict, feats: dict, b: int) -> None:
+    T, device = p.model.config.tokens_per_iter, p.model.latent_tokens.device
+    for t in p.fixed_iters:
+        p.fixed[t].add(values[t], b, torch.full((b,), (t + 1) * T, device=device))
+        if p.use_fid:
+            p.fixed_feats[t].add(feats[t])
+
+
 def _select(criterion: Criterion, fallback: str, views: list[StepView]) -> torch.Tensor:
     """Each image's chosen iteration (0-based, a device tensor), by encode's rule (CountChoice)."""
     last = len(views) - 1
@@ -191,6 +304,126 @@ def _select(criterion: Criterion, fallback: str, views: list[StepView]) -> torch
     for t in range(last + 1 if choice.best else last):  # at the last iteration everything stops regardless
         choice.update(views[t], t)
     return choice.chosen(last)
+
+
+def _add_adaptive(p: _Pass, x, gt, records, pixels, values, feats, offset: int, fallback: str) -> None:
+    """Each criterion row picks each image's own iteration from values every iteration already has."""
+    model = p.model
+    T, iters, b = model.config.tokens_per_iter, model.config.iterations, x.shape[0]
+    rows_ids = torch.arange(b, device=x.device) + offset
+    views = [
+        StepView(model, t, (t + 1) * T, rows_ids, records[t].gt_indices, model.model_images(x), records[t].logits,
+                 _pixels=pixels[t])
+        for t in range(iters)
+    ]
+    png = png_bytes_per_pixel(_uint8(gt))
+    stacked = {m: torch.stack([values[t][m] for t in range(iters)]) for m in p.per_image}  # [iters, b]
+    all_f = torch.stack([feats[t] for t in range(iters)]) if p.use_fid else None  # [iters, b, dim]
+    for a in p.adaptive:
+        chosen = _select(a.criterion, fallback, views)
+        picked = {m: v.gather(0, chosen[None]).squeeze(0) for m, v in stacked.items()}
+        a.sums.add(picked, b, (chosen + 1) * T)
+        if a.features is not None:
+            a.features.add(all_f[chosen, torch.arange(b, device=x.device)])
+        a.histogram += torch.bincount(chosen, minlength=iters).double()
+        a.counts.append(chosen)
+        a.png += png
+
+
+def _reduce_ranks(p: _Pass, world: int, device: torch.device) -> list:
+    """Sum every rank's sums (in place) and gather the adaptive rows' per-image token counts and PNG
+    sizes; returns those [counts, png] pairs, one per adaptive row."""
+    tensors: list[torch.Tensor] = []
+    for t in p.fixed_iters:
+        tensors.append(p.fixed[t].sums)
+        if p.use_fid:
+            tensors += p.fixed_feats[t].tensors()
+    if p.gt_feats is not None:
+        tensors += p.gt_feats.tensors()
+    for a in p.adaptive:
+        tensors += [a.sums.sums, a.histogram]
+        if a.features is not None:
+            tensors += a.features.tensors()
+    per_image_counts = [[(torch.cat(a.counts) if a.counts else torch.zeros(0, dtype=torch.int64, device=device)).tolist(), a.png]
+                        for a in p.adaptive]
+    if world <= 1:
+        return per_image_counts
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    for stats in [p.gt_feats, *p.fixed_feats.values(), *(a.features for a in p.adaptive)]:
+        if stats is not None:
+            stats.drop_rows()  # each rank kept only its own vectors
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, per_image_counts)
+    return [[sum((g[i][0] for g in gathered), []), sum((g[i][1] for g in gathered), [])] for i in range(len(p.adaptive))]
+
+
+def _longest(seconds: float, world: int, device: torch.device) -> float:
+    """The slowest rank's time: the pass is over when every rank is done."""
+    if world <= 1:
+        return seconds
+    longest = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    return float(longest)
+
+
+def _rows(p: _Pass, per_image_counts: list, fid_method: str) -> tuple[list[EvalRow], int]:
+    """The report's rows (fixed, then adaptive) and the number of images evaluated."""
+    T = p.model.config.tokens_per_iter
+    rows: list[EvalRow] = []
+    total_images = 0
+    for t in p.fixed_iters:
+        means = p.fixed[t].means()
+        total_images = means["images"]
+        row_metrics = {m: means[m] for m in p.per_image}
+        if p.use_fid:
+            row_metrics["fid"] = _fid(p.fixed_feats[t], p.gt_feats, fid_method)
+        rows.append(EvalRow(f"tokens:{(t + 1) * T}", "fixed", float((t + 1) * T), row_metrics, means["images"],
+                            means.get("psnr_exact_images", 0)))
+    for a, (chosen, png) in zip(p.adaptive, per_image_counts):
+        means = a.sums.means()
+        total_images = means["images"]
+        row_metrics = {m: means[m] for m in p.per_image}
+        if p.use_fid:
+            row_metrics["fid"] = _fid(a.features, p.gt_feats, fid_method)
+        hist = {(t + 1) * T: int(v) for t, v in enumerate(a.histogram.tolist())}
+        tokens_per_image = [(c + 1) * T for c in chosen]
+        rows.append(EvalRow(a.name, "adaptive", means["mean_tokens"], row_metrics, means["images"],
+                            means.get("psnr_exact_images", 0), hist, spearman(tokens_per_image, png)))
+    return rows, total_images
+
+
+def _settings(model, metric_names, halting, seed, quantize, crop, fallback, has_criteria: bool, fid_method,
+              batch_size, world: int, device) -> dict:
+    cfg = model.config
+    # "official" halts stochastically with a VQGAN base and never with a VAE (the official code's mask is lost)
+    deterministic = halting in ("off", "threshold") or (halting == "official" and getattr(cfg, "is_vae", False))
+    return {
+        "image_size": cfg.image_size,
+        "tokens_per_iteration": cfg.tokens_per_iter,
+        "max_tokens": cfg.max_tokens,
+        "metrics": list(metric_names),
+        "halting": halting,
+        "seed": seed if not deterministic else None,
+        "deterministic": deterministic,
+        "quantize_uint8": quantize,
+        "crop": crop,
+        "fallback": fallback if has_criteria else None,
+        "fid_method": fid_method if "fid" in metric_names else None,
+        "batch_size": int(batch_size),
+        "world_size": world,
+        "device": str(device),
+        "dtype": str(model.latent_tokens.dtype).replace("torch.", ""),
+    }
+
+
+def _progress_bar(enabled: bool, total: int | None, world: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc=f"evaluate (rank 0 of {world})" if world > 1 else "evaluate",
+                dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -231,187 +464,32 @@ def evaluate(
 
     Under an initialised ``torch.distributed`` group each rank evaluates its share of a tensor,
     folder or Dataset, and every rank returns the same report."""
-    cfg = model.config
-    T, iters = cfg.tokens_per_iter, cfg.iterations
-    metric_names = parse_metrics(metrics)
-    counts = parse_tokens(tokens, T, cfg.max_tokens)
-    crits = [parse_criterion(c) for c in criteria]
-    for c in crits:
-        check_fallback(c, fallback)
-        check_criterion_fits(model, c)
-    if not counts and not crits:
-        raise ValueError("nothing to evaluate: give token counts or a criterion")
-    model.check_halting(halting)
-    if fid_method not in FID_METHODS:
-        raise ValueError(f"unknown fid_method {fid_method!r}; expected one of {FID_METHODS}")
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    names = [criterion_name(c) for c in crits]
-    if len(set(names)) != len(names):
-        raise ValueError(f"a criterion is given twice: {names}")
-
-    device = model.latent_tokens.device
+    metric_names, counts, crits, names = _check_arguments(model, tokens, criteria, metrics, fallback, halting,
+                                                          fid_method, batch_size)
+    device, size = model.latent_tokens.device, model.config.image_size
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    use_fid, use_lpips = "fid" in metric_names, "lpips" in metric_names
-    per_image = tuple(m for m in metric_names if m in PER_IMAGE)
-    # weights first: a missing file should fail before any image is read
-    inception = fid_model if fid_model is not None or not use_fid else _load_inception(fid_weights, device)
-    lpips_net = lpips_model if lpips_model is not None or not use_lpips else _load_lpips(lpips_vgg, lpips_heads, device)
-    if inception is not None:
-        inception = inception.to(device).eval()
-    if lpips_net is not None:
-        lpips_net = lpips_net.to(device).eval()
-
-    # the iterations to decode: the fixed rows', and every one an adaptive row may pick
-    fixed_iters = [n // T - 1 for n in counts]
-    if crits:
-        needed = list(range(iters))
-    else:
-        needed = sorted(set(fixed_iters))
-    last_iter = max(needed) + 1
-    dim = 2048
-    fixed = {t: MetricSums(per_image, device) for t in fixed_iters}
-    fixed_feats = {t: FeatureStats(dim, device) for t in fixed_iters} if use_fid else {}
-    gt_feats = FeatureStats(dim, device) if use_fid else None
-    adaptive = [
-        _Criterion(n, c, MetricSums(per_image, device), FeatureStats(dim, device) if use_fid else None,
-                   torch.zeros(iters, dtype=torch.float64, device=device))
-        for n, c in zip(names, crits)
-    ]
-    generator = None
-    if halting in ("stochastic", "official"):
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(seed) + rank)  # each rank its own stream (one process: the seed itself)
-
-    batches, shard_len = _batches(data, int(batch_size), rank, world, num_workers, cfg.image_size, crop)
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=shard_len, unit="img", desc=f"evaluate (rank 0 of {world})" if world > 1 else "evaluate",
-                   dynamic_ncols=True)
+    p = _new_pass(model, metric_names, counts, crits, names, device)
+    _load_networks(p, metric_names, fid_model, lpips_model, fid_weights, lpips_vgg, lpips_heads, device)
+    generator = _halting_generator(halting, seed, rank, device)
+    batches, shard_len = _batches(data, int(batch_size), rank, world, num_workers, size, crop)
+    bar = _progress_bar(progress and rank == 0, shard_len, world)
     started = time.perf_counter()
     offset = 0
     for raw in batches:
         x = to_unit(raw, device)
-        if x.dim() != 4 or x.shape[1:] != (3, cfg.image_size, cfg.image_size):
-            raise ValueError(f"evaluate: images must be [B, 3, {cfg.image_size}, {cfg.image_size}] (the model's size; "
-                             f"read files with the official center crop), got {list(x.shape)}")
-        b = x.shape[0]
-        gt = quantize_uint8(x) if quantize else x.float()
-        records = model.rollout(x, iterations=last_iter, halting=halting, generator=generator)
-        values: dict[int, dict[str, torch.Tensor]] = {}
-        feats: dict[int, torch.Tensor] = {}
-        pixels_raw: dict[int, torch.Tensor] = {}
-        for t in needed:
-            raw_pixels = pixels_from_logits(model, records[t].logits)  # clamped to [0, 1]
-            pixels_raw[t] = raw_pixels
-            rec = quantize_uint8(raw_pixels) if quantize else raw_pixels.float()
-            values[t] = _per_image(per_image, gt, rec, lpips_net)
-            if inception is not None:
-                feats[t] = inception(rec).double()
-        gt_f = inception(gt).double() if inception is not None else None
-        if gt_feats is not None:
-            gt_feats.add(gt_f)
-        for t in fixed_iters:
-            fixed[t].add(values[t], b, torch.full((b,), (t + 1) * T, device=device))
-            if use_fid:
-                fixed_feats[t].add(feats[t])
-        if adaptive:
-            rows_ids = torch.arange(b, device=device) + offset
-            views = [
-                StepView(model, t, (t + 1) * T, rows_ids, records[t].gt_indices, model.model_images(x), records[t].logits,
-                         _pixels=pixels_raw[t])
-                for t in range(iters)
-            ]
-            png = png_bytes_per_pixel(_uint8(gt))
-            stacked = {m: torch.stack([values[t][m] for t in range(iters)]) for m in per_image}  # [iters, b]
-            all_f = torch.stack([feats[t] for t in range(iters)]) if use_fid else None  # [iters, b, dim]
-            for a in adaptive:
-                chosen = _select(a.criterion, fallback, views)
-                picked = {m: v.gather(0, chosen[None]).squeeze(0) for m, v in stacked.items()}
-                a.sums.add(picked, b, (chosen + 1) * T)
-                if a.features is not None:
-                    a.features.add(all_f[chosen, torch.arange(b, device=device)])
-                a.histogram += torch.bincount(chosen, minlength=iters).double()
-                a.counts.append(chosen)
-                a.png += png
-        offset += b
+        _check_batch(x, size)
+        _add_batch(p, x, offset, quantize, halting, generator, fallback)
+        offset += x.shape[0]
         if bar is not None:
-            bar.update(b)
+            bar.update(x.shape[0])
     if bar is not None:
         bar.close()
-
-    # ------------------------------------------------------------ reduce across ranks, then report
-    tensors: list[torch.Tensor] = []
-    for t in fixed_iters:
-        tensors.append(fixed[t].sums)
-        if use_fid:
-            tensors += fixed_feats[t].tensors()
-    if gt_feats is not None:
-        tensors += gt_feats.tensors()
-    for a in adaptive:
-        tensors += [a.sums.sums, a.histogram]
-        if a.features is not None:
-            tensors += a.features.tensors()
-    per_image_counts = [[(torch.cat(a.counts) if a.counts else torch.zeros(0, dtype=torch.int64, device=device)).tolist(), a.png]
-                        for a in adaptive]
-    if distributed and world > 1:
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        for stats in [gt_feats, *fixed_feats.values(), *(a.features for a in adaptive)]:
-            if stats is not None:
-                stats.drop_rows()  # each rank kept only its own vectors
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, per_image_counts)
-        per_image_counts = [[sum((g[i][0] for g in gathered), []), sum((g[i][1] for g in gathered), [])]
-                            for i in range(len(adaptive))]
-    seconds = time.perf_counter() - started
-    if distributed and world > 1:
-        longest = torch.tensor([seconds], dtype=torch.float64, device=device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-        seconds = float(longest)
-
-    rows: list[EvalRow] = []
-    total_images = 0
-    for t in fixed_iters:
-        means = fixed[t].means()
-        total_images = means["images"]
-        row_metrics = {m: means[m] for m in per_image}
-        if use_fid:
-            row_metrics["fid"] = _fid(fixed_feats[t], gt_feats, fid_method)
-        rows.append(EvalRow(f"tokens:{(t + 1) * T}", "fixed", float((t + 1) * T), row_metrics, means["images"],
-                            means.get("psnr_exact_images", 0)))
-    for a, (chosen, png) in zip(adaptive, per_image_counts):
-        means = a.sums.means()
-        total_images = means["images"]
-        row_metrics = {m: means[m] for m in per_image}
-        if use_fid:
-            row_metrics["fid"] = _fid(a.features, gt_feats, fid_method)
-        hist = {(t + 1) * T: int(v) for t, v in enumerate(a.histogram.tolist())}
-        tokens_per_image = [(c + 1) * T for c in chosen]
-        rows.append(EvalRow(a.name, "adaptive", means["mean_tokens"], row_metrics, means["images"],
-                            means.get("psnr_exact_images", 0), hist, spearman(tokens_per_image, png)))
-    # "official" halts stochastically with a VQGAN base and never with a VAE (the official code's mask is lost)
-    deterministic = halting in ("off", "threshold") or (halting == "official" and getattr(cfg, "is_vae", False))
-    settings = {
-        "image_size": cfg.image_size,
-        "tokens_per_iteration": T,
-        "max_tokens": cfg.max_tokens,
-        "metrics": list(metric_names),
-        "halting": halting,
-        "seed": seed if not deterministic else None,
-        "deterministic": deterministic,
-        "quantize_uint8": quantize,
-        "crop": crop,
-        "fallback": fallback if crits else None,
-        "fid_method": fid_method if use_fid else None,
-        "batch_size": int(batch_size),
-        "world_size": world,
-        "device": str(device),
-        "dtype": str(model.latent_tokens.dtype).replace("torch.", ""),
-    }
+    per_image_counts = _reduce_ranks(p, world, device)
+    seconds = _longest(time.perf_counter() - started, world, device)
+    rows, total_images = _rows(p, per_image_counts, fid_method)
+    settings = _settings(model, metric_names, halting, seed, quantize, crop, fallback, bool(crits), fid_method,
+                         batch_size, world, device)
     return EvalReport(rows=rows, settings=settings, seconds=seconds, images=total_images)
 
 
