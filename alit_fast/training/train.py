@@ -98,6 +98,15 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="alit-fast train", description=__doc__.split("\n\n")[0])
+    _model_and_data_options(p)
+    _training_options(p)
+    _run_options(p)
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _model_and_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
                    help=f"preset ({', '.join(PRESETS)}) or a JSON file of ALITConfig fields; default: the config "
                         "stored in --init if it has one, else 'demo'")
@@ -116,6 +125,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="an official or alit_fast checkpoint: the whole model, or only the VQGAN when it holds "
                         "nothing but base_tokenizer.* keys")
     p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
@@ -145,7 +158,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in the backward pass: far less memory, ~30%% more compute")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--out", default="runs/alit")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -163,7 +178,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the JSONL log is still written)")
     p.add_argument("--weights-digest", action="store_true",
                    help="every rank prints a digest of its final weights (to check that DDP ranks agree)")
-    args = p.parse_args(argv)
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Numbers out of range are refused by name (one line, exit 2): they would train silently wrong."""
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
     if args.sample_grad_iters is not None and args.sample_grad_iters < 1:
@@ -197,7 +215,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             check_number(flag, value, low, high, low_open, high_open)
     except UsageError as exc:
         p.error(str(exc))
-    return args
 
 
 # ---------------------------------------------------------------------------- distributed
