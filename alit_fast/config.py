@@ -1,4 +1,8 @@
-"""Every size of an ALIT model and its base tokenizer (VQGAN or KL-VAE), in one place."""
+"""Every size of an ALIT model and its base tokenizer (VQGAN or KL-VAE), in one place.
+
+"Official" here and across the package means the authors' code, github.com/ShivamDuggal4/adaptive-length-tokenizer
+at commit 8c0b4ec29c76963ad81ffdd91c9afd901f5215f5 (cited below as "official repo @ 8c0b4ec, FILE").
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +15,7 @@ OFFICIAL_ITERATION_WEIGHTS = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)
 
 @dataclass(frozen=True)
 class VQGANConfig:
-    """The MAGE variant of taming's VQGAN (see ALIT_FACTS.md)."""
+    """The MAGE variant of taming's VQGAN (official repo @ 8c0b4ec, base_tokenizers/configs/vqgan.yaml)."""
 
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -33,7 +37,7 @@ class VQGANConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """LDM's KL-VAE as MAR's KL-16 and ALIT build it (see ALIT_VAE_FACTS.md, section 3)."""
+    """LDM's KL-VAE as MAR's KL-16 and ALIT build it (official repo @ 8c0b4ec, base_tokenizers/vae_ldm.py)."""
 
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -193,8 +197,8 @@ PRESETS: dict[str, ALITConfig] = {
     "alit_small": ALITConfig(width=1024, layers=8, heads=8),
     "alit_base": ALITConfig(width=768, layers=12, heads=12),
     "alit_semilarge": ALITConfig(width=1024, layers=16, heads=16),
-    # the other released IN100 models (ALIT_STAGE2_EVAL_FACTS.md part C); the VAE yaml's halting
-    # threshold is 0.025
+    # the other released IN100 models (official repo @ 8c0b4ec, adaptive_tokenizers/pretrained_models/download.py);
+    # the VAE yaml's (adaptive_tokenizers/configs/adaptive_vae.yaml) halting threshold is 0.025
     "alit_small_vqgan_continuous": ALITConfig(width=1024, layers=8, heads=8, quantize_latent=False),
     "alit_small_vae": ALITConfig(width=1024, layers=8, heads=8, base_tokenizer="vae", halting_threshold=0.025),
     "alit_small_vae_continuous": ALITConfig(

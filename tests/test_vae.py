@@ -1,6 +1,7 @@
 """The VAE variant: the KL-VAE's key layout against the official listing, and float64 parity of the
 base tokenizer and of a whole tiny rollout (latents, indices, predicted latents, loss, gradients)
-with reference math written here from ALIT_VAE_FACTS.md, independently of the modules."""
+with reference math written here from the official code (github.com/ShivamDuggal4/adaptive-length-tokenizer @ 8c0b4ec:
+base_tokenizers/vae_ldm.py, adaptive_tokenizers/adaptive_vae.py), independently of the modules."""
 import os
 
 import pytest

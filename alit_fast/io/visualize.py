@@ -4,9 +4,10 @@
   attention from the grid cells to each of the first K 1D tokens as heat maps over the image;
 - for several images, all of them sorted by the token count a criterion chose, the count on each.
 
-Heat maps follow the official notebook's drawing (ALIT_STAGE2_EVAL_FACTS.md, B5): bilinear upsampling,
-min-max normalised per panel, a jet colour map blended over the image at alpha 0.4; the token
-index is the corrected one (see alit_fast.inference.attention_maps).
+Heat maps follow the official notebook's drawing (token_visualization.ipynb in
+github.com/ShivamDuggal4/adaptive-length-tokenizer @ 8c0b4ec): bilinear upsampling, min-max
+normalised per panel, a jet colour map blended over the image at alpha 0.4; the token index is
+the corrected one (see alit_fast.inference.attention_maps).
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ the adaptive weight is taken at the VAE decoder's conv_out, and there is no KL t
 posterior sample is drawn from the run's device stream (seeded per rank, in the checkpoint), so
 a run repeats and resumes exactly; the official code draws it from the global CPU generator.
 
-Official defaults (ALIT_STAGE2_EVAL_FACTS.md part A): k is round-robin over the iterations, a
+Official defaults (github.com/ShivamDuggal4/adaptive-length-tokenizer @ 8c0b4ec: main_full_finetuning.py,
+engines/full_finetuning.py, run_scripts/full_finetuning.sh): k is round-robin over the iterations, a
 counter reset at each epoch and advanced on generator steps; while the GAN factor is above 0,
 every ``--disc-every``-th step (9) of an epoch is a discriminator step; the GAN factor is 0, then
 0.2, then 0.8 from 21/200 and 101/200 of the run (``--gan-schedule``); blr 1e-4, EMA 0.9999,
