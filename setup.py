@@ -14,15 +14,13 @@ setup(
         # the CPU wheel is pinned by .ci/run; a bare requirement here lets users keep their CUDA build
         "torch>=2.4",
         "triton>=3.0",
-        "einops",
         "numpy",
         "safetensors",
         "tqdm",
         "pillow",
-        "ninja",
-        "pytest-benchmark",
     ],
     extras_require={
+        # pytest-benchmark: the benchmarks/ cases' fixture (CI runs them once with --benchmark-disable)
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "scipy", "huggingface_hub>=0.23"],
         "demo": ["scikit-image"],
         "hub": ["huggingface_hub>=0.23"],
