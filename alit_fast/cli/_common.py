@@ -10,7 +10,7 @@ from collections import Counter
 
 import torch
 
-from ..io import ALIT, CheckpointError, load_model
+from ..io import ALIT, CheckpointError, load
 from ..inference import Criterion, check_criterion_fits, check_fallback, iteration_range, parse_criterion
 from ..ops import BACKENDS
 from ..training.utils import OneLineParser, UsageError, one_line, run_command
@@ -24,7 +24,7 @@ def checkpoint_spec(spec: str) -> str:
 
 
 def load_model_or_report(spec: str, backend: str, device: str | torch.device, prog: str) -> ALIT | None:
-    """load_model, or None after a one-line message: a wrong path or name is not worth a traceback."""
+    """alit_fast.load, or None after a one-line message: a wrong path or name is not worth a traceback."""
     try:
         return load_model_or_raise(spec, backend, device)
     except UsageError as exc:
@@ -33,9 +33,9 @@ def load_model_or_report(spec: str, backend: str, device: str | torch.device, pr
 
 
 def load_model_or_raise(spec: str, backend: str, device: str | torch.device) -> ALIT:
-    """load_model; a missing, unreadable or unfitting checkpoint is a UsageError naming it."""
+    """alit_fast.load; a missing, unreadable or unfitting checkpoint is a UsageError naming it."""
     try:
-        return load_model(spec, backend, device)
+        return load(spec, device=device, backend=backend)
     except (FileNotFoundError, CheckpointError, ValueError, OSError) as exc:
         raise UsageError(f"cannot load the model {spec!r}: {one_line(exc)}") from exc
 
