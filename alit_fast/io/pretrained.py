@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError, load_file, load_official, model_from_sa
 from ..ops import check_backend_here
 from .model import ALIT
 from .weights import METADATA_CONFIG_KEY, check_device, read_safetensors
-from .repo import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, check_repo_id, require_hub
+from .repo import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, check_repo_id, hub_endpoint, require_hub, unreachable_hub
 
 HUB_PREFIX = "hf-hub:"
 
@@ -77,7 +77,13 @@ def hub_snapshot(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
             local_files_only=offline, library_name=LIBRARY_NAME,
         )
     except Exception as exc:  # the library raises many kinds (offline, not found, auth, network)
-        mode = "offline (HF_HUB_OFFLINE=1), not in the cache" if offline else type(exc).__name__
+        network = None if offline else unreachable_hub(exc)
+        if offline:
+            mode = "offline (HF_HUB_OFFLINE=1), not in the cache"
+        elif network:
+            mode = f"the Hugging Face Hub ({hub_endpoint()}) cannot be reached and it is not in the cache; check the network ({network})"
+        else:
+            mode = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         rev = f" at revision {revision!r}" if revision else ""
         raise FileNotFoundError(f"cannot load Hub model {repo_id!r}{rev}: {mode}; looked in {where}") from exc
     return Path(path)
