@@ -66,7 +66,9 @@ RUNNABLE = [b for b in ALL_BLOCKS if b.lang in ("bash", "python")]
 
 
 def _environment() -> dict[str, str]:
-    env = dict(os.environ)
+    # as a user's shell has it: no pytest variables (scikit-image's data loader, for one, skips
+    # instead of failing when it believes it runs under pytest)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # python -m benchmarks....
     env["MPLBACKEND"] = "Agg"

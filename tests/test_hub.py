@@ -66,7 +66,7 @@ def test_save_pretrained_round_trips_through_a_directory(tmp_path):
     doc = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
     assert doc["library_name"] == "alit_fast" and doc["config"] == json.loads(model.config.to_json())
     card = (tmp_path / "m" / CARD_NAME).read_text()
-    assert 'load_pretrained("hf-hub:me/tiny")' in card and "| tokens:8 | 0.1 |" in card
+    assert 'alit_fast.load("hf-hub:me/tiny")' in card and "| tokens:8 | 0.1 |" in card
     loaded = alit_fast.load_pretrained(str(tmp_path / "m"))
     assert loaded.config == model.config and not loaded.training
     _same_outputs(model, loaded)

@@ -69,7 +69,7 @@ class ALIT(ALITCore):
         overwrite: bool = False,
     ) -> None:
         """Write a Hub-layout directory (model.safetensors, config.json, a model card);
-        ``alit_fast.load_pretrained(directory)`` reads it back."""
+        ``alit_fast.load(directory)`` reads it back."""
         save_pretrained(self, directory, repo_id=repo_id, evaluation=evaluation, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:

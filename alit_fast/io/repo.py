@@ -85,7 +85,7 @@ def model_card(model: torch.nn.Module, repo_id: str | None = None, evaluation: d
         "",
         "```python",
         "import alit_fast",
-        f'model = alit_fast.load_pretrained("hf-hub:{name}")',
+        f'model = alit_fast.load("hf-hub:{name}")',
         # the official encode API's rule and default: valid for VQGAN and VAE bases, and for models
         # after stage 2 (whose codes no longer track the base tokenizer's)
         'tokens = model.encode(images, criterion="pixel-l1:0.07")   # float [B, 3, H, W] in [0, 1]',
