@@ -177,6 +177,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("batch_size", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every number in range, before any work (``p.error``: one line, exit status 2)."""
     for name in ("lr", "blr"):
         value = getattr(args, name)
         if value is not None and not (value >= 0 and math.isfinite(value)):
@@ -199,7 +205,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             check_number(flag, value, low, high, low_open, high_open)
     except UsageError as exc:
         p.error(str(exc))
-    return args
 
 
 # ---------------------------------------------------------------------------- distributed
