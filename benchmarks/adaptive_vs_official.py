@@ -22,7 +22,7 @@ import time
 import torch
 
 from alit_fast.inference import official_encode
-from alit_fast.io import load_model
+from alit_fast.io import load
 from alit_fast.inference.criteria import l1_per_image
 from alit_fast.cli.demo import DEMO_CRITERION, HELD_OUT_SEED, demo_images
 from alit_fast.inference import TokenBatch
@@ -38,7 +38,7 @@ def run(
     checkpoint: str, per_level: int, code_criteria: list[str], pixel_threshold: float, batch: int, threads: int
 ) -> dict:
     torch.set_num_threads(threads)
-    model = load_model(checkpoint, "torch", "cpu").eval()
+    model = load(checkpoint, backend="torch")
     items = demo_images(model.config.image_size, per_level=per_level, photos=True, seed=HELD_OUT_SEED)
     images = torch.stack([it.image for it in items])
     n = images.shape[0]

@@ -20,7 +20,7 @@ import torch
 
 from alit_fast.cli.demo import HELD_OUT_SEED, evaluate_claims
 from alit_fast.inference import parse_criterion
-from alit_fast.io import load_model
+from alit_fast.io import load
 
 VALIDATION_SEED = 555_555
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         except (TypeError, ValueError) as exc:
             parser.error(str(exc))
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, "torch", "cpu").eval()
+    model = load(args.checkpoint, backend="torch")
     result = sweep(model, args.criterion, args.per_level)
     print(f"validation set (seed {result['validation_seed']}, {args.per_level} images per level):")
     for spec, row in result["validation"].items():

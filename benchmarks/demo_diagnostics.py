@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from alit_fast.inference import official_encode
-from alit_fast.io import load_model
+from alit_fast.io import load
 from alit_fast.inference.criteria import l1_per_image
 from alit_fast.training.data import SyntheticImages
 from alit_fast.cli.demo import HELD_OUT_SEED, demo_images
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also: how many grid codes this model's VQGAN shares with that model's (e.g. before stage 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, "torch", "cpu").eval()
+    model = load(args.checkpoint, backend="torch")
     cfg = model.config
 
     held_out = SyntheticImages(cfg.image_size, length=100, seed=HELD_OUT_SEED)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     vqgan_l1 = l1_per_image(images, model.base_tokenizer.decode_indices(base.gt_indices).clamp(0, 1)).mean()
     print(f"VQGAN alone, {len(images)} held-out synthetic images: L1 {float(vqgan_l1):.4f}")
     if args.compare_codes:
-        other = load_model(args.compare_codes, "torch", "cpu").eval()
+        other = load(args.compare_codes, backend="torch")
         same = float((other.encode_base(images).gt_indices == base.gt_indices).float().mean())
         print(f"grid codes the same as {args.compare_codes}'s VQGAN gives: {same:.2f}")
 

@@ -32,7 +32,7 @@ from PIL import Image
 
 from alit_fast.evaluation import evaluate, frechet_distance
 from alit_fast.evaluation.data import ImageFiles
-from alit_fast.io import load_model
+from alit_fast.io import load
 from alit_fast.models.inception import FIDInceptionV3
 from benchmarks.metric_fixtures import seeded
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, "torch", "cpu").eval()
+    model = load(args.checkpoint, backend="torch")
     size = model.config.image_size
     if args.data:
         files = ImageFiles(args.data, size)

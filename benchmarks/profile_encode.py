@@ -12,7 +12,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from alit_fast.io import load_model
+from alit_fast.io import load
 from alit_fast.cli.demo import DEMO_CRITERION, HELD_OUT_SEED, demo_images
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, "torch", "cpu").eval()
+    model = load(args.checkpoint, backend="torch")
     items = demo_images(model.config.image_size, per_level=args.per_level, photos=True, seed=HELD_OUT_SEED)
     images = torch.stack([it.image for it in items])
 

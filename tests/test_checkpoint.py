@@ -5,6 +5,7 @@ import torch
 
 import alit_fast
 from alit_fast import ALIT, CheckpointError, load, load_official
+from alit_fast.io import load_file
 from alit_fast.testing import random_images, tiny_config
 
 # the official alit_small listing, kept in the repo so the test does not depend on ../shared
@@ -108,7 +109,7 @@ def test_load_rejects_a_file_without_config(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(1)}, str(path))
     with pytest.raises(CheckpointError, match="no alit_fast config"):
-        load(str(path))
+        load_file(str(path))
 
 
 def test_a_training_checkpoint_is_read_with_the_config_it_records(tmp_path):

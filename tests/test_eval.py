@@ -203,7 +203,7 @@ def test_cli_end_to_end_with_seeded_fid_and_lpips_weights(image_dir, hub, tmp_pa
     torch.save(seeded.seeded_lpips_heads(), tmp_path / "heads.pth")
     out = tmp_path / "report"
     code = cli_main(["evaluate", "--data", str(image_dir), "--checkpoint", "demo", "--tokens", "64", "--halting", "off",
-                     "--lpips-heads", str(tmp_path / "heads.pth"), "--out", str(out), "--workers", "0", "--quiet"])
+                     "--metrics", "l1,l2,psnr,ssim,lpips,fid", "--lpips-heads", str(tmp_path / "heads.pth"), "--out", str(out), "--workers", "0", "--quiet"])
     assert code == 0
     data = json.loads((out / "metrics.json").read_text())
     row = data["rows"][0]

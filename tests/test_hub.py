@@ -14,7 +14,7 @@ import torch
 import alit_fast
 from alit_fast.cli import main as cli_main
 from alit_fast.io import ALIT, CheckpointError, load_official
-from alit_fast.io.pretrained import load_model, parse_hub_spec
+from alit_fast.io.pretrained import parse_hub_spec
 from alit_fast.io.repo import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, model_card
 from alit_fast.testing import random_images, tiny_config, tiny_vae_config
 from tests._single_thread import one_thread  # noqa: F401
@@ -66,11 +66,11 @@ def test_save_pretrained_round_trips_through_a_directory(tmp_path):
     doc = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
     assert doc["library_name"] == "alit_fast" and doc["config"] == json.loads(model.config.to_json())
     card = (tmp_path / "m" / CARD_NAME).read_text()
-    assert 'load_pretrained("hf-hub:me/tiny")' in card and "| tokens:8 | 0.1 |" in card
+    assert 'alit_fast.load("hf-hub:me/tiny")' in card and "| tokens:8 | 0.1 |" in card
     loaded = alit_fast.load_pretrained(str(tmp_path / "m"))
     assert loaded.config == model.config and not loaded.training
     _same_outputs(model, loaded)
-    _same_outputs(model, load_model(str(tmp_path / "m")))  # the CLI's --checkpoint resolver too
+    _same_outputs(model, alit_fast.load(str(tmp_path / "m")))  # the CLI's --checkpoint resolver too
 
 
 def test_save_pretrained_refuses_to_replace_a_model_without_overwrite(tmp_path):

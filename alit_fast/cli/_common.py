@@ -10,8 +10,17 @@ from collections import Counter
 
 import torch
 
-from ..io import ALIT, CheckpointError, load_model
-from ..inference import Criterion, check_criterion_fits, check_fallback, iteration_range, parse_criterion
+from ..io import ALIT, CheckpointError, load
+from ..inference import (
+    DEFAULT_CRITERION,
+    Criterion,
+    TokenCount,
+    check_criterion_fits,
+    check_fallback,
+    criterion_name,
+    iteration_range,
+    parse_criterion,
+)
 from ..ops import BACKENDS
 from ..training.utils import OneLineParser, UsageError, one_line, run_command
 
@@ -24,7 +33,7 @@ def checkpoint_spec(spec: str) -> str:
 
 
 def load_model_or_report(spec: str, backend: str, device: str | torch.device, prog: str) -> ALIT | None:
-    """load_model, or None after a one-line message: a wrong path or name is not worth a traceback."""
+    """alit_fast.load, or None after a one-line message: a wrong path or name is not worth a traceback."""
     try:
         return load_model_or_raise(spec, backend, device)
     except UsageError as exc:
@@ -33,9 +42,9 @@ def load_model_or_report(spec: str, backend: str, device: str | torch.device, pr
 
 
 def load_model_or_raise(spec: str, backend: str, device: str | torch.device) -> ALIT:
-    """load_model; a missing, unreadable or unfitting checkpoint is a UsageError naming it."""
+    """alit_fast.load; a missing, unreadable or unfitting checkpoint is a UsageError naming it."""
     try:
-        return load_model(spec, backend, device)
+        return load(spec, device=device, backend=backend)
     except (FileNotFoundError, CheckpointError, ValueError, OSError) as exc:
         raise UsageError(f"cannot load the model {spec!r}: {one_line(exc)}") from exc
 
@@ -112,14 +121,15 @@ def histogram(lengths: list[int], tokens_per_iter: int, max_tokens: int, width: 
     return "\n".join(lines)
 
 
-def parse_encode_options(args: argparse.Namespace) -> Criterion:
-    """The criterion of an encoding command, once --criterion, --fallback, --batch-size,
-    --min-tokens and --max-tokens are known to make sense (before any model is loaded)."""
-    try:
-        criterion = parse_criterion(args.criterion)
-        check_fallback(criterion, args.fallback)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"--criterion {args.criterion}: {exc}") from exc
+CRITERION_HELP = ("when an image has enough tokens: tokens:N, code-acc:F, code-nll:F, pixel-l1:F or code-mae:F "
+                  f"(default: the criterion the model recommends, else {DEFAULT_CRITERION}, the official encode rule)")
+
+
+def parse_encode_options(args: argparse.Namespace) -> Criterion | None:
+    """The criterion of an encoding command (None: the model's, known once it is loaded), once
+    --criterion, --fallback, --batch-size, --min-tokens and --max-tokens are known to make sense
+    (before any model is loaded)."""
+    criterion = None if args.criterion is None else _criterion(args.criterion, args.fallback)
     for flag in ("--batch-size", "--min-tokens", "--max-tokens"):
         check_positive(flag, getattr(args, flag[2:].replace("-", "_")))
     if args.min_tokens is not None and args.max_tokens is not None and args.min_tokens > args.max_tokens:
@@ -127,9 +137,21 @@ def parse_encode_options(args: argparse.Namespace) -> Criterion:
     return criterion
 
 
-def check_encode_options(model: ALIT, criterion: Criterion, args: argparse.Namespace) -> None:
-    """The encoding options against the loaded model: a criterion its base can score, and token
-    bounds on its grid of counts."""
+def _criterion(text: str, fallback: str) -> Criterion:
+    try:
+        criterion = parse_criterion(text)
+        check_fallback(criterion, fallback)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--criterion {text}: {exc}") from exc
+    return criterion
+
+
+def check_encode_options(model: ALIT, criterion: Criterion | None, args: argparse.Namespace) -> Criterion:
+    """The encoding options against the loaded model: a criterion its base can score (None: the
+    one the model recommends), and token bounds on its grid of counts. Returns the criterion."""
+    if criterion is None:
+        criterion = _criterion(model.default_criterion, args.fallback)
+        args.criterion = model.default_criterion
     try:
         check_criterion_fits(model, criterion)
     except ValueError as exc:
@@ -138,3 +160,17 @@ def check_encode_options(model: ALIT, criterion: Criterion, args: argparse.Names
         iteration_range(model, args.min_tokens, args.max_tokens)
     except ValueError as exc:
         raise UsageError(str(exc).replace("min_tokens", "--min-tokens").replace("max_tokens", "--max-tokens")) from exc
+    return criterion
+
+
+def unmet_line(lengths: list[int], criterion: Criterion, args: argparse.Namespace, max_tokens: int) -> str | None:
+    """One line on the images that reached the most tokens allowed without meeting the criterion at
+    fewer (with --fallback max, the only way to get there); None when there are none."""
+    if isinstance(criterion, TokenCount) or args.fallback != "max":
+        return None
+    top = args.max_tokens if args.max_tokens is not None else max_tokens
+    at_top = sum(1 for n in lengths if n >= top)
+    if not at_top:
+        return None
+    return (f"{at_top} of {len(lengths)} images did not meet {criterion_name(criterion)} below the maximum and got "
+            f"{top} tokens; a looser --criterion lets more of them stop earlier")

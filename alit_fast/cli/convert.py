@@ -1,5 +1,5 @@
 """``alit-fast convert``: an official ALIT checkpoint (or an alit_fast training checkpoint) into a
-model directory in the Hugging Face Hub layout, ready for ``load_pretrained(DIR)`` or an upload."""
+model directory in the Hugging Face Hub layout, ready for ``alit_fast.load(DIR)`` or an upload."""
 from __future__ import annotations
 
 import argparse

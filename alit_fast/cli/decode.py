@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..inference import TokenBatch, check_token_batch
+from ..inference.encode import CONFIG_MISMATCH, ConfigMismatch
 from ..io.images import save_image
 from ._common import (
     OneLineParser,
@@ -68,9 +69,11 @@ def _main(argv: list[str] | None) -> int:
     check_config = not args.ignore_config
     try:  # the whole file, once, before any image is written
         check_token_batch(model, tokens, check_config)
+    except ConfigMismatch as exc:
+        raise UsageError(f"{args.tokens}: {CONFIG_MISMATCH}; decode them with that model (--checkpoint) "
+                         "or pass --ignore-config to decode anyway") from exc
     except ValueError as exc:
-        hint = "; pass --ignore-config to decode anyway" if "another config" in str(exc) else ""
-        raise UsageError(f"{args.tokens}: {exc}{hint}") from exc
+        raise UsageError(f"{args.tokens}: {exc}") from exc
     names = _output_names(tokens)
     existing = [n for n in names if os.path.exists(os.path.join(args.out, n))]
     if existing and not args.overwrite:

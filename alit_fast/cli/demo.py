@@ -115,17 +115,29 @@ def _tile(image: torch.Tensor, side: int) -> Image.Image:
     return Image.fromarray(array).resize((side, side), Image.NEAREST)
 
 
+# the picture's rows, top to bottom, named in its left margin
+GRID_ROWS = ("input", "reconstruction", "error, 4|x - x'|", "tokens chosen")
+ERROR_GAIN = 4.0  # the error row shows 4 x |x - x'| (clipped), so small errors stay visible
+
+
 def make_grid(items: list[DemoImage], reconstructions: torch.Tensor, lengths: list[int], side: int = 128) -> Image.Image:
-    """One column per image: original on top, reconstruction below, its token count underneath."""
-    pad, label_h = 4, 30
-    grid = Image.new("RGB", (len(items) * (side + pad) + pad, 2 * side + 3 * pad + label_h), "white")
+    """One column per image, headed by its name; rows (labelled on the left): the input, its
+    reconstruction, the per-pixel error, and the number of tokens the criterion chose."""
+    pad, head, text_h, margin = 4, 16, 18, 112
+    rows_top = [head + pad + r * (side + pad) for r in range(3)]
+    count_y = rows_top[2] + side + pad
+    grid = Image.new("RGB", (margin + len(items) * (side + pad) + pad, count_y + text_h + pad), "white")
     draw = ImageDraw.Draw(grid)
+    for r, label in enumerate(GRID_ROWS):
+        y = rows_top[r] + side // 2 - 6 if r < 3 else count_y + 2
+        draw.text((pad, y), label, fill="black")
     for k, (item, recon, n) in enumerate(zip(items, reconstructions, lengths)):
-        x = pad + k * (side + pad)
-        grid.paste(_tile(item.image, side), (x, pad))
-        grid.paste(_tile(recon, side), (x, 2 * pad + side))
-        draw.text((x + 2, 3 * pad + 2 * side), f"{n} tokens", fill="black")
-        draw.text((x + 2, 3 * pad + 2 * side + 13), item.name[:20], fill="gray")
+        x = margin + pad + k * (side + pad)
+        draw.text((x + 2, 2), item.name[:20], fill="gray")
+        error = ((item.image.float() - recon.float().cpu()).abs().mean(0, keepdim=True) * ERROR_GAIN).expand(3, -1, -1)
+        for r, tile in enumerate((item.image, recon, error)):
+            grid.paste(_tile(tile, side), (x, rows_top[r]))
+        draw.text((x + 2, count_y + 2), f"{n} tokens", fill="black")
     return grid
 
 

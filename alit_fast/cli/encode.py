@@ -12,7 +12,6 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ..inference import (
-    DEFAULT_CRITERION,
     FALLBACKS,
     TokenBatch,
     criterion_name,
@@ -28,7 +27,9 @@ from ._common import (
     check_output_file,
     checkpoint_spec,
     device_from,
+    CRITERION_HELP,
     histogram,
+    unmet_line,
     load_model_or_raise,
     one_line,
     parse_encode_options,
@@ -47,12 +48,7 @@ def _encode_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Adaptive-length tokenization of image files.")
     p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
     add_model_args(p, "demo")
-    p.add_argument(
-        "--criterion",
-        default=DEFAULT_CRITERION,
-        help="when an image has enough tokens: tokens:N, code-acc:F, code-nll:F, pixel-l1:F or code-mae:F "
-             f"(default {DEFAULT_CRITERION}, the official encode rule)",
-    )
+    p.add_argument("--criterion", default=None, help=CRITERION_HELP)
     p.add_argument("--min-tokens", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument(
@@ -128,7 +124,7 @@ def _main(argv: list[str] | None) -> int:
     files, skipped = _input_files(args.inputs)
     model = load_model_or_raise(args.checkpoint, args.backend, device)
     cfg = model.config
-    check_encode_options(model, criterion, args)
+    criterion = check_encode_options(model, criterion, args)
 
     batches: list[TokenBatch] = []
     model_seconds = 0.0
@@ -172,6 +168,9 @@ def _main(argv: list[str] | None) -> int:
     lengths = result.lengths.tolist()
     print(f"\nencoded {len(lengths)} images -> {args.out} (criterion {criterion_name(criterion)})")
     print(histogram(lengths, cfg.tokens_per_iter, cfg.max_tokens))
+    unmet = unmet_line(lengths, criterion, args, cfg.max_tokens)
+    if unmet:
+        print(unmet)
     print(
         f"mean {sum(lengths) / len(lengths):.1f} tokens per image; "
         f"{len(lengths) / max(model_seconds, 1e-9):.1f} images/s in the model, "

@@ -22,6 +22,9 @@ from ..models import HALTING_MODES
 from ._common import OneLineParser, device_from, load_model_or_report
 
 PROG = "alit-fast evaluate"
+# what runs with nothing downloaded; LPIPS and FID need their networks' weights files
+DEFAULT_METRICS = ("l1", "l2", "psnr", "ssim")
+NEED_WEIGHTS = ("lpips", "fid")
 OUTPUTS = ("metrics.json", "metrics.md", "curves.png")
 
 
@@ -35,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="an adaptive row (repeatable): tokens:N, code-acc:F, code-nll:F or pixel-l1:F")
     p.add_argument("--fallback", choices=FALLBACKS, default="max",
                    help="an image never meeting a criterion gets the most tokens (max) or its best-scoring count (best)")
-    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, from {','.join(METRICS)} (default: all)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated, from {','.join(METRICS)} (default: {','.join(DEFAULT_METRICS)}, which need no "
+                        "download; lpips and fid need torchvision's VGG16 and pytorch-fid's Inception weights)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--backend", default="torch", help="torch, triton or official (attention / VQ kernels)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -89,9 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             parse_tokens(args.tokens, model.config.tokens_per_iter, model.config.max_tokens)
-            files = ImageFiles(args.data, model.config.image_size, args.crop)
+            files = ImageFiles(args.data, model.config.image_size, args.crop, skip_unreadable=True)
+            if files.skipped and (not dist.is_initialized() or dist.get_rank() == 0):
+                more = f", and {len(files.skipped) - 3} more" if len(files.skipped) > 3 else ""
+                print(f"{PROG}: skipped {len(files.skipped)} unreadable file(s): {', '.join(files.skipped[:3])}{more}",
+                      file=sys.stderr)
             if len(files) == 0:
-                raise ValueError(f"--data {args.data}: no image files found")
+                raise ValueError(f"--data {args.data}: no readable image files found")
+            if args.metrics == ",".join(DEFAULT_METRICS) and (not dist.is_initialized() or dist.get_rank() == 0):
+                print(f"{PROG}: LPIPS and FID are off by default; --metrics {','.join(METRICS)} adds them "
+                      "(they need torchvision's VGG16 and pytorch-fid's Inception weights: see --help)", file=sys.stderr)
             report = evaluate(
                 model, files, tokens=args.tokens, criteria=criteria, metrics=metrics, batch_size=args.batch_size,
                 halting=args.halting, seed=args.seed, quantize=not args.no_quantize, fallback=args.fallback,

@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from ..distributed import join_group, rank_device, rank_world
 from ..inference import (
-    DEFAULT_CRITERION,
     FALLBACKS,
     criterion_name,
 )
@@ -40,7 +39,9 @@ from ._common import (
     check_positive,
     checkpoint_spec,
     device_from,
+    CRITERION_HELP,
     histogram,
+    unmet_line,
     load_model_or_raise,
     parse_encode_options,
     run_command,
@@ -55,8 +56,7 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     add_model_args(p, "demo")
     p.add_argument("--out", required=True, help="the output directory (new, empty, or a run of the same plan to resume)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default 1000)")
-    p.add_argument("--criterion", default=DEFAULT_CRITERION,
-                   help=f"tokens:N, code-acc:F, code-nll:F, pixel-l1:F or code-mae:F (default {DEFAULT_CRITERION})")
+    p.add_argument("--criterion", default=None, help=CRITERION_HELP)
     p.add_argument("--min-tokens", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--fallback", choices=FALLBACKS, default="max",
@@ -86,7 +86,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
         raise UsageError(f"no images found in {', '.join(args.inputs)}")
     device = rank_device(device_from(args.device))
     model = load_model_or_raise(args.checkpoint, args.backend, device)
-    check_encode_options(model, criterion, args)
+    criterion = check_encode_options(model, criterion, args)
     # the encode options are part of the plan: another choice is another run
     options = criterion_name(criterion) + "".join(
         f" {flag}={value}" for flag, value in (("min_tokens", args.min_tokens), ("max_tokens", args.max_tokens),
@@ -139,6 +139,9 @@ def _main(argv: list[str] | None, prog: str) -> int:
                   + (f"; {resumed} shards kept from an earlier run" if resumed else "")
                   + (f"; {done_images / max(elapsed, 1e-9):.1f} images/s on rank 0" if done_images else ""))
             print(histogram(lengths, model.config.tokens_per_iter, model.config.max_tokens))
+            unmet = unmet_line(lengths, criterion, args, model.config.max_tokens)
+            if unmet:
+                print(unmet)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

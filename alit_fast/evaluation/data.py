@@ -70,14 +70,29 @@ def read_image(path: str | os.PathLike, size: int, crop: str = "center") -> torc
 
 
 class ImageFiles(Dataset):
-    """Image files (a folder, searched recursively in sorted order, or a list) as uint8 crops."""
+    """Image files (a folder, searched recursively in sorted order, or a list) as uint8 crops.
 
-    def __init__(self, files: "list[Path] | str | os.PathLike", size: int, crop: str = "center") -> None:
+    ``skip_unreadable``: leave out, up front, files whose header Pillow cannot read, and list them
+    in ``skipped`` ("path (reason)"), so that one bad file is a named skip, not an error raised
+    inside a DataLoader worker halfway through the run."""
+
+    def __init__(self, files: "list[Path] | str | os.PathLike", size: int, crop: str = "center",
+                 skip_unreadable: bool = False) -> None:
         if crop not in CROPS:
             raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
         self.files = find_images([files]) if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]
         self.size = size
         self.crop = crop
+        self.skipped: list[str] = []
+        if skip_unreadable:
+            readable = []
+            for path in self.files:
+                try:
+                    with Image.open(path):  # the header only: cheap, and what most damage breaks
+                        readable.append(path)
+                except Exception as exc:  # Pillow raises several kinds for a file it cannot identify
+                    self.skipped.append(f"{path} ({type(exc).__name__})")
+            self.files = readable
 
     def __len__(self) -> int:
         return len(self.files)

@@ -24,7 +24,7 @@ def default_fid_weights_path() -> Path:
 
 def find_fid_weights(path: str | os.PathLike | None = None) -> Path:
     return find_weights_file(path, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, "FID (pytorch-fid's Inception)", FIDWeightsError,
-                             "pass --fid-weights PATH")
+                             "--fid-weights PATH")
 
 
 def load_fid_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:

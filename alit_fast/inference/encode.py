@@ -297,6 +297,13 @@ def _continuous_batch(model, images, lengths, vectors, in_range, finite, extra) 
 
 
 # ---------------------------------------------------------------------- decode
+CONFIG_MISMATCH = "the tokens were encoded by a model with another config"
+
+
+class ConfigMismatch(ValueError):
+    """Tokens recorded as made by a model of another config (the CLI words its own advice)."""
+
+
 @dataclass
 class TokenStats:
     """What decoding needs to know of a token batch, read from it once."""
@@ -317,8 +324,7 @@ def check_token_batch(model: ALITCore, tokens: TokenBatch, check_config: bool = 
     if not isinstance(tokens, TokenBatch):
         raise TypeError(f"decode expects a TokenBatch, got {type(tokens).__name__}")
     if check_config and tokens.config_json is not None and tokens.config_json != cfg.to_json():
-        raise ValueError("the tokens were encoded by a model with another config; decode them with that model "
-                         "(or pass check_config=False to decode anyway)")
+        raise ConfigMismatch(f"{CONFIG_MISMATCH}; decode them with that model (or pass check_config=False to decode anyway)")
     if tokens.continuous != (not cfg.quantize_latent):
         have, want = ("continuous vectors", "code ids") if tokens.continuous else ("code ids", "continuous vectors")
         raise ValueError(f"the tokens are {have}, but this model's 1D tokens are {want}")

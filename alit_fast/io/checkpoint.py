@@ -16,6 +16,7 @@ from ..config import ALITConfig, VAEConfig, VQGANConfig
 from .model import ALIT
 from .weights import (
     METADATA_CONFIG_KEY,
+    RECOMMENDED_CRITERION_KEY,
     CheckpointError,
     read_checkpoint_file,
     read_safetensors,
@@ -220,10 +221,17 @@ def load_official(
     return model
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch") -> ALIT:
-    """Load a model written by ``ALIT.save``."""
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch") -> ALIT:
+    """A model file written by ``ALIT.save`` (safetensors, the config in its metadata); the
+    layout-specific reader behind ``alit_fast.load``."""
     state, meta = read_safetensors(path, map_location)  # names a missing/unreadable file, checks the fingerprint
-    path = os.fspath(path)
+    return model_from_safetensors(os.fspath(path), state, meta, map_location, backend)
+
+
+def model_from_safetensors(
+    path: str, state: Mapping[str, torch.Tensor], meta: Mapping[str, str], map_location: str | torch.device, backend: str
+) -> ALIT:
+    """Build the model a safetensors file's metadata describes and load its tensors."""
     if METADATA_CONFIG_KEY not in meta:
         raise CheckpointError(f"{path} has no alit_fast config in its metadata; use load_official for official checkpoints")
     try:
@@ -234,6 +242,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", back
         model = ALIT(cfg, backend=backend)
     model = model.to_empty(device=map_location)
     load_state_strict(model, state)
+    model.recommended_criterion = meta.get(RECOMMENDED_CRITERION_KEY)
     return model
 
 
@@ -241,8 +250,9 @@ __all__ = [
     "CheckpointError",
     "METADATA_CONFIG_KEY",
     "infer_config",
-    "load",
+    "load_file",
     "load_official",
+    "model_from_safetensors",
     "load_state_strict",
     "read_checkpoint",
     "read_state_dict",

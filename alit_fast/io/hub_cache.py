@@ -15,16 +15,17 @@ def hub_checkpoint_path(file_name: str) -> Path:
 
 
 def find_weights_file(
-    path: str | os.PathLike | None, file_name: str, url: str, needed_by: str, error: type[Exception], how_to_pass: str
+    path: str | os.PathLike | None, file_name: str, url: str, needed_by: str, error: type[Exception], flag: str
 ) -> Path:
     """``path``, else torch hub's cached ``file_name``; missing: ``error`` with one line saying which
-    file, where it goes and where to get it."""
+    file, where it goes and where to get it. ``flag``: the CLI option that passes the file (e.g.
+    "--fid-weights PATH"), offered only when no path was given."""
     target = Path(path) if path is not None else hub_checkpoint_path(file_name)
     if not target.is_file():
-        where = "" if path is not None else " (torch hub's cache)"
-        raise error(
-            f"{needed_by} needs {file_name}: {target} not found; download {url} and put it there{where}, or {how_to_pass}"
-        )
+        if path is not None:
+            raise error(f"{needed_by} needs {file_name}: the file given, {target}, does not exist")
+        raise error(f"{needed_by} needs {file_name}: {target} not found; download {url} and put it there "
+                    f"(torch hub's cache), or pass {flag}")
     return target
 
 

@@ -40,7 +40,7 @@ def default_vgg16_path() -> Path:
 
 def find_vgg16(path: str | os.PathLike | None = None) -> Path:
     """The VGG16 weights file: ``path``, else torch hub's cache."""
-    return find_weights_file(path, VGG16_FILE, VGG16_URL, "LPIPS (torchvision's VGG16)", LPIPSWeightsError, "pass its path")
+    return find_weights_file(path, VGG16_FILE, VGG16_URL, "LPIPS (torchvision's VGG16)", LPIPSWeightsError, "--lpips-vgg PATH")
 
 
 def _lpips_package_dir() -> Path | None:

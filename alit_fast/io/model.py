@@ -18,7 +18,12 @@ from .weights import save_model
 
 class ALIT(ALITCore):
     """ALIT with its inference API. ``ALIT(config, backend)`` builds one with random weights;
-    ``alit_fast.load``, ``load_official`` and ``load_pretrained`` read one from a file."""
+    ``alit_fast.load`` reads one from a bundled name, a file, a directory or the Hub.
+
+    ``recommended_criterion`` (a criterion string, or None) is the stopping criterion the model's
+    file recommends, saved with it; ``encode`` uses it when no criterion is given."""
+
+    recommended_criterion: str | None = None
 
     def start(
         self, images: torch.Tensor, halting: str = "off", generator: torch.Generator | None = None, **kwargs
@@ -29,14 +34,22 @@ class ALIT(ALITCore):
     def encode(
         self,
         images: torch.Tensor,
-        criterion: "str | Criterion | Callable[[StepView], object]" = DEFAULT_CRITERION,
+        criterion: "str | Criterion | Callable[[StepView], object] | None" = None,
         min_tokens: int | None = None,
         max_tokens: int | None = None,
         batch_size: int | None = None,
         **kwargs,
     ) -> TokenBatch:
-        """Per-image adaptive-length code ids (a TokenBatch); see alit_fast.inference.encode."""
+        """Per-image adaptive-length code ids (a TokenBatch); see alit_fast.inference.encode. The
+        default criterion is the model's ``recommended_criterion``, else ``DEFAULT_CRITERION``."""
+        if criterion is None:
+            criterion = self.default_criterion
         return encode(self, images, criterion, min_tokens=min_tokens, max_tokens=max_tokens, batch_size=batch_size, **kwargs)
+
+    @property
+    def default_criterion(self) -> str:
+        """The criterion ``encode`` uses when given none."""
+        return self.recommended_criterion or DEFAULT_CRITERION
 
     def decode(self, tokens: TokenBatch, batch_size: int | None = None, check_config: bool = True) -> torch.Tensor:
         """Images in [0, 1] from a TokenBatch whose images may have different lengths."""
@@ -56,7 +69,7 @@ class ALIT(ALITCore):
         overwrite: bool = False,
     ) -> None:
         """Write a Hub-layout directory (model.safetensors, config.json, a model card);
-        ``alit_fast.load_pretrained(directory)`` reads it back."""
+        ``alit_fast.load(directory)`` reads it back."""
         save_pretrained(self, directory, repo_id=repo_id, evaluation=evaluation, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:

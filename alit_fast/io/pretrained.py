@@ -1,6 +1,8 @@
-"""Models that ship inside the package (alit_fast/io/pretrained_models/*.safetensors), models in
-the Hugging Face Hub layout (a local directory, or ``hf-hub:OWNER/REPO[@REVISION]``), and one
-resolver from a user's model spec (file, directory, Hub repo or bundled name) to a loaded model."""
+"""``alit_fast.load``, the one way in: a user's model spec (bundled name, file, directory or Hub
+repo) to a model ready for inference. Behind it, one reader per layout: models that ship inside the
+package (alit_fast/io/pretrained_models/*.safetensors), alit_fast files (``load_file``), official
+checkpoints (``load_official``), and the Hugging Face Hub layout (a local directory, or
+``hf-hub:OWNER/REPO[@REVISION]``)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load, load_official
+from .checkpoint import CheckpointError, load_file, load_official, model_from_safetensors
+from ..ops import check_backend_here
 from .model import ALIT
-from .repo import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, check_repo_id, require_hub
+from .weights import METADATA_CONFIG_KEY, check_device, read_safetensors
+from .repo import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, check_repo_id, hub_endpoint, require_hub, unreachable_hub
 
 HUB_PREFIX = "hf-hub:"
 
@@ -37,15 +41,15 @@ def pretrained_path(name: str = "demo") -> Path:
 
 
 def load_pretrained(name: str = "demo", backend: str = "torch", map_location: str | torch.device = "cpu") -> ALIT:
-    """A model ready for inference (eval mode, no gradients needed): a bundled name ("demo"), a
-    directory written by ``save_pretrained``, or ``hf-hub:OWNER/REPO[@REVISION]`` (downloaded once
-    into the Hugging Face cache; with ``HF_HUB_OFFLINE=1`` read from that cache only)."""
+    """A bundled name ("demo"), a directory written by ``save_pretrained``, or
+    ``hf-hub:OWNER/REPO[@REVISION]``, in eval mode without gradients: ``alit_fast.load`` restricted
+    to the layouts that record their config."""
     if isinstance(name, str) and name.startswith(HUB_PREFIX):
         model = load_directory(hub_snapshot(name), map_location=map_location, backend=backend)
     elif name not in PRETRAINED and os.path.isdir(name):
         model = load_directory(name, map_location=map_location, backend=backend)
     else:
-        model = load(pretrained_path(name), map_location=map_location, backend=backend)
+        model = load_file(pretrained_path(name), map_location=map_location, backend=backend)
     return model.eval().requires_grad_(False)
 
 
@@ -73,7 +77,13 @@ def hub_snapshot(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
             local_files_only=offline, library_name=LIBRARY_NAME,
         )
     except Exception as exc:  # the library raises many kinds (offline, not found, auth, network)
-        mode = "offline (HF_HUB_OFFLINE=1), not in the cache" if offline else type(exc).__name__
+        network = None if offline else unreachable_hub(exc)
+        if offline:
+            mode = "offline (HF_HUB_OFFLINE=1), not in the cache"
+        elif network:
+            mode = f"the Hugging Face Hub ({hub_endpoint()}) cannot be reached and it is not in the cache; check the network ({network})"
+        else:
+            mode = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         rev = f" at revision {revision!r}" if revision else ""
         raise FileNotFoundError(f"cannot load Hub model {repo_id!r}{rev}: {mode}; looked in {where}") from exc
     return Path(path)
@@ -92,26 +102,55 @@ def load_directory(directory: str | os.PathLike, map_location: str | torch.devic
         raise CheckpointError(f"{root / CONFIG_NAME} is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or document.get("library_name") != LIBRARY_NAME or "config" not in document:
         raise CheckpointError(f"{root / CONFIG_NAME} is not an alit_fast config (library_name {LIBRARY_NAME!r} expected)")
-    model = load(root / WEIGHTS_NAME, map_location=map_location, backend=backend)
+    model = load_file(root / WEIGHTS_NAME, map_location=map_location, backend=backend)
     if json.loads(model.config.to_json()) != document["config"]:
         raise CheckpointError(f"{root / CONFIG_NAME} disagrees with the config recorded in {root / WEIGHTS_NAME}")
     return model
 
 
-def load_model(spec: str, backend: str = "torch", device: str | torch.device = "cpu") -> ALIT:
-    """An ALIT from an alit_fast safetensors file, an official checkpoint, a model directory,
-    ``hf-hub:OWNER/REPO[@REVISION]``, or a bundled name ("demo")."""
-    if spec.startswith(HUB_PREFIX) or (os.path.isdir(spec) and spec not in PRETRAINED):
-        model = load_pretrained(spec)
-    elif not os.path.exists(spec):
-        if os.sep in spec or spec.endswith((".safetensors", ".pth", ".pt", ".ckpt")):
-            raise FileNotFoundError(f"checkpoint not found: {spec}")
-        model = load_pretrained(spec)
-    elif spec.endswith(".safetensors"):
-        try:
-            model = load(spec)
-        except CheckpointError:  # a safetensors file without our metadata: official weights re-saved
-            model = load_official(spec)
-    else:
-        model = load_official(spec)
-    return model.to(device).set_backend(backend).eval()
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"``: the Triton kernels on a CUDA device, torch elsewhere; any other name as is.
+    (Stands in until the ops layer resolves "auto" itself, per shape.)"""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def read_model(spec: str | os.PathLike, device: torch.device) -> ALIT:
+    """The model ``spec`` names, on ``device``, with the torch backend: the layout decides the reader."""
+    spec = os.fspath(spec)
+    if spec.startswith(HUB_PREFIX):
+        return load_directory(hub_snapshot(spec), map_location=device)
+    if os.path.isdir(spec) and spec not in PRETRAINED:
+        return load_directory(spec, map_location=device)
+    if not os.path.exists(spec):
+        if spec in PRETRAINED or not (os.sep in spec or "/" in spec or spec.endswith(CHECKPOINT_SUFFIXES)):
+            return load_file(pretrained_path(spec), map_location=device)  # an unknown name lists the known ones
+        raise FileNotFoundError(f"checkpoint not found: {spec}")
+    if spec.endswith(".safetensors"):
+        state, meta = read_safetensors(spec, device)  # read once; checks the fingerprint
+        if METADATA_CONFIG_KEY in meta:
+            return model_from_safetensors(spec, state, meta, device, "torch")
+        return load_official(state, map_location=device)  # official weights re-saved as safetensors
+    return load_official(spec, map_location=device)
+
+
+def load(spec: str | os.PathLike, *, device: str | torch.device | None = None, backend: str = "auto") -> ALIT:
+    """The model ``spec`` names, in eval mode without gradients, ready for ``encode``/``decode``.
+
+    ``spec``: a bundled name ("demo"), a file (written by ``ALIT.save``, or an official checkpoint:
+    ``.pth`` with ``model``/``ema`` entries, ``ema`` preferred), a directory written by
+    ``save_pretrained``, or ``hf-hub:OWNER/REPO[@REVISION]`` (fetched once into the Hugging Face
+    cache; with ``HF_HUB_OFFLINE=1`` read from it only). ``device``: where the weights go (default
+    the CPU). ``backend``: "auto" (the Triton kernels on a GPU, torch on a CPU), "torch", "triton"
+    or "official". To train it, ``model.train().requires_grad_(True)``; the base tokenizer of a
+    stage-1 model stays frozen in training as the trainers set it.
+    """
+    dev = check_device("cpu" if device is None else device)
+    backend = resolve_backend(backend, dev)
+    check_backend_here(backend, dev)  # before the weights are read: a wrong backend costs nothing
+    model = read_model(spec, dev)
+    return model.set_backend(backend).eval().requires_grad_(False)

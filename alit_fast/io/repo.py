@@ -34,6 +34,30 @@ def require_hub():
     return huggingface_hub
 
 
+# exception classes (by name: they come from huggingface_hub's HTTP stack, whichever it uses) that
+# mean the Hub could not be reached, as opposed to a refusal by the Hub
+NETWORK_ERRORS = ("ConnectError", "ConnectTimeout", "ReadTimeout", "NetworkError", "Timeout", "NameResolutionError",
+                  "MaxRetryError", "OfflineModeIsEnabled")
+
+
+def unreachable_hub(exc: BaseException) -> str | None:
+    """A short cause when ``exc`` (or what it was raised from) means the Hub could not be reached
+    (no network, DNS, a firewall, a timeout); None for any other failure."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in NETWORK_ERRORS:
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -61,7 +85,7 @@ def model_card(model: torch.nn.Module, repo_id: str | None = None, evaluation: d
         "",
         "```python",
         "import alit_fast",
-        f'model = alit_fast.load_pretrained("hf-hub:{name}")',
+        f'model = alit_fast.load("hf-hub:{name}")',
         # the official encode API's rule and default: valid for VQGAN and VAE bases, and for models
         # after stage 2 (whose codes no longer track the base tokenizer's)
         'tokens = model.encode(images, criterion="pixel-l1:0.07")   # float [B, 3, H, W] in [0, 1]',
@@ -138,10 +162,17 @@ def push_to_hub(
     check_repo_id(repo_id)
     hub = require_hub()
     api = hub.HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp, repo_id=repo_id, evaluation=evaluation)
-        info = api.upload_folder(folder_path=tmp, repo_id=repo_id, revision=revision, commit_message=commit_message)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(model, tmp, repo_id=repo_id, evaluation=evaluation)
+            info = api.upload_folder(folder_path=tmp, repo_id=repo_id, revision=revision, commit_message=commit_message)
+    except Exception as exc:  # the Hub client raises many kinds; a network failure gets one plain line
+        cause = unreachable_hub(exc)
+        if cause is None:
+            raise
+        raise ConnectionError(f"cannot upload to {repo_id!r}: the Hugging Face Hub ({hub_endpoint()}) cannot be "
+                              f"reached; check the network ({cause})") from exc
     return str(getattr(info, "commit_url", info))
 
 

@@ -16,6 +16,9 @@ METADATA_CONFIG_KEY = "alit_fast_config"
 # settings show in no tensor shape (heads, the halting threshold, the loss weights), so metadata
 # edited after saving would otherwise load silently as a different model
 FINGERPRINT_KEY = "alit_fast_sha256"
+# the stopping criterion a model's authors recommend (a criterion string, e.g. "pixel-l1:0.12"):
+# encode's default for that model; outside the fingerprint, as it changes no output of the model
+RECOMMENDED_CRITERION_KEY = "alit_fast.recommended_criterion"
 
 
 class CheckpointError(ValueError):
@@ -59,6 +62,8 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config_json = model.config.to_json()
     metadata = {METADATA_CONFIG_KEY: config_json, "format": "pt", FINGERPRINT_KEY: fingerprint(config_json, tensors)}
+    if getattr(model, "recommended_criterion", None):
+        metadata[RECOMMENDED_CRITERION_KEY] = model.recommended_criterion
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ALITConfig, get_config
-from ..ops import check_backend, duplicate_map, vq_nearest
+from ..ops import check_backend_here, duplicate_map, vq_nearest
 from ._cache import WeightsCache
 from .transformer import PackedAttention, ResidualAttentionBlock, Transformer, run_blocks
 from .vae import VAEBaseTokenizer
@@ -245,8 +245,9 @@ class ALITCore(nn.Module):
 
     # ------------------------------------------------------------------ configuration
     def set_backend(self, backend: str) -> "ALITCore":
-        """Route every attention and nearest-code call of the model through ``backend``."""
-        check_backend(backend)
+        """Route every attention and nearest-code call of the model through ``backend``; "triton"
+        on a machine without a CUDA GPU (and without TRITON_INTERPRET=1) is a ValueError here."""
+        check_backend_here(backend)
         self.backend = backend
         for module in self.modules():
             if isinstance(module, (PackedAttention, LatentQuantizer, VQGANQuantizer)):

@@ -4,6 +4,8 @@ Model code calls these functions with its backend name; it never launches a kern
 """
 from __future__ import annotations
 
+import torch
+
 from .attention import attention
 from .vq import duplicate_map, vq_nearest
 
@@ -18,4 +20,23 @@ def check_backend(name: str) -> str:
     return name
 
 
-__all__ = ["BACKENDS", "attention", "check_backend", "duplicate_map", "vq_nearest"]
+def check_backend_here(name: str, device: torch.device | None = None) -> str:
+    """``check_backend``, and refuse at once the Triton backend where its kernels cannot run (no
+    CUDA GPU on this machine, or a CPU ``device``, without TRITON_INTERPRET=1): otherwise the
+    error would come from deep inside the first kernel launch, after the work before it."""
+    check_backend(name)
+    if name == "triton" and not _interpreting():
+        on_cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+        if on_cpu:
+            raise ValueError("the Triton backend needs a CUDA GPU (or TRITON_INTERPRET=1, the slow CPU interpreter "
+                             "for tests); use the 'torch' backend on a CPU")
+    return name
+
+
+def _interpreting() -> bool:
+    from alit_fast.kernels._utils import is_interpreting  # no triton import: safe on any machine
+
+    return is_interpreting()
+
+
+__all__ = ["BACKENDS", "attention", "check_backend", "check_backend_here", "duplicate_map", "vq_nearest"]

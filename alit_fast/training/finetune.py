@@ -95,7 +95,7 @@ from .utils import atomic_torch_save, resolve_config, rng_state, seed_everything
 STAGE = "finetune"
 # stage-1 options that mean nothing here: refused by name rather than silently ignored
 STAGE1_ONLY = (
-    "--base-cache", "--sample-grad-iters", "--halting", "--linear-init-std", "--restart-dead-codes", "--compile",
+    "--base-cache", "--sample-grad-iters", "--halting", "--linear-init-std", "--restart-dead-codes", "--compile", "--init-vqgan",
 )
 DEFAULT_SCHEDULE = ",".join(f"{start}:{value}" for start, value in OFFICIAL_GAN_SCHEDULE)
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
 from ..distributed import join_group
-from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load_state_strict, read_checkpoint, read_state_dict
+from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load, load_state_strict, read_checkpoint, read_state_dict
 from ..io.weights import read_safetensors
 from ..models import HALTING_MODES, BaseOutput
 from ..models.alit import images_in_range
@@ -122,8 +122,11 @@ def _model_and_data_options(p: argparse.ArgumentParser) -> None:
                    help="a directory written by `alit-fast cache-base`: read the VQGAN outputs from it instead "
                         "of running the VQGAN every step (its images are center crops: no augmentation)")
     p.add_argument("--init", default=None,
-                   help="an official or alit_fast checkpoint: the whole model, or only the VQGAN when it holds "
-                        "nothing but base_tokenizer.* keys")
+                   help="what --checkpoint takes elsewhere (demo, a file, a model directory, hf-hub:OWNER/REPO): "
+                        "the whole model, or only the VQGAN when it holds nothing but base_tokenizer.* keys")
+    p.add_argument("--init-vqgan", default=None, metavar="MODEL",
+                   help="take only the VQGAN (base tokenizer) of this model (demo, a file, a directory, hf-hub:...) "
+                        "and train the rest from scratch; without --init or --init-vqgan the VQGAN is random")
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
 
@@ -193,6 +196,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every number in range, before any work (``p.error``: one line, exit status 2)."""
     for name in ("lr", "blr"):
         value = getattr(args, name)
         if value is not None and not (value >= 0 and math.isfinite(value)):
@@ -269,19 +278,29 @@ class Dist:
 
 
 # ---------------------------------------------------------------------------- model set-up
-def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], ALITConfig | None]:
-    """The state dict of an official or alit_fast checkpoint, and the config stored with it if any."""
+def initial_weights(path: str, flag: str = "--init") -> tuple[dict[str, torch.Tensor], ALITConfig | None]:
+    """The state dict of an official or alit_fast checkpoint, and the config stored with it if any;
+    a bundled name, a model directory or ``hf-hub:`` spec is read as ``alit_fast.load`` reads it."""
     try:
+        if not os.path.isfile(path):  # everything --checkpoint takes: demo, a directory, hf-hub:
+            model = load(path, backend="torch")
+            return {k: v.clone() for k, v in model.state_dict().items()}, model.config
         if path.endswith(".safetensors") and os.path.isfile(path):
             state, meta = read_safetensors(path, "cpu")  # names a damaged file, checks the fingerprint
             cfg = ALITConfig.from_json(meta[METADATA_CONFIG_KEY]) if METADATA_CONFIG_KEY in meta else None
             return read_state_dict(state, "cpu"), cfg
         return read_checkpoint(path, "cpu")  # a training checkpoint.pt records its config
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
-        raise UsageError(f"--init: {one_line(exc)}") from exc
+        raise UsageError(f"{flag}: {one_line(exc)}") from exc
 
 
-def load_initial(model: ALIT, state: dict[str, torch.Tensor]) -> str:
+RANDOM_VQGAN_WARNING = (
+    "alit-fast train: warning: no --init or --init-vqgan, so the VQGAN is random: its codes say nothing about "
+    "the images and stage 1 can learn nothing useful (pass --init-vqgan demo for the bundled model's VQGAN, "
+    "or a VQGAN trained by alit_fast.train_vqgan)")
+
+
+def load_initial(model: ALIT, state: dict[str, torch.Tensor], flag: str = "--init") -> str:
     """Load ``state`` into ``model``: all of it, or only the VQGAN. Returns what was loaded."""
     prefix = "base_tokenizer."
     try:
@@ -290,7 +309,7 @@ def load_initial(model: ALIT, state: dict[str, torch.Tensor]) -> str:
             return "the base tokenizer (base_tokenizer.*)"
         load_state_strict(model, state)
     except CheckpointError as exc:  # the checkpoint fits another config: name the flag, in one line
-        raise UsageError(f"--init: {one_line(exc)} (pass the --config it was trained with)") from exc
+        raise UsageError(f"{flag}: {one_line(exc)} (pass the --config it was trained with)") from exc
     return WHOLE_MODEL
 
 
@@ -449,7 +468,8 @@ def build(args: argparse.Namespace, d: Dist) -> Run:
     amp = args.amp or ("fp16" if device.type == "cuda" else "off")
     seed_everything(args.seed + d.rank)
     init_state, init_cfg = initial_weights(args.init) if args.init else (None, None)
-    cfg = resolve_config(args.config) if args.config else (init_cfg or PRESETS["demo"])
+    vqgan_state, vqgan_cfg = initial_weights(args.init_vqgan, "--init-vqgan") if args.init_vqgan else (None, None)
+    cfg = resolve_config(args.config) if args.config else (init_cfg or vqgan_cfg or PRESETS["demo"])
     if args.sample_grad_iters is not None and args.sample_grad_iters > cfg.iterations:
         raise UsageError(f"--sample-grad-iters {args.sample_grad_iters}: the model has only {cfg.iterations} iterations")
     model = ALIT(cfg)
@@ -459,6 +479,12 @@ def build(args: argparse.Namespace, d: Dist) -> Run:
         whole_model = what == WHOLE_MODEL
         if d.main:
             print(f"initialised {what} from {args.init}", flush=True)
+    if vqgan_state is not None:
+        what = load_initial(model, {k: v for k, v in vqgan_state.items() if k.startswith("base_tokenizer.")}, "--init-vqgan")
+        if d.main:
+            print(f"initialised {what} from {args.init_vqgan}", flush=True)
+    elif init_state is None and args.base_cache is None and d.main:
+        print(RANDOM_VQGAN_WARNING, file=sys.stderr, flush=True)
     if args.linear_init_std is not None and not whole_model:
         reinit_linear(model, args.linear_init_std)
     model.set_backend(args.backend)
@@ -603,6 +629,13 @@ def write_final(run: Run) -> None:
         run.model.save(str(run.out / "model.safetensors"))
         if run.ema is not None:
             run.ema.save(str(run.out / "ema.safetensors"))
+
+
+def written_message(out: Path, ema: bool) -> str:
+    """Where the trained model is and how to use it: the last line of a finished run."""
+    best = out / ("ema.safetensors" if ema else "model.safetensors")
+    return (f"wrote {out / 'model.safetensors'}" + (f" and {best} (the EMA weights)" if ema else "")
+            + f"; use it with --checkpoint {best} or alit_fast.load({str(best)!r})")
 
 
 # ---------------------------------------------------------------------------- one step
@@ -840,6 +873,8 @@ def drive(run, args: argparse.Namespace, stage: Stage) -> int:
             print(f"time limit reached at step {run.step}; continue with --resume", flush=True)
         if run.step >= run.total_steps:
             stage.write_final()
+            if d.main:
+                print(written_message(run.out, run.ema is not None), flush=True)
     except NonFiniteLoss as exc:
         if d.main:
             print(f"\nalit-fast train: {exc}", file=sys.stderr, flush=True)

@@ -62,13 +62,18 @@ def write_demo(folder: Path, size: int = 32) -> int:
     return len(ordered)
 
 
+WRITERS = {"heldout": (write_heldout, "held-out images"), "photos": (write_photos, "photographs"),
+           "demo": (write_demo, "demo images")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="eval_sets")
+    p.add_argument("--only", choices=tuple(WRITERS), default=None, help="write this one set (default: all three)")
     args = p.parse_args()
     out = Path(args.out)
-    print(f"{write_heldout(out / 'heldout')} held-out images, {write_photos(out / 'photos')} photographs, "
-          f"{write_demo(out / 'demo')} demo images -> {out}")
+    written = [f"{WRITERS[name][0](out / name)} {WRITERS[name][1]}" for name in WRITERS if args.only in (None, name)]
+    print(", ".join(written) + f" -> {out}")
 
 
 if __name__ == "__main__":
