@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from collections import Counter
 
 import torch
@@ -66,8 +68,7 @@ def check_output_file(path: str, replaceable=None, flag: str = "--out", overwrit
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{flag} {path}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag} {path}: the folder {parent} is not writable")
+    check_writable(parent, f"{flag} {path}")
     if replaceable is not None and os.path.exists(path) and not replaceable(path):
         way_out = f"pass {overwrite_flag}" if overwrite_flag else "remove it first"
         raise UsageError(f"{flag} {path} exists and is not a file this command wrote; it is left alone "
@@ -81,8 +82,36 @@ def check_output_dir(path: str, flag: str = "--out") -> None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise UsageError(f"{flag} {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK):
-        raise UsageError(f"{flag} {path}: the folder {probe} is not writable")
+    check_writable(probe, f"{flag} {path}")
+
+
+def check_writable(folder: str, what: str) -> None:
+    """Create and remove a file in ``folder``: the one test a read-only mount, a full disk or a
+    forbidden folder cannot pass, whoever runs it (os.access says yes to root on a read-only mount)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".alit_fast-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"{what}: the folder {folder} is not writable ({exc.strerror or exc})") from exc
+
+
+def check_free_space(folder: str, need: int, what: str) -> None:
+    """Refuse before the work an output whose estimated size the disk under ``folder`` lacks."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UsageError(f"{what}: about {_size(need)} will be written but {probe} has {_size(free)} free")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def check_positive(flag: str, value: int | None) -> None:

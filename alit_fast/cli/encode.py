@@ -19,7 +19,7 @@ from ..inference import (
 )
 from ..inference.tokens import FORMAT as TOKEN_FORMAT
 from ..models import HALTING_MODES
-from ..io.images import IMAGE_EXTENSIONS, find_images, image_file_problem, load_image
+from ..io.images import PREPROCESSING, IMAGE_EXTENSIONS, describe_notes, find_images, image_file_problem, image_notes, load_image
 from ._common import (
     OneLineParser,
     UsageError,
@@ -44,7 +44,7 @@ def _chunks(items: list, size: int):
 
 # ---------------------------------------------------------------------- encode
 def _encode_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Adaptive-length tokenization of image files.")
+    p = OneLineParser(prog=PROG, description="Adaptive-length tokenization of image files.", epilog=PREPROCESSING)
     p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
     add_model_args(p, "demo")
     p.add_argument(
@@ -130,36 +130,37 @@ def _main(argv: list[str] | None) -> int:
     cfg = model.config
     check_encode_options(model, criterion, args)
 
-    batches: list[TokenBatch] = []
-    model_seconds = 0.0
-    started = time.perf_counter()
-    bar = tqdm(total=len(files), unit="img", desc="encode", file=sys.stderr)
-    for group in _chunks(files, args.batch_size):
-        images, names = [], []
-        for path in group:
-            try:
-                images.append(load_image(path, cfg.image_size))
-                names.append(str(path))
-            except Exception as exc:  # a body that fails to decode past a good header: reported, never fatal
-                skipped.append(f"{path} ({type(exc).__name__}: {one_line(exc)})")
-        if images:
-            t0 = time.perf_counter()
-            tokens = model.encode(
-                torch.stack(images).to(device),
-                criterion,
-                min_tokens=args.min_tokens,
-                max_tokens=args.max_tokens,
-                halting=args.halting,
-                fallback=args.fallback,
-            )
-            model_seconds += time.perf_counter() - t0
-            tokens.names = names
-            batches.append(tokens)
-            if not args.quiet:
-                for name, n in zip(names, tokens.lengths.tolist()):
-                    tqdm.write(f"{n:>5} tokens  {name}")
-        bar.update(len(group))
-    bar.close()
+    with image_notes() as notes:
+        batches: list[TokenBatch] = []
+        model_seconds = 0.0
+        started = time.perf_counter()
+        bar = tqdm(total=len(files), unit="img", desc="encode", file=sys.stderr)
+        for group in _chunks(files, args.batch_size):
+            images, names = [], []
+            for path in group:
+                try:
+                    images.append(load_image(path, cfg.image_size))
+                    names.append(str(path))
+                except Exception as exc:  # a body that fails to decode past a good header: reported, never fatal
+                    skipped.append(f"{path} ({type(exc).__name__}: {one_line(exc)})")
+            if images:
+                t0 = time.perf_counter()
+                tokens = model.encode(
+                    torch.stack(images).to(device),
+                    criterion,
+                    min_tokens=args.min_tokens,
+                    max_tokens=args.max_tokens,
+                    halting=args.halting,
+                    fallback=args.fallback,
+                )
+                model_seconds += time.perf_counter() - t0
+                tokens.names = names
+                batches.append(tokens)
+                if not args.quiet:
+                    for name, n in zip(names, tokens.lengths.tolist()):
+                        tqdm.write(f"{n:>5} tokens  {name}")
+            bar.update(len(group))
+        bar.close()
     elapsed = time.perf_counter() - started
 
     if not batches:
@@ -177,6 +178,8 @@ def _main(argv: list[str] | None) -> int:
         f"{len(lengths) / max(model_seconds, 1e-9):.1f} images/s in the model, "
         f"{len(lengths) / max(elapsed, 1e-9):.1f} images/s overall"
     )
+    if describe_notes(notes, cfg.image_size):
+        print(f"{PROG}: {describe_notes(notes, cfg.image_size)}", file=sys.stderr)
     if skipped:
         # one line, after the work: the token file holds every other image (their names are in it)
         print(f"{PROG}: warning: skipped {len(skipped)} unreadable file(s): {_listing(skipped, 20)}", file=sys.stderr)

@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..inference import check_criterion_fits, criterion_name, parse_criterion
-from ..io.images import find_images, load_image
+from ..io.images import PREPROCESSING, find_images, load_image
 from ..io.visualize import sorted_by_count, stack, token_sheet
 from ..files import write_atomic
 from ._common import (
@@ -28,7 +28,7 @@ PROG = "alit-fast visualize"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Draw what ALIT's tokens hold, as one PNG.")
+    p = OneLineParser(prog=PROG, description="Draw what ALIT's tokens hold, as one PNG.", epilog=PREPROCESSING)
     p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
     add_model_args(p, "demo")
     p.add_argument("--out", default="alit_viz.png", help="the PNG to write")

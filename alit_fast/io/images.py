@@ -1,10 +1,18 @@
 """Image files in and out: Pillow, RGB, shorter side resized and center-cropped to the model's
-size (the evaluation transform; training's augmentation is in alit_fast.training.data)."""
+size (the evaluation transform; training's augmentation is in alit_fast.training.data).
+
+``read_rgb`` is the one reader of image files: every Pillow mode maps to 8-bit RGB by its true
+range (16-bit and 32-bit integer images by 65535, float images by [0, 1]), or is refused by name;
+``convert("RGB")`` alone clips 16-bit values above 255 and turns such images white. What it had
+to change (an alpha channel dropped, a palette expanded) and what the preprocessing rule resized
+is counted in ``image_notes`` for the command to report once."""
 from __future__ import annotations
 
 import os
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,10 +49,95 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """[3, size, size] float in [0, 1]; raises OSError (or ValueError) for a file Pillow cannot read."""
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
+# ---------------------------------------------------------------------------- modes
+# modes whose values Pillow's own convert("RGB") maps correctly (8 bits per channel)
+EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+PREPROCESSING = ("Images of any size and mode are read by one rule: 16-bit and float images by their true "
+                 "range, alpha dropped, palette expanded; the shorter side resized to the model's image size "
+                 "(bicubic), then centre-cropped (docs/preprocessing.md).")
+_NOTES: list[Counter] = []
+NOTE_TEXT = {
+    "alpha": "had an alpha channel (dropped)",
+    "palette": "were palette images (expanded to RGB)",
+    "resized": "were not {size}x{size}: shorter side resized to {size}, then centre-cropped (docs/preprocessing.md)",
+}
+
+
+@contextmanager
+def image_notes() -> Iterator[Counter]:
+    """Count, while open, what ``read_rgb`` changed and what ``load_image`` resized."""
+    notes: Counter = Counter()
+    _NOTES.append(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.remove(notes)
+
+
+def _note(kind: str) -> None:
+    for notes in _NOTES:
+        notes[kind] += 1
+
+
+def describe_notes(notes: Counter, size: int | None = None) -> str | None:
+    """One line for a command to print at its end (None when nothing was changed)."""
+    parts = [f"{notes[k]} image(s) " + NOTE_TEXT[k].format(size=size) for k in NOTE_TEXT if notes.get(k)]
+    return "note: " + "; ".join(parts) if parts else None
+
+
+def _scaled(array: np.ndarray, top: float) -> Image.Image:
+    gray = np.clip(array.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB with each mode's values mapped by their true range; ValueError naming a mode or
+    a value range this cannot map."""
+    mode = image.mode
+    if mode in EIGHT_BIT_MODES:
+        if mode == "P":
+            _note("palette")
+            if "transparency" in image.info:
+                _note("alpha")
+        return image.convert("RGB")
+    if mode in ALPHA_MODES:
+        _note("alpha")
+        if mode == "PA":
+            _note("palette")
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if mode in SIXTEEN_BIT_MODES:
+        return _scaled(array, 65535.0)
+    if mode == "I":  # 32-bit integers: 16-bit PNGs and TIFFs land here; anything wider has no known range
+        low, high = int(array.min(initial=0)), int(array.max(initial=0))
+        if low < 0 or high > 65535:
+            raise ValueError(f"a 32-bit integer image with values in [{low}, {high}]; only 0..65535 (16-bit) "
+                             "has a known range: convert it to 8 or 16 bits")
+        return _scaled(array, 65535.0)
+    if mode == "F":
+        if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+            raise ValueError(f"a floating-point image with values in [{np.nanmin(array):g}, {np.nanmax(array):g}] "
+                             "(or not finite); float images must hold [0, 1]")
+        return _scaled(array, 1.0)
+    raise ValueError(f"images of Pillow mode {mode!r} are not supported; convert the file to RGB")
+
+
+def read_rgb(source: str | os.PathLike | IO[bytes]) -> Image.Image:
+    """An image file (or file object) as 8-bit RGB by its true range (see ``as_rgb``); OSError or
+    ValueError for a file Pillow cannot read or a mode it cannot map."""
+    with Image.open(source) as image:
+        image.load()
+        return as_rgb(image)
+
+
+def load_image(path: str | os.PathLike | IO[bytes], size: int) -> torch.Tensor:
+    """[3, size, size] float in [0, 1] by the preprocessing rule (``center_crop``); raises OSError
+    (or ValueError) for a file that cannot be read."""
+    rgb = read_rgb(path)
+    if rgb.size != (size, size):
+        _note("resized")
     return to_tensor(center_crop(rgb, size))
 
 
@@ -63,7 +156,9 @@ def image_file_problem(path: str | os.PathLike) -> str | None:
     decoded), or None. A file whose body is damaged past a good header fails later, in load_image."""
     try:
         with Image.open(path) as image:
-            image.size  # noqa: B018 (the header was parsed)
+            mode = image.mode
     except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
         return f"{type(exc).__name__}: {exc}"
+    if mode not in EIGHT_BIT_MODES + ALPHA_MODES + SIXTEEN_BIT_MODES + ("I", "F"):
+        return f"images of Pillow mode {mode!r} are not supported; convert the file to RGB"
     return None

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..config import PRESETS, ALITConfig
+from ..files import WRITE_ERRNOS, FolderBusy, as_os_error
 
 
 # ---------------------------------------------------------------------------- user errors
@@ -44,11 +45,18 @@ def run_command(
     on every torchrun rank but the first, which all see the same error) and exit status 2."""
     try:
         return int(body(argv) or 0)
-    except UsageError as exc:
-        if speak:
-            sys.stdout.flush()
-            print(f"{prog}: {one_line(exc)}", file=sys.stderr, flush=True)
-        return 2
+    except (UsageError, FolderBusy) as exc:
+        message = one_line(exc)
+    except OSError as exc:  # a full disk, a read-only or forbidden folder met while writing
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        message = (f"cannot write{where}: {exc.strerror or exc} (nothing half-written is left; files written "
+                   "before are kept)")
+    if speak:
+        sys.stdout.flush()
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 def check_number(name: str, value: float | None, low: float | None = None, high: float | None = None,
@@ -116,11 +124,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file, fsync, then rename: a kill leaves the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as exc:  # a full disk: no partial checkpoint left beside the good one
+        tmp.unlink(missing_ok=True)
+        converted = as_os_error(exc, str(path))
+        if converted is exc:
+            raise
+        raise converted from exc
 
 
 def weights_digest(module: torch.nn.Module) -> str:
