@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections import Counter
 
 import torch
@@ -37,9 +38,14 @@ def load_model_or_report(spec: str, backend: str, device: str | torch.device, pr
 def load_model_or_raise(spec: str, backend: str, device: str | torch.device) -> ALIT:
     """load_model; a missing, unreadable or unfitting checkpoint is a UsageError naming it."""
     try:
-        return load_model(spec, backend, device)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            model = load_model(spec, backend, device)
     except (FileNotFoundError, CheckpointError, ValueError, OSError) as exc:
         raise UsageError(f"cannot load the model {spec!r}: {one_line(exc)}") from exc
+    for warning in said:  # e.g. weights read as official layout: one line, not a source listing
+        print(f"note: {one_line(warning.message)}", file=sys.stderr)
+    return model
 
 
 def device_from(name: str) -> torch.device:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
 from .checkpoint import CheckpointError, load, load_official
+from .weights import FINGERPRINT_KEY, METADATA_CONFIG_KEY
 from .model import ALIT
 from .repo import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, check_repo_id, require_hub
 
@@ -98,6 +100,24 @@ def load_directory(directory: str | os.PathLike, map_location: str | torch.devic
     return model
 
 
+def _load_safetensors(path: str) -> ALIT:
+    """``load``; a file with no alit_fast metadata at all (official weights re-saved) is read with
+    sizes inferred from its shapes, with a warning. A file that has our metadata but fails (an
+    edited config, a broken fingerprint) is refused: inferring sizes would load another model."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # not a safetensors file at all
+        raise CheckpointError(f"{path} cannot be read as a safetensors file ({exc})") from exc
+    if METADATA_CONFIG_KEY in meta or FINGERPRINT_KEY in meta:
+        return load(path)
+    warnings.warn(f"{path} has no alit_fast config: reading it as official-layout weights, sizes inferred from "
+                  "the tensor shapes (heads = layers)", stacklevel=3)
+    return load_official(path)
+
+
 def load_model(spec: str, backend: str = "torch", device: str | torch.device = "cpu") -> ALIT:
     """An ALIT from an alit_fast safetensors file, an official checkpoint, a model directory,
     ``hf-hub:OWNER/REPO[@REVISION]``, or a bundled name ("demo")."""
@@ -108,10 +128,7 @@ def load_model(spec: str, backend: str = "torch", device: str | torch.device = "
             raise FileNotFoundError(f"checkpoint not found: {spec}")
         model = load_pretrained(spec)
     elif spec.endswith(".safetensors"):
-        try:
-            model = load(spec)
-        except CheckpointError:  # a safetensors file without our metadata: official weights re-saved
-            model = load_official(spec)
+        model = _load_safetensors(spec)
     else:
         model = load_official(spec)
     return model.to(device).set_backend(backend).eval()
