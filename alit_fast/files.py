@@ -88,11 +88,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def acquire_lock(folder: str | os.PathLike, what: str) -> str:
+def acquire_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> str:
     """Take ``folder``'s lock file (created exclusively, holding pid, host and command), or raise
     FolderBusy naming its holder. A lock whose process is gone from this host is stale (the run
     was killed) and is taken over. Returns the lock's path for ``release_lock``."""
-    path = os.path.join(os.fspath(folder), LOCK_NAME)
+    path = os.path.join(os.fspath(folder), name)
     mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": what, "since": time.time()})
     for _ in range(2):
         try:

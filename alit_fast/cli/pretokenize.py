@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..files import acquire_lock, release_lock
-from ..io.images import PREPROCESSING, describe_notes, image_notes
+from ..io.images import PREPROCESSING, READER_VERSION, describe_notes, image_notes
 from ..training.utils import weights_digest
 from ..inference import (
     DEFAULT_CRITERION,
@@ -108,7 +108,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
                                                ("fallback", args.fallback)) if value not in (None, "max"))
     # the weights, not only their path or name: a file replaced by other weights is another run
     plan = Plan(tuple(sources), args.shard_size, model.config.to_json(), checkpoint_spec(args.checkpoint),
-                options, args.batch_size, weights_digest(model), __version__)
+                options, args.batch_size, weights_digest(model), f"{__version__} reader {READER_VERSION}")
 
     check_output_dir(args.out)
     os.makedirs(args.out, exist_ok=True)

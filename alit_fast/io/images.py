@@ -54,6 +54,9 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# bumped whenever the pixels read from a file change (2: 16-bit and float images by their true range):
+# a stored run made from the old pixels is another run
+READER_VERSION = 2
 PREPROCESSING = ("Images of any size and mode are read by one rule: 16-bit and float images by their true "
                  "range, alpha dropped, palette expanded; the shorter side resized to the model's image size "
                  "(bicubic), then centre-cropped (docs/preprocessing.md).")
