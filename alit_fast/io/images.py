@@ -36,6 +36,23 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
+def fit_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The preprocessing rule for tensors: [B, 3, H, W] in [0, 1] with the shorter side resized to
+    ``size`` (bicubic, antialiased, clamped to [0, 1]) and the central ``size`` x ``size`` square
+    kept. ``model.encode`` takes only the model's size and refuses others, naming this helper."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"fit_images takes images [B, 3, H, W], got {getattr(images, 'shape', type(images).__name__)}")
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = torch.nn.functional.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", antialias=True,
+                                              align_corners=False).clamp_(0, 1).to(images.dtype)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[..., top : top + size, left : left + size].contiguous()
+
+
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files named directly are kept whatever their suffix (a bad one is reported when read);
     directories are searched recursively for image suffixes, in sorted order."""

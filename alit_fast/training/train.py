@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load_state_strict, read_checkpoint, read_state_dict
-from ..io.weights import read_safetensors
+from ..io.weights import read_safetensors, torch_load_problem
 from ..models import HALTING_MODES, BaseOutput
 from ..models.alit import images_in_range
 from .base_cache import BaseCacheDataset
@@ -498,22 +498,22 @@ def _other_checkpoints(path: Path) -> str:
     return "; no earlier checkpoint is kept there: start again with --overwrite"
 
 
-def read_training_checkpoint(path: Path) -> dict:
+def read_training_checkpoint(path: Path, entries: tuple[str, ...] = CHECKPOINT_ENTRIES,
+                             writer: str = "alit-fast train") -> dict:
     """A checkpoint.pt to resume from; a missing, damaged or incomplete one is a UsageError naming it."""
     if path.is_dir():
         raise UsageError(f"--resume: {path} is a directory, not a checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/pickle/zip errors of a truncated or garbled file
-        raise UsageError(f"--resume: {path} cannot be read, it is damaged or not a checkpoint "
-                         f"({type(exc).__name__}: {one_line(exc)[:200]}){_other_checkpoints(path)}") from exc
+    except Exception as exc:  # torch/pickle/zip errors of a truncated, garbled or untrusted file
+        raise UsageError(f"--resume: {torch_load_problem(str(path), exc)}{_other_checkpoints(path)}") from exc
     if not isinstance(ckpt, dict):
         raise UsageError(f"--resume: {path} holds a {type(ckpt).__name__}, not a training checkpoint"
                          f"{_other_checkpoints(path)}")
-    missing = [k for k in CHECKPOINT_ENTRIES if k not in ckpt]
+    missing = [k for k in entries if k not in ckpt]
     if missing:
         raise UsageError(f"--resume: {path} is incomplete (no {', '.join(missing)}): not a checkpoint written by "
-                         f"alit-fast train{_other_checkpoints(path)}")
+                         f"{writer}{_other_checkpoints(path)}")
     return ckpt
 
 
