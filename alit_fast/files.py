@@ -79,6 +79,8 @@ class FolderBusy(RuntimeError):
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -99,8 +101,11 @@ def acquire_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) ->
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _read_lock(path)
-            if (holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))) or (
-                    not holder and _age(path) > 10):  # killed between creating and filling it
+            here = holder.get("host") == socket.gethostname()
+            pid = int(holder.get("pid", -1)) if str(holder.get("pid", "")).lstrip("-").isdigit() else -1
+            # stale: its process is gone, or it is this process's own (an earlier command run
+            # in-process that ended by an exception), or it was never filled in by a killed run
+            if (here and (pid == os.getpid() or not _alive(pid))) or (not holder and _age(path) > 10):
                 os.remove(path)  # a killed run's lock
                 continue
             raise FolderBusy(f"{folder} is in use by another run ({holder.get('command', '?')}, pid "

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from collections import Counter
 
@@ -16,7 +14,7 @@ import torch
 from ..io import ALIT, CheckpointError, load_model
 from ..inference import Criterion, check_criterion_fits, check_fallback, iteration_range, parse_criterion
 from ..ops import BACKENDS
-from ..training.utils import OneLineParser, UsageError, one_line, run_command
+from ..training.utils import OneLineParser, UsageError, check_free_space, check_writable, one_line, run_command
 
 __all__ = ["OneLineParser", "UsageError", "one_line", "run_command"]
 
@@ -89,35 +87,6 @@ def check_output_dir(path: str, flag: str = "--out") -> None:
     if not os.path.isdir(probe):
         raise UsageError(f"{flag} {path}: {probe} is a file, not a folder")
     check_writable(probe, f"{flag} {path}")
-
-
-def check_writable(folder: str, what: str) -> None:
-    """Create and remove a file in ``folder``: the one test a read-only mount, a full disk or a
-    forbidden folder cannot pass, whoever runs it (os.access says yes to root on a read-only mount)."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".alit_fast-probe-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as exc:
-        raise UsageError(f"{what}: the folder {folder} is not writable ({exc.strerror or exc})") from exc
-
-
-def check_free_space(folder: str, need: int, what: str) -> None:
-    """Refuse before the work an output whose estimated size the disk under ``folder`` lacks."""
-    probe = os.path.abspath(folder)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe).free
-    if need > free:
-        raise UsageError(f"{what}: about {_size(need)} will be written but {probe} has {_size(free)} free")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def check_positive(flag: str, value: int | None) -> None:

@@ -134,12 +134,18 @@ def torch_load_problem(path: str, exc: Exception) -> str:
     objects beyond tensors gets the way out, for a file whose source is trusted."""
     text = str(exc)
     unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if "Weights only load failed" in text:
-        what = f" ({unsupported.group(1)})" if unsupported else ""
-        return (f"{path} holds Python objects besides tensors{what}, which are not unpickled because that can run "
-                "code; only if the file comes from a source you trust, load it with torch.load(path, "
-                "weights_only=False) and pass the dict instead of the path")
-    first = one_sentence(text) or type(exc).__name__
+    if unsupported:
+        return (f"{path} holds Python objects besides tensors ({unsupported.group(1)}), which are not unpickled "
+                "because that can run code; only if the file comes from a source you trust, load it with "
+                "torch.load(path, weights_only=False) and pass the dict instead of the path")
+    blocked = re.search(r"unsupported GLOBAL ([\w.]+) whose module \w+ is blocked", text)
+    if blocked:  # os.system and the like: a file built to run code, never to be loaded unsafely
+        return (f"{path} was not loaded: unpickling it would call {blocked.group(1)}, which can run code on this "
+                "machine; it is not a checkpoint to trust")
+    # random bytes also fail as "Weights only load failed ..., retry with weights_only=False": the
+    # unpickler's own complaint is the part that describes the file
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    first = unpickler.group(1).strip() if unpickler else (one_sentence(text) or type(exc).__name__)
     return f"{path} is damaged or not a checkpoint file (torch.load: {type(exc).__name__}: {first})"
 
 

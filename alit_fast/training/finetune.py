@@ -80,6 +80,7 @@ from .train import (
     build_training_data,
     drive,
     read_training_checkpoint,
+    release_run_lock,
     ema_epoch_reset,
     open_run,
     initial_weights,
@@ -577,6 +578,13 @@ def _postfix(host: dict, out: StepOutput, rate: float) -> str:
 
 
 def train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    finally:
+        release_run_lock(args.out)
+
+
+def _train(args: argparse.Namespace) -> int:
     run = open_run(args, build, resume)
     run.model.train()
     run.discriminators.train()

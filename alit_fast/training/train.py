@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load_state_strict, read_checkpoint, read_state_dict
+from ..files import LOCK_NAME, acquire_lock, release_lock
 from ..io.weights import read_safetensors, torch_load_problem
 from ..models import HALTING_MODES, BaseOutput
 from ..models.alit import images_in_range
@@ -41,7 +42,9 @@ from .utils import (
     one_line,
     UsageError,
     atomic_torch_save,
+    check_free_space,
     check_number,
+    check_writable,
     resolve_config,
     rng_state,
     run_command,
@@ -83,6 +86,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
     if found and not (resume or overwrite):
         raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it "
                          "or --overwrite to replace it")
+    check_writable(str(above if not out.exists() else out), f"--out {out}")
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -842,14 +846,30 @@ def open_run(args: argparse.Namespace, build: Callable, resume: Callable):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     prepare_out(Path(args.out), bool(args.resume), args.overwrite, write=d.main)
+    if d.main:  # one run per folder: a second one refuses by name (released by release_run_lock)
+        acquire_lock(args.out, "alit-fast train")
     d.barrier()
     run = build(args, d)
+    if d.main:  # checkpoint.pt (weights, EMA, two Adam moments) and the two final weight files
+        params = sum(p.numel() * p.element_size() for p in run.model.parameters())
+        check_free_space(args.out, 7 * params + (1 << 20), f"--out {args.out}")
     if args.resume:
         resume(run, args.resume)
     return run
 
 
+def release_run_lock(out: str | os.PathLike) -> None:
+    release_lock(os.path.join(os.fspath(out), LOCK_NAME))
+
+
 def train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    finally:
+        release_run_lock(args.out)
+
+
+def _train(args: argparse.Namespace) -> int:
     run = open_run(args, build, resume)
     run.model.train()
     return drive(run, args, Stage(

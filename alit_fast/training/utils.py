@@ -7,7 +7,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -57,6 +59,35 @@ def run_command(
         sys.stdout.flush()
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
     return 2
+
+
+def check_writable(folder: str, what: str) -> None:
+    """Create and remove a file in ``folder``: the one test a read-only mount, a full disk or a
+    forbidden folder cannot pass, whoever runs it (os.access says yes to root on a read-only mount)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".alit_fast-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"{what}: the folder {folder} is not writable ({exc.strerror or exc})") from exc
+
+
+def check_free_space(folder: str, need: int, what: str) -> None:
+    """Refuse before the work an output whose estimated size the disk under ``folder`` lacks."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UsageError(f"{what}: about {_size(need)} will be written but {probe} has {_size(free)} free")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def check_number(name: str, value: float | None, low: float | None = None, high: float | None = None,
