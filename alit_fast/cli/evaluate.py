@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import __version__
 from ..evaluation import CROPS, FID_METHODS, METRICS, evaluate, parse_metrics, parse_tokens, write_report
 from ..evaluation.report import markdown, written_here
 from ..files import FolderBusy, acquire_lock, release_lock
-from ..training.utils import weights_digest
+from ..training.utils import package_version, weights_digest
 from ..evaluation.data import ImageFiles
 from ..inference import FALLBACKS, parse_criterion
 from ..models import HALTING_MODES
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             # what identifies the numbers: the weights themselves, not only their path or name
             report.settings.update(checkpoint=checkpoint_spec(args.checkpoint), weights_sha256=weights_digest(model),
-                                   alit_fast_version=__version__)
+                                   alit_fast_version=package_version())
             print(markdown(report), end="")  # first: a write that fails still leaves the numbers on screen
             try:
                 paths = write_report(report, out)

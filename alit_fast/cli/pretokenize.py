@@ -15,10 +15,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import __version__
 from ..files import acquire_lock, release_lock
 from ..io.images import PREPROCESSING, READER_VERSION, describe_notes, image_notes
-from ..training.utils import weights_digest
+from ..training.utils import package_version, weights_digest
 from ..inference import (
     DEFAULT_CRITERION,
     FALLBACKS,
@@ -108,7 +107,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
                                                ("fallback", args.fallback)) if value not in (None, "max"))
     # the weights, not only their path or name: a file replaced by other weights is another run
     plan = Plan(tuple(sources), args.shard_size, model.config.to_json(), checkpoint_spec(args.checkpoint),
-                options, args.batch_size, weights_digest(model), f"{__version__} reader {READER_VERSION}")
+                options, args.batch_size, weights_digest(model), f"{package_version()} reader {READER_VERSION}")
 
     check_output_dir(args.out)
     os.makedirs(args.out, exist_ok=True)

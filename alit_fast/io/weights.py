@@ -146,7 +146,7 @@ def torch_load_problem(path: str, exc: Exception) -> str:
     # unpickler's own complaint is the part that describes the file
     unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     first = unpickler.group(1).strip() if unpickler else (one_sentence(text) or type(exc).__name__)
-    return f"{path} is damaged or not a checkpoint file (torch.load: {type(exc).__name__}: {first})"
+    return f"{path} could not be read: it is damaged or not a checkpoint file (torch.load: {type(exc).__name__}: {first})"
 
 
 def one_sentence(text: str) -> str:

@@ -169,6 +169,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise converted from exc
 
 
+def package_version() -> str:
+    """The installed alit_fast version (a run identity's part: an upgrade may change the tokens)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alit_fast")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 over a module's state dict (names and bytes): equal digests mean equal weights."""
     import hashlib
