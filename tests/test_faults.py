@@ -996,6 +996,7 @@ def test_a_read_only_output_is_refused_before_the_work(env, tmp_path, capsys, mo
     assert cli_main(argv_of(env, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not writable" in err[0] and "Read-only" in err[0]
+    assert not loaded  # refused before the model was even read
 
 
 def test_a_disk_without_room_for_the_shards_is_refused_with_the_numbers(env, tmp_path, capsys, monkeypatch):
@@ -1116,3 +1117,26 @@ def test_evaluate_keeps_a_users_metrics_file_even_with_overwrite(env, tmp_path, 
     assert cli_main(argv) == 0
     settings = json.loads((out / "metrics.json").read_text())["settings"]
     assert len(settings["weights_sha256"]) == 64 and settings["alit_fast_version"] == alit_fast.__version__
+
+
+def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, monkeypatch):
+    import alit_fast.cli.encode as encode_cli
+
+    real, calls = ALIT.encode, []
+
+    def stops_on_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # or a crash, or the machine's time running out
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(encode_cli, "PARTIAL_EVERY_S", 0.0)
+    monkeypatch.setattr(ALIT, "encode", stops_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(_encode(env, tmp_path, "--batch-size", "1"))
+    kept = TokenBatch.load(tmp_path / "t.safetensors")
+    assert [Path(n).name for n in kept.names] == ["a.png"] and kept.extra["partial"].startswith("1 of 2")
+    monkeypatch.undo()
+    assert cli_main(_encode(env, tmp_path, "--batch-size", "1")) == 0  # the partial file is replaced
+    done = TokenBatch.load(tmp_path / "t.safetensors")
+    assert len(done) == 2 and "partial" not in done.extra

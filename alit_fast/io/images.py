@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import write_atomic
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -168,7 +170,11 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
-    to_pil(image).save(path)
+    """Through a temporary file: a full disk leaves no half-written picture under the real name."""
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    image_format = Image.registered_extensions().get(extension, "PNG")
+    picture = to_pil(image)
+    write_atomic(path, lambda tmp: picture.save(tmp, format=image_format))
 
 
 def image_file_problem(path: str | os.PathLike) -> str | None:
