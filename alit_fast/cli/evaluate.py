@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = None
     try:
         if not dist.is_initialized() or dist.get_rank() == 0:
+            created = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
             lock = acquire_lock(out, PROG)
         model = load_model_or_report(args.checkpoint, args.backend, device, PROG)
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if lock:
             release_lock(lock)
+            if created and not any(out.iterdir()):  # refused before writing: leave no trace
+                out.rmdir()
         if dist.is_initialized() and joined:
             dist.destroy_process_group()
 

@@ -110,6 +110,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
                 options, args.batch_size, weights_digest(model), f"{package_version()} reader {READER_VERSION}")
 
     check_output_dir(args.out)
+    created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)
     lock = acquire_lock(args.out, "alit-fast pretokenize") if rank == 0 else None
     try:
@@ -118,6 +119,8 @@ def _main(argv: list[str] | None, prog: str) -> int:
     finally:
         if lock:
             release_lock(lock)
+            if created and not os.listdir(args.out):  # refused before writing: leave no trace
+                os.rmdir(args.out)
     return 0
 
 
