@@ -8,8 +8,17 @@ user meant to share them with.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
+import socket
+import time
 from typing import Callable
+
+# the errors a full disk, a quota, a read-only mount or a forbidden folder give a writer: user
+# conditions, reported in one line by the commands (alit_fast.training.utils.run_command)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
 
 
 def _umask() -> int:
@@ -25,9 +34,25 @@ def _umask() -> int:
     return mask
 
 
+def as_os_error(exc: BaseException, path: str) -> BaseException:
+    """An OSError for a writer's failure that is really one (safetensors' SafetensorError carries
+    ``Os { code: 28 ...}``, torch.save's stream writer an ``unexpected pos``), else ``exc`` itself."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    code = re.search(r"Os \{ code: (\d+)", text)
+    if code:
+        number = int(code.group(1))
+        return OSError(number, os.strerror(number), path)
+    if "unexpected pos" in text or "PytorchStreamWriter failed" in text:
+        return OSError(errno.EIO, "the write failed (is the disk full?)", path)
+    return exc
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a temporary file, which is flushed to the disk and then replaces
-    ``path``; on error (Ctrl-C included) the temporary file is removed."""
+    ``path``; on error (Ctrl-C included) the temporary file is removed (the old ``path`` is kept)
+    and a writer's disguised I/O error is raised as an OSError."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     try:
@@ -39,6 +64,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         # without it a power cut after the rename can leave an empty file where the old one was
         _fsync(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        converted = as_os_error(exc, path)
+        if converted is exc:
+            raise
+        raise converted from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -56,3 +86,75 @@ def _fsync(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------- one run per folder
+LOCK_NAME = ".alit_fast.lock"
+
+
+class FolderBusy(RuntimeError):
+    """Another live run holds the output folder's lock."""
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def acquire_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> str:
+    """Take ``folder``'s lock file (created exclusively, holding pid, host and command), or raise
+    FolderBusy naming its holder. A lock whose process is gone from this host is stale (the run
+    was killed) and is taken over. Returns the lock's path for ``release_lock``."""
+    path = os.path.join(os.fspath(folder), name)
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": what, "since": time.time()})
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            here = holder.get("host") == socket.gethostname()
+            pid = int(holder.get("pid", -1)) if str(holder.get("pid", "")).lstrip("-").isdigit() else -1
+            # stale: its process is gone, or it is this process's own (an earlier command run
+            # in-process that ended by an exception), or it was never filled in by a killed run
+            if (here and (pid == os.getpid() or not _alive(pid))) or (not holder and _age(path) > 10):
+                os.remove(path)  # a killed run's lock
+                continue
+            raise FolderBusy(f"{folder} is in use by another run ({holder.get('command', '?')}, pid "
+                             f"{holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it, or remove "
+                             f"{path} if that run is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        return path
+    raise FolderBusy(f"{folder}: could not take the lock {path}")
+
+
+def _read_lock(path: str) -> dict:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):  # empty: being written now, or by a run killed then
+        return {}
+
+
+def _age(path: str) -> float:
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+def release_lock(path: str) -> None:
+    """Remove the lock if it is still this process's."""
+    if _read_lock(path).get("pid") == os.getpid():
+        try:
+            os.remove(path)
+        except OSError:
+            pass

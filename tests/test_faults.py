@@ -30,6 +30,7 @@ from alit_fast.cli import main as cli_main
 from alit_fast.config import ALITConfig
 from alit_fast.inference import CodeAccuracy, parse_criterion
 from alit_fast.testing import random_images, tiny_config
+from alit_fast.tokens import open_dataset
 from _single_thread import one_thread  # noqa: F401 (an autouse fixture)
 
 HAS_GPU = torch.cuda.is_available()
@@ -666,3 +667,478 @@ def test_loading_onto_a_device_this_machine_lacks_says_so(env, where):
     for load in (alit_fast.load, alit_fast.load_official):
         with pytest.raises(ValueError, match="map_location"):
             load(env.model if load is alit_fast.load else env.pickle_pth, map_location=where)
+
+
+# ---------------------------------------------------------------------------- issue 26: every input
+def _gradient16() -> np.ndarray:
+    return np.linspace(0, 65535, 48 * 40).reshape(48, 40).astype(np.uint16)
+
+
+def _mode_files(folder: Path) -> dict[str, tuple[Path, float]]:
+    """One file per Pillow mode, each holding a ramp whose true mean is known."""
+    folder.mkdir(exist_ok=True)
+    g16 = _gradient16()
+    g8 = (g16 >> 8).astype(np.uint8)
+    files = {}
+
+    def put(name, image, mean, **save):
+        image.save(folder / name, **save)
+        files[name] = (folder / name, mean)
+
+    put("i16.png", Image.fromarray(g16), 0.5)
+    put("i16b.tiff", Image.frombytes("I;16B", (40, 48), g16.astype(">u2").tobytes()), 0.5)
+    put("i32.tiff", Image.fromarray(g16.astype(np.int32)), 0.5)
+    put("float.tiff", Image.fromarray((g16 / 65535.0).astype(np.float32)), 0.5)
+    put("gray.png", Image.fromarray(g8), g8.mean() / 255)
+    put("bilevel.png", Image.fromarray(g8).convert("1"), None)
+    put("rgba.png", Image.fromarray(np.dstack([g8, g8, g8, np.full_like(g8, 7)]), "RGBA"), g8.mean() / 255)
+    put("la.png", Image.fromarray(np.dstack([g8, np.full_like(g8, 9)]), "LA"), g8.mean() / 255)
+    palette = Image.fromarray(g8).convert("P")
+    put("palette.png", palette, None, transparency=0)
+    put("cmyk.tiff", Image.fromarray(np.dstack([g8] * 3)).convert("CMYK"), None)
+    put("ycbcr.jpg", Image.fromarray(np.dstack([g8] * 3)), None, quality=95)
+    return files
+
+
+def test_every_image_mode_reads_by_its_true_range_in_every_reader(tmp_path):
+    from alit_fast.evaluation.data import read_image
+    from alit_fast.io.images import load_image, read_rgb
+    from alit_fast.io.token_dataset import read_source
+    from alit_fast.training.data import ImageFolder
+
+    files = _mode_files(tmp_path / "modes")
+    for name, (path, mean) in files.items():
+        # the reference: the whole image at its own size, no resize to blur the ramp's ends
+        whole = torch.from_numpy(np.asarray(read_rgb(path), dtype=np.float64) / 255.0)
+        if mean is not None:
+            assert abs(float(whole.mean()) - mean) < 0.01, name  # 16-bit: 0.500, not 0.998 (clipped at 255)
+        assert abs(float(load_image(path, 32).mean()) - float(whole.mean())) < 0.05, name
+        assert abs(float(read_source(str(path), 32).mean()) - float(whole.mean())) < 0.05, name
+        assert abs(float(read_image(path, 32, "resize").float().mean()) / 255 - float(whole.mean())) < 0.05, name
+    folder = ImageFolder(tmp_path / "modes", 32, augment=False)
+    assert not folder.skipped and len(folder) == len(files)
+    means = sorted(round(float(folder[i]["image"].mean()), 1) for i in range(len(folder)))
+    assert means[-1] < 0.9  # no white 16-bit image in training either
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.full((8, 8), 3.5, dtype=np.float32), "float"),
+    (np.full((8, 8), -5, dtype=np.int32), "32-bit integer"),
+])
+def test_an_image_mode_without_a_known_range_is_refused_by_name(tmp_path, array, message):
+    from alit_fast.io.images import load_image
+
+    Image.fromarray(array).save(tmp_path / "odd.tiff")
+    with pytest.raises(ValueError, match=message):
+        load_image(tmp_path / "odd.tiff", 32)
+
+
+def test_converted_and_resized_images_are_reported_once_with_a_count(env, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    shutil.copytree(env.images, folder)  # two RGB 40x36 images
+    Image.fromarray(np.zeros((32, 32, 4), np.uint8), "RGBA").save(folder / "alpha.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).convert("P").save(folder / "palette.png")
+    out = tmp_path / "t.safetensors"
+    assert cli_main(["encode", str(folder), "--checkpoint", str(env.model), "--out", str(out), "--quiet"]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(notes) == 1
+    assert "1 image(s) had an alpha channel" in notes[0] and "1 image(s) were palette" in notes[0]
+    assert "2 image(s) were not 32x32" in notes[0]
+
+
+def test_the_preprocessing_rule_is_in_every_image_commands_help(capsys):
+    for command in ("encode", "pretokenize", "visualize"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        assert "centre-cropped" in " ".join(capsys.readouterr().out.split()), command
+
+
+def test_encode_of_another_image_size_names_the_rules_helper(env):
+    from alit_fast.io.images import fit_images
+
+    model = alit_fast.load(env.model)
+    images = random_images(2, 32, seed=4)
+    wide = torch.nn.functional.interpolate(images, size=(32, 48), mode="bilinear")
+    with pytest.raises(ValueError, match=r"fit_images\(images, 32\)"):
+        model.encode(wide, "tokens:8")
+    fitted = fit_images(wide, 32)
+    assert fitted.shape == (2, 3, 32, 32) and len(model.encode(fitted, "tokens:8")) == 2
+
+
+def _pretokenize(e, out: Path, *extra: str, checkpoint: Path | None = None, inputs=None) -> list[str]:
+    return ["pretokenize", *(inputs or [str(e.images)]), "--checkpoint", str(checkpoint or e.model), "--out", str(out),
+            "--shard-size", "1", "--criterion", "tokens:8", *extra]
+
+
+def test_a_resume_over_other_weights_of_the_same_config_refuses_by_name(env, tmp_path, capsys):
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(env.model, weights)
+    out = tmp_path / "ds"
+    assert cli_main(_pretokenize(env, out, checkpoint=weights)) == 0
+    index = (out / "index.json").read_bytes()
+    (out / "shard-00001.safetensors").unlink()  # as if killed before the last shard
+    torch.manual_seed(123)
+    ALIT(tiny_config()).save(weights)  # the same path and config, other weights
+    capsys.readouterr()
+    assert cli_main(_pretokenize(env, out, checkpoint=weights)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model weights" in err[0] and "--overwrite" in err[0]
+    assert (out / "index.json").read_bytes() == index and not (out / "shard-00001.safetensors").exists()
+    assert json.loads(index)["weights_sha256"]
+
+
+def test_a_users_own_index_json_is_named_and_kept_even_with_overwrite(env, tmp_path, capsys):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "index.json").write_text('{"my": "own notes"}')
+    for extra in ((), ("--overwrite",)):
+        assert cli_main(_pretokenize(env, out, *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "did not write (index.json)" in err[0] and "left alone" in err[0]
+        assert (out / "index.json").read_text() == '{"my": "own notes"}'
+
+
+@pytest.fixture()
+def dataset(env, tmp_path) -> Path:
+    out = tmp_path / "ds"
+    assert cli_main(_pretokenize(env, out)) == 0
+    return out
+
+
+def test_swapped_shards_are_refused_not_read_under_another_name(dataset):
+    a, b = dataset / "shard-00000.safetensors", dataset / "shard-00001.safetensors"
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    with pytest.raises(ValueError, match="sha256"):
+        open_dataset(dataset)[0]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda index: index["items"][0].__setitem__(1, 64), "disagrees"),  # a token count 8 -> 64
+    (lambda index: index["items"][0].__setitem__(2, 7), "outside"),  # a shard that is not there
+    (lambda index: index["items"][0].__setitem__(1, -8), "malformed"),
+    (lambda index: index.pop("items"), "'items'"),
+])
+def test_a_hand_edited_index_is_refused_by_name(dataset, edit, message):
+    index = json.loads((dataset / "index.json").read_text())
+    edit(index)
+    (dataset / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=message):
+        open_dataset(dataset)[0]
+
+
+@pytest.mark.parametrize("codes,lengths,message", [
+    (torch.tensor([1.7, 2.2, 3.9]), torch.tensor([3]), "float32"),  # would be truncated to 1, 2, 3
+    (torch.tensor([1, 2, 3], dtype=torch.int16), torch.tensor([5, -2]), "negative token count"),
+])
+def test_a_hand_made_token_file_is_refused_by_name(tmp_path, codes, lengths, message):
+    path = tmp_path / "hand.safetensors"
+    save_file({"codes": codes, "lengths": lengths}, str(path),
+              metadata={"format": "alit_fast.tokens.v1", "codebook_size": "16"})
+    with pytest.raises(ValueError, match=message):
+        TokenBatch.load(path)
+
+
+def test_a_tar_cut_short_is_refused_not_silently_shortened(env, tmp_path, capsys):
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i in range(8):
+            data = env.png.read_bytes()
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = buffer.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        sixth = tar.getmembers()[5].offset
+    for cut in (sixth, sixth + 100):  # at a member boundary (tarfile lists 5 members) and inside a header
+        shard = tmp_path / f"cut{cut}.tar"
+        shard.write_bytes(whole[:cut])
+        assert cli_main(_pretokenize(env, tmp_path / f"ds{cut}", inputs=[str(shard)])) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cut short" in err[0] and shard.name in err[0]
+    (tmp_path / "whole.tar").write_bytes(whole)
+    assert cli_main(_pretokenize(env, tmp_path / "dsw", inputs=[str(tmp_path / "whole.tar")])) == 0
+    assert len(open_dataset(tmp_path / "dsw")) == 8
+
+
+def test_an_edited_alit_fast_file_is_refused_not_read_as_official(env, tmp_path):
+    from alit_fast.io.weights import FINGERPRINT_KEY
+
+    with pytest.raises(CheckpointError, match="edited"):
+        alit_fast.load(str(env.heads_edited))
+    # the issue's case: no fingerprint, config edited: the file is ours, so no size guessing
+    edited = tmp_path / "edited.safetensors"
+    _edit_metadata(env.model, edited, lambda m: (m.pop(FINGERPRINT_KEY), m.update(
+        alit_fast_config=tiny_config(width=96).to_json())))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        alit_fast.load(str(edited))
+    official = tmp_path / "official.safetensors"  # official weights re-saved: inferred, with a warning
+    _edit_metadata(env.model, official, lambda m: m.clear())
+    with pytest.warns(UserWarning, match="official-layout"):
+        assert alit_fast.load(str(official)).config.codebook_size == tiny_config().codebook_size
+
+
+def _stage2(e, out: Path, *extra: str) -> list[str]:
+    return ["train", "--stage", "finetune", "--init", str(e.model), "--config", str(e.config), "--data", "synthetic",
+            "--data-length", "4", "--batch-size", "2", "--threads", "1", "--no-progress", "--lpips", "off",
+            "--disc-ndf", "8", "--steps", "1", "--out", str(out), *extra]
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "incomplete", "malicious", "stage1"])
+def test_a_bad_stage2_resume_checkpoint_is_one_line(env, tmp_path, capsys, kind):
+    bad = tmp_path / "checkpoint.pt"
+    if kind == "truncated":
+        _truncate(env.run / "checkpoint.pt", bad)
+    elif kind == "random":
+        bad.write_bytes(np.random.default_rng(3).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    elif kind == "incomplete":
+        torch.save({"stage": "finetune", "config": "{}", "rng": [], "step": 1}, bad)
+    elif kind == "malicious":
+        torch.save({"stage": _Boom()}, bad)
+    else:
+        shutil.copy(env.run / "checkpoint.pt", bad)
+    assert cli_main(_stage2(env, tmp_path / "run", "--resume", str(bad))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alit-fast train: --resume") and "weights_only=False" not in err[0]
+    if kind == "malicious":  # named for what it would do, and no way to load it
+        assert len(err) == 1 and "system" in err[0] and "weights_only=False" not in err[0]
+
+
+def test_visualize_sheets_zero_with_one_image_is_one_line(env, tmp_path, capsys):
+    argv = ["visualize", str(env.png), "--checkpoint", str(env.model), "--sheets", "0", "--out", str(tmp_path / "v.png")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sheets 0" in err[0]
+
+
+@pytest.mark.parametrize("answer", [None, "yes", object()])
+def test_a_criterion_callable_returning_no_bools_is_a_type_error(env, answer):
+    model = alit_fast.load(env.model)
+    with pytest.raises(TypeError, match="must return bools"):
+        model.encode(random_images(2, 32, seed=5), lambda view: answer)
+
+
+def test_a_state_result_out_of_range_is_an_index_error(env):
+    from alit_fast.inference import start
+
+    model = alit_fast.load(env.model)
+    state = start(model, random_images(2, 32, seed=6), keep_outputs=True)
+    state.step()
+    assert state.result(1).iterations == 1
+    with pytest.raises(IndexError, match="0..1"):
+        state.result(100)
+
+
+def test_a_second_run_into_a_busy_folder_refuses_by_name_and_a_dead_runs_lock_is_taken_over(env, tmp_path, capsys):
+    import socket
+
+    from alit_fast.files import LOCK_NAME
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "command": "alit-fast pretokenize"}))
+    assert cli_main(_pretokenize(env, out)) == 2  # pid 1 is alive: a run in progress
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by another run" in err[0] and "pid 1" in err[0]
+    assert not (out / "index.json").exists()
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # a killed run's
+    assert cli_main(_pretokenize(env, out)) == 0
+    assert (out / "index.json").exists() and not lock.exists()
+
+
+def test_train_into_a_busy_folder_refuses_by_name(env, tmp_path, capsys):
+    import socket
+
+    from alit_fast.files import LOCK_NAME
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "command": "alit-fast train"}))
+    assert cli_main(["train", *_train_args(env, out), "--steps", "1"]) == 2
+    assert "in use by another run" in capsys.readouterr().err
+
+
+def _read_only(monkeypatch):
+    """A read-only mount, as root meets it too (os.access says yes to root; creating a file fails)."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+@pytest.mark.parametrize("argv_of", [
+    lambda e, o: _encode(e, o),
+    lambda e, o: _pretokenize(e, o / "ds"),
+    lambda e, o: ["evaluate", "--data", str(e.images), "--checkpoint", str(e.model), "--out", str(o / "ev"),
+                  "--metrics", "l1", "--tokens", "8"],
+    lambda e, o: _train(e, o),
+    lambda e, o: _cache(e, o),
+], ids=["encode", "pretokenize", "evaluate", "train", "cache-base"])
+def test_a_read_only_output_is_refused_before_the_work(env, tmp_path, capsys, monkeypatch, argv_of):
+    import alit_fast.io.pretrained as pretrained
+
+    _read_only(monkeypatch)
+    loaded = []
+    monkeypatch.setattr(pretrained, "load", lambda *a, **k: loaded.append(1) or alit_fast.load(*a, **k))
+    assert cli_main(argv_of(env, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not writable" in err[0] and "Read-only" in err[0]
+    assert not loaded  # refused before the model was even read
+
+
+def test_a_disk_without_room_for_the_shards_is_refused_with_the_numbers(env, tmp_path, capsys, monkeypatch):
+    import shutil as shutil_module
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage._replace(free=100))
+    assert cli_main(_pretokenize(env, tmp_path / "ds")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "will be written" in err[0] and "100 B free" in err[0]
+    assert not list((tmp_path / "ds").glob("shard-*"))
+
+
+def _disk_fills_up(monkeypatch, module, after: int = 100):
+    """``open`` in ``module`` gives files that take ``after`` bytes, then fail as a full disk does."""
+    import builtins
+    import errno
+
+    class Full:
+        def __init__(self, path, mode="r", *args, **kwargs):
+            self.f, self.path = builtins.open(path, mode, *args, **kwargs), path
+
+        def write(self, data):
+            self.f.write(data[:after])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(module, "open", Full, raising=False)
+
+
+def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_earlier_output(env, tmp_path, capsys,
+                                                                                       monkeypatch):
+    import alit_fast.inference.tokens as tokens_module
+
+    out = tmp_path / "t.safetensors"
+    assert cli_main(_encode(env, tmp_path)) == 0
+    before = out.read_bytes()
+    _disk_fills_up(monkeypatch, tokens_module)
+    capsys.readouterr()
+    assert cli_main(_encode(env, tmp_path, "--criterion", "tokens:4")) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("alit-fast")]
+    assert len(err) == 1 and "No space left on device" in err[0] and "t.safetensors" in err[0]
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
+def test_a_writer_that_hides_a_full_disk_is_reported_as_one(tmp_path):
+    from alit_fast.files import write_atomic
+
+    def safetensors_like(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
+
+    def torch_like(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file: "
+                           "unexpected pos 448 vs 384")
+
+    for writer, errno_expected in ((safetensors_like, 28), (torch_like, 5)):
+        with pytest.raises(OSError) as caught:
+            write_atomic(tmp_path / "m.safetensors", writer)
+        assert caught.value.errno == errno_expected and not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_no_partial_one(env, tmp_path, capsys, monkeypatch):
+    from alit_fast.training import utils as train_utils
+
+    out = tmp_path / "run"
+    assert cli_main(["train", *_train_args(env, out), "--steps", "1"]) == 0
+    good = (out / "checkpoint.pt").read_bytes()
+
+    def fills_up(obj, f, *args, **kwargs):
+        f.write(b"part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(train_utils.torch, "save", fills_up)
+    assert cli_main(["train", *_train_args(env, out), "--steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("alit-fast train: cannot write: ") and "checkpoint.pt" in err[-1]
+    assert (out / "checkpoint.pt").read_bytes() == good and not list(out.glob(".checkpoint.pt.tmp*"))
+
+
+def test_the_torch_backend_keeps_a_nan_query_row_nan_like_the_others():
+    from alit_fast.ops.attention import attention_math, attention_reference
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 2, 16) for _ in range(3))
+    q[0, 1] = float("nan")
+    for backend in (attention_reference, attention_math):
+        out = backend(q, k, v)
+        assert out[0, 1].isnan().all() and not out[0, 0].isnan().any() and not out[1].isnan().any(), backend
+
+
+def test_a_junk_checkpoint_error_gives_no_advice_to_load_it_unsafely(env, tmp_path):
+    for junk in (env.garbage_pth, env.ckpt_garbage):
+        with pytest.raises(CheckpointError) as caught:
+            alit_fast.load_official(junk)
+        assert "weights_only=False" not in str(caught.value) and "damaged or not a checkpoint" in str(caught.value)
+
+
+def test_evaluate_keeps_a_users_metrics_file_even_with_overwrite(env, tmp_path, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "metrics.json").write_text("my own numbers")
+    argv = ["evaluate", "--data", str(env.images), "--checkpoint", str(env.model), "--out", str(out), "--metrics",
+            "l1", "--tokens", "8", "--workers", "0", "--quiet", "--overwrite"]
+    assert cli_main(argv) == 2
+    assert "left alone" in capsys.readouterr().err and (out / "metrics.json").read_text() == "my own numbers"
+    (out / "metrics.json").unlink()
+    assert cli_main(argv) == 0
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert len(settings["weights_sha256"]) == 64 and settings["alit_fast_version"] == alit_fast.__version__
+
+
+def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, monkeypatch):
+    import alit_fast.cli.encode as encode_cli
+
+    real, calls = ALIT.encode, []
+
+    def stops_on_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # or a crash, or the machine's time running out
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(encode_cli, "PARTIAL_EVERY_S", 0.0)
+    monkeypatch.setattr(ALIT, "encode", stops_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(_encode(env, tmp_path, "--batch-size", "1"))
+    kept = TokenBatch.load(tmp_path / "t.safetensors")
+    assert [Path(n).name for n in kept.names] == ["a.png"] and kept.extra["partial"].startswith("1 of 2")
+    monkeypatch.undo()
+    assert cli_main(_encode(env, tmp_path, "--batch-size", "1")) == 0  # the partial file is replaced
+    done = TokenBatch.load(tmp_path / "t.safetensors")
+    assert len(done) == 2 and "partial" not in done.extra

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections import Counter
 
 import torch
@@ -22,7 +23,7 @@ from ..inference import (
     parse_criterion,
 )
 from ..ops import BACKENDS
-from ..training.utils import OneLineParser, UsageError, one_line, run_command
+from ..training.utils import OneLineParser, UsageError, check_free_space, check_writable, one_line, run_command
 
 __all__ = ["OneLineParser", "UsageError", "one_line", "run_command"]
 
@@ -44,9 +45,14 @@ def load_model_or_report(spec: str, backend: str, device: str | torch.device, pr
 def load_model_or_raise(spec: str, backend: str, device: str | torch.device) -> ALIT:
     """alit_fast.load; a missing, unreadable or unfitting checkpoint is a UsageError naming it."""
     try:
-        return load(spec, device=device, backend=backend)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            model = load(spec, device=device, backend=backend)
     except (FileNotFoundError, CheckpointError, ValueError, OSError) as exc:
         raise UsageError(f"cannot load the model {spec!r}: {one_line(exc)}") from exc
+    for warning in said:  # e.g. weights read as official layout: one line, not a source listing
+        print(f"note: {one_line(warning.message)}", file=sys.stderr)
+    return model
 
 
 def device_from(name: str) -> torch.device:
@@ -75,8 +81,7 @@ def check_output_file(path: str, replaceable=None, flag: str = "--out", overwrit
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{flag} {path}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag} {path}: the folder {parent} is not writable")
+    check_writable(parent, f"{flag} {path}")
     if replaceable is not None and os.path.exists(path) and not replaceable(path):
         way_out = f"pass {overwrite_flag}" if overwrite_flag else "remove it first"
         raise UsageError(f"{flag} {path} exists and is not a file this command wrote; it is left alone "
@@ -90,8 +95,7 @@ def check_output_dir(path: str, flag: str = "--out") -> None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise UsageError(f"{flag} {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK):
-        raise UsageError(f"{flag} {path}: the folder {probe} is not writable")
+    check_writable(probe, f"{flag} {path}")
 
 
 def check_positive(flag: str, value: int | None) -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+import numpy as np
 import torch
 
 from ..config import PRESETS, ALITConfig
 from ..io import ALIT
 from ..training.base_cache import check_cache_destination, source_dataset, write_cache
 from ..training.train import initial_weights, load_initial
+from ..files import acquire_lock, release_lock
 from ..training.utils import OneLineParser, UsageError, resolve_config, run_command
+from ._common import check_free_space, check_output_dir
 
 
 PROG = "alit-fast cache-base"
@@ -63,7 +67,17 @@ def _main(argv: list[str] | None) -> int:
         raise UsageError(f"backend {args.backend!r} is not available yet: {exc}") from exc
     if torch.cuda.is_available():
         model.cuda()
-    out = write_cache(model, dataset, args.out, meta, args.batch_size, args.dtype, args.workers)
+    # the cache is built beside --out (OUT.partial) and renamed: that folder must take it all
+    parent = os.path.dirname(os.path.abspath(args.out))
+    check_output_dir(parent, "--out's folder")
+    per_item = cfg.grid_size ** 2 * (cfg.base_channels * 2 * np.dtype(args.dtype).itemsize + 4)
+    check_free_space(parent, len(dataset) * per_item + (1 << 20), f"--out {args.out}")
+    os.makedirs(parent, exist_ok=True)
+    lock = acquire_lock(parent, PROG, f".{os.path.basename(os.path.abspath(args.out))}.lock")
+    try:
+        out = write_cache(model, dataset, args.out, meta, args.batch_size, args.dtype, args.workers)
+    finally:
+        release_lock(lock)
     print(f"cached {len(dataset)} items ({cfg.grid_size}x{cfg.grid_size} grid, z {args.dtype}) in {out}")
     return 0
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from ..io import CheckpointError, load_official
 from ..io.weights import read_checkpoint_file
-from ._common import OneLineParser, UsageError, check_positive, run_command
+from ._common import OneLineParser, UsageError, check_free_space, check_output_dir, check_positive, run_command
 from ..io.repo import REPO_FILES, push_to_hub, save_pretrained
 
 PROG = "alit-fast convert"
@@ -58,8 +58,11 @@ def _main(argv: list[str] | None) -> int:
     present = [n for n in REPO_FILES if os.path.exists(os.path.join(args.out, n))]
     if present and not args.overwrite:
         raise UsageError(f"{args.out} already holds {', '.join(present)}; pass --overwrite to replace them")
+    check_output_dir(args.out)
     try:
         model = load_official(_source(args.checkpoint, args.entry), num_heads=args.num_heads)
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        check_free_space(args.out, weights + (1 << 20), args.out)
         save_pretrained(model, args.out, repo_id=args.repo_id, overwrite=args.overwrite)
         if args.push:
             print(push_to_hub(model, args.repo_id))

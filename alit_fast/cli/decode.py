@@ -16,6 +16,7 @@ from ._common import (
     OneLineParser,
     UsageError,
     add_model_args,
+    check_free_space,
     check_output_dir,
     check_positive,
     device_from,
@@ -79,6 +80,8 @@ def _main(argv: list[str] | None) -> int:
     if existing and not args.overwrite:
         raise UsageError(f"--out {args.out} already holds {len(existing)} of the images to write ({', '.join(existing[:3])}"
                          f"{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace them")
+    size = model.config.image_size
+    check_free_space(args.out, len(tokens) * (3 * size * size + 1024), f"--out {args.out}")  # PNGs, uncompressed at worst
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     step = args.batch_size

@@ -18,12 +18,13 @@ from ..inference import (
 )
 from ..inference.tokens import FORMAT as TOKEN_FORMAT
 from ..models import HALTING_MODES
-from ..io.images import IMAGE_EXTENSIONS, find_images, image_file_problem, load_image
+from ..io.images import PREPROCESSING, IMAGE_EXTENSIONS, describe_notes, find_images, image_file_problem, image_notes, load_image
 from ._common import (
     OneLineParser,
     UsageError,
     add_model_args,
     check_encode_options,
+    check_free_space,
     check_output_file,
     checkpoint_spec,
     device_from,
@@ -45,7 +46,7 @@ def _chunks(items: list, size: int):
 
 # ---------------------------------------------------------------------- encode
 def _encode_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Adaptive-length tokenization of image files.")
+    p = OneLineParser(prog=PROG, description="Adaptive-length tokenization of image files.", epilog=PREPROCESSING)
     p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
     add_model_args(p, "demo")
     p.add_argument("--criterion", default=None, help=CRITERION_HELP)
@@ -115,6 +116,55 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, _main, argv)
 
 
+# a long run saves what it has done this often (and never more than a tenth of its time): a late
+# failure (a crash, Ctrl-C, a full disk) leaves the tokens of every image encoded before it
+PARTIAL_EVERY_S = 120.0
+
+
+def _token_file(batches: list[TokenBatch], args: argparse.Namespace, criterion, total: int | None = None) -> TokenBatch:
+    result = TokenBatch.cat(batches)
+    result.checkpoint = checkpoint_spec(args.checkpoint)
+    result.extra["criterion"] = criterion_name(criterion)
+    if total is not None:
+        result.extra["partial"] = f"{len(result)} of {total} images (the run stopped before the rest)"
+    return result
+
+
+def _encode_files(model, files: list, skipped: list[str], criterion, args: argparse.Namespace
+                  ) -> tuple[list[TokenBatch], float]:
+    """Every readable file's tokens, in batches; --out holds the tokens so far every
+    PARTIAL_EVERY_S seconds, marked partial, until the full file replaces it."""
+    cfg, device = model.config, model.latent_tokens.device
+    batches: list[TokenBatch] = []
+    model_seconds, last_save, save_cost = 0.0, time.perf_counter(), 0.0
+    with tqdm(total=len(files), unit="img", desc="encode", file=sys.stderr) as bar:
+        for group in _chunks(files, args.batch_size):
+            images, names = [], []
+            for path in group:
+                try:
+                    images.append(load_image(path, cfg.image_size))
+                    names.append(str(path))
+                except Exception as exc:  # a body that fails to decode past a good header: reported, never fatal
+                    skipped.append(f"{path} ({type(exc).__name__}: {one_line(exc)})")
+            bar.update(len(group))
+            if not images:
+                continue
+            t0 = time.perf_counter()
+            tokens = model.encode(torch.stack(images).to(device), criterion, min_tokens=args.min_tokens,
+                                  max_tokens=args.max_tokens, halting=args.halting, fallback=args.fallback)
+            model_seconds += time.perf_counter() - t0
+            tokens.names = names
+            batches.append(tokens)
+            if not args.quiet:
+                for name, n in zip(names, tokens.lengths.tolist()):
+                    tqdm.write(f"{n:>5} tokens  {name}")
+            if time.perf_counter() - last_save >= max(PARTIAL_EVERY_S, 10 * save_cost) and len(batches) * args.batch_size < len(files):
+                t0 = time.perf_counter()
+                _token_file(batches, args, criterion, total=len(files)).save(args.out)
+                last_save, save_cost = time.perf_counter(), time.perf_counter() - t0
+    return batches, model_seconds
+
+
 def _main(argv: list[str] | None) -> int:
     args = _encode_parser().parse_args(argv)
     # everything a user can get wrong, before any model or file is loaded
@@ -125,44 +175,18 @@ def _main(argv: list[str] | None) -> int:
     model = load_model_or_raise(args.checkpoint, args.backend, device)
     cfg = model.config
     criterion = check_encode_options(model, criterion, args)
+    # the token file: at most max_tokens int32 ids and a name per image
+    check_free_space(os.path.dirname(os.path.abspath(args.out)),
+                     sum(4 * cfg.max_tokens + 2 * len(str(p)) + 16 for p in files) + 4096, f"--out {args.out}")
 
-    batches: list[TokenBatch] = []
-    model_seconds = 0.0
-    started = time.perf_counter()
-    bar = tqdm(total=len(files), unit="img", desc="encode", file=sys.stderr)
-    for group in _chunks(files, args.batch_size):
-        images, names = [], []
-        for path in group:
-            try:
-                images.append(load_image(path, cfg.image_size))
-                names.append(str(path))
-            except Exception as exc:  # a body that fails to decode past a good header: reported, never fatal
-                skipped.append(f"{path} ({type(exc).__name__}: {one_line(exc)})")
-        if images:
-            t0 = time.perf_counter()
-            tokens = model.encode(
-                torch.stack(images).to(device),
-                criterion,
-                min_tokens=args.min_tokens,
-                max_tokens=args.max_tokens,
-                halting=args.halting,
-                fallback=args.fallback,
-            )
-            model_seconds += time.perf_counter() - t0
-            tokens.names = names
-            batches.append(tokens)
-            if not args.quiet:
-                for name, n in zip(names, tokens.lengths.tolist()):
-                    tqdm.write(f"{n:>5} tokens  {name}")
-        bar.update(len(group))
-    bar.close()
+    with image_notes() as notes:
+        started = time.perf_counter()
+        batches, model_seconds = _encode_files(model, files, skipped, criterion, args)
     elapsed = time.perf_counter() - started
 
     if not batches:
         raise UsageError(f"none of the {len(skipped)} files could be read as an image: {_listing(skipped)}")
-    result = TokenBatch.cat(batches)
-    result.checkpoint = checkpoint_spec(args.checkpoint)
-    result.extra["criterion"] = criterion_name(criterion)
+    result = _token_file(batches, args, criterion)
     result.save(args.out)
 
     lengths = result.lengths.tolist()
@@ -176,6 +200,8 @@ def _main(argv: list[str] | None) -> int:
         f"{len(lengths) / max(model_seconds, 1e-9):.1f} images/s in the model, "
         f"{len(lengths) / max(elapsed, 1e-9):.1f} images/s overall"
     )
+    if describe_notes(notes, cfg.image_size):
+        print(f"{PROG}: {describe_notes(notes, cfg.image_size)}", file=sys.stderr)
     if skipped:
         # one line, after the work: the token file holds every other image (their names are in it)
         print(f"{PROG}: warning: skipped {len(skipped)} unreadable file(s): {_listing(skipped, 20)}", file=sys.stderr)

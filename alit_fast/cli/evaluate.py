@@ -16,10 +16,14 @@ import torch.distributed as dist
 
 from ..distributed import join_group, rank_device
 from ..evaluation import CROPS, FID_METHODS, METRICS, evaluate, parse_metrics, parse_tokens, write_report
+from ..evaluation.report import markdown, written_here
+from ..files import FolderBusy, acquire_lock, release_lock
+from ..training.utils import package_version, weights_digest
 from ..evaluation.data import ImageFiles
 from ..inference import FALLBACKS, parse_criterion
 from ..models import HALTING_MODES
-from ._common import OneLineParser, device_from, load_model_or_report
+from ._common import (OneLineParser, check_free_space, check_output_dir, checkpoint_spec, device_from,
+                      load_model_or_report)
 
 PROG = "alit-fast evaluate"
 # what runs with nothing downloaded; LPIPS and FID need their networks' weights files
@@ -81,14 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; give a folder")
         existing = [name for name in OUTPUTS if (out / name).exists()]
+        if existing and not written_here(out):  # a user's files of these names, --overwrite or not
+            raise ValueError(f"--out {out} holds {', '.join(existing)}, not a report this command wrote; they are "
+                             "left alone: give another folder")
         if existing and not args.overwrite:
             raise ValueError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+        check_output_dir(str(out))
+        check_free_space(str(out), 4 << 20, f"--out {out}")
         device = rank_device(device_from(args.device))
         joined = join_group(device)
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    lock = None
     try:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            created = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            lock = acquire_lock(out, PROG)
         model = load_model_or_report(args.checkpoint, args.backend, device, PROG)
         if model is None:
             return 2
@@ -114,11 +128,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: {exc}", file=sys.stderr)
             return 2
         if not dist.is_initialized() or dist.get_rank() == 0:
-            paths = write_report(report, out)
-            print(paths["md"].read_text(), end="")
+            # what identifies the numbers: the weights themselves, not only their path or name
+            report.settings.update(checkpoint=checkpoint_spec(args.checkpoint), weights_sha256=weights_digest(model),
+                                   alit_fast_version=package_version())
+            print(markdown(report), end="")  # first: a write that fails still leaves the numbers on screen
+            try:
+                paths = write_report(report, out)
+            except OSError as exc:
+                print(f"{PROG}: cannot write the report to {out}: {exc.strerror or exc} (the numbers are above)",
+                      file=sys.stderr)
+                return 2
             print(f"wrote {', '.join(str(p) for p in paths.values())}")
         return 0
+    except FolderBusy as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
     finally:
+        if lock:
+            release_lock(lock)
+            if created and not any(out.iterdir()):  # refused before writing: leave no trace
+                out.rmdir()
         if dist.is_initialized() and joined:
             dist.destroy_process_group()
 

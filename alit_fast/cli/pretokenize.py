@@ -15,6 +15,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..distributed import join_group, rank_device, rank_world
+from ..files import acquire_lock, release_lock
+from ..io.images import PREPROCESSING, READER_VERSION, describe_notes, image_notes
+from ..training.utils import package_version, weights_digest
 from ..inference import (
     FALLBACKS,
     criterion_name,
@@ -36,6 +39,8 @@ from ._common import (
     UsageError,
     add_model_args,
     check_encode_options,
+    check_free_space,
+    check_output_dir,
     check_positive,
     checkpoint_spec,
     device_from,
@@ -51,7 +56,7 @@ PROG = "alit-fast pretokenize"
 
 
 def _parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description="Tokenize a dataset into shards plus an index.")
+    p = OneLineParser(prog=prog, description="Tokenize a dataset into shards plus an index.", epilog=PREPROCESSING)
     p.add_argument("inputs", nargs="+", help="image folders (recursive), image files, or .tar shards")
     add_model_args(p, "demo")
     p.add_argument("--out", required=True, help="the output directory (new, empty, or a run of the same plan to resume)")
@@ -78,6 +83,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     criterion = parse_encode_options(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file; give a directory")
+    check_output_dir(args.out)
     try:
         sources = list_sources(args.inputs)
     except (OSError, ValueError) as exc:
@@ -91,19 +97,44 @@ def _main(argv: list[str] | None, prog: str) -> int:
     options = criterion_name(criterion) + "".join(
         f" {flag}={value}" for flag, value in (("min_tokens", args.min_tokens), ("max_tokens", args.max_tokens),
                                                ("fallback", args.fallback)) if value not in (None, "max"))
+    # the weights, not only their path or name: a file replaced by other weights is another run
     plan = Plan(tuple(sources), args.shard_size, model.config.to_json(), checkpoint_spec(args.checkpoint),
-                options, args.batch_size)
+                options, args.batch_size, weights_digest(model), f"{package_version()} reader {READER_VERSION}")
 
-    # what is already in --out: nothing, or this plan's own files (resume), or refuse
+    check_output_dir(args.out)
+    created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)
+    lock = acquire_lock(args.out, "alit-fast pretokenize") if rank == 0 else None
+    try:
+        foreign = _check_out(args, plan, len(sources), model.config.max_tokens)
+        _run(args, plan, model, criterion, device, rank, world, foreign)
+    finally:
+        if lock:
+            release_lock(lock)
+            if created and not os.listdir(args.out):  # refused before writing: leave no trace
+                os.rmdir(args.out)
+    return 0
+
+
+def _check_out(args: argparse.Namespace, plan: Plan, images: int, max_tokens: int) -> list:
+    """What is already in --out: nothing, or this plan's own files (resume), or refuse; and room
+    for the shards (at most max_tokens int32 codes per image, and the index)."""
     ours = owned_files(args.out)
     strangers = sorted(set(os.listdir(args.out)) - {p.name for p in ours})
-    if strangers:
-        raise UsageError(f"--out {args.out} holds files this command did not write ({strangers[0]}, ...); use a new or empty directory")
+    if strangers:  # only files it can prove it wrote are ever replaced, --overwrite or not
+        raise UsageError(f"--out {args.out} holds files this command did not write ({', '.join(strangers[:3])}"
+                         f"{', ...' if len(strangers) > 3 else ''}); they are left alone: use a new or empty directory")
     foreign = [p for p in ours if p.suffix in (".safetensors", ".json") and recorded_plan(p) != plan.fingerprint]
     if foreign and not args.overwrite:
-        raise UsageError(f"--out {args.out} holds a run of other images, model or options ({foreign[0].name}); "
-                    "pass --overwrite to replace it")
+        old = next((p for p in foreign if p.name == INDEX_NAME), foreign[0])
+        raise UsageError(f"--out {args.out} holds a run of other images, model weights, options or alit_fast "
+                         f"version ({old.name}); pass --overwrite to replace it")
+    check_free_space(args.out, images * (4 * max_tokens + 200), f"--out {args.out}")
+    return foreign
+
+
+def _run(args, plan: Plan, model, criterion, device, rank: int, world: int, foreign: list) -> None:
+    ours = owned_files(args.out)
     join_group(device)
     try:
         if rank == 0:  # leftovers of a killed save, and (only with --overwrite) another run's files
@@ -119,8 +150,9 @@ def _main(argv: list[str] | None, prog: str) -> int:
                                 fallback=args.fallback)
 
         started, done_images = time.perf_counter(), 0
-        with tqdm(total=sum(len(plan.shard_sources(k)) for k in todo), unit="img", desc=f"pretokenize[{rank}]",
-                  file=sys.stderr, disable=rank != 0 and world > 1) as bar:
+        with image_notes() as notes, tqdm(total=sum(len(plan.shard_sources(k)) for k in todo), unit="img",
+                                          desc=f"pretokenize[{rank}]", file=sys.stderr,
+                                          disable=rank != 0 and world > 1) as bar:
             for k in todo:
                 batch = encode_shard(plan, k, lambda s: read_source(s, model.config.image_size), encode)
                 batch.save(shard_path(args.out, k))
@@ -142,10 +174,11 @@ def _main(argv: list[str] | None, prog: str) -> int:
             unmet = unmet_line(lengths, criterion, args, model.config.max_tokens)
             if unmet:
                 print(unmet)
+            if describe_notes(notes, model.config.image_size):
+                print(f"{PROG}: {describe_notes(notes, model.config.image_size)}", file=sys.stderr)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..inference import check_criterion_fits, criterion_name, parse_criterion
-from ..io.images import find_images, load_image
+from ..io.images import PREPROCESSING, describe_notes, find_images, image_notes, load_image
 from ..io.visualize import sorted_by_count, stack, token_sheet
 from ..files import write_atomic
 from ._common import (
@@ -28,7 +28,7 @@ PROG = "alit-fast visualize"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Draw what ALIT's tokens hold, as one PNG.")
+    p = OneLineParser(prog=PROG, description="Draw what ALIT's tokens hold, as one PNG.", epilog=PREPROCESSING)
     p.add_argument("inputs", nargs="+", help="image files and/or directories (searched recursively)")
     add_model_args(p, "demo")
     p.add_argument("--out", default="alit_viz.png", help="the PNG to write")
@@ -68,6 +68,8 @@ def _main(argv: list[str] | None) -> int:
     paths = find_images(args.inputs)[: args.max_images]
     if not paths:
         raise UsageError(f"no images found in {', '.join(args.inputs)}")
+    if args.sheets == 0 and len(paths) < 2:  # no token sheet, and one image makes no sorted sheet
+        raise UsageError("--sheets 0 with a single image draws nothing; give --sheets >= 1 or more images")
     device = device_from(args.device)
     model = load_model_or_raise(args.checkpoint, args.backend, device)
     cfg = model.config
@@ -83,11 +85,14 @@ def _main(argv: list[str] | None) -> int:
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--criterion {spec}: {exc}") from exc
     images = []
-    for path in paths:
-        try:
-            images.append(load_image(path, cfg.image_size))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read image {path}: {exc}") from exc
+    with image_notes() as notes:
+        for path in paths:
+            try:
+                images.append(load_image(path, cfg.image_size))
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"cannot read image {path}: {exc}") from exc
+    if describe_notes(notes, cfg.image_size):
+        print(f"{PROG}: {describe_notes(notes, cfg.image_size)}", file=sys.stderr)
     batch = torch.stack(images).to(device)
     sheets = []
     if args.sheets:

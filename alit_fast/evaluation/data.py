@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..io.images import find_images
+from ..io.images import find_images, read_rgb
 
 CROPS = ("center", "resize")
 
@@ -61,8 +61,7 @@ def read_image(path: str | os.PathLike, size: int, crop: str = "center") -> torc
     if crop not in CROPS:
         raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
+        rgb = read_rgb(path)
     except Exception as exc:
         raise ValueError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from exc
     array = official_center_crop(rgb, size) if crop == "center" else resize_center_crop(rgb, size)

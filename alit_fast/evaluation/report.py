@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..files import write_atomic
 from .run import EvalReport
 
 LOWER_IS_BETTER = {"l1": True, "l2": True, "psnr": False, "ssim": False, "lpips": True, "fid": True}
@@ -64,10 +65,22 @@ def write_report(report: EvalReport, out: str | os.PathLike) -> dict[str, Path]:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "metrics.json", "md": folder / "metrics.md", "png": folder / "curves.png"}
-    paths["json"].write_text(json.dumps(report.as_dict(), indent=1) + "\n")
-    paths["md"].write_text(markdown(report))
-    plot_curves(report, paths["png"])
+    # each through a temporary file: a full disk leaves the earlier report whole, and no fragment
+    text = json.dumps(report.as_dict(), indent=1) + "\n"
+    write_atomic(paths["json"], lambda tmp: Path(tmp).write_text(text))
+    write_atomic(paths["md"], lambda tmp: Path(tmp).write_text(markdown(report)))
+    write_atomic(paths["png"], lambda tmp: plot_curves(report, tmp))
     return paths
+
+
+def written_here(folder: str | os.PathLike) -> bool:
+    """Whether ``folder``'s metrics.json is a report this package wrote (so --overwrite may
+    replace the report's three files): a user's file of that name is never replaced."""
+    try:
+        document = json.loads((Path(folder) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and {"rows", "settings"} <= set(document)
 
 
 def plot_curves(report: EvalReport, path: str | os.PathLike) -> None:
@@ -100,7 +113,7 @@ def plot_curves(report: EvalReport, path: str | os.PathLike) -> None:
     for ax in list(axes.flat)[len(series):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -160,4 +173,4 @@ def _plot_pillow(series, path) -> None:
             colour = COLOURS[j % len(COLOURS)]
             draw.rectangle([px - 4, py - 4, px + 4, py + 4], fill=colour)
             draw.text((left + 6, top + 4 + 12 * j), f"[] {name}", fill=colour)
-    image.save(path)
+    image.save(path, format="PNG")

@@ -181,7 +181,12 @@ class FunctionCriterion(Criterion):
         self.needs_logits = needs_logits
 
     def __call__(self, view: StepView) -> torch.Tensor:
-        answer = torch.as_tensor(self.fn(view))
+        raw = self.fn(view)
+        try:
+            answer = torch.as_tensor(raw)
+        except (TypeError, ValueError, RuntimeError) as exc:  # None, a string, an object
+            raise TypeError(f"a criterion callable must return bools (one per image), got a "
+                            f"{type(raw).__name__}") from exc
         if answer.dtype != torch.bool:
             # a float score cast to bool would stop every image with a nonzero score
             raise ValueError(f"a criterion callable must return bools (one per image), got {answer.dtype}")

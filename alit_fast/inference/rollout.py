@@ -23,6 +23,7 @@ broadcasts the cached rows to the batch eats most of it); the new latents are a 
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -244,6 +245,8 @@ class RolloutState:
         """Image ``i``'s outputs at its latest iteration (needs ``keep_outputs``)."""
         if not self.keep_outputs:
             raise RuntimeError("this state was made with keep_outputs=False; only .indices and .lengths are kept")
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -len(self._results) <= i < len(self._results):
+            raise IndexError(f"result({i!r}): this state holds images 0..{len(self._results) - 1}")
         entry = self._results[i]
         if entry is None:
             raise RuntimeError(f"image {i} has not run an iteration yet")

@@ -261,9 +261,16 @@ class TokenBatch:
         if continuous and (stored_codes.dim() != 2 or stored_codes.dtype not in VECTOR_DTYPES):
             raise ValueError(f"{path}: continuous tokens must be stored as [N, d] floats, got "
                              f"{list(stored_codes.shape)} {stored_codes.dtype}")
+        if not continuous and (stored_codes.dtype.is_floating_point or stored_codes.dtype.is_complex):
+            raise ValueError(f"{path}: code ids are stored as {stored_codes.dtype}; an id file holds integers")
+        if stored_lengths.dtype.is_floating_point or stored_lengths.dtype.is_complex or stored_lengths.dim() != 1:
+            raise ValueError(f"{path}: token counts must be a 1-D integer tensor, got {list(stored_lengths.shape)} "
+                             f"{stored_lengths.dtype}")
         flat, lengths = (stored_codes if continuous else stored_codes.to(torch.int64)), stored_lengths.to(torch.int64)
         count = flat.shape[0] if continuous else flat.numel()
-        if int(lengths.sum()) != count or bool((lengths < 0).any()):
+        if bool((lengths < 0).any()):
+            raise ValueError(f"{path}: a negative token count ({int(lengths.min())}) in its lengths")
+        if int(lengths.sum()) != count:
             raise ValueError(f"{path}: the lengths ({int(lengths.sum())} tokens) do not match the {count} codes")
         codebook_size = int(meta["codebook_size"])
         seqs = list(torch.split(flat, lengths.tolist())) if len(lengths) else []

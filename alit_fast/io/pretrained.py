@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from .checkpoint import CheckpointError, load_file, load_official, model_from_safetensors
 from ..ops import check_backend_here
 from .model import ALIT
-from .weights import METADATA_CONFIG_KEY, check_device, read_safetensors
+from .weights import FINGERPRINT_KEY, METADATA_CONFIG_KEY, check_device, read_safetensors
 from .repo import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, check_repo_id, hub_endpoint, require_hub, unreachable_hub
 
 HUB_PREFIX = "hf-hub:"
@@ -132,8 +133,12 @@ def read_model(spec: str | os.PathLike, device: torch.device) -> ALIT:
         raise FileNotFoundError(f"checkpoint not found: {spec}")
     if spec.endswith(".safetensors"):
         state, meta = read_safetensors(spec, device)  # read once; checks the fingerprint
-        if METADATA_CONFIG_KEY in meta:
+        # a file with our metadata that fails (an edited config, a broken fingerprint) is refused:
+        # inferring sizes from the shapes would load another model
+        if METADATA_CONFIG_KEY in meta or FINGERPRINT_KEY in meta:
             return model_from_safetensors(spec, state, meta, device, "torch")
+        warnings.warn(f"{spec} has no alit_fast config: reading it as official-layout weights, sizes inferred "
+                      "from the tensor shapes (heads = layers)", stacklevel=3)
         return load_official(state, map_location=device)  # official weights re-saved as safetensors
     return load_official(spec, map_location=device)
 

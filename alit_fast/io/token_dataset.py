@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from ..inference import TokenBatch
-from ..files import write_atomic
+from ..files import LOCK_NAME, write_atomic
 from .images import IMAGE_EXTENSIONS, find_images, load_image
 
 INDEX_NAME = "index.json"
@@ -61,9 +61,19 @@ def list_sources(inputs: Iterable[str | os.PathLike]) -> list[str]:
 def _tar_members(path: Path) -> list[str]:
     try:
         with tarfile.open(path) as tar:
-            names = [m.name for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS]
+            members = tar.getmembers()
+        end = members[-1].offset_data + -(-members[-1].size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if members else 0
+        with open(path, "rb") as f:
+            f.seek(end)
+            trailer = f.read(tarfile.BLOCKSIZE)
     except (tarfile.TarError, OSError) as exc:
         raise ValueError(f"{path} cannot be read as a tar shard: {exc}") from exc
+    # tarfile stops quietly where a file cut between members ends: only the end-of-archive block
+    # (zeros) after the last member shows that nothing is missing
+    if len(trailer) < tarfile.BLOCKSIZE or any(trailer):
+        raise ValueError(f"{path} is cut short or damaged after its {len(members)}th member (no end-of-archive "
+                         "block): images after it would be lost; re-create or re-download it")
+    names = [m.name for m in members if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS]
     return [f"{path}{TAR_SEPARATOR}{name}" for name in names]
 
 
@@ -91,6 +101,8 @@ class Plan:
     checkpoint: str
     criterion: str
     batch_size: int
+    weights: str = ""  # a digest of the model's weights: a path or name can come to hold other weights
+    version: str = ""  # the package version that encodes (an upgrade may change the tokens)
 
     @property
     def num_shards(self) -> int:
@@ -102,7 +114,7 @@ class Plan:
     @property
     def fingerprint(self) -> str:
         doc = json.dumps([list(self.sources), self.shard_size, self.config_json, self.checkpoint, self.criterion,
-                          self.batch_size])
+                          self.batch_size, self.weights, self.version])
         return hashlib.sha256(doc.encode()).hexdigest()
 
 
@@ -115,7 +127,8 @@ def recorded_plan(path: str | os.PathLike) -> str | None:
     path = Path(path)
     try:
         if path.suffix == ".json":
-            return json.loads(path.read_text(encoding="utf-8")).get("plan")
+            plan = json.loads(path.read_text(encoding="utf-8")).get("plan")
+            return plan if isinstance(plan, str) else None
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("extra.plan")
     except Exception:  # damaged: belongs to no plan
@@ -193,6 +206,8 @@ def write_index(out: str | os.PathLike, plan: Plan) -> dict:
         "plan": plan.fingerprint,
         "checkpoint": plan.checkpoint,
         "criterion": plan.criterion,
+        "weights_sha256": plan.weights,
+        "alit_fast_version": plan.version,
         "config": json.loads(plan.config_json),
         "shard_size": plan.shard_size,
         "batch_size": plan.batch_size,
@@ -209,9 +224,18 @@ def write_index(out: str | os.PathLike, plan: Plan) -> dict:
 def owned_files(out: str | os.PathLike) -> list[Path]:
     """The files a pretokenize run writes into its directory (what --overwrite may remove)."""
     root = Path(out)
-    found = [p for p in root.glob("shard-*.safetensors*") if p.is_file()]
-    found += [p for p in (root / INDEX_NAME, root / (INDEX_NAME + ".tmp")) if p.exists()]
+    found = [p for p in root.glob("shard-*.safetensors") if p.is_file() and recorded_plan(p) is not None]
+    found += [p for p in root.glob("shard-*.safetensors.tmp") if p.is_file()]  # a killed save's
+    found += [p for p in (root / INDEX_NAME,) if p.is_file() and recorded_plan(p) is not None and _is_index(p)]
+    found += [p for p in (root / (INDEX_NAME + ".tmp"), root / LOCK_NAME) if p.is_file()]
     return sorted(found)
+
+
+def _is_index(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == INDEX_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # ---------------------------------------------------------------------------- reading
@@ -240,7 +264,7 @@ class TokenDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path} is not a token dataset index (format {INDEX_FORMAT!r} expected)")
         self.root = path.parent
         self.index = index
-        self.items = index["items"]
+        self.items = _checked_items(path, index)
         self._cached: tuple[int, TokenBatch] | None = None
 
     def __len__(self) -> int:
@@ -253,9 +277,15 @@ class TokenDataset(torch.utils.data.Dataset):
     def _shard(self, k: int) -> TokenBatch:
         if self._cached is None or self._cached[0] != k:
             info = self.index["shards"][k]
-            batch = TokenBatch.load(self.root / info["file"])
+            path = self.root / info["file"]
+            # the index records each shard's bytes: a shard swapped or replaced on disk is caught
+            # here, not read back under another image's name
+            if path.is_file() and info.get("sha256") != _file_sha256(path):
+                raise ValueError(f"{path} is not the shard {INDEX_NAME} records (its sha256 differs): "
+                                 "swapped, replaced or damaged")
+            batch = TokenBatch.load(path)
             if batch.extra.get("plan") != self.index["plan"]:
-                raise ValueError(f"{self.root / info['file']} belongs to another run than {INDEX_NAME}")
+                raise ValueError(f"{path} belongs to another run than {INDEX_NAME}")
             self._cached = (k, batch)
         return self._cached[1]
 
@@ -263,7 +293,26 @@ class TokenDataset(torch.utils.data.Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         name, length, k, offset = self.items[i]
-        return TokenItem(self._shard(k)[offset], int(length), name)
+        batch = self._shard(k)
+        if offset >= len(batch) or int(batch.lengths[offset]) != length or (batch.names or [None] * len(batch))[offset] != name:
+            raise ValueError(f"{INDEX_NAME} item {i} ({name}, {length} tokens) disagrees with shard {k} at offset "
+                             f"{offset}: the index was edited")
+        return TokenItem(batch[offset], int(length), name)
+
+
+def _checked_items(path: Path, index: dict) -> list:
+    """The index's items, once every one names a shard it lists and a place in it."""
+    shards, items = index.get("shards"), index.get("items")
+    if (not isinstance(shards, list) or not isinstance(items, list) or not isinstance(index.get("plan"), str)
+            or not all(isinstance(sh, dict) and isinstance(sh.get("file"), str) for sh in shards)):
+        raise ValueError(f"{path} is damaged: its 'shards', 'items' or 'plan' entry is missing or malformed")
+    for i, item in enumerate(items):
+        ok = isinstance(item, list) and len(item) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                for v in item[1:])
+        if not ok or not 0 <= item[2] < len(shards) or item[1] < 0 or not 0 <= item[3] < shards[item[2]].get("images", 0):
+            raise ValueError(f"{path}: item {i} ({item!r:.80}) is malformed or points outside its shard list "
+                             f"({len(shards)} shards): the index was edited or is damaged")
+    return items
 
 
 def open_dataset(index_path: str | os.PathLike) -> TokenDataset:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -128,8 +129,31 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
         return read_safetensors(path, map_location)[0]
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickles with argparse namespaces etc. need the full unpickler
-        raise CheckpointError(
-            f"{path} could not be read with torch.load(weights_only=True) ({exc}). If you trust the file, "
-            "load it yourself with torch.load(path, weights_only=False) and pass the dict instead of the path."
-        ) from exc
+    except Exception as exc:
+        raise CheckpointError(torch_load_problem(path, exc)) from exc
+
+
+def torch_load_problem(path: str, exc: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` failing on ``path`` means, without torch's advice to
+    retry unsafely: a damaged or foreign file is named as such; only a real pickle holding Python
+    objects beyond tensors gets the way out, for a file whose source is trusted."""
+    text = str(exc)
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsupported:
+        return (f"{path} holds Python objects besides tensors ({unsupported.group(1)}), which are not unpickled "
+                "because that can run code; only if the file comes from a source you trust, load it with "
+                "torch.load(path, weights_only=False) and pass the dict instead of the path")
+    blocked = re.search(r"unsupported GLOBAL ([\w.]+) whose module \w+ is blocked", text)
+    if blocked:  # os.system and the like: a file built to run code, never to be loaded unsafely
+        return (f"{path} was not loaded: unpickling it would call {blocked.group(1)}, which can run code on this "
+                "machine; it is not a checkpoint to trust")
+    # random bytes also fail as "Weights only load failed ..., retry with weights_only=False": the
+    # unpickler's own complaint is the part that describes the file
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    first = unpickler.group(1).strip() if unpickler else (one_sentence(text) or type(exc).__name__)
+    return f"{path} could not be read: it is damaged or not a checkpoint file (torch.load: {type(exc).__name__}: {first})"
+
+
+def one_sentence(text: str) -> str:
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line.split(". ")[0][:160]

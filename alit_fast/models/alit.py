@@ -101,7 +101,10 @@ def image_shape_error(images: object, cfg: ALITConfig) -> str | None:
     if not isinstance(images, torch.Tensor):
         return f"images must be a torch.Tensor, got {type(images).__name__}"
     size = cfg.image_size
-    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
+    if images.dim() == 4 and images.shape[1] == 3 and (images.shape[2], images.shape[3]) != (size, size):
+        return (f"images must have shape [B, 3, {size}, {size}], got {list(images.shape)}: apply the preprocessing "
+                f"rule first, alit_fast.io.images.fit_images(images, {size}) (docs/preprocessing.md)")
+    if images.dim() != 4 or images.shape[1] != 3:
         return f"images must have shape [B, 3, {size}, {size}], got {list(images.shape)}"
     if images.shape[0] == 0:
         return "images is an empty batch (B=0)"

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..io.images import READER_VERSION
 from ..models import ALITCore
 from .data import ImageFolder, build_dataset
 from .utils import weights_digest
@@ -144,7 +145,7 @@ def _finish(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, meta: dict,
             labels: list[int]) -> Path:
     cfg = model.config
     meta = dict(meta, version=FORMAT_VERSION, count=N, z_dtype=dtype, labels=labels, config=cfg.to_json(),
-                vqgan_sha256=vqgan_digest(model), image_size=cfg.image_size)
+                vqgan_sha256=vqgan_digest(model), image_size=cfg.image_size, image_reader=READER_VERSION)
     if isinstance(dataset, ImageFolder):
         meta["root"] = str(dataset.root.resolve())
         meta["paths"] = [str(p.relative_to(dataset.root)) for p in dataset.paths]
@@ -185,6 +186,9 @@ class BaseCacheDataset(Dataset):
         """Refuse a cache made with another config or other VQGAN weights than ``model`` has."""
         if self.meta["config"] != model.config.to_json():
             raise ValueError(f"{self.dir} was written for a different config than the model's")
+        if self.meta.get("image_reader") != READER_VERSION:
+            raise ValueError(f"{self.dir} was written by an older image reader (image reader "
+                             f"{self.meta.get('image_reader', 1)}, now {READER_VERSION}): rebuild it with alit-fast cache-base")
         if self.meta["vqgan_sha256"] != vqgan_digest(model):
             raise ValueError(f"{self.dir} was written with other VQGAN weights (pass the same --init)")
 

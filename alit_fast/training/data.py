@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..io.images import IMAGE_EXTENSIONS, center_crop, image_file_problem, to_tensor
+from ..io.images import IMAGE_EXTENSIONS, center_crop, image_file_problem, read_rgb, to_tensor
 from .utils import UsageError
 
 COMPLEXITY_LEVELS = ("flat", "few_shapes", "many_shapes", "texture", "noise")
@@ -161,8 +161,7 @@ class ImageFolder(EpochDataset):
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         try:
-            with Image.open(path) as f:
-                image = f.convert("RGB")
+            image = read_rgb(path)
         except Exception as exc:  # Pillow's errors for a damaged body: name the file, not the decoder
             raise UnreadableImage(f"image {path} cannot be read ({type(exc).__name__}: {exc}); remove or "
                                   "replace it") from exc

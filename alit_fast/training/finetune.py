@@ -81,6 +81,8 @@ from .train import (
     UsageError,
     build_training_data,
     drive,
+    read_training_checkpoint,
+    release_run_lock,
     ema_epoch_reset,
     open_run,
     initial_weights,
@@ -90,7 +92,7 @@ from .train import (
     update_ema,
 )
 from .train import parse_args as parse_stage1_args
-from .utils import atomic_torch_save, resolve_config, rng_state, seed_everything, set_rng_state, weights_digest
+from .utils import atomic_torch_save, one_line, resolve_config, rng_state, seed_everything, set_rng_state, weights_digest
 
 STAGE = "finetune"
 # stage-1 options that mean nothing here: refused by name rather than silently ignored
@@ -346,13 +348,31 @@ def resume(run: FinetuneRun, spec: str) -> None:
     path = run.ckpt_path if spec == "auto" else Path(spec)
     if not path.exists():
         raise UsageError(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # stage 1's reader: a truncated, garbled, incomplete or untrusted file is one line naming it
+    ckpt = read_training_checkpoint(path, ("stage", "config", "rng", "step"), "alit-fast finetune")
     if ckpt.get("stage") != STAGE:
         raise UsageError(f"--resume: {path} is not a stage-2 checkpoint (start stage 2 from it with --init instead)")
+    missing = [k for k in STAGE2_ENTRIES if k not in ckpt]
+    if missing:
+        raise UsageError(f"--resume: {path} is incomplete (no {', '.join(missing)})")
     if ckpt["config"] != run.cfg.to_json():
         raise UsageError(f"--resume: {path} was written for a different config")
-    if len(ckpt["rng"]) != d.world:
-        raise UsageError(f"--resume: {path} was written by {len(ckpt['rng'])} processes, this run has {d.world}")
+    if not isinstance(ckpt["rng"], (list, tuple)) or len(ckpt["rng"]) != d.world:
+        raise UsageError(f"--resume: {path} was written by another number of processes than this run's {d.world}")
+    try:
+        _load_stage2_state(run, ckpt)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise UsageError(f"--resume: {path} does not fit this run ({type(exc).__name__}: {one_line(exc)[:200]})") from exc
+    if d.main:
+        print(f"resumed from {path} at step {run.step}", flush=True)
+
+
+STAGE2_ENTRIES = ("model", "ema", "discriminators", "optimizer", "optimizer_discriminator", "scaler",
+                  "scaler_discriminator", "counters")
+
+
+def _load_stage2_state(run: FinetuneRun, ckpt: dict) -> None:
+    d = run.d
     run.model.load_state_dict(ckpt["model"])
     if run.ema is not None and ckpt["ema"] is not None:
         run.ema.load_state_dict(ckpt["ema"])
@@ -369,9 +389,7 @@ def resume(run: FinetuneRun, spec: str) -> None:
         run.latent_gen.set_state(ckpt["latent_generator"][d.rank])
     run.gen_counter = ckpt["counters"]["generator"]
     run.disc_counter = ckpt["counters"]["discriminator"]
-    run.step = run.last_good = ckpt["step"]
-    if d.main:
-        print(f"resumed from {path} at step {run.step}", flush=True)
+    run.step = run.last_good = int(ckpt["step"])
 
 
 def write_final(run: FinetuneRun) -> None:
@@ -539,6 +557,13 @@ def _postfix(host: dict, out: StepOutput, rate: float) -> str:
 
 
 def train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    finally:
+        release_run_lock(args.out)
+
+
+def _train(args: argparse.Namespace) -> int:
     run = open_run(args, build, resume)
     run.model.train()
     run.discriminators.train()

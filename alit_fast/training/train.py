@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
 from ..distributed import join_group
+from ..files import LOCK_NAME, acquire_lock, release_lock
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load, load_state_strict, read_checkpoint, read_state_dict
-from ..io.weights import read_safetensors
+from ..io.weights import read_safetensors, torch_load_problem
 from ..models import HALTING_MODES, BaseOutput
 from ..models.alit import images_in_range
 from .base_cache import BaseCacheDataset
@@ -42,7 +43,9 @@ from .utils import (
     one_line,
     UsageError,
     atomic_torch_save,
+    check_free_space,
     check_number,
+    check_writable,
     resolve_config,
     rng_state,
     run_command,
@@ -84,6 +87,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
     if found and not (resume or overwrite):
         raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it "
                          "or --overwrite to replace it")
+    check_writable(str(above if not out.exists() else out), f"--out {out}")
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -542,22 +546,22 @@ def _other_checkpoints(path: Path) -> str:
     return "; no earlier checkpoint is kept there: start again with --overwrite"
 
 
-def read_training_checkpoint(path: Path) -> dict:
+def read_training_checkpoint(path: Path, entries: tuple[str, ...] = CHECKPOINT_ENTRIES,
+                             writer: str = "alit-fast train") -> dict:
     """A checkpoint.pt to resume from; a missing, damaged or incomplete one is a UsageError naming it."""
     if path.is_dir():
         raise UsageError(f"--resume: {path} is a directory, not a checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/pickle/zip errors of a truncated or garbled file
-        raise UsageError(f"--resume: {path} cannot be read, it is damaged or not a checkpoint "
-                         f"({type(exc).__name__}: {one_line(exc)[:200]}){_other_checkpoints(path)}") from exc
+    except Exception as exc:  # torch/pickle/zip errors of a truncated, garbled or untrusted file
+        raise UsageError(f"--resume: {torch_load_problem(str(path), exc)}{_other_checkpoints(path)}") from exc
     if not isinstance(ckpt, dict):
         raise UsageError(f"--resume: {path} holds a {type(ckpt).__name__}, not a training checkpoint"
                          f"{_other_checkpoints(path)}")
-    missing = [k for k in CHECKPOINT_ENTRIES if k not in ckpt]
+    missing = [k for k in entries if k not in ckpt]
     if missing:
         raise UsageError(f"--resume: {path} is incomplete (no {', '.join(missing)}): not a checkpoint written by "
-                         f"alit-fast train{_other_checkpoints(path)}")
+                         f"{writer}{_other_checkpoints(path)}")
     return ckpt
 
 
@@ -902,14 +906,30 @@ def open_run(args: argparse.Namespace, build: Callable, resume: Callable):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     prepare_out(Path(args.out), bool(args.resume), args.overwrite, write=d.main)
+    if d.main:  # one run per folder: a second one refuses by name (released by release_run_lock)
+        acquire_lock(args.out, "alit-fast train")
     d.barrier()
     run = build(args, d)
+    if d.main:  # checkpoint.pt (weights, EMA, two Adam moments) and the two final weight files
+        params = sum(p.numel() * p.element_size() for p in run.model.parameters())
+        check_free_space(args.out, 7 * params + (1 << 20), f"--out {args.out}")
     if args.resume:
         resume(run, args.resume)
     return run
 
 
+def release_run_lock(out: str | os.PathLike) -> None:
+    release_lock(os.path.join(os.fspath(out), LOCK_NAME))
+
+
 def train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    finally:
+        release_run_lock(args.out)
+
+
+def _train(args: argparse.Namespace) -> int:
     run = open_run(args, build, resume)
     run.model.train()
     return drive(run, args, Stage(

@@ -7,7 +7,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import PRESETS, ALITConfig
-from ..files import write_atomic
+from ..files import WRITE_ERRNOS, FolderBusy, as_os_error, write_atomic
 from ..ops import BACKENDS, check_backend_here
 
 
@@ -69,16 +71,52 @@ def run_command(
     becomes one line saying how to resume, and exit status 130 (the shell's for SIGINT)."""
     try:
         return int(body(argv) or 0)
-    except UsageError as exc:
-        if speak:
-            sys.stdout.flush()
-            print(f"{prog}: {one_line(exc)}", file=sys.stderr, flush=True)
-        return 2
+    except (UsageError, FolderBusy) as exc:
+        message = one_line(exc)
+    except OSError as exc:  # a full disk, a read-only or forbidden folder met while writing
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        message = (f"cannot write{where}: {exc.strerror or exc} (nothing half-written is left; files written "
+                   "before are kept)")
     except KeyboardInterrupt:
         if speak:
             sys.stdout.flush()
             print(f"\n{prog}: interrupted; {ON_INTERRUPT.get(prog, DEFAULT_ON_INTERRUPT)}", file=sys.stderr, flush=True)
         return 130
+    if speak:
+        sys.stdout.flush()
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def check_writable(folder: str, what: str) -> None:
+    """Create and remove a file in ``folder``: the one test a read-only mount, a full disk or a
+    forbidden folder cannot pass, whoever runs it (os.access says yes to root on a read-only mount)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".alit_fast-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"{what}: the folder {folder} is not writable ({exc.strerror or exc})") from exc
+
+
+def check_free_space(folder: str, need: int, what: str) -> None:
+    """Refuse before the work an output whose estimated size the disk under ``folder`` lacks."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UsageError(f"{what}: about {_size(need)} will be written but {probe} has {_size(free)} free")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def check_number(name: str, value: float | None, low: float | None = None, high: float | None = None,
@@ -150,6 +188,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
 
     write_atomic(path, save)
+
+
+def package_version() -> str:
+    """The installed alit_fast version (a run identity's part: an upgrade may change the tokens)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alit_fast")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def weights_digest(module: torch.nn.Module) -> str:
