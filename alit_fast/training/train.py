@@ -487,8 +487,6 @@ def build(args: argparse.Namespace, d: Dist) -> Run:
         what = load_initial(model, {k: v for k, v in vqgan_state.items() if k.startswith("base_tokenizer.")}, "--init-vqgan")
         if d.main:
             print(f"initialised {what} from {args.init_vqgan}", flush=True)
-    elif init_state is None and args.base_cache is None and d.main:
-        print(RANDOM_VQGAN_WARNING, file=sys.stderr, flush=True)
     if args.linear_init_std is not None and not whole_model:
         reinit_linear(model, args.linear_init_std)
     model.set_backend(args.backend)
@@ -497,6 +495,9 @@ def build(args: argparse.Namespace, d: Dist) -> Run:
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
 
     batches = EpochBatches(build_training_data(args, cfg, model), d, args)
+    # after the data is found: a run refused for its options prints its one line and nothing else
+    if init_state is None and vqgan_state is None and args.base_cache is None and not args.resume and d.main:
+        print(RANDOM_VQGAN_WARNING, file=sys.stderr, flush=True)
     total_batch = args.batch_size * d.world
     total_steps = args.steps if args.steps is not None else args.epochs * batches.steps_per_epoch
     unit = 1 if args.steps is not None else batches.steps_per_epoch
