@@ -14,6 +14,7 @@ benchmarks/test_cases_inputs.py checks both rules on this file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 import warnings
@@ -28,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from alit_fast import ALIT
 from alit_fast.config import ALITConfig, get_config
 from alit_fast.kernels._utils import is_interpreting, single_threaded_interpreter
-from alit_fast.ops.attention import attention_math, flash_attention_op
+from alit_fast.ops.attention import attention, attention_math, flash_attention_op
 from alit_fast.ops.vq import vq_nearest
 from alit_fast.testing import tiny_config
 from alit_fast.models.transformer import ResidualAttentionBlock
@@ -154,6 +155,7 @@ class Case:
     grads: list[torch.Tensor] = field(default_factory=list)  # reset to None between timed runs
     note: str = ""
     compiled: bool = False  # torch.compile'd code: a CPU dispatch mode would make dynamo skip it
+    input_images: torch.Tensor | None = None  # a model case's images, for figures taken outside the timing
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +288,7 @@ def interpreter_guard(provider_uses_triton: bool) -> ContextManager:
 # SDPA backends by name; each is forced alone with torch.nn.attention.sdpa_kernel
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 ATTENTION_PROVIDERS = ("triton",) + tuple(f"sdpa-{b}" for b in SDPA_BACKENDS) + ("eager-math",)
+# also buildable: "auto", the public op's auto backend where alit_fast offers one (gpu_suite's auto section)
 
 
 @dataclass(frozen=True)
@@ -400,6 +403,11 @@ def attention_case(provider: str, shape: AttnShape, sizes: Sizes, device: torch.
             from torch.nn.attention import sdpa_kernel
 
             return sdpa_kernel([backend])
+    elif provider == "auto":
+
+        def forward():
+            q, k, v = qkv.unbind(2)
+            return attention(q, k, v, lengths, backend="auto", validate=False)
     elif provider == "eager-math":
 
         def forward():
@@ -528,10 +536,11 @@ def build_model(cfg: ALITConfig, device: torch.device, seed: int = 0) -> ALIT:
     return model.to(device)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+def _autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> ContextManager:
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # a graph capture must not keep autocast's cached weight casts (they die with the context)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def _both(*makers: Callable[[], ContextManager]) -> Callable[[], ContextManager]:
@@ -577,22 +586,49 @@ def block_case(backend: str, sizes: Sizes, device: torch.device, amp: torch.dtyp
     )
 
 
-def rollout_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, amp: torch.dtype | None = torch.bfloat16) -> Case:
+def rollout_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, amp: torch.dtype | None = torch.bfloat16,
+                 autocast_cache: bool = True) -> Case:
     """Inference: every iteration with its decoder, halting off."""
     images = device_images(sizes.rollout_batch, sizes.model.image_size, 1, device)
     model.set_backend(backend).eval()
 
     def fn():
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), _autocast(device, amp, autocast_cache):
             return model.rollout(images)
 
-    return Case(fn=fn, context=lambda: interpreter_guard(backend == "triton"), images=sizes.rollout_batch)
+    return Case(fn=fn, context=lambda: interpreter_guard(backend == "triton"), images=sizes.rollout_batch,
+                input_images=images)
+
+
+def graphed_case(case: Case, device: torch.device) -> Case:
+    """``case``'s work captured once in a CUDA graph and replayed: one launch for the whole rollout,
+    its inputs and outputs the static tensors of the capture. Two eager runs on a side stream
+    first (autotuning, the allocator's pools). On a CPU there are no graphs: the case itself."""
+    if device.type != "cuda":
+        return dataclasses.replace(case, note="no CUDA graphs on a CPU: eager")
+    with case.context():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                case.fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = case.fn()
+
+    def fn():
+        graph.replay()
+        return static_out
+
+    return dataclasses.replace(case, fn=fn, context=contextlib.nullcontext, note="CUDA graph replay")
 
 
 ENCODE_CRITERION = "code-acc:0.9"
 
 
-def encode_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, amp: torch.dtype | None = torch.bfloat16) -> Case:
+def encode_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, amp: torch.dtype | None = torch.bfloat16,
+                step_fn: Callable | None = None) -> Case:
     """alit_fast's adaptive encoding of a batch: each image stops at its own token count.
 
     With untrained weights no image meets the criterion, so every image runs all iterations: the
@@ -600,11 +636,14 @@ def encode_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, a
     images = device_images(sizes.encode_batch, sizes.model.image_size, 2, device)
     model.set_backend(backend).eval()
 
+    extra = {} if step_fn is None else {"step_fn": step_fn}  # e.g. model.compile_step(): the whole step compiled
+
     def fn():
         with _autocast(device, amp):
-            return model.encode(images, criterion=ENCODE_CRITERION)
+            return model.encode(images, criterion=ENCODE_CRITERION, **extra)
 
-    return Case(fn=fn, context=lambda: interpreter_guard(backend == "triton"), images=sizes.encode_batch)
+    return Case(fn=fn, context=lambda: interpreter_guard(backend == "triton"), images=sizes.encode_batch,
+                input_images=images)
 
 
 def official_encode_case(model: ALIT, sizes: Sizes, device: torch.device) -> Case:
@@ -617,7 +656,7 @@ def official_encode_case(model: ALIT, sizes: Sizes, device: torch.device) -> Cas
     def fn():
         return official_encode(model, image, threshold=0.07)
 
-    return Case(fn=fn, images=1)
+    return Case(fn=fn, images=1, input_images=image)
 
 
 # (name, attention/VQ backend, autocast dtype, compiled): the training-step variants
