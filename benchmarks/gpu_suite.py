@@ -24,7 +24,6 @@ The Markdown table is printed last, its summary against the goals at the very en
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import gc
