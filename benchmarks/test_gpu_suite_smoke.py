@@ -76,6 +76,16 @@ def test_a_spent_budget_skips_sections_and_exits_zero(tmp_path):
     assert all(s["status"].startswith("skipped: planned") for s in report["sections"].values())
 
 
+def test_the_watchdog_stops_a_stuck_section_with_its_own_exit_code(tmp_path):
+    """Past --hard-limit the files are written and the exit code is 3, not 124 (the device tool's
+    time-out code)."""
+    proc = _run("--smoke", "--sections", "check-attention,vq", "--hard-limit", "1", "--out", str(tmp_path), timeout=120)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "hard limit of 1 s reached in section 'check-attention'; not run: vq" in proc.stdout
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["sections"]["check-attention"]["status"] == "killed at the hard limit of 1 s"
+
+
 def test_the_plan_fits_part_1_in_its_budget_with_the_headline_sections_first():
     rows = [p for p in gpu_plan.plans(gpu_plan.COMPILE_S) if 1 in p.parts]
     assert [p.name for p in rows] == ORDER[1]
