@@ -218,44 +218,50 @@ def _official_run_s(cfg) -> float:
 
 def run_costs(name: str, sizes) -> tuple[int, int, float, str]:
     """(cases, repeats per case, seconds of running them and their set-up, note) of one section."""
-    cfg = sizes.model
-    warm, timed = sizes.model_reps
-    model_runs = warm + timed + 2  # + the peak-memory run + the first call (or the FLOP count)
-    from benchmarks import gpu_suite as g
     from types import SimpleNamespace
 
-    s = SimpleNamespace(sizes=sizes)
-    n_sweep = lambda layouts: 2 * len(g.sweep_shapes(s, layouts))  # noqa: E731 - fwd and fwd+bwd
+    from benchmarks import gpu_suite as g
+
+    cfg, s = sizes.model, SimpleNamespace(sizes=sizes)
+    warm, timed = sizes.model_reps
+    runs = warm + timed + 2  # + the peak-memory run + the first call (or the FLOP count)
     providers = 6  # triton, 4 SDPA backends, eager math
+    sweep1 = 2 * len(g.sweep_shapes(s, sizes.attn_shapes[:1]))  # fwd and fwd+bwd
+    sweep2 = 2 * len(g.sweep_shapes(s, sizes.attn_shapes[1:]))
+    checks1 = len(g.check_shapes(s, sizes.attn_shapes[:1]))
+    checks2 = len(g.check_shapes(s, sizes.attn_shapes[1:]))
+    roll, train = (lambda b: _rollout_run_s(cfg, b)), (lambda b: _train_run_s(cfg, b))
+    graph = INDUCTOR_GRAPH_S
     table = {  # lambdas: only the asked section's figures are worked out
         "environment": lambda: (1, 1, 8.0, "CUDA init, nvidia-smi, versions"),
-        "check-attention": lambda: (len(g.check_shapes(s, sizes.attn_shapes[:1])), 3, 4.0,
-                            "triton, SDPA and float64, fwd+bwd each"),
+        "check-attention": lambda: (checks1, 3, 4.0, "triton, SDPA and float64, fwd+bwd each"),
         "check-vq": lambda: (4 * len(sizes.vq), 1, 8.0, "float64 reference in 8,192-row chunks on the GPU"),
-        "check-rollout": lambda: (3, 1, MODEL_BUILD_S + 3 * _rollout_run_s(cfg, 8, fp32=True), "fp32, 8 images, 3 backends"),
-        "adaptive-encode": lambda: (3, model_runs + 1, MODEL_BUILD_S + 2 * (model_runs + 1) * _rollout_run_s(cfg, sizes.encode_batch)
-                            + (model_runs + 1) * _official_run_s(cfg), "+1 run: tokens and L1 outside the timing"),
-        "train": lambda: (3, model_runs + 1, 3 * (MODEL_BUILD_S + (model_runs + 1) * _train_run_s(cfg, sizes.train_batch)),
-                  "a fresh model and AdamW per variant; official fp16 with a GradScaler"),
+        "check-rollout": lambda: (3, 1, MODEL_BUILD_S + 3 * _rollout_run_s(cfg, 8, fp32=True),
+                                  "fp32, 8 images, 3 backends"),
+        "adaptive-encode": lambda: (3, runs + 1, MODEL_BUILD_S + (runs + 1) * (2 * roll(sizes.encode_batch)
+                                                                               + _official_run_s(cfg)),
+                                    "+1 run: tokens and L1 outside the timing"),
+        "train": lambda: (3, runs + 1, 3 * (MODEL_BUILD_S + (runs + 1) * train(sizes.train_batch)),
+                          "a fresh model and AdamW per variant; official fp16 with a GradScaler"),
         "ceilings": lambda: (3, 1, 3 * KERNEL_CASE_S + 2.0, "8192^3 bf16 and fp32 matmuls, a 2 GiB copy"),
-        "attention": lambda: (n_sweep(sizes.attn_shapes[:1]) * providers, 1, n_sweep(sizes.attn_shapes[:1]) * providers * KERNEL_CASE_S,
-                      "do_bench per case"),
-        "attention-d64": lambda: (len(g.check_shapes(s, sizes.attn_shapes[1:])) + n_sweep(sizes.attn_shapes[1:]) * providers, 1,
-                          4.0 + n_sweep(sizes.attn_shapes[1:]) * providers * KERNEL_CASE_S, "the check, then the sweep"),
-        "vq": lambda: (4 * len(sizes.vq), 1, 4 * len(sizes.vq) * KERNEL_CASE_S + 2.0, "the naive path writes 1 GiB per call"),
-        "auto": lambda: (n_sweep(sizes.attn_shapes[:1]), 1, n_sweep(sizes.attn_shapes[:1]) * (KERNEL_CASE_S + providers * 0.05),
-                 "only if alit_fast.ops offers 'auto'; its first call per shape times each candidate once"),
-        "block": lambda: (3, model_runs, 3 * model_runs * 0.05 + 3.0, ""),
-        "rollout": lambda: (3, model_runs, 3 * model_runs * _rollout_run_s(cfg, sizes.rollout_batch), ""),
-        "rollout-graph": lambda: (2, model_runs + 2, 2 * (model_runs + 2) * _rollout_run_s(cfg, sizes.rollout_batch),
-                          "+2 eager runs before the capture"),
-        "encode-compiled": lambda: (1, model_runs + 1, 2 * INDUCTOR_GRAPH_S + (model_runs + 1) * _rollout_run_s(cfg, 32),
-                            f"triton; inductor, dynamic shapes: ~2 graphs of the whole step, {INDUCTOR_GRAPH_S:.0f} s each assumed"),
-        "train-compiled": lambda: (1, model_runs + 1, MODEL_BUILD_S + 2 * INDUCTOR_GRAPH_S
-                           + (model_runs + 1) * _train_run_s(cfg, sizes.train_batch),
-                           f"triton; inductor: the block graph, forward and backward, {INDUCTOR_GRAPH_S:.0f} s each assumed"),
-        "train-stage2": lambda: (2, 16, 2 * (2 * MODEL_BUILD_S + 16 * _train_run_s(cfg, 12) * 1.5 + 10.0),
-                         "16 steps + a resume per backend; discriminator steps"),
+        "attention": lambda: (sweep1 * providers, 1, sweep1 * providers * KERNEL_CASE_S, "do_bench per case"),
+        "vq": lambda: (4 * len(sizes.vq), 1, 4 * len(sizes.vq) * KERNEL_CASE_S + 2.0,
+                       "the naive path writes 1 GiB per call"),
+        "auto": lambda: (sweep1, 1, sweep1 * (KERNEL_CASE_S + providers * 0.05),
+                         "only if alit_fast.ops offers 'auto'; its first call per shape times each candidate once"),
+        "rollout": lambda: (3, runs, 3 * runs * roll(sizes.rollout_batch), ""),
+        "rollout-graph": lambda: (2, runs + 2, 2 * (runs + 2) * roll(sizes.rollout_batch),
+                                  "+2 eager runs before the capture"),
+        "encode-compiled": lambda: (1, runs + 1, 2 * graph + (runs + 1) * roll(sizes.encode_batch),
+                                    f"triton; inductor, dynamic shapes: ~2 graphs of the whole step, {graph:.0f} s "
+                                    "each assumed"),
+        "train-compiled": lambda: (1, runs + 1, MODEL_BUILD_S + 2 * graph + (runs + 1) * train(sizes.train_batch),
+                                   f"triton; inductor: the block graph, forward and backward, {graph:.0f} s each assumed"),
+        "train-stage2": lambda: (2, 16, 2 * (2 * MODEL_BUILD_S + 16 * train(12) * 1.5 + 10.0),
+                                 "16 steps + a resume per backend; discriminator steps"),
+        "block": lambda: (3, runs, 3 * runs * 0.05 + 3.0, ""),
+        "attention-d64": lambda: (checks2 + sweep2 * providers, 1, 4.0 + sweep2 * providers * KERNEL_CASE_S,
+                                  "the check, then the sweep"),
     }
     return table[name]()
 
