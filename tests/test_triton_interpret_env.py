@@ -59,3 +59,14 @@ def test_the_probe_sees_a_module_that_sets_it(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), "tests.test_bad"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["found"] == {"tests.test_bad": "1"}
+
+
+def test_host_triton_tests_are_skipped_where_kernels_are_compiled():
+    """A test that runs the triton backend on CPU tensors (marked host_triton) cannot run without the
+    interpreter: with TRITON_INTERPRET=0, as on a GPU, it is skipped instead of failing."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "tests/test_backends.py", "-k", "reaches_every_op or official_vq", "-rs"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "1 passed, 1 skipped" in proc.stdout and "needs the interpreter" in proc.stdout, proc.stdout[-2000:]
