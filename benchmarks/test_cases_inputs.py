@@ -12,7 +12,7 @@ import torch
 from alit_fast.testing import count_syncs
 from benchmarks import cases
 from benchmarks._env import REPO
-from benchmarks.cases import Sizes, attention_case, attention_shapes, vq_case
+from benchmarks.cases import Sizes, attention_case, attention_shapes, default_device, vq_case
 
 _RANDOM = {"randn", "rand", "randint", "randperm", "normal", "random_images"}
 # the public ops: each validates its inputs unless told validate=False
@@ -95,7 +95,7 @@ def test_inputs_are_made_once_per_shape():
 @pytest.mark.parametrize("provider", ["chunked", "cublas-tf32", "naive", "triton"])
 def test_vq_cases_make_no_host_sync(provider):
     n, k, d, normalize = Sizes.cpu().vq[0]
-    case = vq_case(provider, 512, k, d, normalize, torch.device("cpu"))
+    case = vq_case(provider, 512, k, d, normalize, default_device())  # triton: compiled on a GPU
     with case.context():
         case.fn()  # first call: lazy set-up (kernel definition) is not the timed work
         with count_syncs() as syncs:
@@ -107,7 +107,7 @@ def test_vq_cases_make_no_host_sync(provider):
 def test_attention_cases_make_no_host_sync(provider):
     sizes = Sizes.cpu()
     shape = next(s for s in attention_shapes(sizes) if s.mixed)
-    case = attention_case(provider, shape, sizes, torch.device("cpu"), backward=True)
+    case = attention_case(provider, shape, sizes, default_device(), backward=True)
     with case.context():
         with count_syncs() as syncs:
             case.fn()
