@@ -5,10 +5,16 @@ the work once, the context it must run in (an SDPA backend choice, say), and wha
 (FLOPs, minimum bytes, images). Timing and peak-memory helpers work on a CUDA device and on the
 CPU, so the same code runs full size on a GPU and at ``Sizes.cpu()`` scale (with the Triton
 interpreter) in CI.
+
+Inputs are drawn on the device itself (a generator on that device), once per shape: a host draw
+plus a copy would cost more than the timings of a whole section. Timed callables make no
+validating call (``validate=False`` everywhere: a validation is a host sync per call).
+benchmarks/test_cases_inputs.py checks both rules on this file.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 import warnings
@@ -23,12 +29,33 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from alit_fast import ALIT
 from alit_fast.config import ALITConfig, get_config
 from alit_fast.kernels._utils import is_interpreting, single_threaded_interpreter
-from alit_fast.ops.attention import attention_math, flash_attention_op
+from alit_fast.ops.attention import attention, attention_math, flash_attention_op
 from alit_fast.ops.vq import vq_nearest
-from alit_fast.testing import random_images, tiny_config
+from alit_fast.testing import tiny_config
 from alit_fast.models.transformer import ResidualAttentionBlock
 
 MiB = 2**20
+
+
+def device_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def device_images(batch: int, size: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Images in [0, 1) drawn on ``device`` (alit_fast.testing.random_images draws on the host)."""
+    return torch.rand(batch, 3, size, size, generator=device_generator(device, seed), device=device)
+
+
+# the inputs of the last shape asked for: every provider of a shape shares them, and the next
+# shape's replace them (one shape's tensors alive at a time)
+_INPUTS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _once_per_shape(key: tuple, make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    if key not in _INPUTS:
+        _INPUTS.clear()
+        _INPUTS[key] = make()
+    return _INPUTS[key]
 
 # --------------------------------------------------------------------------------------------
 # sizes
@@ -128,6 +155,7 @@ class Case:
     grads: list[torch.Tensor] = field(default_factory=list)  # reset to None between timed runs
     note: str = ""
     compiled: bool = False  # torch.compile'd code: a CPU dispatch mode would make dynamo skip it
+    input_images: torch.Tensor | None = None  # a model case's images, for figures taken outside the timing
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +288,7 @@ def interpreter_guard(provider_uses_triton: bool) -> ContextManager:
 # SDPA backends by name; each is forced alone with torch.nn.attention.sdpa_kernel
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 ATTENTION_PROVIDERS = ("triton",) + tuple(f"sdpa-{b}" for b in SDPA_BACKENDS) + ("eager-math",)
+# also buildable: "auto", the public op's auto backend where alit_fast offers one (gpu_suite's auto section)
 
 
 @dataclass(frozen=True)
@@ -286,13 +315,13 @@ def attention_shapes(sizes: Sizes) -> list[AttnShape]:
     return out
 
 
-def mixed_lengths(shape: AttnShape, sizes: Sizes) -> torch.Tensor:
+def mixed_lengths(shape: AttnShape, sizes: Sizes, device: torch.device | str = "cpu") -> torch.Tensor:
     """Per-sample lengths of an adaptive batch padded to L: L, L - T, ..., down to one iteration's
     worth of latents (image_tokens + T), cycling over the batch, as images that stopped at
     different token counts."""
     T = sizes.tokens_per_iter
     steps = max(1, (shape.L - sizes.image_tokens) // T)
-    return torch.tensor([shape.L - T * (b % steps) for b in range(shape.B)], dtype=torch.int32)
+    return torch.tensor([shape.L - T * (b % steps) for b in range(shape.B)], dtype=torch.int32, device=device)
 
 
 def attention_flops(shape: AttnShape, lengths: torch.Tensor | None, backward: bool) -> float:
@@ -325,15 +354,28 @@ def _sdpa_backend(name: str):
     }[name]
 
 
+def attention_inputs(shape: AttnShape, sizes: Sizes, device: torch.device, seed: int = 0):
+    """(packed qkv [B, L, 3, H, D], grad_out [B, L, H, D], lengths or None), drawn on the device
+    once per shape and seed."""
+
+    def make():
+        g = device_generator(device, seed)
+        B, L, H, D = shape.B, shape.L, shape.H, shape.D
+        qkv = torch.randn(B, L, 3, H, D, generator=g, device=device, dtype=shape.dtype)
+        grad_out = torch.randn(B, L, H, D, generator=g, device=device, dtype=shape.dtype)
+        return qkv, grad_out, mixed_lengths(shape, sizes, device) if shape.mixed else None
+
+    return _once_per_shape(("attention", shape, str(device), seed), make)
+
+
 def attention_case(provider: str, shape: AttnShape, sizes: Sizes, device: torch.device, backward: bool, seed: int = 0) -> Case:
     """One attention call as the model makes it: q, k, v are views of one packed [B, L, 3, H, D]
     projection. SDPA gets the padded batch and a boolean key mask (built outside the timed region)
     for mixed lengths; the Triton kernel gets the lengths."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
     B, L, H, D = shape.B, shape.L, shape.H, shape.D
-    qkv = torch.randn(B, L, 3, H, D, generator=g).to(device=device, dtype=shape.dtype).requires_grad_(backward)
-    grad_out = torch.randn(B, L, H, D, generator=g).to(device=device, dtype=shape.dtype)
-    lengths = mixed_lengths(shape, sizes).to(device) if shape.mixed else None
+    packed, grad_out, lengths = attention_inputs(shape, sizes, device, seed)
+    # a leaf of its own over the shared storage: each case's gradients stay its own
+    qkv = packed.detach().requires_grad_(backward)
     ctx: Callable[[], ContextManager] = contextlib.nullcontext
 
     if provider == "triton":
@@ -361,11 +403,16 @@ def attention_case(provider: str, shape: AttnShape, sizes: Sizes, device: torch.
             from torch.nn.attention import sdpa_kernel
 
             return sdpa_kernel([backend])
+    elif provider == "auto":
+
+        def forward():
+            q, k, v = qkv.unbind(2)
+            return attention(q, k, v, lengths, backend="auto", validate=False)
     elif provider == "eager-math":
 
         def forward():
             q, k, v = qkv.unbind(2)
-            return attention_math(q, k, v, lengths)
+            return attention_math(q, k, v, lengths, validate=False)
     else:
         raise ValueError(f"unknown attention provider {provider!r}")
 
@@ -413,7 +460,9 @@ def probe(case: Case) -> str | None:
 # VQ lookup
 # --------------------------------------------------------------------------------------------
 
-VQ_PROVIDERS = ("triton", "chunked", "naive")
+# cublas-tf32: the shortest torch path a user would write, one TF32 matmul over all N x K and an
+# argmin (approximate: TF32 rounds the dot products, so near-ties may pick another code)
+VQ_PROVIDERS = ("triton", "chunked", "cublas-tf32", "naive")
 _VQ_BACKEND = {"triton": "triton", "chunked": "torch", "naive": "official"}
 
 
@@ -422,8 +471,31 @@ def vq_label(n: int, k: int, d: int, normalize: bool) -> str:
 
 
 def vq_inputs(n: int, k: int, d: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(n, d, generator=g).to(device), torch.randn(k, d, generator=g).to(device)
+    """(z [N, d], codebook [K, d]) fp32, drawn on the device once per shape and seed."""
+
+    def make():
+        g = device_generator(device, seed)
+        return torch.randn(n, d, generator=g, device=device), torch.randn(k, d, generator=g, device=device)
+
+    return _once_per_shape(("vq", n, k, d, str(device), seed), make)
+
+
+def tf32_matmul_argmin(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """argmin_k ||c_k||^2 - 2 z.c_k through one [N, K] matmul (||z||^2 does not change the argmin)."""
+    if normalize:
+        z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
+    scores = torch.addmm((codebook * codebook).sum(1)[None, :], z, codebook.t(), alpha=-2.0)
+    return scores.argmin(1)
+
+
+@contextlib.contextmanager
+def allow_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def vq_flops(n: int, k: int, d: int) -> float:
@@ -437,9 +509,13 @@ def vq_bytes(n: int, k: int, d: int) -> float:
 
 def vq_case(provider: str, n: int, k: int, d: int, normalize: bool, device: torch.device) -> Case:
     z, codebook = vq_inputs(n, k, d, device)
+    if provider == "cublas-tf32":
+        return Case(fn=lambda: tf32_matmul_argmin(z, codebook, normalize), context=allow_tf32,
+                    flops=vq_flops(n, k, d), min_bytes=vq_bytes(n, k, d))
     backend = _VQ_BACKEND[provider]
     return Case(
-        fn=lambda: vq_nearest(z, codebook, normalize, backend=backend),
+        # the inputs are finite by construction: no NaN / inf check (a host sync) per timed call
+        fn=lambda: vq_nearest(z, codebook, normalize, backend=backend, validate=False),
         context=lambda: interpreter_guard(provider == "triton"),
         flops=vq_flops(n, k, d),
         min_bytes=vq_bytes(n, k, d),
@@ -460,10 +536,11 @@ def build_model(cfg: ALITConfig, device: torch.device, seed: int = 0) -> ALIT:
     return model.to(device)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+def _autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> ContextManager:
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # a graph capture must not keep autocast's cached weight casts (they die with the context)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def _both(*makers: Callable[[], ContextManager]) -> Callable[[], ContextManager]:
@@ -486,12 +563,14 @@ def block_case(backend: str, sizes: Sizes, device: torch.device, amp: torch.dtyp
     """Forward + backward of one transformer block at the longest sequence, under autocast."""
     cfg = sizes.model
     torch.manual_seed(seed)
-    block = ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_ratio).to(device)
+    with torch.device(device):
+        block = ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_ratio)
     block.attn.backend = backend
     L = cfg.num_image_tokens + cfg.max_tokens
     B = sizes.block_batch
-    x = torch.randn(B, L, cfg.width, device=device, requires_grad=True)
-    grad = torch.randn(B, L, cfg.width, device=device)
+    g = device_generator(device, seed)
+    x = torch.randn(B, L, cfg.width, generator=g, device=device, requires_grad=True)
+    grad = torch.randn(B, L, cfg.width, generator=g, device=device)
 
     def fn():
         with _autocast(device, amp):
@@ -507,47 +586,77 @@ def block_case(backend: str, sizes: Sizes, device: torch.device, amp: torch.dtyp
     )
 
 
-def rollout_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, amp: torch.dtype | None = torch.bfloat16) -> Case:
+def rollout_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, amp: torch.dtype | None = torch.bfloat16,
+                 autocast_cache: bool = True) -> Case:
     """Inference: every iteration with its decoder, halting off."""
-    images = random_images(sizes.rollout_batch, sizes.model.image_size, seed=1).to(device)
+    images = device_images(sizes.rollout_batch, sizes.model.image_size, 1, device)
     model.set_backend(backend).eval()
 
     def fn():
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), _autocast(device, amp, autocast_cache):
             return model.rollout(images)
 
-    return Case(fn=fn, context=lambda: interpreter_guard(backend == "triton"), images=sizes.rollout_batch)
+    return Case(fn=fn, context=lambda: interpreter_guard(backend == "triton"), images=sizes.rollout_batch,
+                input_images=images)
+
+
+def graphed_case(case: Case, device: torch.device) -> Case:
+    """``case``'s work captured once in a CUDA graph and replayed: one launch for the whole rollout,
+    its inputs and outputs the static tensors of the capture. Two eager runs on a side stream
+    first (autotuning, the allocator's pools). On a CPU there are no graphs: the case itself."""
+    if device.type != "cuda":
+        return dataclasses.replace(case, note="no CUDA graphs on a CPU: eager")
+    with case.context():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                case.fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = case.fn()
+
+    def fn():
+        graph.replay()
+        return static_out
+
+    return dataclasses.replace(case, fn=fn, context=contextlib.nullcontext, note="CUDA graph replay")
 
 
 ENCODE_CRITERION = "code-acc:0.9"
 
 
-def encode_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, amp: torch.dtype | None = torch.bfloat16) -> Case:
+def encode_case(model: ALIT, backend: str, sizes: Sizes, device: torch.device, amp: torch.dtype | None = torch.bfloat16,
+                step_fn: Callable | None = None) -> Case:
     """alit_fast's adaptive encoding of a batch: each image stops at its own token count.
 
     With untrained weights no image meets the criterion, so every image runs all iterations: the
     slowest case for the adaptive path (trained models stop many images early)."""
-    images = random_images(sizes.encode_batch, sizes.model.image_size, seed=2).to(device)
+    images = device_images(sizes.encode_batch, sizes.model.image_size, 2, device)
     model.set_backend(backend).eval()
+
+    extra = {} if step_fn is None else {"step_fn": step_fn}  # e.g. model.compile_step(): the whole step compiled
 
     def fn():
         with _autocast(device, amp):
-            return model.encode(images, criterion=ENCODE_CRITERION)
+            return model.encode(images, criterion=ENCODE_CRITERION, **extra)
 
-    return Case(fn=fn, context=lambda: interpreter_guard(backend == "triton"), images=sizes.encode_batch)
+    return Case(fn=fn, context=lambda: interpreter_guard(backend == "triton"), images=sizes.encode_batch,
+                input_images=images)
 
 
 def official_encode_case(model: ALIT, sizes: Sizes, device: torch.device) -> Case:
     """The official evaluation: one image at a time, fp32, every iteration and every pixel decode."""
     from alit_fast.inference import official_encode
 
-    image = random_images(1, sizes.model.image_size, seed=2).to(device)
+    image = device_images(1, sizes.model.image_size, 2, device)
     model.set_backend("official").eval()
 
     def fn():
         return official_encode(model, image, threshold=0.07)
 
-    return Case(fn=fn, images=1)
+    return Case(fn=fn, images=1, input_images=image)
 
 
 # (name, attention/VQ backend, autocast dtype, compiled): the training-step variants
@@ -589,7 +698,7 @@ def train_case(variant: str, sizes: Sizes, device: torch.device, model: ALIT | N
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    images = random_images(sizes.train_batch, sizes.model.image_size, seed=3).to(device)
+    images = device_images(sizes.train_batch, sizes.model.image_size, 3, device)
 
     def fn():
         with _autocast(device, amp):

@@ -1,19 +1,30 @@
-"""One-shot GPU run: check every kernel, then time every comparison, in one call of a few minutes.
+"""The GPU run in two prepared calls, the figures that matter most first, each fitting its budget.
 
-    PYTHONPATH=. python -m benchmarks.gpu_suite --out DIR          # a CUDA machine, full sizes
-    python -m benchmarks.gpu_suite --smoke --out DIR               # the same code paths, tiny, on a CPU
+    PYTHONPATH=. python -m benchmarks.gpu_suite --out DIR             # part 1 (a CUDA machine)
+    PYTHONPATH=. python -m benchmarks.gpu_suite --part 2 --out DIR    # part 2: the slow sections
+    python -m benchmarks.gpu_suite --plan                             # on a CPU: what each costs
+    python -m benchmarks.gpu_suite --smoke --out DIR                  # every section of both parts, tiny, on a CPU
 
 Runs from a bare source tree with no installs and no pytest-benchmark (the GPU machine has no
-package registry). Order: environment, ceilings (bf16 and fp32 matmul, device-to-device copy),
-correctness against float64 (attention fwd+bwd, VQ, a rollout triton vs torch), then timings
-(attention, VQ, one block, a rollout, adaptive encoding, training steps; torch.compile last).
+package registry). Part 1, in order of value: (a) correctness of the compiled kernels against
+float64 and the rollout on both backends; (b) adaptive encoding against the official procedure;
+(c) the training step's time and peak memory against the official-style path; then the
+ceilings, (d) attention against every SDPA backend, (e) VQ against torch's chunked path and a
+TF32 cuBLAS matmul + argmin, (f) the ``auto`` backend, where alit_fast offers one. Part 2: the
+second head layout, one block, the eager rollouts, a CUDA-graph replay of the rollout, the
+whole-model ``torch.compile`` of the encode step, the compiled training step and stage 2.
+
 Each section runs in its own try/except and the JSON and Markdown in DIR are rewritten after each,
-so a failure or a time-out keeps what came before; past ``--budget`` seconds the remaining sections
-are skipped. The Markdown table is printed last, its summary against the goals at the very end.
+so a failure keeps what came before. A section whose planned seconds (benchmarks.gpu_plan) no
+longer fit the ``--budget`` is skipped, and one that overruns its own share stops at its next
+case; the run then exits 0 with a line naming what it skipped. A watchdog ends a section stuck
+past ``--hard-limit`` (exit 3, the files written, never 124: that reads as the tool's time-out).
+The Markdown table is printed last, its summary against the goals at the very end.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -29,21 +40,48 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-SECTIONS = (
-    "environment",
-    "ceilings",
-    "check-attention",
-    "check-vq",
-    "check-rollout",
-    "attention",
-    "vq",
-    "block",
-    "rollout",
-    "adaptive-encode",
-    "train",
-    "train-compiled",
-    "train-stage2",
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    name: str
+    parts: tuple[int, ...]
+    what: str
+
+
+SECTIONS_TABLE = (
+    Section("environment", (1, 2), "machine, versions"),
+    Section("check-attention", (1,), "(a) attention fwd+bwd, bf16 and fp16, uniform and mixed, vs float64"),
+    Section("check-vq", (1,), "(a) VQ at both shapes, fp32 and bf16 z, vs float64"),
+    Section("check-rollout", (1,), "(a) full rollout, triton and official vs torch: latents, logits, index agreement"),
+    Section("adaptive-encode", (1,), "(b) adaptive encode vs the official procedure: images/s, tokens, L1"),
+    Section("train", (1,), "(c) alit_small training step: time and peak memory vs the official-style path"),
+    Section("ceilings", (1, 2), "bf16 / fp32 matmul and copy ceilings for the floors"),
+    Section("attention", (1,), "(d) attention vs every SDPA backend, bf16, uniform and mixed, fwd and fwd+bwd"),
+    Section("vq", (1,), "(e) VQ vs the chunked torch path, a TF32 cuBLAS matmul + argmin, and the naive matrix"),
+    Section("auto", (1,), "(f) the auto backend vs the fastest provider per shape, if alit_fast offers it"),
+    Section("rollout", (2,), "a full rollout per backend, eager"),
+    Section("rollout-graph", (2,), "the fixed-shape rollout captured once in a CUDA graph, replayed"),
+    Section("encode-compiled", (2,), "adaptive encode with the whole model step torch.compile'd"),
+    Section("train-compiled", (2,), "the training step with every block torch.compile'd"),
+    Section("train-stage2", (2,), "stage 2 through its command line: scalers, GAN, stop and resume"),
+    Section("block", (2,), "one transformer block fwd+bwd per backend"),
+    Section("attention-d64", (2,), "the second head layout (D=64): fwd+bwd vs float64, then vs every SDPA backend"),
 )
+SECTIONS = tuple(sec.name for sec in SECTIONS_TABLE)
+# run order per part: the table's, except that part 2 measures its ceilings first
+ORDER = {
+    1: [sec.name for sec in SECTIONS_TABLE if 1 in sec.parts],
+    2: ["environment", "ceilings"] + [sec.name for sec in SECTIONS_TABLE if sec.parts == (2,)],
+}
+
+
+def part_sections(part: int) -> list[str]:
+    return list(ORDER[part])
+
+
+# the budgets of the two device calls: part 1 in a 540 s call, part 2 in what is left of a
+# 15-minute lease after it and two machine starts
+BUDGET = {1: 420.0, 2: 300.0}
 
 # used for the floors when a ceiling could not be measured: the bf16 matmul rate and the copy
 # bandwidth this workplace measured on its H200s, and the datasheet's fp32 (non-tensor) rate
@@ -52,16 +90,24 @@ NOMINAL = {"bf16_tflops": 790.0, "fp32_tflops": 67.0, "copy_gbs": 4300.0}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="directory for results.json, results.md (required unless --floors)")
+    p.add_argument("--out", help="directory for results.json, results.md (required unless --floors or --plan)")
+    p.add_argument("--part", type=int, choices=(1, 2), default=1, help="which prepared call (default 1)")
+    p.add_argument("--plan", action="store_true",
+                   help="print each section's unique compiles, cases and estimated seconds, and exit (runs on a CPU)")
+    p.add_argument("--compile-seconds", type=float, default=None,
+                   help="with --plan: seconds per kernel compile (default: measured here, compiling a sample for sm_90)")
     p.add_argument("--floors", action="store_true",
                    help="print the FLOP / byte counts and H200 floor times of every full-size case, and exit")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes; runs on a CPU with the Triton interpreter")
-    p.add_argument("--budget", type=float, default=420.0, help="skip the remaining sections after this many seconds")
-    p.add_argument("--hard-limit", type=float, default=470.0,
-                   help="write what there is and exit (status 124) after this many seconds, even mid-section")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, every section of both parts (unless --sections); a CPU with the Triton interpreter")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds for the part's sections (default {BUDGET[1]:.0f} for part 1, {BUDGET[2]:.0f} for part 2)")
+    p.add_argument("--hard-limit", type=float, default=None,
+                   help="a watchdog writes what there is and exits (status 3) this many seconds in, even "
+                        "mid-section (default: the budget + 60)")
     p.add_argument("--sections", default=None, help=f"comma-separated subset of: {', '.join(SECTIONS)}")
     args = p.parse_args(argv)
-    if not args.out and not args.floors:
+    if not args.out and not (args.floors or args.plan):
         p.error("--out is required")
     if args.sections:
         wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -69,6 +115,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if unknown:
             p.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
         args.sections = wanted
+    elif args.smoke:
+        args.sections = list(SECTIONS)
+    else:
+        args.sections = part_sections(args.part)
+    if args.budget is None:
+        args.budget = 1e9 if args.smoke else BUDGET[args.part]
+    if args.hard_limit is None:
+        args.hard_limit = args.budget + 60.0
     return args
 
 
@@ -80,23 +134,24 @@ class Suite:
 
         self.t0 = time.time()
         self.budget = args.budget
+        self.deadline = self.t0 + self.budget  # the running section's: its share, within the budget
+        self.plan: dict[str, float] = {}  # planned seconds per section (benchmarks.gpu_plan)
+        self.skipped: list[str] = []
+        self.wanted: list[str] = []
         self.smoke = args.smoke
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.sizes = Sizes.cpu() if args.smoke else Sizes.gpu()
         if self.smoke:
-            # the smoke run only proves the code paths: one timed run per case, one head layout
-            # (the pytest suite times both at this scale)
-            import dataclasses
-
-            self.sizes = dataclasses.replace(
-                self.sizes, model_reps=(0, 1), kernel_reps=(0, 1), attn_shapes=self.sizes.attn_shapes[:1]
-            )
+            # the smoke run only proves the code paths: one timed run per case
+            self.sizes = dataclasses.replace(self.sizes, model_reps=(0, 1), kernel_reps=(0, 1))
         self.ceilings: dict[str, float] = {}
         self.report: dict = {
             "meta": {
                 "smoke": self.smoke,
+                "part": args.part,
+                "budget_s": self.budget,
                 "device": str(self.device),
                 "sizes": self.sizes.name,
                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -114,7 +169,8 @@ class Suite:
         return time.time() - self.t0
 
     def out_of_time(self) -> bool:
-        return self.elapsed() > self.budget
+        """Past the running section's share of the budget: stop at the next case."""
+        return time.time() > self.deadline
 
     def ceiling(self, key: str) -> float:
         return self.ceilings.get(key) or NOMINAL[key]
@@ -125,15 +181,23 @@ class Suite:
         return row
 
     def run(self, name: str, fn: Callable[["Suite"], None]) -> None:
-        entry = {"status": "running", "rows": [], "seconds": None, "error": None}
+        planned = self.plan.get(name, 0.0)
+        entry = {"status": "running", "rows": [], "seconds": None, "error": None, "planned_s": planned}
         self.report["sections"][name] = entry
         self.section = name
-        if self.out_of_time():
-            entry["status"] = f"skipped: time budget of {self.budget:.0f} s spent"
+        left = self.budget - self.elapsed()
+        if planned > left:
+            entry["status"] = f"skipped: planned {planned:.0f} s, {max(left, 0):.0f} s of the {self.budget:.0f} s budget left"
+            self.skipped.append(name)
+            print(f"[{self.elapsed():6.1f}s] {name}: {entry['status']}", flush=True)
             self.write()
             return
         start = time.time()
-        print(f"[{self.elapsed():6.1f}s] {name} ...", flush=True)
+        # a section may overrun its plan (the plan is an estimate) into what is left, up to twice it
+        self.deadline = self.t0 + self.budget
+        if planned:
+            self.deadline = min(self.deadline, start + max(2.0 * planned, planned + 30.0))
+        print(f"[{self.elapsed():6.1f}s] {name} (planned {planned:.0f} s) ...", flush=True)
         try:
             fn(self)
             entry["status"] = "ok"
@@ -223,14 +287,14 @@ def _cpu_model() -> str:
 def sec_ceilings(s: Suite) -> None:
     import torch
 
-    from benchmarks.cases import Case, time_case
+    from benchmarks.cases import Case, device_generator, time_case
 
     n = 256 if s.smoke else 8192
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = device_generator(s.device, 0)
     for key, dtype in (("bf16_tflops", torch.bfloat16), ("fp32_tflops", torch.float32)):
         # random data: zeros ran ~13% faster on this workplace's H200
-        a = torch.randn(n, n, generator=g).to(s.device, dtype)
-        b = torch.randn(n, n, generator=g).to(s.device, dtype)
+        a = torch.randn(n, n, generator=g, device=s.device, dtype=dtype)
+        b = torch.randn(n, n, generator=g, device=s.device, dtype=dtype)
         # fp32 without TF32: the rate of the FMA units that the VQ kernel's exact dots run on
         saved = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -242,7 +306,7 @@ def sec_ceilings(s: Suite) -> None:
         s.add(case=f"matmul {n}^3", provider=str(dtype).replace("torch.", ""), ms=ms, tflops=s.ceilings[key])
         del a, b
     nbytes = (8 if s.smoke else 2048) * 2**20
-    src = torch.randn(nbytes // 4, generator=g).to(s.device)
+    src = torch.randn(nbytes // 4, generator=g, device=s.device)
     dst = torch.empty_like(src)
     ms = time_case(Case(fn=lambda: dst.copy_(src)), s.device, s.sizes.kernel_reps, kernel=True)
     s.ceilings["copy_gbs"] = 2.0 * nbytes / ms / 1e6  # bytes read + bytes written
@@ -261,43 +325,63 @@ def _rel(a, ref) -> float:
 ATTN_TOL = {"bf16": (1e-2, 2e-2), "fp16": (2e-3, 5e-3)}  # (output, gradients): relative l2 errors
 
 
-def sec_check_attention(s: Suite) -> None:
-    import torch
-
-    from alit_fast.ops.attention import attention, attention_naive
-    from benchmarks.cases import AttnShape, dtype_name, interpreter_guard, mixed_lengths
+def check_shapes(s: Suite, layouts: tuple[tuple[int, int, int], ...]) -> list:
+    """The correctness shapes: per head layout and 16-bit dtype, the shortest uniform length and the
+    longest mixed batch (the kernels compile once per dtype, head dim and lengths-or-not, not per L)."""
+    from benchmarks.cases import AttnShape
 
     sizes = s.sizes
-    Ls = sorted({min(sizes.attn_uniform_L), max(sizes.attn_uniform_L)})
-    for B, H, D in sizes.attn_shapes:
+    out = []
+    for B, H, D in layouts:
         for dtype in sizes.attn_dtypes:
-            for L, mixed in [(L, False) for L in Ls] + [(max(sizes.attn_mixed_L), True)]:
-                shape = AttnShape(B, H, D, L, dtype, mixed)
-                g = torch.Generator(device="cpu").manual_seed(zlib.crc32(shape.label.encode()))
-                qkv = torch.randn(B, L, 3, H, D, generator=g).to(s.device, dtype)
-                go = torch.randn(B, L, H, D, generator=g).to(s.device, dtype)
-                lengths = mixed_lengths(shape, sizes).to(s.device) if mixed else None
-                q64 = qkv.detach().double().requires_grad_()
-                ref = attention_naive(*q64.unbind(2), lengths)
-                ref.backward(go.double())
-                errs = {}
-                for backend in ("triton", "torch"):
-                    x = qkv.detach().clone().requires_grad_()
-                    with interpreter_guard(backend == "triton"):
-                        out = attention(*x.unbind(2), lengths, backend=backend)
-                        out.backward(go)
-                    e = {"out": _rel(out, ref)}
-                    for name, gr, gref in zip("qkv", x.grad.unbind(2), q64.grad.unbind(2)):
-                        e["d" + name] = _rel(gr, gref)
-                    if lengths is not None:
-                        valid = torch.arange(L, device=s.device)[None, :] < lengths[:, None]
-                        e["padded_rows_zero"] = bool((out[~valid] == 0).all()) if backend == "triton" else None
-                    errs[backend] = e
-                tol_out, tol_grad = ATTN_TOL[dtype_name(dtype)]
-                t = errs["triton"]
-                ok = t["out"] <= tol_out and max(t["dq"], t["dk"], t["dv"]) <= tol_grad and t.get("padded_rows_zero") is not False
-                s.add(case=shape.label, provider="triton fwd+bwd vs float64", status="pass" if ok else "fail",
-                      errors=t, sdpa_errors=errs["torch"], tol={"out": tol_out, "grads": tol_grad})
+            out.append(AttnShape(B, H, D, min(sizes.attn_uniform_L), dtype, False))
+            out.append(AttnShape(B, H, D, max(sizes.attn_mixed_L), dtype, True))
+    return out
+
+
+def _attention_errors(s: Suite, shape, backend: str, qkv, go, lengths, ref, ref_grads) -> dict:
+    import torch
+
+    from alit_fast.ops.attention import attention
+    from benchmarks.cases import interpreter_guard
+
+    x = qkv.detach().clone().requires_grad_()
+    with interpreter_guard(backend == "triton"):
+        out = attention(*x.unbind(2), lengths, backend=backend)
+        out.backward(go)
+    e = {"out": _rel(out, ref)}
+    for name, gr, gref in zip("qkv", x.grad.unbind(2), ref_grads):
+        e["d" + name] = _rel(gr, gref)
+    if lengths is not None and backend == "triton":
+        valid = torch.arange(shape.L, device=s.device)[None, :] < lengths[:, None]
+        e["padded_rows_zero"] = bool((out[~valid] == 0).all())
+    return e
+
+
+def check_attention(s: Suite, layouts: tuple[tuple[int, int, int], ...]) -> None:
+    from alit_fast.ops.attention import attention_naive
+    from benchmarks.cases import attention_inputs, dtype_name
+
+    for shape in check_shapes(s, layouts):
+        if s.out_of_time():
+            s.add(case=shape.label, provider="triton fwd+bwd vs float64", status="skipped", note="time budget spent")
+            continue
+        qkv, go, lengths = attention_inputs(shape, s.sizes, s.device, seed=zlib.crc32(shape.label.encode()))
+        q64 = qkv.detach().double().requires_grad_()
+        ref = attention_naive(*q64.unbind(2), lengths)
+        ref.backward(go.double())
+        ref_grads = q64.grad.unbind(2)
+        t = _attention_errors(s, shape, "triton", qkv, go, lengths, ref, ref_grads)
+        sdpa = _attention_errors(s, shape, "torch", qkv, go, lengths, ref, ref_grads)
+        tol_out, tol_grad = ATTN_TOL[dtype_name(shape.dtype)]
+        ok = t["out"] <= tol_out and max(t["dq"], t["dk"], t["dv"]) <= tol_grad and t.get("padded_rows_zero") is not False
+        s.add(case=shape.label, provider="triton fwd+bwd vs float64", status="pass" if ok else "fail",
+              errors=t, sdpa_errors=sdpa, tol={"out": tol_out, "grads": tol_grad})
+        del q64, ref, ref_grads
+
+
+def sec_check_attention(s: Suite) -> None:
+    check_attention(s, s.sizes.attn_shapes[:1])
 
 
 def sec_check_vq(s: Suite) -> None:
@@ -335,26 +419,43 @@ def sec_check_vq(s: Suite) -> None:
                       errors={"index_mismatches": mismatches, "max_relative_gap": worst}, tol={"max_relative_gap": 1e-5})
 
 
+# the two backends sum in different orders, so a code whose distance ties another's within fp32
+# rounding may be picked differently, and that token's latent differs from there on: the rollout
+# check asks for an agreement rate on the indices and a tolerance on latents and logits, not
+# bit-identity (first guesses, to be confirmed by the first GPU run)
+ROLLOUT_TOL = {"index_agreement": 0.98, "latents_rel": 2e-2, "logits_rel": 2e-2}
+
+
+def rollout_agreement(ref: list, other: list) -> dict:
+    """Per-iteration share of equal indices and relative l2 errors of latents and logits."""
+    agree = [float((a.indices == b.indices).float().mean()) for a, b in zip(ref, other)]
+    return {
+        "index_agreement_min": min(agree),
+        "index_agreement_per_iteration": agree,
+        "latents_rel_max": max(_rel(b.latents, a.latents) for a, b in zip(ref, other)),
+        "logits_rel_max": max(_rel(b.logits, a.logits) for a, b in zip(ref, other)),
+    }
+
+
 def sec_check_rollout(s: Suite) -> None:
     import torch
 
-    from alit_fast.testing import random_images
-    from benchmarks.cases import interpreter_guard
+    from benchmarks.cases import device_images, interpreter_guard
 
     model = s.model().eval()
-    images = random_images(2, s.sizes.model.image_size, seed=11).to(s.device)
+    batch = 2 if s.smoke else 8
+    images = device_images(batch, s.sizes.model.image_size, 11, s.device)
     records = {}
     for backend in ("torch", "triton", "official"):
         model.set_backend(backend)
         with torch.no_grad(), interpreter_guard(backend == "triton"):
             records[backend] = model.rollout(images)
     for backend in ("triton", "official"):
-        same = [bool(torch.equal(a.indices, b.indices)) for a, b in zip(records["torch"], records[backend])]
-        frac = [float((a.indices == b.indices).float().mean()) for a, b in zip(records["torch"], records[backend])]
-        logit_err = max(_rel(b.logits, a.logits) for a, b in zip(records["torch"], records[backend]))
-        s.add(case=f"rollout fp32, {len(same)} iterations, 2 images", provider=f"{backend} vs torch",
-              status="pass" if all(same) else "fail",
-              errors={"identical_iterations": sum(same), "fraction_equal_per_iteration": frac, "max_logits_rel": logit_err})
+        e = rollout_agreement(records["torch"], records[backend])
+        ok = (e["index_agreement_min"] >= ROLLOUT_TOL["index_agreement"] and e["latents_rel_max"] <= ROLLOUT_TOL["latents_rel"]
+              and e["logits_rel_max"] <= ROLLOUT_TOL["logits_rel"])
+        s.add(case=f"rollout fp32, {len(records[backend])} iterations, {batch} images", provider=f"{backend} vs torch",
+              status="pass" if ok else "fail", errors=e, tol=ROLLOUT_TOL)
 
 
 def _measure(s: Suite, case, *, kernel: bool, absolute_memory: bool = False) -> dict:
@@ -380,10 +481,31 @@ def _floor_ms(s: Suite, flops: float, nbytes: float, rate_key: str) -> float:
     return max(flops / (s.ceiling(rate_key) * 1e9), nbytes / (s.ceiling("copy_gbs") * 1e6))
 
 
-def sec_attention(s: Suite) -> None:
-    from benchmarks.cases import ATTENTION_PROVIDERS, attention_case, attention_shapes, probe
+def sweep_shapes(s: Suite, layouts: tuple[tuple[int, int, int], ...]) -> list:
+    """The timing sweep: bf16 only (fp16 runs the same tiles), every uniform and mixed length."""
+    import torch
 
-    for shape in attention_shapes(s.sizes):
+    from benchmarks.cases import AttnShape
+
+    sizes = s.sizes
+    return [AttnShape(B, H, D, L, torch.bfloat16, mixed) for B, H, D in layouts
+            for mixed, lengths in ((False, sizes.attn_uniform_L), (True, sizes.attn_mixed_L)) for L in lengths]
+
+
+def sec_attention(s: Suite) -> None:
+    attention_sweep(s, s.sizes.attn_shapes[:1])
+
+
+def sec_attention_d64(s: Suite) -> None:
+    # one section: the sweep would compile these kernels anyway, the check first makes them count
+    check_attention(s, s.sizes.attn_shapes[1:])
+    attention_sweep(s, s.sizes.attn_shapes[1:])
+
+
+def attention_sweep(s: Suite, layouts: tuple[tuple[int, int, int], ...]) -> None:
+    from benchmarks.cases import ATTENTION_PROVIDERS, attention_case, probe
+
+    for shape in sweep_shapes(s, layouts):
         for backward in (False, True):
             passes = "fwd+bwd" if backward else "fwd"
             for provider in ATTENTION_PROVIDERS:
@@ -413,6 +535,9 @@ def sec_vq(s: Suite) -> None:
 
     for n, k, d, normalize in s.sizes.vq:
         for provider in VQ_PROVIDERS:
+            if s.out_of_time():
+                s.add(case=vq_label(n, k, d, normalize), provider=provider, status="skipped", note="time budget spent")
+                continue
             case = vq_case(provider, n, k, d, normalize, s.device)
             row = _measure(s, case, kernel=True)
             # the kernel's exact fp32 dots run on the FMA units, not the tensor cores
@@ -448,14 +573,138 @@ def sec_rollout(s: Suite) -> None:
         s.add(case=f"B{s.sizes.rollout_batch} all iterations, bf16 autocast, no grad", provider=backend, **row)
 
 
+def auto_backend_available() -> bool:
+    from alit_fast import ops
+
+    return "auto" in getattr(ops, "BACKENDS", ())
+
+
+def _auto_table() -> str | None:
+    """The auto backend's own record of its choices, where its module offers one (issue 23)."""
+    import importlib
+
+    for module in ("alit_fast.ops.auto", "alit_fast.ops"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        for name in ("calibration_table", "auto_table", "table"):
+            fn = getattr(mod, name, None)
+            if callable(fn):
+                try:
+                    return str(fn())[:4000]
+                except Exception as exc:  # noqa: BLE001 - informational
+                    return f"{module}.{name}() raised {type(exc).__name__}: {exc}"
+    return None
+
+
+def sec_auto(s: Suite) -> None:
+    """auto's pick per attention shape, timed as the attention section times the providers: its
+    first call (where it calibrates) apart, then the same do_bench; the verdict is its time over the
+    fastest provider the attention section measured for that case."""
+    if not auto_backend_available():
+        s.add(case="-", provider="auto", status="skipped", note="alit_fast.ops offers no 'auto' backend in this tree")
+        print("auto: skipped, alit_fast.ops.BACKENDS has no 'auto'", flush=True)
+        return
+    from benchmarks.cases import attention_case
+
+    measured = {}
+    for r in _ok(_rows(s.report, "attention")):
+        key = r["case"]
+        measured[key] = min(measured.get(key, math.inf), r["ms"])
+    for shape in sweep_shapes(s, s.sizes.attn_shapes[:1]):
+        for backward in (False, True):
+            label = f"{shape.label} {'fwd+bwd' if backward else 'fwd'}"
+            if s.out_of_time():
+                s.add(case=label, provider="auto", status="skipped", note="time budget spent")
+                continue
+            case = attention_case("auto", shape, s.sizes, s.device, backward)
+            t0 = time.time()
+            with case.context():
+                case.fn()  # calibrates this shape's key
+            first = time.time() - t0
+            row = _measure(s, case, kernel=True)
+            best = measured.get(label)
+            row.update(first_call_s=first, best_measured_ms=best, auto_over_best=row["ms"] / best if best else None)
+            s.add(case=label, provider="auto", **row)
+    table = _auto_table()
+    if table is not None:
+        s.report["sections"][s.section]["auto_table"] = table
+
+
+def _encoded_quality(model, images, result) -> dict:
+    """Mean tokens and mean pixel L1 of what an encoding chose, decoded outside the timed region."""
+    import torch
+
+    from alit_fast.inference.criteria import l1_per_image
+
+    with torch.no_grad():
+        if hasattr(result, "lengths"):  # alit_fast's TokenBatch
+            tokens = float(result.lengths.float().mean())
+            pixels = model.decode(result)
+        else:  # the official procedure: one length for the batch, its reconstructions kept
+            tokens, pixels = float(result.num_tokens), result.reconstructions
+        return {"mean_tokens": tokens, "mean_l1": float(l1_per_image(images, pixels.float()).mean())}
+
+
+def sec_rollout_graph(s: Suite) -> None:
+    from benchmarks.cases import graphed_case, rollout_case
+
+    model = s.model()
+    # a CPU has no graphs: the smoke run proves the path once, on the cheaper backend
+    for backend in ("torch",) if s.device.type != "cuda" else ("triton", "torch"):
+        if s.out_of_time():
+            s.add(case="rollout graph", provider=backend, status="skipped", note="time budget spent")
+            continue
+        try:
+            case = graphed_case(rollout_case(model, backend, s.sizes, s.device, autocast_cache=False), s.device)
+            row = _measure(s, case, kernel=False)
+        except Exception as exc:  # noqa: BLE001 - e.g. a capture-unsafe op: keep the other backend's row
+            s.add(case="rollout graph", provider=backend, status="error",
+                  note="".join(traceback.format_exception_only(exc)).strip()[:500])
+            continue
+        s.add(case=f"B{s.sizes.rollout_batch} all iterations, bf16 autocast, no grad, one graph", provider=backend, **row)
+
+
+def sec_encode_compiled(s: Suite) -> None:
+    """model.encode with its step compiled whole (``model.compile_step()``: fullgraph, static
+    shapes, one graph per iteration index); the first call, which compiles, timed apart."""
+    from benchmarks.cases import ENCODE_CRITERION, encode_case
+
+    model = s.model()
+    # one backend: on a GPU the triton one (inductor costs minutes per model); on the smoke run the
+    # torch one, the same code path without half a minute of the interpreter under dynamo
+    for backend in ("torch",) if s.smoke else ("triton",):
+        if s.out_of_time():
+            s.add(case="encode compiled", provider=backend, status="skipped", note="time budget spent")
+            continue
+        model.set_backend(backend)
+        # dynamic shapes: one graph serves every iteration's length (static ones compile one per
+        # iteration index, 8 inductor compiles of the whole model)
+        step = model.compile_step(backend=s.sizes.compile_backend, dynamic=True)
+        case = encode_case(model, backend, s.sizes, s.device, step_fn=step)
+        t0 = time.time()
+        with case.context():
+            case.fn()
+        first = time.time() - t0
+        row = _measure(s, case, kernel=False)
+        row.update(first_call_s=first, note=f"step compiled whole ({s.sizes.compile_backend}, dynamic shapes)")
+        s.add(case=f"encode B{s.sizes.encode_batch} criterion {ENCODE_CRITERION}, bf16", provider=f"{backend}-compiled", **row)
+
+
 def sec_adaptive(s: Suite) -> None:
     from benchmarks.cases import ENCODE_CRITERION, encode_case, official_encode_case
 
     model = s.model()
     for backend in ("triton", "torch"):
-        row = _measure(s, encode_case(model, backend, s.sizes, s.device), kernel=False)
+        case = encode_case(model, backend, s.sizes, s.device)
+        row = _measure(s, case, kernel=False)
+        with case.context():
+            row.update(_encoded_quality(model, case.input_images, case.fn()))
         s.add(case=f"encode B{s.sizes.encode_batch} criterion {ENCODE_CRITERION}, bf16", provider=f"{backend}-bf16", **row)
-    row = _measure(s, official_encode_case(model, s.sizes, s.device), kernel=False)
+    case = official_encode_case(model, s.sizes, s.device)
+    row = _measure(s, case, kernel=False)
+    row.update(_encoded_quality(model, case.input_images, case.fn()))
     s.add(case="official evaluation: B1, fp32, all iterations + pixel decodes", provider="official-b1-fp32", **row)
 
 
@@ -498,7 +747,8 @@ def sec_train(s: Suite) -> None:
 def sec_train_compiled(s: Suite) -> None:
     from benchmarks.cases import TRAIN_VARIANTS
 
-    _train(s, [name for name, _, _, compiled in TRAIN_VARIANTS if compiled])
+    # the triton variant only: on a GPU each costs a minute or more of inductor
+    _train(s, [name for name, backend, _, compiled in TRAIN_VARIANTS if compiled and backend == "triton"])
 
 
 def sec_train_stage2(s: Suite) -> None:
@@ -569,7 +819,12 @@ RUNNERS: dict[str, Callable[[Suite], None]] = {
     "train": sec_train,
     "train-compiled": sec_train_compiled,
     "train-stage2": sec_train_stage2,
+    "auto": sec_auto,
+    "attention-d64": sec_attention_d64,
+    "rollout-graph": sec_rollout_graph,
+    "encode-compiled": sec_encode_compiled,
 }
+assert set(RUNNERS) == set(SECTIONS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,8 +858,10 @@ def _ok(rows: list[dict]) -> list[dict]:
 
 def baseline_speedups(report: dict) -> None:
     """Fill ``speedup`` (throughput over the section's baseline, same case) in every timed row."""
+    fastest_sdpa = lambda rows: min((r for r in rows if r["provider"].startswith("sdpa-")), key=lambda r: r["ms"], default=None)  # noqa: E731
     for section, pick in (
-        ("attention", lambda rows: min((r for r in rows if r["provider"].startswith("sdpa-")), key=lambda r: r["ms"], default=None)),
+        ("attention", fastest_sdpa),
+        ("attention-d64", fastest_sdpa),
         ("vq", lambda rows: next((r for r in rows if r["provider"] == "naive"), None)),
         ("block", lambda rows: next((r for r in rows if r["provider"] == "official"), None)),
         ("rollout", lambda rows: next((r for r in rows if r["provider"] == "official"), None)),
@@ -617,7 +874,7 @@ def baseline_speedups(report: dict) -> None:
             for r in rows:
                 r["baseline"] = base["provider"] if base else None
                 r["speedup"] = base["ms"] / r["ms"] if base else None
-    enc = _ok(_rows(report, "adaptive-encode"))
+    enc = _ok(_rows(report, "adaptive-encode")) + _ok(_rows(report, "encode-compiled"))
     off = next((r for r in enc if r["provider"] == "official-b1-fp32"), None)
     for r in enc:
         r["baseline"] = off["provider"] if off else None
@@ -643,7 +900,7 @@ def goals(report: dict) -> list[tuple[str, str, str]]:
 
 def _goals(report: dict) -> list[tuple[str, str, str]]:
     out = []
-    attn = _ok(_rows(report, "attention"))
+    attn = _ok(_rows(report, "attention")) + _ok(_rows(report, "attention-d64"))
     tri = [r for r in attn if r["provider"] == "triton" and r.get("speedup") is not None]
     for mixed, need, text in ((False, 1.0, "attention >= fastest SDPA backend (uniform lengths)"),
                               (True, 1.5, "attention >= 1.5x fastest SDPA backend (mixed lengths)")):
@@ -671,7 +928,8 @@ def _goals(report: dict) -> list[tuple[str, str, str]]:
                     f"PASS ({both[0]['provider']})" if both else f"FAIL (best speed {best['provider']})"))
     else:
         out.append(("training step >= 1.5x official images/s at <= 0.6x its peak memory", "not measured", "-"))
-    enc = [r for r in _ok(_rows(report, "adaptive-encode")) if r["provider"] != "official-b1-fp32" and r.get("speedup")]
+    enc = [r for r in _ok(_rows(report, "adaptive-encode")) + _ok(_rows(report, "encode-compiled"))
+           if r["provider"] != "official-b1-fp32" and r.get("speedup")]
     if enc:
         best = max(enc, key=lambda r: r["speedup"])
         out.append(("adaptive encode >= 20x the official evaluation procedure",
@@ -684,8 +942,9 @@ def _goals(report: dict) -> list[tuple[str, str, str]]:
 _TIMED_COLUMNS = (
     ("case", "case"), ("provider", "provider"), ("status", "status"), ("ms", "ms"), ("floor_ms", "floor ms"),
     ("tflops", "TFLOP/s"), ("frac_ceiling", "of ceiling"), ("gbs", "GB/s (min bytes)"), ("images_per_s", "images/s"),
-    ("peak_mib", "peak MiB"), ("peak_abs_mib", "peak abs MiB"), ("speedup", "speed-up"), ("baseline", "vs"),
-    ("memory_ratio", "memory vs ref"), ("note", "note"),
+    ("peak_mib", "peak MiB"), ("peak_abs_mib", "peak abs MiB"), ("mean_tokens", "mean tokens"), ("mean_l1", "mean L1"),
+    ("speedup", "speed-up"), ("baseline", "vs"), ("memory_ratio", "memory vs ref"), ("first_call_s", "first call s"),
+    ("auto_over_best", "auto / fastest"), ("note", "note"),
 )
 
 
@@ -724,7 +983,7 @@ def render_markdown(report: dict) -> str:
         lines.append("Ceilings measured here: " + ", ".join(
             f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in ceil.items()) + ". Floors use them (nominal values where missing).")
         lines.append("")
-    checks = [r for name in ("check-attention", "check-vq", "check-rollout") for r in _rows(report, name)]
+    checks = [r for name in SECTIONS for r in _rows(report, name) if r.get("status") in ("pass", "fail")]
     if checks:
         lines += ["## Correctness", ""]
         lines += ["| case | check | result | errors | tolerance |", "|---|---|---|---|---|"]
@@ -733,14 +992,14 @@ def render_markdown(report: dict) -> str:
                              if not isinstance(v, list)).replace("|", "/")
             lines.append(f"| {r['case']} | {r['provider']} | {r['status'].upper()} | {errs} | {_fmt(r.get('tol'))} |")
         lines.append("")
-    for name in ("ceilings", "attention", "vq", "block", "rollout", "adaptive-encode", "train", "train-compiled",
-                 "train-stage2"):
+    for name in [n for n in SECTIONS if n != "environment" and not n.startswith("check-")]:
         sec = report["sections"].get(name)
         if not sec:
             continue
         lines += [f"## {name}", ""]
-        if sec.get("rows"):
-            lines += _table(sec["rows"], _TIMED_COLUMNS)
+        timed = [r for r in sec.get("rows", []) if r.get("status") not in ("pass", "fail")]
+        if timed:
+            lines += _table(timed, _TIMED_COLUMNS)
             lines.append("")
         if sec["status"] != "ok":
             lines += [f"section status: {sec['status']}", ""]
@@ -841,6 +1100,9 @@ def floors_markdown(ceilings: dict[str, float] | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+HARD_LIMIT_EXIT = 3  # not 124: the device tool reads 124 as its own time-out
+
+
 def _start_watchdog(suite: Suite, limit: float) -> None:
     """A section cannot be interrupted from inside (a compile, a hung kernel): past ``limit`` this
     thread saves the report and ends the process, so the files still say how far it got."""
@@ -856,10 +1118,11 @@ def _start_watchdog(suite: Suite, limit: float) -> None:
                 break
             except Exception:  # noqa: BLE001
                 time.sleep(0.2)
-        print(f"\ngpu_suite: hard limit of {limit:.0f} s reached in section {suite.section!r}; "
-              f"partial results in {suite.out}", file=sys.stderr, flush=True)
+        left = [n for n in suite.wanted if n not in suite.report["sections"]]
+        print(f"\ngpu_suite: hard limit of {limit:.0f} s reached in section {suite.section!r}; not run: "
+              f"{', '.join(left) or 'none'}; partial results in {suite.out}", flush=True)
         sys.stdout.flush()
-        os._exit(124)
+        os._exit(HARD_LIMIT_EXIT)
 
     threading.Thread(target=watch, daemon=True, name="gpu_suite-watchdog").start()
 
@@ -872,22 +1135,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.floors:
         print(floors_markdown())
         return 0
+    if args.plan:
+        from benchmarks import gpu_plan
 
+        print(gpu_plan.plan_text(args.compile_seconds))
+        return 0
     if not torch.cuda.is_available() and not args.smoke:
         print("gpu_suite: no CUDA device; run with --smoke for the CPU (interpreter) code-path check", file=sys.stderr)
         return 2
     suite = Suite(args)
+    order = ORDER[args.part] + [n for n in ORDER[3 - args.part] if n not in ORDER[args.part]]
+    suite.wanted = [n for n in order if n in args.sections]
+    if not args.smoke:
+        from benchmarks import gpu_plan
+
+        suite.plan = gpu_plan.planned_seconds(suite.wanted, args.part)
     _start_watchdog(suite, args.hard_limit)
     if suite.device.type == "cpu":
         # two shared cores: OpenMP threads fighting other jobs cost more than they bring
         torch.set_num_threads(1)
-    wanted = args.sections or list(SECTIONS)
-    for name in SECTIONS:
-        if name in wanted:
-            suite.run(name, RUNNERS[name])
+    for name in suite.wanted:
+        suite.run(name, RUNNERS[name])
     suite.write()
     print(f"[{suite.elapsed():6.1f}s] done; wrote {suite.out / 'results.json'} and {suite.out / 'results.md'}\n", flush=True)
     print((suite.out / "results.md").read_text(), flush=True)
+    # the last line: what the budget left out (exit 0 all the same: a planned, clean stop)
+    print(f"gpu_suite part {args.part}: skipped for the budget: {', '.join(suite.skipped)}" if suite.skipped
+          else f"gpu_suite part {args.part}: every section ran", flush=True)
     return 0
 
 

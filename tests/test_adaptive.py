@@ -197,6 +197,7 @@ def test_official_encode_with_the_real_decoder(model, images):
     assert torch.equal(result.indices, rec.indices)
 
 
+@pytest.mark.host_triton
 def test_the_triton_backend_gives_the_same_tokens_and_images(images):
     pytest.importorskip("triton")
     torch.manual_seed(0)

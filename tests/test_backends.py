@@ -23,7 +23,7 @@ def rollouts(model, images, backend, halting="off"):
         model.set_backend("torch")
 
 
-@pytest.mark.parametrize("backend", ["triton", "official"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.host_triton), "official"])
 def test_rollout_matches_the_torch_backend(model, backend):
     images = random_images(3, 32, seed=1)
     ref = rollouts(model, images, "torch")
@@ -35,6 +35,7 @@ def test_rollout_matches_the_torch_backend(model, backend):
         assert rel < 1e-4
 
 
+@pytest.mark.host_triton
 def test_triton_backend_reaches_every_op(model, monkeypatch):
     import importlib
 
@@ -53,6 +54,7 @@ def test_triton_backend_reaches_every_op(model, monkeypatch):
     assert seen["vq"] == cfg.iterations + 1
 
 
+@pytest.mark.host_triton
 def test_training_gradients_agree_across_backends():
     torch.manual_seed(0)
     model = ALIT(tiny_config(width=128, heads=2))
@@ -69,6 +71,7 @@ def test_training_gradients_agree_across_backends():
         assert err < 1e-3, name
 
 
+@pytest.mark.host_triton
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compiled_triton_rollout_matches_eager(model, compile_backend):
     images = random_images(2, 32, seed=3)

@@ -182,6 +182,7 @@ def test_encode_and_decode_cli_with_continuous_tokens(tmp_path):
     assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["im0.png", "im1.png", "im2.png"]
 
 
+@pytest.mark.host_triton
 def test_triton_backend_matches_torch_on_the_vae_variant(models):
     # the quantized layout reaches both Triton ops (attention and the nearest code); two iterations
     # keep the interpreter's time down

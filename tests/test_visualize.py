@@ -44,7 +44,7 @@ def _reference_maps(model: ALIT, z_q: torch.Tensor, first: int) -> torch.Tensor:
     return probs[:, 1 : G2 + 1, G2 + 1 : G2 + 1 + first].transpose(1, 2).reshape(z_q.shape[0], first, g, g)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.host_triton)])
 def test_token_attention_maps_equal_multihead_attention_weights(backend):
     torch.manual_seed(0)
     model = ALIT(tiny_config(), backend=backend).eval()
