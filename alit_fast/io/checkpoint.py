@@ -196,7 +196,7 @@ def load_official(
     path_or_state_dict: str | os.PathLike | Mapping,
     num_heads: int | None = None,
     map_location: str | torch.device = "cpu",
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> ALIT:
     """Build an ALIT whose sizes are inferred from an official checkpoint, and load its weights.
 
@@ -220,7 +220,7 @@ def load_official(
     return model
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch") -> ALIT:
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "auto") -> ALIT:
     """Load a model written by ``ALIT.save``."""
     state, meta = read_safetensors(path, map_location)  # names a missing/unreadable file, checks the fingerprint
     path = os.fspath(path)

@@ -36,7 +36,7 @@ def pretrained_path(name: str = "demo") -> Path:
     return path
 
 
-def load_pretrained(name: str = "demo", backend: str = "torch", map_location: str | torch.device = "cpu") -> ALIT:
+def load_pretrained(name: str = "demo", backend: str = "auto", map_location: str | torch.device = "cpu") -> ALIT:
     """A model ready for inference (eval mode, no gradients needed): a bundled name ("demo"), a
     directory written by ``save_pretrained``, or ``hf-hub:OWNER/REPO[@REVISION]`` (downloaded once
     into the Hugging Face cache; with ``HF_HUB_OFFLINE=1`` read from that cache only)."""
@@ -79,7 +79,7 @@ def hub_snapshot(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(path)
 
 
-def load_directory(directory: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch") -> ALIT:
+def load_directory(directory: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "auto") -> ALIT:
     """A model directory in the Hub layout (``save_pretrained``); config.json must agree with the
     config recorded in model.safetensors, so an edited config.json is caught, not trusted."""
     root = Path(directory)
@@ -98,7 +98,7 @@ def load_directory(directory: str | os.PathLike, map_location: str | torch.devic
     return model
 
 
-def load_model(spec: str, backend: str = "torch", device: str | torch.device = "cpu") -> ALIT:
+def load_model(spec: str, backend: str = "auto", device: str | torch.device = "cpu") -> ALIT:
     """An ALIT from an alit_fast safetensors file, an official checkpoint, a model directory,
     ``hf-hub:OWNER/REPO[@REVISION]``, or a bundled name ("demo")."""
     if spec.startswith(HUB_PREFIX) or (os.path.isdir(spec) and spec not in PRETRAINED):

@@ -148,7 +148,7 @@ def vq_nearest(
     z: torch.Tensor,
     codebook: torch.Tensor,
     normalize: bool,
-    backend: str = "torch",
+    backend: str = "auto",
     first_copy: torch.Tensor | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,13 +156,53 @@ def vq_nearest(
 
     ``validate=False`` skips the NaN/inf check of the values (a host sync): for callers that have
     validated their inputs already. ``first_copy``: see ``vq_nearest_reference``."""
+    if backend == "auto":
+        return vq_nearest_auto(z, codebook, normalize, first_copy, validate)
     if backend == "torch":
         return vq_nearest_reference(z, codebook, normalize, first_copy, validate)
     if backend == "triton":
         return vq_nearest_triton_op(z, codebook, normalize, validate)
     if backend == "official":
         return vq_nearest_naive(z, codebook, normalize, validate)
-    raise ValueError(f"unknown backend {backend!r}; expected 'torch', 'triton' or 'official'")
+    raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch', 'triton' or 'official'")
+
+
+# the choice for a key never timed while nothing may be timed (torch.compile, CUDA-graph capture):
+# the kernel, which never builds the N x K matrix
+VQ_STATIC_DEFAULT = "triton"
+
+
+def vq_auto_key(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple:
+    from .auto import device_name
+
+    rows = 1 << max(int(z.shape[0]) - 1, 0).bit_length()  # power-of-two bucket of the row count
+    return ("vq", str(z.dtype).replace("torch.", ""), z.shape[1], codebook.shape[0], bool(normalize), rows,
+            device_name(z.device))
+
+
+def vq_nearest_auto(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    normalize: bool,
+    first_copy: torch.Tensor | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``auto`` backend: the faster of ``triton`` and ``torch`` for this shape on this GPU,
+    measured once per key (``alit_fast.ops.auto``); ``torch`` on a CPU. Both return the same
+    indices (the exact fp32 argmin, lowest index on ties)."""
+    from . import auto
+
+    if not auto.active(z.device):
+        return vq_nearest_reference(z, codebook, normalize, first_copy, validate)
+
+    if validate:
+        _check_inputs(z, codebook, validate)  # once here, not once per timed candidate
+    candidates = {
+        "triton": lambda: vq_nearest_triton_op(z, codebook, normalize, False),
+        "torch": lambda: vq_nearest_reference(z, codebook, normalize, first_copy, False),
+    }
+    name = auto.choose(vq_auto_key(z, codebook, normalize), lambda: candidates, VQ_STATIC_DEFAULT)
+    return candidates.get(name, candidates["torch"])()
 
 
 def vq_nearest_naive(
