@@ -163,7 +163,7 @@ def vq_nearest(
     if backend == "triton":
         return vq_nearest_triton_op(z, codebook, normalize, validate)
     if backend == "official":
-        return vq_nearest_naive(z, codebook, normalize, validate)
+        return vq_nearest_official(z, codebook, normalize, validate)
     raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch', 'triton' or 'official'")
 
 
@@ -205,11 +205,11 @@ def vq_nearest_auto(
     return candidates.get(name, candidates["torch"])()
 
 
-def vq_nearest_naive(
+def vq_nearest_official(
     z: torch.Tensor, codebook: torch.Tensor, normalize: bool, validate: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole N x K distance matrix at once, as the official quantizers build it: the baseline
-    the benchmarks compare against (its memory grows as N x K)."""
+    """The ``official`` backend: the whole N x K distance matrix at once, in fp32, as the official
+    quantizers build it: the baseline the benchmarks compare against (its memory grows as N x K)."""
     _check_inputs(z, codebook, validate)
     z = z.detach().float()
     codebook = codebook.detach().float()
@@ -219,3 +219,22 @@ def vq_nearest_naive(
     dist = (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1)[None, :] - 2.0 * z @ codebook.t()
     best, indices = dist.min(dim=1)
     return indices, best.clamp_min(0)
+
+
+def vq_distances_naive(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The float64 oracle for tests: squared distances [N, K] between the rows of z and the codes
+    (both l2-normalized in float64 first when ``normalize``), of the values as given (fp16 inputs
+    upcast exactly), clamped at 0."""
+    z64 = z.detach().to(torch.float64)
+    c64 = codebook.detach().to(torch.float64)
+    if normalize:
+        z64 = F.normalize(z64, dim=1)
+        c64 = F.normalize(c64, dim=1)
+    dist = (z64 * z64).sum(1, keepdim=True) - 2.0 * z64 @ c64.t() + (c64 * c64).sum(1)[None, :]
+    return dist.clamp_min(0)
+
+
+def vq_nearest_naive(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 oracle: (argmin index int64 [N], lowest index on ties; its distance float64 [N])."""
+    best, indices = vq_distances_naive(z, codebook, normalize).min(dim=1)
+    return indices, best
