@@ -248,3 +248,28 @@ def test_models_and_loaders_default_to_auto():
     for name in ("torch", "official", "triton"):
         model.set_backend(name)
         assert model.backend == name
+
+
+def test_compiled_call_uses_the_eager_choice_and_traces_fullgraph(timer, monkeypatch):
+    # the CPU playing a GPU; fullgraph=True fails on any graph break (file I/O, GPU-name lookup)
+    monkeypatch.setattr(auto, "active", lambda device: True)
+    timer.ms = {"triton": 2.0, "sdpa-flash": 1.0, "sdpa-cudnn": 3.0, "sdpa-efficient": 3.0}
+    q, k, v = _qkv()
+    eager = attention(q, k, v, backend="auto")  # calibrates: sdpa-flash
+    timer.timed.clear()
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, backend="auto", validate=False),
+                             backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), eager)
+    assert timer.timed == []
+
+
+def test_compiled_call_without_an_eager_choice_uses_the_static_default(timer, monkeypatch):
+    monkeypatch.setattr(auto, "active", lambda device: True)
+    ran = []
+    monkeypatch.setattr(attention_mod, "attention_triton", lambda *a: ran.append("triton") or a[0])
+    q, k, v = _qkv()
+    lengths = torch.tensor([20, 13], dtype=torch.int32)
+    compiled = torch.compile(lambda q, k, v, n: attention(q, k, v, n, backend="auto", validate=False),
+                             backend="eager", fullgraph=True)
+    compiled(q, k, v, lengths)
+    assert ran == ["triton"] and timer.timed == []  # ragged: Triton, untimed

@@ -309,12 +309,20 @@ def attention_auto(
 
     triton_ok = _triton_takes(q, k, v, lengths)
     default = auto_static_default(lengths) if triton_ok else "sdpa-cudnn"
-    name = auto.choose(auto_key(q, lengths), lambda: _auto_candidates(q, k, v, lengths, validate), default)
+    B, L, H, D = q.shape
+    local = ("attention", q.dtype, D, auto.length_bucket(L), lengths is not None, auto.device_index(q.device))
+    if torch.compiler.is_compiling():
+        name = auto.traced_choice(local, default)
+    else:
+        name = auto.choose(auto_key(q, lengths), lambda: _auto_candidates(q, k, v, lengths, validate), default)
+        auto.remember_for_tracing(local, name)
     if name == "triton" and triton_ok:
         return attention_triton(q, k, v, lengths, validate)
-    if name.startswith("sdpa-") and name[5:] in SDPA_BACKENDS:
+    if name.startswith("sdpa-") and name[5:] in SDPA_BACKENDS and not torch.compiler.is_compiling():
         return _sdpa_call(name[5:], q, k, v, lengths, validate, strict=False)
-    return attention_reference(q, k, v, lengths, validate)  # a name from an older cache file
+    # an SDPA choice while compiling (SDPA's own dispatcher: no backend context in the graph), or a
+    # name from an older cache file
+    return attention_reference(q, k, v, lengths, validate)
 
 
 def attention_math(

@@ -10,6 +10,8 @@ lookup on Python ints and strings: no host sync, no device work of its own.
 No timing ever happens while torch.compile traces or a CUDA graph is being captured (timing
 would launch and sync inside them): there the cached choice is used, or, for a key never timed,
 the op's documented static default (see ``alit_fast.ops.attention`` and ``alit_fast.ops.vq``).
+While torch.compile traces, "cached" means chosen by an eager call of this process (a dict lookup
+the tracer can follow: ``traced_choice``); run each shape once eagerly before compiling.
 On a CPU, ``auto`` is ``torch``: the ops decide that before any of this runs.
 
 A cache file that cannot be read (corrupt, unreadable) is ignored and, where the folder is
@@ -131,6 +133,7 @@ def clear_memory() -> None:
     """Forget the in-memory choices (the disk cache stays): the next lookup re-reads the file."""
     global _LOADED_FROM
     _CHOICES.clear()
+    _TRACED.clear()
     _LOADED_FROM = None
 
 
@@ -164,6 +167,26 @@ def time_ms(fn: Callable[[], object]) -> float:
 def measure(name: str, fn: Callable[[], object]) -> float:
     """The time of candidate ``name``: ``time_ms(fn)``. Tests replace this with a fake timer."""
     return time_ms(fn)
+
+
+# choices by a key torch.compile can trace (op fields and the device index, no GPU name, no file):
+# filled by every eager call, read while compiling
+_TRACED: dict[tuple, str] = {}
+
+
+def device_index(device: torch.device) -> int:
+    return -1 if device.index is None else device.index
+
+
+def remember_for_tracing(local_key: tuple, name: str) -> None:
+    _TRACED[local_key] = name
+
+
+def traced_choice(local_key: tuple, default: str) -> str:
+    """The choice an eager call made for ``local_key`` in this process, else ``default``: a plain
+    dict lookup that torch.compile(fullgraph=True) traces (the file cache and the GPU-name lookup
+    would break the graph)."""
+    return _TRACED.get(local_key, default)
 
 
 def cached(key: tuple[Hashable, ...]) -> str | None:

@@ -201,7 +201,13 @@ def vq_nearest_auto(
         "triton": lambda: vq_nearest_triton_op(z, codebook, normalize, False),
         "torch": lambda: vq_nearest_reference(z, codebook, normalize, first_copy, False),
     }
-    name = auto.choose(vq_auto_key(z, codebook, normalize), lambda: candidates, VQ_STATIC_DEFAULT)
+    rows = 1 << max(int(z.shape[0]) - 1, 0).bit_length()
+    local = ("vq", z.dtype, z.shape[1], codebook.shape[0], bool(normalize), rows, auto.device_index(z.device))
+    if torch.compiler.is_compiling():
+        name = auto.traced_choice(local, VQ_STATIC_DEFAULT)
+    else:
+        name = auto.choose(vq_auto_key(z, codebook, normalize), lambda: candidates, VQ_STATIC_DEFAULT)
+        auto.remember_for_tracing(local, name)
     return candidates.get(name, candidates["torch"])()
 
 
