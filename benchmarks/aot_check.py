@@ -1,6 +1,6 @@
 """Ahead-of-time GPU compile check of every Triton kernel launch ALIT can make, on a CPU-only box.
 
-    python -m benchmarks.aot_check [--targets 90,80,89] [--subset ci|configs|full] [--json OUT]
+    python -m benchmarks.aot_check [--targets 90,80,89] [--subset ci|configs|full|sass] [--json OUT]
                                    [--only REGEX] [--workers 2] [--cache-dir DIR] [--timeout S]
                                    [--strict-wgmma] [--check-pruned] [--progress]
                                    [--progress-jsonl FILE]
@@ -39,6 +39,14 @@ How it works:
    same way on a cache hit) gives registers and spill bytes; ``metadata.shared`` the shared memory;
    the PTX text the tensor-core instructions (``wgmma`` / ``mma.sync``, plus ``ldmatrix``). CTAs per
    SM follow the CUDA occupancy calculator's register, shared-memory, thread and block limits.
+
+4. Instruction mix. ``cuobjdump -sass`` (shipped in Triton's wheel) of the cubin gives the main
+   loop: the loop (a backward branch) with the most tensor-core multiply-adds of its own, the
+   first in program order on a tie. The table reports its instructions per warp per iteration,
+   thread-instructions per score element (attention: instructions x 32 x num_warps / (BLOCK_M x
+   BLOCK_N)) or per distance (VQ: per row x code of a code tile), and its counts of wgmma
+   (HGMMA), mma.sync (HMMA), TMA loads (UTMALDG) and cp.async (LDGSTS). The ``sass`` subset
+   compiles every candidate at the shapes of the table in benchmarks/RESULTS.md.
 
 It fails (exit 1, with a list) on: a compile error, any spilled byte, shared memory above the
 target's per-block limit, a launch that cannot fit one CTA on an SM, and a kernel that must use
@@ -576,6 +584,11 @@ _FEW = dict(
     vq_batches=(32, 256),
 )
 SUBSETS["ci"] = Shapes(**_FEW, cover="ci")
+# the instruction-mix table of benchmarks/RESULTS.md: bf16, B=64, H=8, D=128 and 64, L=289, every
+# autotune candidate; VQ at the VQGAN's d=256 and the latent d=12 (256 rows per image)
+SUBSETS["sass"] = Shapes(batches=(64,), seq_lens=(289,), heads_dims=((8, 128), (8, 64)), demo_seq_lens=(),
+                         latent_tokens=(256,), demo_latent_tokens=(), vq_batches=(256,),
+                         dtypes=(torch.bfloat16,), return_zq=(False,), cover="configs")
 SUBSETS["configs"] = Shapes(**_FEW, cover="configs")
 
 DEMO_HEADS, DEMO_HEAD_DIM = 2, 64
@@ -1003,6 +1016,115 @@ def _deadline(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+def find_cuobjdump() -> str | None:
+    """The cuobjdump that ships in Triton's wheel (or one on PATH)."""
+    try:
+        import triton
+
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_BRANCH_TARGET = re.compile(r"^\s*(?:`?\(?\.?L?_?x?_?)?0x([0-9a-f]+)")
+
+
+def parse_sass(text: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of each instruction of the first function in ``cuobjdump -sass``."""
+    out = []
+    for line in text.split("Function :", 2)[1 if "Function :" in text else 0].splitlines():
+        m = _SASS_LINE.search(line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return out
+
+
+def _macs(opcode: str) -> int:
+    """Multiply-adds of one tensor-core instruction (per warp's view; 0 for anything else)."""
+    m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode)
+    if m:
+        return math.prod(int(x) for x in m.groups())
+    m = re.match(r"HMMA\.16(8)(\d+)", opcode)
+    if m:
+        return 16 * 8 * int(m.group(2))
+    return 0
+
+
+def sass_loops(insts: list[tuple[int, str, str]]) -> list[dict]:
+    """Every loop (a backward branch): its address range, instructions of its own (nested loops'
+    bodies excluded), tensor-core multiply-adds of its own, and the loop enclosing it."""
+    loops = []
+    for addr, op, rest in insts:
+        if op.startswith("BRA"):
+            t = _BRANCH_TARGET.match(rest)
+            if t and int(t.group(1), 16) < addr:
+                loops.append({"lo": int(t.group(1), 16), "hi": addr})
+    for lp in loops:
+        inner = [o for o in loops if o is not lp and lp["lo"] <= o["lo"] and o["hi"] <= lp["hi"]]
+        own = [(a, op) for a, op, _ in insts if lp["lo"] <= a <= lp["hi"] and op != "NOP"
+               and not any(o["lo"] <= a <= o["hi"] for o in inner)]
+        lp["own"] = own
+        lp["macs"] = sum(_macs(op) for _, op in own)
+        outer = [o for o in loops if o is not lp and o["lo"] <= lp["lo"] and lp["hi"] <= o["hi"]]
+        lp["parent"] = min(outer, key=lambda o: o["hi"] - o["lo"]) if outer else None
+    return loops
+
+
+MIX_OPS = {"HGMMA": "wgmma", "HMMA": "mma.sync", "UTMALDG": "TMA load", "LDGSTS": "cp.async"}
+
+
+def sass_mix(sass: str, launch_constexprs: dict, num_warps: int, kernel: str) -> dict | None:
+    """The main loop's instruction mix: the loop with the most tensor-core work of its own, the
+    first such in program order (or the longest loop where none has any). ``per_elem`` is thread-instructions per score element
+    (attention: BLOCK_M x BLOCK_N per iteration) or per distance (VQ: BLOCK_N rows x BLOCK_K codes
+    per code tile, the d loop's body counted D_PAD / BLOCK_D times plus the code loop's own)."""
+    loops = sass_loops(parse_sass(sass))
+    if not loops:
+        return None
+    # ties (the full tiles and a masked tail tile of the same width) go to the first in program
+    # order: the kernels stream their unmasked full tiles first
+    main = max(loops, key=lambda lp: (lp["macs"], 0 if lp["macs"] else len(lp["own"]), -lp["lo"]))
+    c = launch_constexprs
+    count = len(main["own"])
+    ops = {name: sum(op.startswith(prefix) for _, op in main["own"]) for prefix, name in MIX_OPS.items()}
+    if "BLOCK_K" in c:  # VQ: rows x codes per code tile (the code-prep kernel has no rows: None)
+        elems = c.get("BLOCK_N", 0) * c["BLOCK_K"]
+        per_tile = count
+        if c.get("D_PAD", 0) > c.get("BLOCK_D", 0) and main["parent"] is not None:
+            per_tile = count * (c["D_PAD"] // c["BLOCK_D"]) + len(main["parent"]["own"])
+    else:
+        elems = c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0)
+        per_tile = count
+    out = {"loop_insts": count, "loop_macs": main["macs"], **ops}
+    out["per_elem"] = round(per_tile * num_warps * 32 / elems, 2) if elems else None
+    return out
+
+
+def sass_of(cubin: bytes) -> str | None:
+    tool = find_cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="aot_sass_") as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
+    return res.stdout if res.returncode == 0 else None
+
+
+def _mix_of(compiled, launch: Launch) -> dict | None:
+    # a report, not a verdict: a SASS the parser does not understand must not fail the compile
+    try:
+        sass = sass_of(compiled.asm["cubin"]) if "cubin" in compiled.asm else None
+        return sass_mix(sass, dict(launch.constexprs), int(compiled.metadata.num_warps), launch.kernel) if sass else None
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def compile_launch(launch: Launch, arch: int, timeout: float | None = None) -> dict:
     """Compile one launch for sm_<arch>; never raises (errors come back in "error")."""
     t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -1031,6 +1153,7 @@ def compile_launch(launch: Launch, arch: int, timeout: float | None = None) -> d
             stats = ptxas_stats(ptx, arch, fusion, getattr(md, "ptx_options", None))
         out.update(stats)
         out.update(tensor_core_use(ptx))
+        out["mix"] = _mix_of(compiled, launch)
         out["error"] = None
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}"
@@ -1118,7 +1241,7 @@ def _dtypes(launch: Launch) -> str:
 
 def format_table(results: list[Result]) -> str:
     header = ["kernel", "dtype", "config", "w/s", "target", "regs", "spill st/ld B", "smem KB", "CTAs/SM", "TC",
-              "grid CTAs", "verdict"]
+              "grid CTAs", "loop insts", "/elem", "wgmma/mma/TMA/cp.async", "verdict"]
     rows = []
     for r in results:
         s, l = r.stats, r.launch
@@ -1128,12 +1251,15 @@ def format_table(results: list[Result]) -> str:
         ok = "FAIL" if r.failures else ("warn" if r.warnings else "ok")
         head = [l.kernel, _dtypes(l), _short_constexprs(l) + tag, f"{l.num_warps}/{l.num_stages}", r.target.name]
         if s.get("error"):
-            rows.append(head + ["-", "-", "-", "-", "-", str(r.unique.max_ctas), ok])
+            rows.append(head + ["-", "-", "-", "-", "-", str(r.unique.max_ctas), "-", "-", "-", ok])
             continue
         spill = f"{s['spill_stores']}/{s['spill_loads']}" if s["spill_stores"] or s["spill_loads"] else "0"
+        mix = s.get("mix") or {}
         rows.append(head + [
             str(s["regs"]), spill, f"{s['shared'] / KB:.1f}", f"{r.ctas_per_sm} ({r.limiter})",
-            r.tc_label() + ("" if r.tc_required else " (n/r)"), str(r.unique.max_ctas), ok,
+            r.tc_label() + ("" if r.tc_required else " (n/r)"), str(r.unique.max_ctas),
+            str(mix.get("loop_insts", "-")), str(mix.get("per_elem", "-")),
+            "/".join(str(mix.get(k, "-")) for k in MIX_OPS.values()) if mix else "-", ok,
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]

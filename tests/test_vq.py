@@ -37,9 +37,8 @@ def _reference64(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tu
     if normalize:
         z64 = F.normalize(z64, dim=1)
         c64 = F.normalize(c64, dim=1)
-    dist = (z64 * z64).sum(1, keepdim=True) - 2.0 * z64 @ c64.t() + (c64 * c64).sum(1)[None, :]
     scale = (z64 * z64).sum(1) + (c64 * c64).sum(1).max()
-    return dist.clamp_min(0), scale
+    return vq_ops.vq_distances_naive(z, codebook, normalize), scale
 
 
 def _assert_nearest(z, codebook, normalize, indices, score):

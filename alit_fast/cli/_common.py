@@ -109,7 +109,7 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_default: str | No
         default=checkpoint_default,
         help="an alit_fast .safetensors file, an official checkpoint (.pth), or a bundled model name (demo)",
     )
-    parser.add_argument("--backend", choices=BACKENDS, default="torch")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=16, help="images run at once")
 

@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__)
     p.add_argument("--checkpoint", default="demo", help="the model (default: the bundled demo model)")
     p.add_argument("--criterion", default=DEMO_CRITERION)
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--out", default="alit_demo.png", help="where the PNG grid goes")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out this command did not write (its own PNG is replaced anyway)")

@@ -197,7 +197,7 @@ def load_official(
     path_or_state_dict: str | os.PathLike | Mapping,
     num_heads: int | None = None,
     map_location: str | torch.device = "cpu",
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> ALIT:
     """Build an ALIT whose sizes are inferred from an official checkpoint, and load its weights.
 
@@ -221,7 +221,7 @@ def load_official(
     return model
 
 
-def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch") -> ALIT:
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "auto") -> ALIT:
     """A model file written by ``ALIT.save`` (safetensors, the config in its metadata); the
     layout-specific reader behind ``alit_fast.load``."""
     state, meta = read_safetensors(path, map_location)  # names a missing/unreadable file, checks the fingerprint

@@ -41,7 +41,7 @@ def pretrained_path(name: str = "demo") -> Path:
     return path
 
 
-def load_pretrained(name: str = "demo", backend: str = "torch", map_location: str | torch.device = "cpu") -> ALIT:
+def load_pretrained(name: str = "demo", backend: str = "auto", map_location: str | torch.device = "cpu") -> ALIT:
     """A bundled name ("demo"), a directory written by ``save_pretrained``, or
     ``hf-hub:OWNER/REPO[@REVISION]``, in eval mode without gradients: ``alit_fast.load`` restricted
     to the layouts that record their config."""
@@ -90,7 +90,7 @@ def hub_snapshot(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(path)
 
 
-def load_directory(directory: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "torch") -> ALIT:
+def load_directory(directory: str | os.PathLike, map_location: str | torch.device = "cpu", backend: str = "auto") -> ALIT:
     """A model directory in the Hub layout (``save_pretrained``); config.json must agree with the
     config recorded in model.safetensors, so an edited config.json is caught, not trusted."""
     root = Path(directory)
@@ -110,14 +110,6 @@ def load_directory(directory: str | os.PathLike, map_location: str | torch.devic
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"``: the Triton kernels on a CUDA device, torch elsewhere; any other name as is.
-    (Stands in until the ops layer resolves "auto" itself, per shape.)"""
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
 
 
 def read_model(spec: str | os.PathLike, device: torch.device) -> ALIT:
@@ -150,12 +142,11 @@ def load(spec: str | os.PathLike, *, device: str | torch.device | None = None, b
     ``.pth`` with ``model``/``ema`` entries, ``ema`` preferred), a directory written by
     ``save_pretrained``, or ``hf-hub:OWNER/REPO[@REVISION]`` (fetched once into the Hugging Face
     cache; with ``HF_HUB_OFFLINE=1`` read from it only). ``device``: where the weights go (default
-    the CPU). ``backend``: "auto" (the Triton kernels on a GPU, torch on a CPU), "torch", "triton"
-    or "official". To train it, ``model.train().requires_grad_(True)``; the base tokenizer of a
+    the CPU). ``backend``: "auto" (on a GPU, per shape the fastest of the Triton kernels and torch's,
+    measured once: alit_fast.ops.auto; torch on a CPU), "torch", "triton" or "official". To train it, ``model.train().requires_grad_(True)``; the base tokenizer of a
     stage-1 model stays frozen in training as the trainers set it.
     """
     dev = check_device("cpu" if device is None else device)
-    backend = resolve_backend(backend, dev)
     check_backend_here(backend, dev)  # before the weights are read: a wrong backend costs nothing
     model = read_model(spec, dev)
     return model.set_backend(backend).eval().requires_grad_(False)

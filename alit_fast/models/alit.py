@@ -134,7 +134,7 @@ class LatentQuantizer(nn.Module):
         self.embedding = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.commitment_cost = commitment_cost
-        self.backend = "torch"
+        self.backend = "auto"
         # per weights, not per call: the codebook changes only when the weights do
         self._normalized = WeightsCache(lambda w: F.normalize(w, dim=-1))
         self._first_copy = WeightsCache(lambda w: duplicate_map(F.normalize(w.float(), dim=-1)))
@@ -148,7 +148,7 @@ class LatentQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizedLatents:
         z = F.normalize(z, dim=-1)
         weight = self.embedding.weight
-        first_copy = self._first_copy(weight) if self.backend == "torch" else None
+        first_copy = self._first_copy(weight) if self.backend in ("torch", "auto") else None
         indices, _ = vq_nearest(
             z.reshape(-1, z.shape[-1]), weight, normalize=True, backend=self.backend, first_copy=first_copy, validate=False
         )
@@ -202,7 +202,7 @@ class ALITCore(nn.Module):
     """The nn part of ALIT: parameters, one recurrent iteration (``step``), ``rollout`` and the
     stage-1 loss (``forward``). ``alit_fast.ALIT`` adds adaptive encoding and decoding on top."""
 
-    def __init__(self, config: ALITConfig | str = "alit_small", backend: str = "torch") -> None:
+    def __init__(self, config: ALITConfig | str = "alit_small", backend: str = "auto") -> None:
         super().__init__()
         cfg = get_config(config)
         self.config = cfg
@@ -232,7 +232,7 @@ class ALITCore(nn.Module):
         # stage 1 (latent distillation) keeps the VQGAN frozen
         self.base_tokenizer.requires_grad_(False)
         self._queries = WeightsCache(_masked_queries)
-        self.backend = "torch"
+        self.backend = "auto"
         self.set_backend(backend)
 
     def _init_linear_weights(self) -> None:

@@ -129,7 +129,7 @@ class VQGANQuantizer(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.z_channels)
         nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
-        self.backend = "torch"
+        self.backend = "auto"
         self._first_copy = WeightsCache(duplicate_map)
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,7 @@ class VQGANQuantizer(nn.Module):
         B, C, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, C)
         weight = self.embedding.weight
-        first_copy = self._first_copy(weight) if self.backend == "torch" else None
+        first_copy = self._first_copy(weight) if self.backend in ("torch", "auto") else None
         # the images were validated by the caller; a NaN here would come from the weights
         indices, _ = vq_nearest(flat, weight, normalize=False, backend=self.backend, first_copy=first_copy, validate=False)
         return indices.view(B, h * w)

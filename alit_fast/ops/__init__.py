@@ -9,9 +9,11 @@ import torch
 from .attention import attention
 from .vq import duplicate_map, vq_nearest
 
+# "auto" (the default): per shape, the fastest of "triton" and torch's kernels on this GPU, measured
+# once (alit_fast.ops.auto); "torch" on a CPU.
 # "official" re-creates the official implementation's kernels (nn.MultiheadAttention's math,
 # the full N x K distance matrix): a baseline for benchmarks, not a fast path
-BACKENDS: tuple[str, ...] = ("torch", "triton", "official")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "official")
 
 
 def check_backend(name: str) -> str:

@@ -208,7 +208,7 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     lengths: torch.Tensor | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v per head; returns [B, L, H, D].
@@ -216,7 +216,8 @@ def attention(
     ``validate=False`` skips the value check of host ``lengths`` (model code checks them once per
     batch, not at every layer).
 
-    Backends: ``torch`` (scaled_dot_product_attention), ``triton`` (the fused kernels) and
+    Backends: ``auto`` (the fastest of the next two for this shape and GPU, measured once; ``torch``
+    on a CPU), ``torch`` (scaled_dot_product_attention), ``triton`` (the fused kernels) and
     ``official`` (the attention matrix materialized in the input dtype, as the official code's
     nn.MultiheadAttention math path does; kept as the baseline the benchmarks compare against).
 
@@ -234,13 +235,96 @@ def attention(
     call. With that, a call makes no host sync and no host-to-device copy (so a rollout can be
     captured in a CUDA graph once the autotuner has run each shape once).
     """
+    if backend == "auto":
+        return attention_auto(q, k, v, lengths, validate)
     if backend == "torch":
         return attention_reference(q, k, v, lengths, validate)
     if backend == "triton":
         return attention_triton(q, k, v, lengths, validate)
     if backend == "official":
         return attention_math(q, k, v, lengths, validate)
-    raise ValueError(f"unknown backend {backend!r}; expected 'torch', 'triton' or 'official'")
+    raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch', 'triton' or 'official'")
+
+
+# --------------------------------------------------------------------------------------------
+# auto backend
+# --------------------------------------------------------------------------------------------
+
+SDPA_BACKENDS = ("cudnn", "flash", "efficient")  # the SDPA kernels ``auto`` times against Triton's
+
+
+def _sdpa_call(name: str, q, k, v, lengths, validate: bool, strict: bool = True):
+    """attention_reference with SDPA's backend ``name``: alone when ``strict`` (timing: it raises if
+    that backend refuses the inputs), else first, with the others and the math kernel behind it (a
+    choice that must not fail: the static default, a choice measured at another length)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if strict:
+        with sdpa_kernel([order[name]]):
+            return attention_reference(q, k, v, lengths, validate)
+    ranked = [order[name]] + [b for n, b in order.items() if n != name] + [SDPBackend.MATH]
+    with sdpa_kernel(ranked, set_priority=True):
+        return attention_reference(q, k, v, lengths, validate)
+
+
+def auto_static_default(lengths: torch.Tensor | None) -> str:
+    """The choice for a key never timed while nothing may be timed (torch.compile tracing, CUDA-graph
+    capture): Triton for ragged batches (its kernels skip the padding, SDPA computes it), cuDNN SDPA
+    for uniform ones (the fastest SDPA backend on Hopper at ALIT's lengths, FlashAttention-3 paper)."""
+    return "triton" if lengths is not None else "sdpa-cudnn"
+
+
+def auto_key(q: torch.Tensor, lengths: torch.Tensor | None) -> tuple:
+    from .auto import device_name, length_bucket
+
+    B, L, H, D = q.shape
+    return ("attention", str(q.dtype).replace("torch.", ""), D, length_bucket(L), lengths is not None,
+            device_name(q.device))
+
+
+def _triton_takes(q, k, v, lengths) -> bool:
+    try:
+        _check_triton_inputs(q, k, v, lengths, validate_values=False)
+    except ValueError:
+        return False  # a shape the kernels do not take (head dim, batch size): SDPA only
+    return True
+
+
+def _auto_candidates(q, k, v, lengths, validate: bool) -> dict:
+    calls = {f"sdpa-{name}": (lambda name=name: _sdpa_call(name, q, k, v, lengths, validate)) for name in SDPA_BACKENDS}
+    if not _triton_takes(q, k, v, lengths):
+        return calls
+    return {"triton": lambda: attention_triton(q, k, v, lengths, validate), **calls}
+
+
+def attention_auto(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None, validate: bool = True
+) -> torch.Tensor:
+    """The ``auto`` backend: the fastest of the Triton kernels and each SDPA backend that accepts
+    the inputs, measured once per key (see ``alit_fast.ops.auto``); ``torch`` on a CPU."""
+    from . import auto
+
+    if not auto.active(q.device):
+        return attention_reference(q, k, v, lengths, validate)
+
+    triton_ok = _triton_takes(q, k, v, lengths)
+    default = auto_static_default(lengths) if triton_ok else "sdpa-cudnn"
+    B, L, H, D = q.shape
+    local = ("attention", q.dtype, D, auto.length_bucket(L), lengths is not None, auto.device_index(q.device))
+    if torch.compiler.is_compiling():
+        name = auto.traced_choice(local, default)
+    else:
+        name = auto.choose(auto_key(q, lengths), lambda: _auto_candidates(q, k, v, lengths, validate), default)
+        auto.remember_for_tracing(local, name)
+    if name == "triton" and triton_ok:
+        return attention_triton(q, k, v, lengths, validate)
+    if name.startswith("sdpa-") and name[5:] in SDPA_BACKENDS and not torch.compiler.is_compiling():
+        return _sdpa_call(name[5:], q, k, v, lengths, validate, strict=False)
+    # an SDPA choice while compiling (SDPA's own dispatcher: no backend context in the graph), or a
+    # name from an older cache file
+    return attention_reference(q, k, v, lengths, validate)
 
 
 def attention_math(

@@ -148,7 +148,7 @@ def vq_nearest(
     z: torch.Tensor,
     codebook: torch.Tensor,
     normalize: bool,
-    backend: str = "torch",
+    backend: str = "auto",
     first_copy: torch.Tensor | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,20 +156,66 @@ def vq_nearest(
 
     ``validate=False`` skips the NaN/inf check of the values (a host sync): for callers that have
     validated their inputs already. ``first_copy``: see ``vq_nearest_reference``."""
+    if backend == "auto":
+        return vq_nearest_auto(z, codebook, normalize, first_copy, validate)
     if backend == "torch":
         return vq_nearest_reference(z, codebook, normalize, first_copy, validate)
     if backend == "triton":
         return vq_nearest_triton_op(z, codebook, normalize, validate)
     if backend == "official":
-        return vq_nearest_naive(z, codebook, normalize, validate)
-    raise ValueError(f"unknown backend {backend!r}; expected 'torch', 'triton' or 'official'")
+        return vq_nearest_official(z, codebook, normalize, validate)
+    raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch', 'triton' or 'official'")
 
 
-def vq_nearest_naive(
+# the choice for a key never timed while nothing may be timed (torch.compile, CUDA-graph capture):
+# the kernel, which never builds the N x K matrix
+VQ_STATIC_DEFAULT = "triton"
+
+
+def vq_auto_key(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple:
+    from .auto import device_name
+
+    rows = 1 << max(int(z.shape[0]) - 1, 0).bit_length()  # power-of-two bucket of the row count
+    return ("vq", str(z.dtype).replace("torch.", ""), z.shape[1], codebook.shape[0], bool(normalize), rows,
+            device_name(z.device))
+
+
+def vq_nearest_auto(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    normalize: bool,
+    first_copy: torch.Tensor | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``auto`` backend: the faster of ``triton`` and ``torch`` for this shape on this GPU,
+    measured once per key (``alit_fast.ops.auto``); ``torch`` on a CPU. Both return the same
+    indices (the exact fp32 argmin, lowest index on ties)."""
+    from . import auto
+
+    if not auto.active(z.device):
+        return vq_nearest_reference(z, codebook, normalize, first_copy, validate)
+
+    if validate:
+        _check_inputs(z, codebook, validate)  # once here, not once per timed candidate
+    candidates = {
+        "triton": lambda: vq_nearest_triton_op(z, codebook, normalize, False),
+        "torch": lambda: vq_nearest_reference(z, codebook, normalize, first_copy, False),
+    }
+    rows = 1 << max(int(z.shape[0]) - 1, 0).bit_length()
+    local = ("vq", z.dtype, z.shape[1], codebook.shape[0], bool(normalize), rows, auto.device_index(z.device))
+    if torch.compiler.is_compiling():
+        name = auto.traced_choice(local, VQ_STATIC_DEFAULT)
+    else:
+        name = auto.choose(vq_auto_key(z, codebook, normalize), lambda: candidates, VQ_STATIC_DEFAULT)
+        auto.remember_for_tracing(local, name)
+    return candidates.get(name, candidates["torch"])()
+
+
+def vq_nearest_official(
     z: torch.Tensor, codebook: torch.Tensor, normalize: bool, validate: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole N x K distance matrix at once, as the official quantizers build it: the baseline
-    the benchmarks compare against (its memory grows as N x K)."""
+    """The ``official`` backend: the whole N x K distance matrix at once, in fp32, as the official
+    quantizers build it: the baseline the benchmarks compare against (its memory grows as N x K)."""
     _check_inputs(z, codebook, validate)
     z = z.detach().float()
     codebook = codebook.detach().float()
@@ -179,3 +225,22 @@ def vq_nearest_naive(
     dist = (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1)[None, :] - 2.0 * z @ codebook.t()
     best, indices = dist.min(dim=1)
     return indices, best.clamp_min(0)
+
+
+def vq_distances_naive(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The float64 oracle for tests: squared distances [N, K] between the rows of z and the codes
+    (both l2-normalized in float64 first when ``normalize``), of the values as given (fp16 inputs
+    upcast exactly), clamped at 0."""
+    z64 = z.detach().to(torch.float64)
+    c64 = codebook.detach().to(torch.float64)
+    if normalize:
+        z64 = F.normalize(z64, dim=1)
+        c64 = F.normalize(c64, dim=1)
+    dist = (z64 * z64).sum(1, keepdim=True) - 2.0 * z64 @ c64.t() + (c64 * c64).sum(1)[None, :]
+    return dist.clamp_min(0)
+
+
+def vq_nearest_naive(z: torch.Tensor, codebook: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 oracle: (argmin index int64 [N], lowest index on ties; its distance float64 [N])."""
+    best, indices = vq_distances_naive(z, codebook, normalize).min(dim=1)
+    return indices, best

@@ -117,7 +117,7 @@ def _model_and_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", default="pretrain", choices=("pretrain", "finetune"),
                    help="pretrain: stage 1 (this); finetune: stage 2, pixels through the VQGAN decoder with L1, LPIPS "
                         "and PatchGAN losses (`--stage finetune --help` lists its options)")
-    p.add_argument("--backend", default="torch", choices=("torch", "triton"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     p.add_argument("--data", default="synthetic",
                    help="an image folder (recursive), 'synthetic' (complexity levels 0..4), 'photos' "
                         "(scikit-image crops) or 'demo' (both)")
