@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..distributed import join_group, rank_device
-from ..evaluation import CROPS, FID_METHODS, METRICS, evaluate, parse_metrics, parse_tokens, write_report
+from ..distributed import join_group, rank_device, rank_world
+from ..evaluation import CROPS, FID_METHODS, METRICS, FIDWeightsError, evaluate, load_fid_inception, parse_metrics, write_report
 from ..evaluation.data import ImageFiles
+from ..evaluation.run import check_arguments
 from ..inference import FALLBACKS, parse_criterion
+from ..io.lpips_weights import LPIPSWeightsError, load_lpips as _load_lpips
 from ..models import HALTING_MODES
-from ._common import OneLineParser, device_from, load_model_or_report
+from ._common import OneLineParser, UsageError, check_positive, device_from, load_model_or_raise, one_line, run_command
 
 PROG = "alit-fast evaluate"
 OUTPUTS = ("metrics.json", "metrics.md", "curves.png")
@@ -62,53 +64,89 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a user error is one line and exit status 2 (from rank 0: every rank meets the same one);
+    # anything else is a bug and keeps its traceback
+    return run_command(PROG, _main, argv, speak=rank_world()[0] == 0)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    try:  # what a user can get wrong, before any model or file is loaded
-        metrics = parse_metrics(args.metrics)
-        criteria = [parse_criterion(c) for c in args.criterion]
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {args.workers}")
-        if not os.path.isdir(args.data):
-            raise ValueError(f"--data {args.data} is not a folder")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder")
-        existing = [name for name in OUTPUTS if (out / name).exists()]
-        if existing and not args.overwrite:
-            raise ValueError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
-        device = rank_device(device_from(args.device))
-        joined = join_group(device)
-    except ValueError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
+    metrics, criteria, out = _check_options(args)
+    device = rank_device(device_from(args.device))
+    model = load_model_or_raise(args.checkpoint, args.backend, device)
+    _check_for_model(model, args, metrics, criteria)
+    files = _UserImages(args.data, model.config.image_size, args.crop)
+    if len(files) == 0:
+        raise UsageError(f"--data {args.data}: no image files found")
+    fid_model, lpips_model = _networks(args, metrics, device)
+    joined = join_group(device)  # after every check: a refused run leaves no rank waiting for the others
     try:
-        model = load_model_or_report(args.checkpoint, args.backend, device, PROG)
-        if model is None:
-            return 2
-        try:
-            parse_tokens(args.tokens, model.config.tokens_per_iter, model.config.max_tokens)
-            files = ImageFiles(args.data, model.config.image_size, args.crop)
-            if len(files) == 0:
-                raise ValueError(f"--data {args.data}: no image files found")
-            report = evaluate(
-                model, files, tokens=args.tokens, criteria=criteria, metrics=metrics, batch_size=args.batch_size,
-                halting=args.halting, seed=args.seed, quantize=not args.no_quantize, fallback=args.fallback,
-                fid_weights=args.fid_weights, lpips_vgg=args.lpips_vgg, lpips_heads=args.lpips_heads,
-                fid_method=args.fid_method, crop=args.crop, num_workers=args.workers, progress=not args.quiet,
-            )
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            print(f"{PROG}: {exc}", file=sys.stderr)
-            return 2
+        report = evaluate(
+            model, files, tokens=args.tokens, criteria=criteria, metrics=metrics, batch_size=args.batch_size,
+            halting=args.halting, seed=args.seed, quantize=not args.no_quantize, fallback=args.fallback,
+            fid_method=args.fid_method, crop=args.crop, num_workers=args.workers, progress=not args.quiet,
+            fid_model=fid_model, lpips_model=lpips_model,
+        )
         if not dist.is_initialized() or dist.get_rank() == 0:
             paths = write_report(report, out)
             print(paths["md"].read_text(), end="")
             print(f"wrote {', '.join(str(p) for p in paths.values())}")
-        return 0
     finally:
-        if dist.is_initialized() and joined:
+        if joined:
             dist.destroy_process_group()
+    return 0
+
+
+def _check_options(args: argparse.Namespace) -> tuple[tuple[str, ...], list, Path]:
+    """What a user can get wrong before any model or file is loaded."""
+    try:
+        metrics = parse_metrics(args.metrics)
+        criteria = [parse_criterion(c) for c in args.criterion]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    check_positive("--batch-size", args.batch_size)
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if not os.path.isdir(args.data):
+        raise UsageError(f"--data {args.data} is not a folder")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    return metrics, criteria, out
+
+
+def _check_for_model(model, args: argparse.Namespace, metrics: tuple[str, ...], criteria: list) -> None:
+    """The token counts and criteria against this model: the checks ``evaluate`` makes, made here
+    so that what they refuse is a user error and not a traceback."""
+    try:
+        check_arguments(model, args.tokens, criteria, metrics, args.fallback, args.halting, args.fid_method,
+                        args.batch_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _networks(args: argparse.Namespace, metrics: tuple[str, ...], device):
+    """FID's Inception and LPIPS when asked for, loaded before any image is read; a missing or
+    wrong weights file is a user error naming it."""
+    try:
+        fid = load_fid_inception(args.fid_weights, device) if "fid" in metrics else None
+        lpips = _load_lpips(args.lpips_vgg, args.lpips_heads, device) if "lpips" in metrics else None
+    except (FIDWeightsError, LPIPSWeightsError) as exc:
+        raise UsageError(one_line(exc)) from exc
+    return fid, lpips
+
+
+class _UserImages(ImageFiles):
+    """The --data files: one that cannot be read is the user's to fix, not a bug."""
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except ValueError as exc:  # read_image's "cannot read the image PATH: ..."
+            raise UsageError(one_line(exc)) from exc
 
 
 if __name__ == "__main__":
