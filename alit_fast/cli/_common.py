@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import Counter
 
 import torch
@@ -21,15 +20,6 @@ __all__ = ["OneLineParser", "UsageError", "one_line", "run_command"]
 def checkpoint_spec(spec: str) -> str:
     """What a token file records as its model: a name as is, a file as an absolute path."""
     return os.path.abspath(spec) if os.path.exists(spec) else spec
-
-
-def load_model_or_report(spec: str, backend: str, device: str | torch.device, prog: str) -> ALIT | None:
-    """load_model, or None after a one-line message: a wrong path or name is not worth a traceback."""
-    try:
-        return load_model_or_raise(spec, backend, device)
-    except UsageError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return None
 
 
 def load_model_or_raise(spec: str, backend: str, device: str | torch.device) -> ALIT:
