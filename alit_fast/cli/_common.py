@@ -12,7 +12,7 @@ import torch
 from ..io import ALIT, CheckpointError, load_model
 from ..inference import Criterion, check_criterion_fits, check_fallback, iteration_range, parse_criterion
 from ..ops import BACKENDS
-from ..training.utils import OneLineParser, UsageError, one_line, run_command
+from ..errors import OneLineParser, UsageError, one_line, run_command
 
 __all__ = ["OneLineParser", "UsageError", "one_line", "run_command"]
 

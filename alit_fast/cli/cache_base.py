@@ -11,7 +11,8 @@ from ..config import PRESETS, ALITConfig
 from ..io import ALIT
 from ..training.base_cache import check_cache_destination, source_dataset, write_cache
 from ..training.train import initial_weights, load_initial
-from ..training.utils import OneLineParser, UsageError, resolve_config, run_command
+from ..errors import OneLineParser, UsageError, run_command
+from ..training.utils import resolve_config
 
 
 PROG = "alit-fast cache-base"

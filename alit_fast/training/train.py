@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
 from ..distributed import join_group
+from ..errors import OneLineParser, UsageError, one_line, run_command
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load_state_strict, read_checkpoint, read_state_dict
 from ..io.weights import read_safetensors
 from ..models import HALTING_MODES, BaseOutput
@@ -38,14 +39,10 @@ from .base_cache import BaseCacheDataset
 from .code_restart import DeadCodeRestarter
 from .data import build_dataset
 from .utils import (
-    OneLineParser,
-    one_line,
-    UsageError,
     atomic_torch_save,
     check_number,
     resolve_config,
     rng_state,
-    run_command,
     seed_everything,
     set_rng_state,
     weights_digest,
@@ -61,7 +58,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-# UsageError (a user error: one line, exit status 2) lives in .utils, shared with the CLI
+# UsageError (a user error: one line, exit status 2) lives in alit_fast.errors, shared with the CLI
 
 
 RUN_FILES = (CHECKPOINT, LOG, "model.safetensors", "ema.safetensors")
