@@ -224,6 +224,7 @@ def test_cli_end_to_end_with_seeded_fid_and_lpips_weights(image_dir, hub, tmp_pa
         (["--metrics", "psnr,blur"], "unknown metric"),
         (["--criterion", "code-acc:2"], "code-acc"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--metrics", "l1,lpips", "--tokens", "8"], "vgg16-397923af.pth"),
     ],
 )
 def test_cli_errors_are_one_line(image_dir, hub, tmp_path, capsys, args, message):
@@ -231,6 +232,31 @@ def test_cli_errors_are_one_line(image_dir, hub, tmp_path, capsys, args, message
                      "--quiet", "--workers", "0", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err and err.startswith("alit-fast evaluate: ")
+
+
+def test_cli_an_unreadable_image_is_a_one_line_error(image_dir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(image_dir, data)
+    (data / "zz-broken.png").write_bytes(b"not a png")
+    code = cli_main(["evaluate", "--data", str(data), "--checkpoint", "demo", "--tokens", "64", "--metrics", "l1",
+                     "--halting", "off", "--out", str(tmp_path / "o"), "--quiet", "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot read the image" in err and "zz-broken.png" in err and "\n" not in err
+
+
+def test_cli_a_bug_in_the_run_keeps_its_traceback(image_dir, tmp_path, monkeypatch):
+    # a ValueError from inside the pass is not the user's doing: it must not become a one-line "user error"
+    import alit_fast.cli.evaluate as evaluate_cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(evaluate_cli, "evaluate", broken)
+    with pytest.raises(ValueError, match="an internal inconsistency"):
+        cli_main(["evaluate", "--data", str(image_dir), "--checkpoint", "demo", "--tokens", "64", "--metrics", "l1",
+                  "--out", str(tmp_path / "o"), "--quiet", "--workers", "0"])
 
 
 def test_cli_refuses_a_data_path_that_is_not_a_folder(tmp_path, capsys):

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alit-fast: unknown command {name!r} (one of {', '.join(COMMANDS)}; see alit-fast --help)", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    from ..training.utils import run_command  # the one place user errors become one line
+    from ..errors import run_command  # the one place user errors become one line
 
     # a UsageError (a user error) is one line and exit status 2; any other exception is a bug and
     # keeps its traceback. Each command's main does the same, so this only catches one that escapes.

@@ -23,7 +23,8 @@ from ..inference import (
     parse_criterion,
 )
 from ..ops import BACKENDS
-from ..training.utils import OneLineParser, UsageError, check_free_space, check_writable, one_line, run_command
+from ..errors import OneLineParser, UsageError, one_line, run_command
+from ..training.utils import check_free_space, check_writable
 
 __all__ = ["OneLineParser", "UsageError", "one_line", "run_command"]
 
@@ -31,15 +32,6 @@ __all__ = ["OneLineParser", "UsageError", "one_line", "run_command"]
 def checkpoint_spec(spec: str) -> str:
     """What a token file records as its model: a name as is, a file as an absolute path."""
     return os.path.abspath(spec) if os.path.exists(spec) else spec
-
-
-def load_model_or_report(spec: str, backend: str, device: str | torch.device, prog: str) -> ALIT | None:
-    """alit_fast.load, or None after a one-line message: a wrong path or name is not worth a traceback."""
-    try:
-        return load_model_or_raise(spec, backend, device)
-    except UsageError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return None
 
 
 def load_model_or_raise(spec: str, backend: str, device: str | torch.device) -> ALIT:

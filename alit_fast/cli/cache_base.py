@@ -13,8 +13,9 @@ from ..config import PRESETS, ALITConfig
 from ..io import ALIT
 from ..training.base_cache import check_cache_destination, source_dataset, write_cache
 from ..training.train import initial_weights, load_initial
+from ..errors import OneLineParser, UsageError, run_command
 from ..files import acquire_lock, release_lock
-from ..training.utils import OneLineParser, UsageError, resolve_config, run_command
+from ..training.utils import resolve_config
 from ._common import check_free_space, check_output_dir
 
 

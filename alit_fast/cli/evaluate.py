@@ -14,21 +14,22 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..distributed import join_group, rank_device
-from ..evaluation import CROPS, FID_METHODS, METRICS, evaluate, parse_metrics, parse_tokens, write_report
-from ..evaluation.report import markdown, written_here
-from ..files import FolderBusy, acquire_lock, release_lock
-from ..training.utils import package_version, weights_digest
+from ..distributed import join_group, rank_device, rank_world
+from ..evaluation import CROPS, FID_METHODS, METRICS, FIDWeightsError, evaluate, load_fid_inception, parse_metrics, write_report
 from ..evaluation.data import ImageFiles
+from ..evaluation.report import markdown, written_here
+from ..files import acquire_lock, release_lock
+from ..training.utils import package_version, weights_digest
+from ..evaluation.run import check_arguments
 from ..inference import FALLBACKS, parse_criterion
+from ..io.lpips_weights import LPIPSWeightsError, load_lpips as _load_lpips
 from ..models import HALTING_MODES
-from ._common import (OneLineParser, check_free_space, check_output_dir, checkpoint_spec, device_from,
-                      load_model_or_report)
+from ._common import (OneLineParser, UsageError, check_free_space, check_output_dir, check_positive, checkpoint_spec,
+                      device_from, load_model_or_raise, one_line, run_command)
 
 PROG = "alit-fast evaluate"
 # what runs with nothing downloaded; LPIPS and FID need their networks' weights files
 DEFAULT_METRICS = ("l1", "l2", "psnr", "ssim")
-NEED_WEIGHTS = ("lpips", "fid")
 OUTPUTS = ("metrics.json", "metrics.md", "curves.png")
 
 
@@ -71,85 +72,126 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a user error is one line and exit status 2 (from rank 0: every rank meets the same one);
+    # anything else is a bug and keeps its traceback
+    return run_command(PROG, _main, argv, speak=rank_world()[0] == 0)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    try:  # what a user can get wrong, before any model or file is loaded
-        metrics = parse_metrics(args.metrics)
-        criteria = [parse_criterion(c) for c in args.criterion]
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {args.workers}")
-        if not os.path.isdir(args.data):
-            raise ValueError(f"--data {args.data} is not a folder")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder")
-        existing = [name for name in OUTPUTS if (out / name).exists()]
-        if existing and not written_here(out):  # a user's files of these names, --overwrite or not
-            raise ValueError(f"--out {out} holds {', '.join(existing)}, not a report this command wrote; they are "
-                             "left alone: give another folder")
-        if existing and not args.overwrite:
-            raise ValueError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
-        check_output_dir(str(out))
-        check_free_space(str(out), 4 << 20, f"--out {out}")
-        device = rank_device(device_from(args.device))
-        joined = join_group(device)
-    except ValueError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    lock = None
+    metrics, criteria, out = _check_options(args)
+    main_rank = rank_world()[0] == 0
+    lock, created = None, not out.exists()
+    if main_rank:  # one run per folder; a second one refuses by name
+        out.mkdir(parents=True, exist_ok=True)
+        lock = acquire_lock(out, PROG)
     try:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            created = not out.exists()
-            out.mkdir(parents=True, exist_ok=True)
-            lock = acquire_lock(out, PROG)
-        model = load_model_or_report(args.checkpoint, args.backend, device, PROG)
-        if model is None:
-            return 2
-        try:
-            parse_tokens(args.tokens, model.config.tokens_per_iter, model.config.max_tokens)
-            files = ImageFiles(args.data, model.config.image_size, args.crop, skip_unreadable=True)
-            if files.skipped and (not dist.is_initialized() or dist.get_rank() == 0):
-                more = f", and {len(files.skipped) - 3} more" if len(files.skipped) > 3 else ""
-                print(f"{PROG}: skipped {len(files.skipped)} unreadable file(s): {', '.join(files.skipped[:3])}{more}",
-                      file=sys.stderr)
-            if len(files) == 0:
-                raise ValueError(f"--data {args.data}: no readable image files found")
-            if args.metrics == ",".join(DEFAULT_METRICS) and (not dist.is_initialized() or dist.get_rank() == 0):
-                print(f"{PROG}: LPIPS and FID are off by default; --metrics {','.join(METRICS)} adds them "
-                      "(they need torchvision's VGG16 and pytorch-fid's Inception weights: see --help)", file=sys.stderr)
-            report = evaluate(
-                model, files, tokens=args.tokens, criteria=criteria, metrics=metrics, batch_size=args.batch_size,
-                halting=args.halting, seed=args.seed, quantize=not args.no_quantize, fallback=args.fallback,
-                fid_weights=args.fid_weights, lpips_vgg=args.lpips_vgg, lpips_heads=args.lpips_heads,
-                fid_method=args.fid_method, crop=args.crop, num_workers=args.workers, progress=not args.quiet,
-            )
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            print(f"{PROG}: {exc}", file=sys.stderr)
-            return 2
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            # what identifies the numbers: the weights themselves, not only their path or name
-            report.settings.update(checkpoint=checkpoint_spec(args.checkpoint), weights_sha256=weights_digest(model),
-                                   alit_fast_version=package_version())
-            print(markdown(report), end="")  # first: a write that fails still leaves the numbers on screen
-            try:
-                paths = write_report(report, out)
-            except OSError as exc:
-                print(f"{PROG}: cannot write the report to {out}: {exc.strerror or exc} (the numbers are above)",
-                      file=sys.stderr)
-                return 2
-            print(f"wrote {', '.join(str(p) for p in paths.values())}")
-        return 0
-    except FolderBusy as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
+        return _evaluate_into(args, metrics, criteria, out, main_rank)
     finally:
         if lock:
             release_lock(lock)
             if created and not any(out.iterdir()):  # refused before writing: leave no trace
                 out.rmdir()
-        if dist.is_initialized() and joined:
+
+
+def _evaluate_into(args: argparse.Namespace, metrics, criteria, out: Path, main_rank: bool) -> int:
+    device = rank_device(device_from(args.device))
+    model = load_model_or_raise(args.checkpoint, args.backend, device)
+    _check_for_model(model, args, metrics, criteria)
+    files = _UserImages(args.data, model.config.image_size, args.crop, skip_unreadable=True)
+    if files.skipped and main_rank:
+        more = f", and {len(files.skipped) - 3} more" if len(files.skipped) > 3 else ""
+        print(f"{PROG}: skipped {len(files.skipped)} unreadable file(s): {', '.join(files.skipped[:3])}{more}",
+              file=sys.stderr)
+    if len(files) == 0:
+        raise UsageError(f"--data {args.data}: no readable image files found")
+    if args.metrics == ",".join(DEFAULT_METRICS) and main_rank:
+        print(f"{PROG}: LPIPS and FID are off by default; --metrics {','.join(METRICS)} adds them "
+              "(they need torchvision's VGG16 and pytorch-fid's Inception weights: see --help)", file=sys.stderr)
+    fid_model, lpips_model = _networks(args, metrics, device)
+    joined = join_group(device)  # after every check: a refused run leaves no rank waiting for the others
+    try:
+        report = evaluate(
+            model, files, tokens=args.tokens, criteria=criteria, metrics=metrics, batch_size=args.batch_size,
+            halting=args.halting, seed=args.seed, quantize=not args.no_quantize, fallback=args.fallback,
+            fid_method=args.fid_method, crop=args.crop, num_workers=args.workers, progress=not args.quiet,
+            fid_model=fid_model, lpips_model=lpips_model,
+        )
+        if main_rank:
+            _report(report, model, args, out)
+    finally:
+        if joined:
             dist.destroy_process_group()
+    return 0
+
+
+def _report(report, model, args: argparse.Namespace, out: Path) -> None:
+    # what identifies the numbers: the weights themselves, not only their path or name
+    report.settings.update(checkpoint=checkpoint_spec(args.checkpoint), weights_sha256=weights_digest(model),
+                           alit_fast_version=package_version())
+    print(markdown(report), end="")  # first: a write that fails still leaves the numbers on screen
+    try:
+        paths = write_report(report, out)
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {out}: {exc.strerror or exc} (the numbers are above)") from exc
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _check_options(args: argparse.Namespace) -> tuple[tuple[str, ...], list, Path]:
+    """What a user can get wrong before any model or file is loaded."""
+    try:
+        metrics = parse_metrics(args.metrics)
+        criteria = [parse_criterion(c) for c in args.criterion]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    check_positive("--batch-size", args.batch_size)
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if not os.path.isdir(args.data):
+        raise UsageError(f"--data {args.data} is not a folder")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not written_here(out):  # a user's files of these names, --overwrite or not
+        raise UsageError(f"--out {out} holds {', '.join(existing)}, not a report this command wrote; they are "
+                         "left alone: give another folder")
+    if existing and not args.overwrite:
+        raise UsageError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    check_output_dir(str(out))
+    check_free_space(str(out), 4 << 20, f"--out {out}")
+    return metrics, criteria, out
+
+
+def _check_for_model(model, args: argparse.Namespace, metrics: tuple[str, ...], criteria: list) -> None:
+    """The token counts and criteria against this model: the checks ``evaluate`` makes, made here
+    so that what they refuse is a user error and not a traceback."""
+    try:
+        check_arguments(model, args.tokens, criteria, metrics, args.fallback, args.halting, args.fid_method,
+                        args.batch_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _networks(args: argparse.Namespace, metrics: tuple[str, ...], device):
+    """FID's Inception and LPIPS when asked for, loaded before any image is read; a missing or
+    wrong weights file is a user error naming it."""
+    try:
+        fid = load_fid_inception(args.fid_weights, device) if "fid" in metrics else None
+        lpips = _load_lpips(args.lpips_vgg, args.lpips_heads, device) if "lpips" in metrics else None
+    except (FIDWeightsError, LPIPSWeightsError) as exc:
+        raise UsageError(one_line(exc)) from exc
+    return fid, lpips
+
+
+class _UserImages(ImageFiles):
+    """The --data files: one that cannot be read is the user's to fix, not a bug."""
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except ValueError as exc:  # read_image's "cannot read the image PATH: ..."
+            raise UsageError(one_line(exc)) from exc
 
 
 if __name__ == "__main__":

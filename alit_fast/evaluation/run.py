@@ -204,7 +204,7 @@ class _Pass:
         return self.gt_feats is not None
 
 
-def _check_arguments(model, tokens, criteria, metrics, fallback, halting, fid_method, batch_size):
+def check_arguments(model, tokens, criteria, metrics, fallback, halting, fid_method, batch_size):
     """The metric names, fixed counts, criteria and their names; a ValueError for anything wrong."""
     cfg = model.config
     metric_names = parse_metrics(metrics)
@@ -464,7 +464,7 @@ def evaluate(
 
     Under an initialised ``torch.distributed`` group each rank evaluates its share of a tensor,
     folder or Dataset, and every rank returns the same report."""
-    metric_names, counts, crits, names = _check_arguments(model, tokens, criteria, metrics, fallback, halting,
+    metric_names, counts, crits, names = check_arguments(model, tokens, criteria, metrics, fallback, halting,
                                                           fid_method, batch_size)
     device, size = model.latent_tokens.device, model.config.image_size
     distributed = dist.is_available() and dist.is_initialized()

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..errors import UsageError
 from ..io.images import IMAGE_EXTENSIONS, center_crop, image_file_problem, read_rgb, to_tensor
-from .utils import UsageError
 
 COMPLEXITY_LEVELS = ("flat", "few_shapes", "many_shapes", "texture", "noise")
 # scikit-image's bundled sample photographs (all ship inside the wheel, no download)

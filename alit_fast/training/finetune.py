@@ -57,6 +57,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import PRESETS, ALITConfig
+from ..errors import UsageError
 from ..files import write_atomic
 from ..io import ALIT, CheckpointError, load_state_strict
 from ..io.gan_checkpoint import DISCRIMINATOR_PREFIX, discriminator_state, read_discriminators
@@ -78,7 +79,6 @@ from .train import (
     Health,
     Progress,
     Stage,
-    UsageError,
     build_training_data,
     drive,
     read_training_checkpoint,

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
 from ..distributed import join_group
+from ..errors import OneLineParser, UsageError, one_line, run_command
 from ..files import LOCK_NAME, acquire_lock, release_lock
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load, load_state_strict, read_checkpoint, read_state_dict
 from ..io.weights import read_safetensors, torch_load_problem
@@ -39,16 +40,12 @@ from .base_cache import BaseCacheDataset
 from .code_restart import DeadCodeRestarter
 from .data import build_dataset
 from .utils import (
-    OneLineParser,
-    one_line,
-    UsageError,
     atomic_torch_save,
     check_free_space,
     check_number,
     check_writable,
     resolve_config,
     rng_state,
-    run_command,
     seed_everything,
     set_rng_state,
     weights_digest,
@@ -64,7 +61,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-# UsageError (a user error: one line, exit status 2) lives in .utils, shared with the CLI
+# UsageError (a user error: one line, exit status 2) lives in alit_fast.errors, shared with the CLI
 
 
 RUN_FILES = (CHECKPOINT, LOG, "model.safetensors", "ema.safetensors")

@@ -1,93 +1,22 @@
-"""Small pieces the trainers and the CLI share: user errors and their one-line report, config
-resolution, seeding, RNG capture, atomic writes."""
+"""Small pieces the trainers and the CLI share: config resolution, seeding, RNG capture, atomic
+writes (user errors and their one-line report are alit_fast.errors)."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..config import PRESETS, ALITConfig
-from ..files import WRITE_ERRNOS, FolderBusy, as_os_error, write_atomic
-from ..ops import BACKENDS, check_backend_here
-
-
-# ---------------------------------------------------------------------------- user errors
-class UsageError(ValueError):
-    """Something the user got wrong (an option, a file): the command prints it as one line,
-    ``<prog>: <message>``, and exits with status 2. Every other exception is a bug and keeps its
-    traceback."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line (``<prog>: <message>``, exit 2) like every other
-    user error, not a usage block followed by the message."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        parsed, extra = super().parse_known_args(args, namespace)
-        backend, device = getattr(parsed, "backend", None), getattr(parsed, "device", None)
-        if isinstance(backend, str) and backend in BACKENDS:
-            # a backend that cannot run here is refused at the flag, before any work (and before
-            # training creates its --out)
-            where = torch.device("cpu") if device == "cpu" else None
-            try:
-                check_backend_here(backend, where)
-            except ValueError as exc:
-                self.error(f"--backend {backend}: {exc}")
-        return parsed, extra
-
-
-def one_line(message: object) -> str:
-    """A message on one line (CheckpointError lists its problems on several)."""
-    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
-
-
-# what Ctrl-C leaves, per command: how to pick up where the run stopped
-ON_INTERRUPT = {
-    "alit-fast train": "rerun the same command with --resume to continue from the last checkpoint",
-    "alit-fast pretokenize": "rerun the same command to resume: finished shards are kept",
-    "alit-fast encode": "nothing was written; rerun the command (with --shard-size, finished shards are kept)",
-}
-DEFAULT_ON_INTERRUPT = "rerun the command to start again"
-
-
-def run_command(
-    prog: str, body: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None, speak: bool = True
-) -> int:
-    """Run a command's body: a UsageError becomes one line on stderr (unless ``speak`` is off, e.g.
-    on every torchrun rank but the first, which all see the same error) and exit status 2; Ctrl-C
-    becomes one line saying how to resume, and exit status 130 (the shell's for SIGINT)."""
-    try:
-        return int(body(argv) or 0)
-    except (UsageError, FolderBusy) as exc:
-        message = one_line(exc)
-    except OSError as exc:  # a full disk, a read-only or forbidden folder met while writing
-        if exc.errno not in WRITE_ERRNOS:
-            raise
-        where = f": {exc.filename}" if exc.filename else ""
-        message = (f"cannot write{where}: {exc.strerror or exc} (nothing half-written is left; files written "
-                   "before are kept)")
-    except KeyboardInterrupt:
-        if speak:
-            sys.stdout.flush()
-            print(f"\n{prog}: interrupted; {ON_INTERRUPT.get(prog, DEFAULT_ON_INTERRUPT)}", file=sys.stderr, flush=True)
-        return 130
-    if speak:
-        sys.stdout.flush()
-        print(f"{prog}: {message}", file=sys.stderr, flush=True)
-    return 2
+from ..errors import UsageError, one_line
+from ..files import write_atomic
 
 
 def check_writable(folder: str, what: str) -> None:

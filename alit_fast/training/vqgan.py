@@ -23,11 +23,12 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from ..config import ALITConfig
+from ..errors import OneLineParser, UsageError, run_command
 from ..files import write_atomic
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
 from .data import SyntheticImages, build_dataset
-from .utils import OneLineParser, UsageError, atomic_torch_save, check_number, resolve_config, run_command, seed_everything
+from .utils import atomic_torch_save, check_number, resolve_config, seed_everything
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
