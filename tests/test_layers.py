@@ -20,7 +20,7 @@ LAYERS = {
     "alit_fast.config": 1,
     "alit_fast.testing": 1,
     "alit_fast.files": 1,  # atomic file writes: a leaf every writer may use
-    "alit_fast.errors": 1,  # UsageError and run_command: a leaf training and the CLI both use
+    "alit_fast.errors": 2.5,  # UsageError, the one-line parser (it refuses a backend that cannot run here) and run_command
     "alit_fast.distributed": 1,  # torchrun's rank, device and process group: a leaf every command may use
     "alit_fast.ops": 2,
     "alit_fast.models": 3,

@@ -11,7 +11,7 @@ from PIL import Image
 import alit_fast
 from alit_fast.cli import main as cli_main
 from alit_fast.testing import random_images, tiny_config
-from alit_fast.training.utils import run_command
+from alit_fast.errors import run_command
 from _single_thread import one_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -54,7 +54,7 @@ def test_load_reads_every_layout_into_an_eval_model_without_gradients(demo, tmp_
     for spec in (tmp_path / "model.safetensors", str(tmp_path / "dir"), str(tmp_path / "official.pth")):
         loaded = alit_fast.load(spec)
         assert not loaded.training and not any(p.requires_grad for p in loaded.parameters()), spec
-        assert loaded.backend == "torch"  # "auto" on a CPU
+        assert loaded.backend == "auto"  # resolved per op call: torch on a CPU (alit_fast.ops.auto)
         _same_outputs(model, loaded)
     assert not demo.training and demo.config.image_size == 32
 
