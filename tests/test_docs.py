@@ -81,7 +81,7 @@ def test_documented_block_runs_as_written(block: Block, tmp_path):
     if block.skip is not None:
         pytest.skip(block.skip)
     command = ["bash", "-euo", "pipefail", "-c", block.body] if block.lang == "bash" else [sys.executable, "-c", block.body]
-    proc = subprocess.run(command, cwd=tmp_path, env=_environment(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=tmp_path, env=_environment(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{block.name} failed ({proc.returncode}):\n{block.body}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 

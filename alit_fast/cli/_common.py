@@ -99,7 +99,8 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_default: str | No
     parser.add_argument(
         "--checkpoint",
         default=checkpoint_default,
-        help="an alit_fast .safetensors file, an official checkpoint (.pth), or a bundled model name (demo)",
+        help="what alit_fast.load takes: a bundled model name (demo), an alit_fast .safetensors file, an official "
+             "checkpoint (.pth), a model directory, or hf-hub:OWNER/REPO[@REVISION]",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

@@ -36,8 +36,9 @@ OUTPUTS = ("metrics.json", "metrics.md", "curves.png")
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a folder of images (searched recursively; official center crop)")
-    p.add_argument("--checkpoint", required=True, help="an alit_fast .safetensors file, an official checkpoint "
-                   "(.pth; its 'ema' weights), or a bundled model name (demo)")
+    p.add_argument("--checkpoint", required=True, help="what alit_fast.load takes: a bundled model name (demo), an "
+                   "alit_fast .safetensors file, an official checkpoint (.pth; its 'ema' weights), a model directory, "
+                   "or hf-hub:OWNER/REPO[@REVISION]")
     p.add_argument("--tokens", default="all", help="fixed token counts to report: all (default), none, or e.g. 32,64,256")
     p.add_argument("--criterion", action="append", default=[], metavar="C",
                    help="an adaptive row (repeatable): tokens:N, code-acc:F, code-nll:F or pixel-l1:F")
