@@ -70,8 +70,10 @@ def test_fid_equals_pytorch_fid_command_line(fixture, features):
 
 def test_frechet_distance_equals_pytorch_fid_on_seeded_gaussians(fixture):
     for (p, q), ref in zip(record.frechet_cases(), fixture["frechet"]):
+        # the same scipy sqrtm pytorch-fid calls; scipy releases differ in its last digits (1.17's
+        # gives 51.94141637926 for the recorded 51.94141636094), so the bound is relative
         assert frechet_distance(p.mean(0), np.cov(p, rowvar=False), q.mean(0), np.cov(q, rowvar=False)) == pytest.approx(
-            float(ref), abs=1e-9)
+            float(ref), rel=1e-9, abs=1e-9)
         a, b = FeatureStats(p.shape[1]), FeatureStats(p.shape[1])
         a.add(torch.from_numpy(p))
         b.add(torch.from_numpy(q))
