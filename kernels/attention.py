@@ -605,9 +605,10 @@ def _bwd_dq_kernel(
 #   the scores), measured from the SASS by benchmarks/aot_check.py (issue 23). One CTA per SM; the
 #   auto backend picks SDPA where that loses (small batches);
 # * sm_90 16-bit backward at D = 128: dk/dv 64 x 128 (a 128-key resident block: 14.3 instructions
-#   per score element against 33.2 for 64 x 64, which spills with the tail rule) and dq 128 x 128
-#   added (9.1 against 11.3 for 128 x 64); the dk/dv candidates that compiled to mma.sync only
-#   (64 x 32 with 4 warps, atomic 32 x 32) are gone;
+#   per score element against 33.2 for 64 x 64, which spills with the tail rule); the dk/dv
+#   candidates that compiled to mma.sync only (64 x 32 with 4 warps, atomic 32 x 32) are gone. dq
+#   128 x 128 (9.1 against 11.3 for 128 x 64) compiles clean under triton 3.9 but spills 16 B
+#   under 3.6 (the GPU image's), so it is not a candidate;
 # * fp32 tiles are twice the bytes, so tf32 keeps BLOCK_N 32-64 and "ieee" (FMA: the whole dot
 #   lives in registers) 16-64 with 8 warps: 4-warp FMA tiles spilled at every size above 32 x 32;
 # * the dk/dv kernel holds k, v, dk, dv of its key block: BLOCK_N 64 needs 8 warps for D = 128;
@@ -697,7 +698,7 @@ CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
     }, _FMA_DKDV_ATOMIC),
     "dq": _lists({
         ("sm90", "16bit", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
-        ("sm90", "16bit", 128): [(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+        ("sm90", "16bit", 128): [(128, 64, 8, 2), (64, 64, 4, 2)],
         ("sm80", "16bit", 64): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
         ("sm80", "16bit", 128): [(128, 32, 8, 2), (64, 64, 8, 3)],
         ("sm89", "16bit", 64): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
