@@ -47,8 +47,14 @@ one token (320 x 320 tile work for 257 x 257 at L = 257, 55% more). Every kernel
 both dimensions:
 
 * streamed dimension (keys in the forward and the dq kernel, queries in the dk/dv kernel): the
-  full BLOCK_N (BLOCK_M) tiles run without any length mask, the remainder runs in BLOCK_T = 16
-  wide tiles with the mask (16 is the smallest tile a tensor-core product takes);
+  full BLOCK_N (BLOCK_M) tiles run without any length mask, then the remainder with the mask. In
+  the sm_90 16-bit forward (``tail_full``) that is one tile: a full-width one when the remainder
+  is wider than BLOCK_T = 16, else one BLOCK_T-wide tile (16 is the smallest tile a tensor-core
+  product takes); several 16-wide tiles cost more than one full one (a 16-wide tile took 62% of a
+  64-wide iteration's instructions on sm_90). Its tail loops run at most once and are not
+  software-pipelined (``num_stages=1``): pipelining them only added registers (the 128 x 128
+  forward at D = 128 spilled with it). The backward kernels follow the same rule where
+  ``tail_full`` says so; everything else runs the remainder in BLOCK_T-wide tiles;
 * resident dimension (one program's query or key block): a program whose block holds at most
   BLOCK_T valid rows computes a BLOCK_T-row tile (and writes zeros for the rest of its block)
   instead of a BLOCK_M-row one.
@@ -56,8 +62,13 @@ both dimensions:
 At L = 257 with 64 x 64 tiles this is 272 x 272 tile work per (batch, head), 12% above 257 x 257.
 BLOCK_T = 32 would cost a 32-wide tile for the one token at L = 257 + 64k, and tile sizes that
 divide 257 + 32k exactly do not exist (tiles are powers of two, these lengths are odd). A remainder
-of 33 (L = 289 + 64k) takes three 16-wide tail tiles, and a resident block with 17..BLOCK_M - 1
+of 33 (L = 289 + 64k) takes one masked full-width tile (three 16-wide ones without ``tail_full``),
+and a resident block with 17..BLOCK_M - 1
 valid rows still computes all BLOCK_M rows.
+
+The forward keeps the running row max on the raw scores q.k and applies the softmax scale inside
+the exponent, exp2(s * c - m * c) with c = log2(e) / sqrt(D): one FFMA per score where scaling
+the scores first costs a multiply and a subtraction (benchmarks/RESULTS.md, instruction mix).
 
 On a GPU the block sizes come from ``triton.autotune`` over a small, per-architecture candidate
 set (``CANDIDATES``; every candidate compiles without spills and within the shared-memory limit of
@@ -173,7 +184,7 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base,
               s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
               row0, seqlen, L, D, qk_scale,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr):
     offs_m = row0 + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -185,7 +196,9 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base,
     if UPCAST and DOT_PREC == "tf32":
         q = (q.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
-    # m_i is kept in log2 units (scores pre-multiplied by log2(e)) so the inner loop uses exp2
+    # m_i is the running row max of the raw scores q.k: the scale (log2(e) / sqrt(D)) is applied
+    # inside the exponent, exp2(s * qk_scale - m * qk_scale), one FFMA per score instead of a
+    # multiply before the max and a subtraction after it (qk_scale > 0, so max commutes with it)
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
@@ -193,43 +206,58 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base,
     # a query block entirely past the sample's length does no work; its rows are zeroed below
     hi = tl.where(row0 < seqlen, seqlen, 0)
     n_full = hi - hi % BLOCK_N
-    for phase in tl.static_range(2):
-        lo = 0 if phase == 0 else n_full
-        top = n_full if phase == 0 else hi
-        for start_n in range(lo, top, BLOCK_N if phase == 0 else BLOCK_T):
-            cols = start_n + tl.arange(0, BLOCK_N if phase == 0 else BLOCK_T)
+    rem = hi - n_full
+    # phase 0: the full tiles, no length mask. With TAIL_FULL the remainder then runs as one tile:
+    # a masked full-width tile when it is wider than BLOCK_T (phase 1), else one BLOCK_T-wide tile
+    # (phase 2), neither software-pipelined (they run at most once: pipelining only added registers,
+    # and the 128 x 128 tiles at D = 128 spilled with it). Without it (see ``tail_full``: the extra
+    # tile body made other tiles spill) the remainder runs in BLOCK_T-wide tiles (phase 2).
+    for phase in tl.static_range(3):
+        if phase != 1 or TAIL_FULL:  # static: phase 1 exists only with TAIL_FULL
             if phase == 0:
-                kv_mask = d_ok[None, :]
+                lo, top = 0, n_full
+            elif phase == 1:
+                lo, top = n_full, tl.where(rem > BLOCK_T, hi, n_full)
+            elif TAIL_FULL:
+                lo, top = n_full, tl.where(rem > BLOCK_T, n_full, hi)
             else:
-                kv_mask = (cols < seqlen)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if UPCAST and DOT_PREC == "tf32":
-                k = (k.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                v = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            if phase == 1:
-                # a tail tile holds at least one valid key (start_n < seqlen): m_new stays finite
-                s = tl.where((cols < seqlen)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p_op = p.to(v.dtype)
-            if UPCAST and DOT_PREC == "tf32":
-                p_op = (p_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            acc = tl.dot(p_op, v, acc * alpha[:, None], input_precision=DOT_PREC)
-            m_i = m_new
+                lo, top = n_full, hi
+            for start_n in tl.range(lo, top, BLOCK_T if phase == 2 else BLOCK_N,
+                                    num_stages=None if phase == 0 or not TAIL_FULL else 1):
+                cols = start_n + tl.arange(0, BLOCK_T if phase == 2 else BLOCK_N)
+                if phase == 0:
+                    kv_mask = d_ok[None, :]
+                else:
+                    kv_mask = (cols < seqlen)[:, None] & d_ok[None, :]
+                k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+                v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                if UPCAST and DOT_PREC == "tf32":
+                    k = (k.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                    v = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                if phase != 0:
+                    # a tail tile holds at least one valid key (start_n < seqlen): m_new stays finite
+                    s = tl.where((cols < seqlen)[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_scaled = m_new * qk_scale
+                alpha = tl.math.exp2(m_i * qk_scale - m_scaled)
+                p = tl.math.exp2(s * qk_scale - m_scaled[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                p_op = p.to(v.dtype)
+                if UPCAST and DOT_PREC == "tf32":
+                    p_op = (p_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                acc = tl.dot(p_op, v, acc * alpha[:, None], input_precision=DOT_PREC)
+                m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
     row_in = offs_m < L
     tl.store(o_base + offs_m[:, None] * s_ol + offs_d[None, :] * s_od,
              o.to(o_base.dtype.element_ty), mask=row_in[:, None] & d_ok[None, :])
-    lse = tl.where(m_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, 0.0)
+    lse = tl.where(m_ok, (m_i * qk_scale + tl.math.log2(l_safe)) * 0.6931471805599453, 0.0)
     tl.store(lse_base + offs_m, lse, mask=row_in)
 
 
@@ -243,7 +271,7 @@ def _fwd_kernel(
     H, L, D, qk_scale, L_BUCKET,
     HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr,
 ):
     # L_BUCKET (= cdiv(L, 32)) is only the autotuning key; the kernel does not read it
     pid_m = tl.program_id(0)
@@ -262,17 +290,20 @@ def _fwd_kernel(
         if seqlen - row0 <= BLOCK_T:
             # the block's valid rows (if any) lie in its first BLOCK_T rows: a BLOCK_T-row tile
             _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
-                      row0, seqlen, L, D, qk_scale, BLOCK_T, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+                      row0, seqlen, L, D, qk_scale, BLOCK_T, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
+                      TAIL_FULL)
             _store_zero_rows(o_base, s_ol, s_od, row0, L, D, BLOCK_M, BLOCK_T, BLOCK_D)
             rows = row0 + tl.arange(0, BLOCK_M)
             tl.store(lse_base + rows, tl.zeros((BLOCK_M,), dtype=tl.float32),
                      mask=(rows >= row0 + BLOCK_T) & (rows < L))
         else:
             _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
-                      row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+                      row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
+                      TAIL_FULL)
     else:
         _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
-                  row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+                  row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
+                      TAIL_FULL)
 
 
 @triton.jit(do_not_specialize=["H"])
@@ -305,7 +336,7 @@ def _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_ba
                s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dkl, s_dkd, s_dvl, s_dvd, s_dql, s_dqd,
                col0, seqlen, L, D, sm_scale, qk_scale,
                COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-               ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+               ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr):
     offs_n = col0 + tl.arange(0, COLS)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -324,46 +355,56 @@ def _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_ba
     dv = tl.zeros((COLS, BLOCK_D), dtype=tl.float32)
     hi = tl.where(col0 < seqlen, seqlen, 0)
     m_full = hi - hi % BLOCK_M
-    for phase in tl.static_range(2):
-        lo = 0 if phase == 0 else m_full
-        top = m_full if phase == 0 else hi
-        for start_m in range(lo, top, BLOCK_M if phase == 0 else BLOCK_T):
-            rows = start_m + tl.arange(0, BLOCK_M if phase == 0 else BLOCK_T)
+    rem = hi - m_full
+    # the forward's tail rule (see _fwd_rows and ``tail_full``) over the streamed query tiles
+    for phase in tl.static_range(3):
+        if phase != 1 or TAIL_FULL:  # static: phase 1 exists only with TAIL_FULL
             if phase == 0:
-                q_mask = d_ok[None, :]
-                lse2 = tl.load(lse_base + rows) * 1.4426950408889634
-                delta = tl.load(delta_base + rows)
-                p_mask = n_ok[:, None]
+                lo, top = 0, m_full
+            elif phase == 1:
+                lo, top = m_full, tl.where(rem > BLOCK_T, hi, m_full)
+            elif TAIL_FULL:
+                lo, top = m_full, tl.where(rem > BLOCK_T, m_full, hi)
             else:
-                m_ok = rows < seqlen
-                q_mask = m_ok[:, None] & d_ok[None, :]
-                lse2 = tl.load(lse_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
-                delta = tl.load(delta_base + rows, mask=m_ok, other=0.0)
-                p_mask = n_ok[:, None] & m_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * s_ql + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
-            do = tl.load(g_base + rows[:, None] * s_gl + offs_d[None, :] * s_gd, mask=q_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            if UPCAST and DOT_PREC == "tf32":
-                q = (q.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                do = (do.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            # transposed tile [N, M]: keeps the key block as the row dimension of every product
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-            p_t = tl.where(p_mask, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-            p_op = p_t.to(do.dtype)
-            if UPCAST and DOT_PREC == "tf32":
-                p_op = (p_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            dv = tl.dot(p_op, do, dv, input_precision=DOT_PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            ds_op = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-            if UPCAST and DOT_PREC == "tf32":
-                ds_op = (ds_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            dk = tl.dot(ds_op, q, dk, input_precision=DOT_PREC)
-            if ATOMIC_DQ:
-                dq = tl.dot(tl.trans(ds_op), k, input_precision=DOT_PREC) * sm_scale
-                tl.atomic_add(dq_base + rows[:, None] * s_dql + offs_d[None, :] * s_dqd, dq,
-                              mask=(rows < seqlen)[:, None] & d_ok[None, :], sem="relaxed")
+                lo, top = m_full, hi
+            for start_m in tl.range(lo, top, BLOCK_T if phase == 2 else BLOCK_M,
+                                    num_stages=None if phase == 0 or not TAIL_FULL else 1):
+                rows = start_m + tl.arange(0, BLOCK_T if phase == 2 else BLOCK_M)
+                if phase == 0:
+                    q_mask = d_ok[None, :]
+                    lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+                    delta = tl.load(delta_base + rows)
+                    p_mask = n_ok[:, None]
+                else:
+                    m_ok = rows < seqlen
+                    q_mask = m_ok[:, None] & d_ok[None, :]
+                    lse2 = tl.load(lse_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+                    delta = tl.load(delta_base + rows, mask=m_ok, other=0.0)
+                    p_mask = n_ok[:, None] & m_ok[None, :]
+                q = tl.load(q_base + rows[:, None] * s_ql + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+                do = tl.load(g_base + rows[:, None] * s_gl + offs_d[None, :] * s_gd, mask=q_mask, other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                if UPCAST and DOT_PREC == "tf32":
+                    q = (q.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                    do = (do.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                # transposed tile [N, M]: keeps the key block as the row dimension of every product
+                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+                p_t = tl.where(p_mask, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+                p_op = p_t.to(do.dtype)
+                if UPCAST and DOT_PREC == "tf32":
+                    p_op = (p_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                dv = tl.dot(p_op, do, dv, input_precision=DOT_PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                ds_op = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+                if UPCAST and DOT_PREC == "tf32":
+                    ds_op = (ds_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                dk = tl.dot(ds_op, q, dk, input_precision=DOT_PREC)
+                if ATOMIC_DQ:
+                    dq = tl.dot(tl.trans(ds_op), k, input_precision=DOT_PREC) * sm_scale
+                    tl.atomic_add(dq_base + rows[:, None] * s_dql + offs_d[None, :] * s_dqd, dq,
+                                  mask=(rows < seqlen)[:, None] & d_ok[None, :], sem="relaxed")
     dk = dk * sm_scale
     out_mask = (offs_n < L)[:, None] & d_ok[None, :]
     tl.store(dk_base + offs_n[:, None] * s_dkl + offs_d[None, :] * s_dkd,
@@ -385,7 +426,7 @@ def _bwd_dkdv_kernel(
     H, L, D, sm_scale, qk_scale, L_BUCKET,
     HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr,
 ):
     # one program owns a block of keys and streams every query block past it, so dk / dv are
     # accumulated in registers without atomics. With ATOMIC_DQ it also adds ds @ k (times the
@@ -412,19 +453,19 @@ def _bwd_dkdv_kernel(
             _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_base, delta_base,
                        s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dkl, s_dkd, s_dvl, s_dvd, s_dql, s_dqd,
                        col0, seqlen, L, D, sm_scale, qk_scale,
-                       BLOCK_T, BLOCK_M, BLOCK_T, BLOCK_D, ATOMIC_DQ, UPCAST, DOT_PREC)
+                       BLOCK_T, BLOCK_M, BLOCK_T, BLOCK_D, ATOMIC_DQ, UPCAST, DOT_PREC, TAIL_FULL)
             _store_zero_rows(dk_base, s_dkl, s_dkd, col0, L, D, BLOCK_N, BLOCK_T, BLOCK_D)
             _store_zero_rows(dv_base, s_dvl, s_dvd, col0, L, D, BLOCK_N, BLOCK_T, BLOCK_D)
         else:
             _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_base, delta_base,
                        s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dkl, s_dkd, s_dvl, s_dvd, s_dql, s_dqd,
                        col0, seqlen, L, D, sm_scale, qk_scale,
-                       BLOCK_N, BLOCK_M, BLOCK_T, BLOCK_D, ATOMIC_DQ, UPCAST, DOT_PREC)
+                       BLOCK_N, BLOCK_M, BLOCK_T, BLOCK_D, ATOMIC_DQ, UPCAST, DOT_PREC, TAIL_FULL)
     else:
         _dkdv_cols(q_base, k_base, v_base, g_base, dk_base, dv_base, dq_base, lse_base, delta_base,
                    s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dkl, s_dkd, s_dvl, s_dvd, s_dql, s_dqd,
                    col0, seqlen, L, D, sm_scale, qk_scale,
-                   BLOCK_N, BLOCK_M, BLOCK_T, BLOCK_D, ATOMIC_DQ, UPCAST, DOT_PREC)
+                   BLOCK_N, BLOCK_M, BLOCK_T, BLOCK_D, ATOMIC_DQ, UPCAST, DOT_PREC, TAIL_FULL)
 
 
 @triton.jit
@@ -432,7 +473,7 @@ def _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
              s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dql, s_dqd,
              row0, seqlen, L, D, sm_scale, qk_scale,
              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-             UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+             UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr):
     offs_m = row0 + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -452,33 +493,43 @@ def _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
     dq = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
     hi = tl.where(row0 < seqlen, seqlen, 0)
     n_full = hi - hi % BLOCK_N
-    for phase in tl.static_range(2):
-        lo = 0 if phase == 0 else n_full
-        top = n_full if phase == 0 else hi
-        for start_n in range(lo, top, BLOCK_N if phase == 0 else BLOCK_T):
-            cols = start_n + tl.arange(0, BLOCK_N if phase == 0 else BLOCK_T)
+    rem = hi - n_full
+    # the forward's tail rule (see _fwd_rows and ``tail_full``)
+    for phase in tl.static_range(3):
+        if phase != 1 or TAIL_FULL:  # static: phase 1 exists only with TAIL_FULL
             if phase == 0:
-                kv_mask = d_ok[None, :]
-                p_mask = m_ok[:, None]
+                lo, top = 0, n_full
+            elif phase == 1:
+                lo, top = n_full, tl.where(rem > BLOCK_T, hi, n_full)
+            elif TAIL_FULL:
+                lo, top = n_full, tl.where(rem > BLOCK_T, n_full, hi)
             else:
-                n_ok = cols < seqlen
-                kv_mask = n_ok[:, None] & d_ok[None, :]
-                p_mask = m_ok[:, None] & n_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if UPCAST and DOT_PREC == "tf32":
-                k = (k.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                v = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            p = tl.where(p_mask, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds_op = (p * (dp - delta[:, None])).to(k.dtype)
-            if UPCAST and DOT_PREC == "tf32":
-                ds_op = (ds_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            dq = tl.dot(ds_op, k, dq, input_precision=DOT_PREC)
+                lo, top = n_full, hi
+            for start_n in tl.range(lo, top, BLOCK_T if phase == 2 else BLOCK_N,
+                                    num_stages=None if phase == 0 or not TAIL_FULL else 1):
+                cols = start_n + tl.arange(0, BLOCK_T if phase == 2 else BLOCK_N)
+                if phase == 0:
+                    kv_mask = d_ok[None, :]
+                    p_mask = m_ok[:, None]
+                else:
+                    n_ok = cols < seqlen
+                    kv_mask = n_ok[:, None] & d_ok[None, :]
+                    p_mask = m_ok[:, None] & n_ok[None, :]
+                k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+                v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                if UPCAST and DOT_PREC == "tf32":
+                    k = (k.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                    v = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                p = tl.where(p_mask, tl.math.exp2(s - lse2[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                ds_op = (p * (dp - delta[:, None])).to(k.dtype)
+                if UPCAST and DOT_PREC == "tf32":
+                    ds_op = (ds_op.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                dq = tl.dot(ds_op, k, dq, input_precision=DOT_PREC)
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * s_dql + offs_d[None, :] * s_dqd,
              dq.to(dq_base.dtype.element_ty), mask=(offs_m < L)[:, None] & d_ok[None, :])
@@ -495,7 +546,7 @@ def _bwd_dq_kernel(
     H, L, D, sm_scale, qk_scale, L_BUCKET,
     HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -515,16 +566,19 @@ def _bwd_dq_kernel(
         if seqlen - row0 <= BLOCK_T:
             _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
                      s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dql, s_dqd,
-                     row0, seqlen, L, D, sm_scale, qk_scale, BLOCK_T, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+                     row0, seqlen, L, D, sm_scale, qk_scale, BLOCK_T, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
+                     TAIL_FULL)
             _store_zero_rows(dq_base, s_dql, s_dqd, row0, L, D, BLOCK_M, BLOCK_T, BLOCK_D)
         else:
             _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
                      s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dql, s_dqd,
-                     row0, seqlen, L, D, sm_scale, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+                     row0, seqlen, L, D, sm_scale, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
+                     TAIL_FULL)
     else:
         _dq_rows(q_base, k_base, v_base, g_base, dq_base, lse_base, delta_base,
                  s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_gl, s_gd, s_dql, s_dqd,
-                 row0, seqlen, L, D, sm_scale, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC)
+                 row0, seqlen, L, D, sm_scale, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
+                     TAIL_FULL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,8 +598,17 @@ def _bwd_dq_kernel(
 # CTAs per SM by registers and shared memory: which wins depends on the batch size and the length,
 # which is what the autotuner measures (benchmarks/aot_check.py re-measures registers, spills and
 # shared memory of compiled kernels). Sizes were chosen from a sweep of ~800 AOT compiles:
-# * 16-bit forward: BLOCK_M 128 (one wgmma per warpgroup of 8 warps) or 64 with 4 warps, BLOCK_N 64
-#   (128 only for D = 64: its 128 x 128 x D tiles spill or take one CTA per SM for D = 128);
+# * 16-bit forward: BLOCK_M 128 (one wgmma per warpgroup of 8 warps) or 64 with 4 warps, BLOCK_N 64;
+#   on sm_90 only 128 x 128 (2 or 3 stages): the only tiles whose main loop takes at most 9
+#   thread-instructions per score element (8.7 at D = 128, 7.4 at D = 64; 128 x 64 takes 11.6 and
+#   9.6: the acc * alpha rescale and the per-iteration address / barrier work are spread over half
+#   the scores), measured from the SASS by benchmarks/aot_check.py (issue 23). One CTA per SM; the
+#   auto backend picks SDPA where that loses (small batches);
+# * sm_90 16-bit backward at D = 128: dk/dv 64 x 128 (a 128-key resident block: 14.3 instructions
+#   per score element against 33.2 for 64 x 64, which spills with the tail rule); the dk/dv
+#   candidates that compiled to mma.sync only (64 x 32 with 4 warps, atomic 32 x 32) are gone. dq
+#   128 x 128 (9.1 against 11.3 for 128 x 64) compiles clean under triton 3.9 but spills 16 B
+#   under 3.6 (the GPU image's), so it is not a candidate;
 # * fp32 tiles are twice the bytes, so tf32 keeps BLOCK_N 32-64 and "ieee" (FMA: the whole dot
 #   lives in registers) 16-64 with 8 warps: 4-warp FMA tiles spilled at every size above 32 x 32;
 # * the dk/dv kernel holds k, v, dk, dv of its key block: BLOCK_N 64 needs 8 warps for D = 128;
@@ -573,7 +636,7 @@ _FMA_DKDV_ATOMIC = {64: [(32, 32, 8, 2), (16, 32, 8, 2), (64, 16, 8, 1), (32, 16
                     ("sm89", 64): [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2), (64, 16, 8, 1)],
                     128: [(32, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)],
                     ("sm90", 128): [(16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)],
-                    ("sm89", 128): [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 1)]}
+                    ("sm89", 128): [(16, 32, 8, 2), (32, 16, 8, 1)]}  # 32 x 32 spilled 428 B under triton 3.6
 _FMA_DQ = {64: [(32, 64, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2)],
            ("sm90", 64): [(32, 64, 8, 2), (64, 16, 8, 2), (16, 32, 8, 2)],
            ("sm89", 64): [(32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2)],
@@ -592,8 +655,8 @@ def _lists(tc: dict[tuple[str, str, int], list[_T]], fma: dict) -> dict[tuple[st
 
 CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
     "fwd": _lists({
-        ("sm90", "16bit", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-        ("sm90", "16bit", 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+        ("sm90", "16bit", 64): [(128, 128, 8, 2), (128, 128, 8, 3)],
+        ("sm90", "16bit", 128): [(128, 128, 8, 2), (128, 128, 8, 3)],
         ("sm80", "16bit", 64): [(128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
         ("sm80", "16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
         ("sm89", "16bit", 64): [(128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
@@ -607,7 +670,7 @@ CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
     }, _FMA_FWD),
     "dkdv": _lists({
         ("sm90", "16bit", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 64, 8, 3)],
-        ("sm90", "16bit", 128): [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3)],
+        ("sm90", "16bit", 128): [(64, 128, 8, 2), (64, 128, 8, 3)],
         ("sm80", "16bit", 64): [(64, 128, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
         ("sm80", "16bit", 128): [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 4, 2)],
         ("sm89", "16bit", 64): [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
@@ -621,7 +684,7 @@ CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
     }, _FMA_DKDV),
     "dkdv_atomic": _lists({
         ("sm90", "16bit", 64): [(64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
-        ("sm90", "16bit", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
+        ("sm90", "16bit", 128): [(64, 32, 8, 2), (32, 64, 8, 2)],
         ("sm80", "16bit", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
         ("sm80", "16bit", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
         ("sm89", "16bit", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
@@ -635,7 +698,7 @@ CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
     }, _FMA_DKDV_ATOMIC),
     "dq": _lists({
         ("sm90", "16bit", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
-        ("sm90", "16bit", 128): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3)],
+        ("sm90", "16bit", 128): [(128, 64, 8, 2), (64, 64, 4, 2)],
         ("sm80", "16bit", 64): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
         ("sm80", "16bit", 128): [(128, 32, 8, 2), (64, 64, 8, 3)],
         ("sm89", "16bit", 64): [(64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
@@ -694,6 +757,14 @@ def _fixed_config(kernel: str, cap: tuple[int, int] | None, ocls: str) -> tuple[
         return _INTERPRETER_CONFIG
     # pre-Ampere (64-96 KB of shared memory, no bf16 / tf32 tensor cores): small, untuned tiles
     return (32, 32, 4, 1) if ocls != "16bit" else (64, 32, 4, 2)
+
+
+def tail_full(cap: tuple[int, int] | None, ocls: str) -> bool:
+    """Whether the kernels run a length remainder above BLOCK_T as one masked full-width tile
+    (TAIL_FULL): for 16-bit operands on sm_90, and under the interpreter (so the tests run it).
+    Elsewhere the extra tile body made ptxas spill (sm_80 / sm_89 128 x 64 at D = 128: 4-12 B;
+    the fp32 FMA 32 x 64 on sm_90: 2.1 KB), so those keep the 16-wide tail tiles."""
+    return is_interpreting() or (arch_class(cap) == "sm90" and ocls == "16bit")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -840,6 +911,7 @@ def flash_attn_fwd(
          H, L, D, _LOG2E / math.sqrt(D), cdiv(L, 32)),
         cap, operand_class(q.dtype, prec),
         HAS_LENGTHS=has_len, BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_2(D), UPCAST=upcast, DOT_PREC=prec,
+        TAIL_FULL=tail_full(cap, operand_class(q.dtype, prec)),
     )
     return out, lse
 
@@ -889,7 +961,8 @@ def flash_attn_bwd(
     sm_scale = 1.0 / math.sqrt(D)
     bucket = cdiv(L, 32)
 
-    bm_delta = 64
+    # 32 rows at D > 64: the 64 x 128 fp32 tiles spilled 4 B on sm_89 under triton 3.6 (ptxas 12.8)
+    bm_delta = 64 if block_d <= 64 else 32
     _bwd_delta_kernel[(cdiv(L, bm_delta), H, B)](
         out, grad_out, delta, len_arg, *_strides(out), *_strides(grad_out), H, L, D,
         HAS_LENGTHS=has_len, BLOCK_M=bm_delta, BLOCK_D=block_d,
@@ -909,6 +982,7 @@ def flash_attn_bwd(
          *_strides(dq_acc), H, L, D, sm_scale, sm_scale * _LOG2E, bucket),
         cap, ocls,
         HAS_LENGTHS=has_len, BLOCK_T=BLOCK_T, BLOCK_D=block_d, ATOMIC_DQ=atomic, UPCAST=upcast, DOT_PREC=prec,
+        TAIL_FULL=tail_full(cap, ocls),
     )
     if atomic:
         if dq_acc is not dq:
@@ -922,5 +996,6 @@ def flash_attn_bwd(
          H, L, D, sm_scale, sm_scale * _LOG2E, bucket),
         cap, ocls,
         HAS_LENGTHS=has_len, BLOCK_T=BLOCK_T, BLOCK_D=block_d, UPCAST=upcast, DOT_PREC=prec,
+        TAIL_FULL=tail_full(cap, ocls),
     )
     return dq, dk, dv
