@@ -1140,3 +1140,18 @@ def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, 
     assert cli_main(_encode(env, tmp_path, "--batch-size", "1")) == 0  # the partial file is replaced
     done = TokenBatch.load(tmp_path / "t.safetensors")
     assert len(done) == 2 and "partial" not in done.extra
+
+
+def test_evaluate_and_training_report_converted_images_once(env, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    shutil.copytree(env.images, folder)
+    Image.fromarray(np.full((40, 40, 4), 90, np.uint8), "RGBA").save(folder / "alpha.png")
+    argv = ["evaluate", "--data", str(folder), "--checkpoint", str(env.model), "--out", str(tmp_path / "ev"),
+            "--metrics", "l1", "--tokens", "8", "--workers", "0", "--quiet"]
+    assert cli_main(argv) == 0
+    assert [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln] == [
+        "alit-fast evaluate: note: 1 image(s) had an alpha channel (dropped)"]
+    Image.fromarray(np.full((40, 40), 60, np.uint8)).convert("P").save(folder / "palette.png")  # 4 images: a batch
+    assert cli_main(["train", *_train_args(env, tmp_path / "run"), "--data", str(folder), "--steps", "1"]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(notes) == 1 and "1 image(s) had an alpha channel" in notes[0] and "1 image(s) were palette" in notes[0]

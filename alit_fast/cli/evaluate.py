@@ -20,6 +20,7 @@ from ..evaluation.report import markdown, written_here
 from ..files import FolderBusy, acquire_lock, release_lock
 from ..training.utils import package_version, weights_digest
 from ..evaluation.data import ImageFiles
+from ..io.images import describe_notes, scan_notes
 from ..inference import FALLBACKS, parse_criterion
 from ..models import HALTING_MODES
 from ._common import (OneLineParser, check_free_space, check_output_dir, checkpoint_spec, device_from,
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             files = ImageFiles(args.data, model.config.image_size, args.crop)
             if len(files) == 0:
                 raise ValueError(f"--data {args.data}: no image files found")
+            converted = describe_notes(scan_notes(files.files))  # headers only: the pixels are read in workers
+            if converted and (not dist.is_initialized() or dist.get_rank() == 0):
+                print(f"{PROG}: {converted}", file=sys.stderr)
             report = evaluate(
                 model, files, tokens=args.tokens, criteria=criteria, metrics=metrics, batch_size=args.batch_size,
                 halting=args.halting, seed=args.seed, quantize=not args.no_quantize, fallback=args.fallback,
