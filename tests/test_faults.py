@@ -1083,7 +1083,7 @@ def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_no_partial_one
     monkeypatch.setattr(train_utils.torch, "save", fills_up)
     assert cli_main(["train", *_train_args(env, out), "--steps", "2", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("alit-fast train: cannot write: ") and "checkpoint.pt" in err[-1]
+    assert err[-1].startswith("alit-fast train: cannot write ") and "checkpoint.pt" in err[-1]
     assert (out / "checkpoint.pt").read_bytes() == good and not list(out.glob(".checkpoint.pt.tmp*"))
 
 
