@@ -965,7 +965,10 @@ def test_train_into_a_busy_folder_refuses_by_name(env, tmp_path, capsys):
     out.mkdir()
     (out / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "command": "alit-fast train"}))
     assert cli_main(["train", *_train_args(env, out), "--steps", "1"]) == 2
-    assert "in use by another run" in capsys.readouterr().err
+    assert "in use by another run" in capsys.readouterr().err and not (out / "checkpoint.pt").exists()
+    (out / LOCK_NAME).unlink()
+    assert cli_main(["train", *_train_args(env, out), "--steps", "1"]) == 0
+    assert not (out / LOCK_NAME).exists()  # released at the end
 
 
 def _read_only(monkeypatch):
@@ -1155,3 +1158,28 @@ def test_evaluate_and_training_report_converted_images_once(env, tmp_path, capsy
     assert cli_main(["train", *_train_args(env, tmp_path / "run"), "--data", str(folder), "--steps", "1"]) == 0
     notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
     assert len(notes) == 1 and "1 image(s) had an alpha channel" in notes[0] and "1 image(s) were palette" in notes[0]
+
+
+def test_a_lock_held_by_a_live_process_refuses_and_is_taken_over_once_it_is_killed(env, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    import alit_fast.files
+
+    # the lock module alone (stdlib only), not the package: no torch import to wait for
+    holds = ("import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('files', sys.argv[2]); "
+             "files = importlib.util.module_from_spec(spec); spec.loader.exec_module(files); "
+             "files.acquire_lock(sys.argv[1], 'another run'); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", holds, str(out), alit_fast.files.__file__], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli_main(_pretokenize(env, out)) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert cli_main(_pretokenize(env, out)) == 0  # the killed run's lock is stale
