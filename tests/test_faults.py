@@ -1183,3 +1183,67 @@ def test_a_lock_held_by_a_live_process_refuses_and_is_taken_over_once_it_is_kill
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert cli_main(_pretokenize(env, out)) == 0  # the killed run's lock is stale
+
+
+def test_an_evaluation_stopped_late_continues_from_its_saved_sums_to_the_same_report(env, tmp_path, monkeypatch,
+                                                                                     capsys):
+    import alit_fast.cli.evaluate as evaluate_cli
+
+    folder = tmp_path / "three"
+    shutil.copytree(env.images, folder)
+    shutil.copy(env.png, folder / "c.png")
+
+    def argv(out):
+        return ["evaluate", "--data", str(folder), "--checkpoint", str(env.model), "--out", str(out), "--metrics",
+                "l1,psnr", "--tokens", "4,12", "--criterion", "code-acc:0.5", "--batch-size", "1", "--workers", "0",
+                "--quiet"]
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((out / "metrics.json").read_text())["rows"]]
+
+    assert cli_main(argv(tmp_path / "whole")) == 0
+    real, calls = ALIT.rollout, []
+
+    def crashes_on_the_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_cli, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(ALIT, "rollout", crashes_on_the_third_batch)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        cli_main(argv(tmp_path / "ev"))
+    assert (tmp_path / "ev" / evaluate_cli.PROGRESS).exists()
+    monkeypatch.setattr(ALIT, "rollout", real)
+    other = argv(tmp_path / "ev")
+    other[other.index("code-acc:0.5")] = "code-acc:0.6"
+    assert cli_main(other) == 2 and "another evaluation" in capsys.readouterr().err  # other options: refused
+    calls.clear()
+    monkeypatch.setattr(ALIT, "rollout", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    assert cli_main(argv(tmp_path / "ev")) == 0
+    assert len(calls) == 1  # only the third image was left
+    assert rows(tmp_path / "ev") == rows(tmp_path / "whole") and not (tmp_path / "ev" / evaluate_cli.PROGRESS).exists()
+
+
+def test_saved_evaluation_progress_restores_every_sum_and_the_halting_generator(tmp_path):
+    from alit_fast.evaluation.metrics import FeatureStats, MetricSums
+    from alit_fast.evaluation.run import _restore_progress, _save_progress
+
+    def fresh():
+        return {"fixed": {0: MetricSums(("l1",))}, "fixed_feats": {0: FeatureStats(4)}, "gt_feats": FeatureStats(4),
+                "adaptive": []}
+
+    sums, generator = fresh(), torch.Generator().manual_seed(7)
+    sums["fixed"][0].add({"l1": torch.rand(3, dtype=torch.float64)}, 3)
+    sums["fixed_feats"][0].add(torch.rand(3, 4))
+    sums["gt_feats"].add(torch.rand(3, 4))
+    torch.rand(5, generator=generator)  # the stream has moved on
+    _save_progress(tmp_path / "p.pt", "id", sums, generator, offset=3, seconds=1.5)
+    restored, other = fresh(), torch.Generator().manual_seed(0)
+    assert _restore_progress(tmp_path / "p.pt", "id", restored, other, "cpu") == {"offset": 3, "seconds": 1.5}
+    assert torch.equal(restored["fixed"][0].sums, sums["fixed"][0].sums)
+    assert torch.equal(restored["gt_feats"].gram, sums["gt_feats"].gram) and len(restored["gt_feats"].rows) == 1
+    assert torch.equal(torch.rand(4, generator=other), torch.rand(4, generator=generator))
+    with pytest.raises(ValueError, match="another evaluation"):
+        _restore_progress(tmp_path / "p.pt", "another id", fresh(), None, "cpu")

@@ -8,6 +8,8 @@ sums are all-reduced (gloo on CPUs, nccl on GPUs); rank 0 writes the report.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -66,6 +68,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# a long pass saves its sums this often, so that a crash late in it loses at most this much work:
+# rerunning the same command continues from them (one process only)
+PROGRESS = ".evaluate-progress.pt"
+SAVE_EVERY_S = 300.0
+
+
+def _identity(args: argparse.Namespace, weights: str, files: list) -> str:
+    """What the numbers depend on: the weights themselves, the images, every option that changes
+    them, the package version. Progress saved under another identity is never continued."""
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "quiet", "workers")}
+    document = json.dumps([weights, [str(f) for f in files], options, package_version()], default=str)
+    return hashlib.sha256(document.encode()).hexdigest()
+
+
 def _distributed_setup(device_name: str) -> tuple[bool, torch.device | None]:
     """Join the torchrun group when launched by it (WORLD_SIZE > 1); returns (joined, device)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
@@ -119,7 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             return 2
         try:
-            parse_tokens(args.tokens, model.config.tokens_per_iter, model.config.max_tokens)
+            counts = parse_tokens(args.tokens, model.config.tokens_per_iter, model.config.max_tokens)
+            if "fid" in metrics and (not dist.is_initialized() or dist.get_world_size() == 1):
+                # the progress file holds a 2048 x 2048 float64 Gram matrix per row and one for the
+                # images, twice while it is replaced
+                gram = 2048 * 2048 * 8 * (len(counts) + len(criteria) + 1)
+                check_free_space(str(out), 2 * gram, f"--out {out} (the evaluation's saved progress)")
+            digest = weights_digest(model)
             files = ImageFiles(args.data, model.config.image_size, args.crop)
             if len(files) == 0:
                 raise ValueError(f"--data {args.data}: no image files found")
@@ -131,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                 halting=args.halting, seed=args.seed, quantize=not args.no_quantize, fallback=args.fallback,
                 fid_weights=args.fid_weights, lpips_vgg=args.lpips_vgg, lpips_heads=args.lpips_heads,
                 fid_method=args.fid_method, crop=args.crop, num_workers=args.workers, progress=not args.quiet,
+                progress_file=out / PROGRESS, identity=_identity(args, digest, files.files), save_every=SAVE_EVERY_S,
             )
         except (ValueError, TypeError, FileNotFoundError) as exc:
             print(f"{PROG}: {exc}", file=sys.stderr)
             return 2
         if not dist.is_initialized() or dist.get_rank() == 0:
             # what identifies the numbers: the weights themselves, not only their path or name
-            report.settings.update(checkpoint=checkpoint_spec(args.checkpoint), weights_sha256=weights_digest(model),
+            report.settings.update(checkpoint=checkpoint_spec(args.checkpoint), weights_sha256=digest,
                                    alit_fast_version=package_version())
             print(markdown(report), end="")  # first: a write that fails still leaves the numbers on screen
             try:
@@ -146,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{PROG}: cannot write the report to {out}: {exc.strerror or exc} (the numbers are above)",
                       file=sys.stderr)
                 return 2
+            (out / PROGRESS).unlink(missing_ok=True)  # done: a rerun starts over
             print(f"wrote {', '.join(str(p) for p in paths.values())}")
         return 0
     except FolderBusy as exc:
