@@ -1247,3 +1247,17 @@ def test_saved_evaluation_progress_restores_every_sum_and_the_halting_generator(
     assert torch.equal(torch.rand(4, generator=other), torch.rand(4, generator=generator))
     with pytest.raises(ValueError, match="another evaluation"):
         _restore_progress(tmp_path / "p.pt", "another id", fresh(), None, "cpu")
+
+
+def test_a_base_cache_from_another_image_reader_is_refused_by_name(env, tmp_path):
+    from alit_fast.training.base_cache import BaseCacheDataset
+
+    cache = tmp_path / "cache"
+    shutil.copytree(env.cache, cache)
+    model = alit_fast.load(env.model)
+    BaseCacheDataset(cache).check_model(model)  # the cache as written fits
+    index = json.loads((cache / "index.json").read_text())
+    index.pop("image_reader")  # as written before 16-bit images were read by their range
+    (cache / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="older image reader"):
+        BaseCacheDataset(cache).check_model(model)
