@@ -5,6 +5,7 @@ option parser refuses a backend that cannot run on this machine at the flag."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable, Sequence
 
@@ -68,9 +69,12 @@ def run_command(
     except OSError as exc:  # a full disk, a read-only or forbidden folder met while writing
         if exc.errno not in WRITE_ERRNOS:
             raise
-        where = f": {exc.filename}" if exc.filename else ""
-        message = (f"cannot write{where}: {exc.strerror or exc} (nothing half-written is left; files written "
-                   "before are kept)")
+        where = f" {exc.filename}" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            message = (f"cannot write{where}: {exc.strerror or exc} (nothing half-written is left; files written "
+                       "before are kept)")
+        else:  # a forbidden or read-only place, met past the checks made before the work
+            message = f"{exc.strerror or exc}:{where}"
     except KeyboardInterrupt:
         if speak:
             sys.stdout.flush()

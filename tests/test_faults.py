@@ -967,7 +967,10 @@ def test_train_into_a_busy_folder_refuses_by_name(env, tmp_path, capsys):
     out.mkdir()
     (out / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "command": "alit-fast train"}))
     assert cli_main(["train", *_train_args(env, out), "--steps", "1"]) == 2
-    assert "in use by another run" in capsys.readouterr().err
+    assert "in use by another run" in capsys.readouterr().err and not (out / "checkpoint.pt").exists()
+    (out / LOCK_NAME).unlink()
+    assert cli_main(["train", *_train_args(env, out), "--steps", "1"]) == 0
+    assert not (out / LOCK_NAME).exists()  # released at the end
 
 
 def _read_only(monkeypatch):
@@ -1085,7 +1088,7 @@ def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_no_partial_one
     monkeypatch.setattr(train_utils.torch, "save", fills_up)
     assert cli_main(["train", *_train_args(env, out), "--steps", "2", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("alit-fast train: cannot write: ") and "checkpoint.pt" in err[-1]
+    assert err[-1].startswith("alit-fast train: cannot write ") and "checkpoint.pt" in err[-1]
     assert (out / "checkpoint.pt").read_bytes() == good and not list(out.glob(".checkpoint.pt.tmp*"))
 
 
@@ -1141,3 +1144,121 @@ def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, 
     assert cli_main(_encode(env, tmp_path, "--batch-size", "1")) == 0  # the partial file is replaced
     done = TokenBatch.load(tmp_path / "t.safetensors")
     assert len(done) == 2 and "partial" not in done.extra
+
+
+def test_evaluate_and_training_report_converted_images_once(env, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    shutil.copytree(env.images, folder)
+    Image.fromarray(np.full((40, 40, 4), 90, np.uint8), "RGBA").save(folder / "alpha.png")
+    argv = ["evaluate", "--data", str(folder), "--checkpoint", str(env.model), "--out", str(tmp_path / "ev"),
+            "--metrics", "l1", "--tokens", "8", "--workers", "0", "--quiet"]
+    assert cli_main(argv) == 0
+    assert [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln] == [
+        "alit-fast evaluate: note: 1 image(s) had an alpha channel (dropped)"]
+    Image.fromarray(np.full((40, 40), 60, np.uint8)).convert("P").save(folder / "palette.png")  # 4 images: a batch
+    assert cli_main(["train", *_train_args(env, tmp_path / "run"), "--data", str(folder), "--steps", "1"]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(notes) == 1 and "1 image(s) had an alpha channel" in notes[0] and "1 image(s) were palette" in notes[0]
+
+
+def test_a_lock_held_by_a_live_process_refuses_and_is_taken_over_once_it_is_killed(env, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    import alit_fast.files
+
+    # the lock module alone (stdlib only), not the package: no torch import to wait for
+    holds = ("import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('files', sys.argv[2]); "
+             "files = importlib.util.module_from_spec(spec); spec.loader.exec_module(files); "
+             "files.acquire_lock(sys.argv[1], 'another run'); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", holds, str(out), alit_fast.files.__file__], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli_main(_pretokenize(env, out)) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert cli_main(_pretokenize(env, out)) == 0  # the killed run's lock is stale
+
+
+def test_an_evaluation_stopped_late_continues_from_its_saved_sums_to_the_same_report(env, tmp_path, monkeypatch,
+                                                                                     capsys):
+    import alit_fast.cli.evaluate as evaluate_cli
+
+    folder = tmp_path / "three"
+    shutil.copytree(env.images, folder)
+    shutil.copy(env.png, folder / "c.png")
+
+    def argv(out):
+        return ["evaluate", "--data", str(folder), "--checkpoint", str(env.model), "--out", str(out), "--metrics",
+                "l1,psnr", "--tokens", "4,12", "--criterion", "code-acc:0.5", "--batch-size", "1", "--workers", "0",
+                "--quiet"]
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((out / "metrics.json").read_text())["rows"]]
+
+    assert cli_main(argv(tmp_path / "whole")) == 0
+    real, calls = ALIT.rollout, []
+
+    def crashes_on_the_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_cli, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(ALIT, "rollout", crashes_on_the_third_batch)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        cli_main(argv(tmp_path / "ev"))
+    assert (tmp_path / "ev" / evaluate_cli.PROGRESS).exists()
+    monkeypatch.setattr(ALIT, "rollout", real)
+    other = argv(tmp_path / "ev")
+    other[other.index("code-acc:0.5")] = "code-acc:0.6"
+    assert cli_main(other) == 2 and "another evaluation" in capsys.readouterr().err  # other options: refused
+    calls.clear()
+    monkeypatch.setattr(ALIT, "rollout", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    assert cli_main(argv(tmp_path / "ev")) == 0
+    assert len(calls) == 1  # only the third image was left
+    assert rows(tmp_path / "ev") == rows(tmp_path / "whole") and not (tmp_path / "ev" / evaluate_cli.PROGRESS).exists()
+
+
+def test_saved_evaluation_progress_restores_every_sum_and_the_halting_generator(tmp_path):
+    from alit_fast.evaluation.metrics import FeatureStats, MetricSums
+    from alit_fast.evaluation.run import _Pass, _restore_progress, _save_progress
+
+    def fresh():
+        return _Pass(model=None, per_image=("l1",), fixed_iters=[0], needed=[0], fixed={0: MetricSums(("l1",))},
+                     fixed_feats={0: FeatureStats(4)}, gt_feats=FeatureStats(4), adaptive=[])
+
+    sums, generator = fresh(), torch.Generator().manual_seed(7)
+    sums.fixed[0].add({"l1": torch.rand(3, dtype=torch.float64)}, 3)
+    sums.fixed_feats[0].add(torch.rand(3, 4))
+    sums.gt_feats.add(torch.rand(3, 4))
+    torch.rand(5, generator=generator)  # the stream has moved on
+    _save_progress(tmp_path / "p.pt", "id", sums, generator, offset=3, seconds=1.5)
+    restored, other = fresh(), torch.Generator().manual_seed(0)
+    assert _restore_progress(tmp_path / "p.pt", "id", restored, other, "cpu") == {"offset": 3, "seconds": 1.5}
+    assert torch.equal(restored.fixed[0].sums, sums.fixed[0].sums)
+    assert torch.equal(restored.gt_feats.gram, sums.gt_feats.gram) and len(restored.gt_feats.rows) == 1
+    assert torch.equal(torch.rand(4, generator=other), torch.rand(4, generator=generator))
+    with pytest.raises(ValueError, match="another evaluation"):
+        _restore_progress(tmp_path / "p.pt", "another id", fresh(), None, "cpu")
+
+
+def test_a_base_cache_from_another_image_reader_is_refused_by_name(env, tmp_path):
+    from alit_fast.training.base_cache import BaseCacheDataset
+
+    cache = tmp_path / "cache"
+    shutil.copytree(env.cache, cache)
+    model = alit_fast.load(env.model)
+    BaseCacheDataset(cache).check_model(model)  # the cache as written fits
+    index = json.loads((cache / "index.json").read_text())
+    index.pop("image_reader")  # as written before 16-bit images were read by their range
+    (cache / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="older image reader"):
+        BaseCacheDataset(cache).check_model(model)

@@ -8,6 +8,8 @@ sums are all-reduced (gloo on CPUs, nccl on GPUs); rank 0 writes the report.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,12 +17,14 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..distributed import join_group, rank_device, rank_world
-from ..evaluation import CROPS, FID_METHODS, METRICS, FIDWeightsError, evaluate, load_fid_inception, parse_metrics, write_report
+from ..evaluation import (CROPS, FID_METHODS, METRICS, FIDWeightsError, evaluate, load_fid_inception, parse_metrics,
+                          parse_tokens, write_report)
 from ..evaluation.data import ImageFiles
 from ..evaluation.report import markdown, written_here
 from ..files import acquire_lock, release_lock
 from ..training.utils import package_version, weights_digest
-from ..evaluation.run import check_arguments
+from ..evaluation.run import ProgressError, check_arguments
+from ..io.images import describe_notes, scan_notes
 from ..inference import FALLBACKS, parse_criterion
 from ..io.lpips_weights import LPIPSWeightsError, load_lpips as _load_lpips
 from ..models import HALTING_MODES
@@ -72,6 +76,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# a long pass saves its sums this often, so that a crash late in it loses at most this much work:
+# rerunning the same command continues from them (one process only)
+PROGRESS = ".evaluate-progress.pt"
+SAVE_EVERY_S = 300.0
+
+
+def _identity(args: argparse.Namespace, weights: str, files: list) -> str:
+    """What the numbers depend on: the weights themselves, the images, every option that changes
+    them, the package version. Progress saved under another identity is never continued."""
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "quiet", "workers")}
+    document = json.dumps([weights, [str(f) for f in files], options, package_version()], default=str)
+    return hashlib.sha256(document.encode()).hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     # a user error is one line and exit status 2 (from rank 0: every rank meets the same one);
     # anything else is a bug and keeps its traceback
@@ -106,29 +124,48 @@ def _evaluate_into(args: argparse.Namespace, metrics, criteria, out: Path, main_
               file=sys.stderr)
     if len(files) == 0:
         raise UsageError(f"--data {args.data}: no readable image files found")
+    converted = describe_notes(scan_notes(files.files))  # headers only: the pixels are read in workers
+    if converted and main_rank:
+        print(f"{PROG}: {converted}", file=sys.stderr)
     if args.metrics == ",".join(DEFAULT_METRICS) and main_rank:
         print(f"{PROG}: LPIPS and FID are off by default; --metrics {','.join(METRICS)} adds them "
               "(they need torchvision's VGG16 and pytorch-fid's Inception weights: see --help)", file=sys.stderr)
     fid_model, lpips_model = _networks(args, metrics, device)
+    digest = weights_digest(model)
+    if "fid" in metrics and rank_world()[1] == 1:
+        # the progress file holds a 2048 x 2048 float64 Gram matrix per row and one for the images,
+        # twice while it is replaced
+        rows = len(parse_tokens(args.tokens, model.config.tokens_per_iter, model.config.max_tokens)) + len(criteria)
+        check_free_space(str(out), 2 * 2048 * 2048 * 8 * (rows + 1), f"--out {out} (the evaluation's saved progress)")
     joined = join_group(device)  # after every check: a refused run leaves no rank waiting for the others
     try:
-        report = evaluate(
+        report = _evaluate_resumable(
             model, files, tokens=args.tokens, criteria=criteria, metrics=metrics, batch_size=args.batch_size,
             halting=args.halting, seed=args.seed, quantize=not args.no_quantize, fallback=args.fallback,
             fid_method=args.fid_method, crop=args.crop, num_workers=args.workers, progress=not args.quiet,
-            fid_model=fid_model, lpips_model=lpips_model,
+            fid_model=fid_model, lpips_model=lpips_model, progress_file=out / PROGRESS,
+            identity=_identity(args, digest, files.files), save_every=SAVE_EVERY_S,
         )
         if main_rank:
-            _report(report, model, args, out)
+            _report(report, digest, args, out)
+            (out / PROGRESS).unlink(missing_ok=True)  # done: a rerun starts over
     finally:
         if joined:
             dist.destroy_process_group()
     return 0
 
 
-def _report(report, model, args: argparse.Namespace, out: Path) -> None:
+def _evaluate_resumable(*args, **kwargs):
+    """``evaluate``, with a progress file it cannot continue from reported as the user's to remove."""
+    try:
+        return evaluate(*args, **kwargs)
+    except ProgressError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _report(report, digest: str, args: argparse.Namespace, out: Path) -> None:
     # what identifies the numbers: the weights themselves, not only their path or name
-    report.settings.update(checkpoint=checkpoint_spec(args.checkpoint), weights_sha256=weights_digest(model),
+    report.settings.update(checkpoint=checkpoint_spec(args.checkpoint), weights_sha256=digest,
                            alit_fast_version=package_version())
     print(markdown(report), end="")  # first: a write that fails still leaves the numbers on screen
     try:

@@ -101,7 +101,6 @@ def _main(argv: list[str] | None, prog: str) -> int:
     plan = Plan(tuple(sources), args.shard_size, model.config.to_json(), checkpoint_spec(args.checkpoint),
                 options, args.batch_size, weights_digest(model), f"{package_version()} reader {READER_VERSION}")
 
-    check_output_dir(args.out)
     created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)
     lock = acquire_lock(args.out, "alit-fast pretokenize") if rank == 0 else None
@@ -133,7 +132,9 @@ def _check_out(args: argparse.Namespace, plan: Plan, images: int, max_tokens: in
     return foreign
 
 
-def _run(args, plan: Plan, model, criterion, device, rank: int, world: int, foreign: list) -> None:
+def _run(args: argparse.Namespace, plan: Plan, model, criterion, device: torch.device, rank: int, world: int,
+         foreign: list) -> None:
+    """The shards still to do (this rank's share), then the index (rank 0)."""
     ours = owned_files(args.out)
     join_group(device)
     try:

@@ -21,6 +21,7 @@ round-off of the sums' order (~1e-15 relative).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..files import write_atomic
 from ..inference import Criterion, StepView, criterion_name, parse_criterion, pixels_from_logits
 from ..inference.encode import CountChoice, check_criterion_fits, check_fallback
 from .data import ImageFiles, png_bytes_per_pixel, to_unit
@@ -125,9 +127,15 @@ def parse_metrics(spec: "str | Sequence[str]") -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------- data sources
-def _batches(data, batch_size: int, rank: int, world: int, num_workers: int, size: int, crop: str):
-    """(uint8 or float batch [b, 3, S, S], number of items) pairs of this rank's shard, and the
-    shard's length when known."""
+def _unsized(data) -> bool:
+    """Data whose items cannot be skipped to resume: an iterable of batches."""
+    return not (isinstance(data, (str, torch.Tensor)) or hasattr(data, "__fspath__")
+                or (isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__")))
+
+
+def _batches(data, batch_size: int, rank: int, world: int, num_workers: int, size: int, crop: str, start: int = 0):
+    """(uint8 or float batch [b, 3, S, S], number of items) pairs of this rank's shard from its
+    item ``start`` on (a resumed pass), and the shard's length when known."""
     if isinstance(data, str) or hasattr(data, "__fspath__"):
         folder = data
         data = ImageFiles(folder, size, crop)
@@ -136,10 +144,10 @@ def _batches(data, batch_size: int, rank: int, world: int, num_workers: int, siz
     if isinstance(data, torch.Tensor):
         if data.dim() == 3:
             data = data[None]
-        indices = _shard(data.shape[0], batch_size, rank, world)
+        indices = _shard(data.shape[0], batch_size, rank, world)[start:]
         return ((data[indices[i : i + batch_size]]) for i in range(0, len(indices), batch_size)), len(indices)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        indices = _shard(len(data), batch_size, rank, world)
+        indices = _shard(len(data), batch_size, rank, world)[start:]
         subset = torch.utils.data.Subset(data, indices)
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=_stack, shuffle=False)
@@ -170,6 +178,67 @@ def _as_batch(item) -> torch.Tensor:
     if not isinstance(item, torch.Tensor):
         raise TypeError(f"evaluate: a batch must be a tensor (or a dict with 'image'), got {type(item).__name__}")
     return item if item.dim() == 4 else item[None]
+
+
+# ---------------------------------------------------------------------- progress of a long pass
+def _sum_tensors(p: "_Pass") -> tuple[dict[str, torch.Tensor], dict[str, FeatureStats]]:
+    """Every accumulator of the pass, by name, as tensors (and the kept FID rows)."""
+    out = {f"fixed.{t}": m.sums for t, m in p.fixed.items()}
+    stats = {f"fixed_feats.{t}": f for t, f in p.fixed_feats.items()}
+    if p.gt_feats is not None:
+        stats["gt_feats"] = p.gt_feats
+    for i, a in enumerate(p.adaptive):
+        out[f"adaptive.{i}.sums"], out[f"adaptive.{i}.histogram"] = a.sums.sums, a.histogram
+        if a.features is not None:
+            stats[f"adaptive.{i}.features"] = a.features
+    for name, f in stats.items():
+        out.update({f"{name}.count": f.count, f"{name}.total": f.total, f"{name}.gram": f.gram})
+    return out, stats
+
+
+class ProgressError(ValueError):
+    """A saved progress file that cannot be continued from (another evaluation's, or damaged)."""
+
+
+def _save_progress(path, identity: str, p: "_Pass", generator, offset: int, seconds: float) -> None:
+    tensors, stats = _sum_tensors(p)
+    state = {
+        "identity": identity, "offset": offset, "seconds": seconds,
+        "tensors": {k: v.cpu() for k, v in tensors.items()},
+        "rows": {k: None if f.rows is None else [r.cpu() for r in f.rows] for k, f in stats.items()},
+        "kept": {k: f._kept for k, f in stats.items()},
+        "counts": [[c.cpu() for c in a.counts] for a in p.adaptive],
+        "png": [list(a.png) for a in p.adaptive],
+        "generator": generator.get_state() if generator is not None else None,
+    }
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def _restore_progress(path, identity: str, p: "_Pass", generator, device) -> dict:
+    """The saved sums put back into the pass (in place); where to start."""
+    if path is None or not os.path.exists(path):
+        return {"offset": 0, "seconds": 0.0}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["identity"] != identity:
+            raise ProgressError(f"{path} holds the progress of another evaluation (other model weights, images or "
+                             "options); remove it, or evaluate into another folder")
+        tensors, stats = _sum_tensors(p)
+        for name, tensor in tensors.items():
+            tensor.copy_(state["tensors"][name])
+        for name, f in stats.items():
+            f.rows = None if state["rows"][name] is None else [r.to(device) for r in state["rows"][name]]
+            f._kept = state["kept"][name]
+        for a, counts, png in zip(p.adaptive, state["counts"], state["png"]):
+            a.counts, a.png = [c.to(device) for c in counts], list(png)
+        if generator is not None:
+            generator.set_state(state["generator"])
+        return {"offset": int(state["offset"]), "seconds": float(state["seconds"])}
+    except ProgressError:
+        raise
+    except Exception as exc:  # damaged, or of another metric set: start over rather than guess
+        raise ProgressError(f"{path} cannot be resumed from ({type(exc).__name__}: {exc}); remove it to start "
+                         "the evaluation over") from exc
 
 
 # ---------------------------------------------------------------------- the pass
@@ -447,6 +516,9 @@ def evaluate(
     progress: bool = False,
     fid_model=None,
     lpips_model=None,
+    progress_file: "str | os.PathLike | None" = None,
+    identity: str = "",
+    save_every: float = 300.0,
 ) -> EvalReport:
     """Evaluate ``model`` (an ``alit_fast.ALIT``) on ``data``: images [N, 3, S, S] in [0, 1] (or
     uint8), a folder of image files (read with the official center crop), a Dataset of such
@@ -463,7 +535,12 @@ def evaluate(
     device) or "sqrtm" (pytorch-fid's scipy sqrtm; the same value, far slower at 2048 dims).
 
     Under an initialised ``torch.distributed`` group each rank evaluates its share of a tensor,
-    folder or Dataset, and every rank returns the same report."""
+    folder or Dataset, and every rank returns the same report.
+
+    ``progress_file`` (one process, data of known length): the sums so far are saved there every
+    ``save_every`` seconds, and a later call with the same ``identity`` (the caller's digest of
+    the model's weights, the images and every option) continues from them, to the same report;
+    a file of another identity is refused."""
     metric_names, counts, crits, names = check_arguments(model, tokens, criteria, metrics, fallback, halting,
                                                           fid_method, batch_size)
     device, size = model.latent_tokens.device, model.config.image_size
@@ -472,10 +549,12 @@ def evaluate(
     p = _new_pass(model, metric_names, counts, crits, names, device)
     _load_networks(p, metric_names, fid_model, lpips_model, fid_weights, lpips_vgg, lpips_heads, device)
     generator = _halting_generator(halting, seed, rank, device)
-    batches, shard_len = _batches(data, int(batch_size), rank, world, num_workers, size, crop)
+    keep = progress_file is not None and world == 1 and not _unsized(data)
+    done = _restore_progress(progress_file, identity, p, generator, device) if keep else {"offset": 0, "seconds": 0.0}
+    batches, shard_len = _batches(data, int(batch_size), rank, world, num_workers, size, crop, start=done["offset"])
     bar = _progress_bar(progress and rank == 0, shard_len, world)
-    started = time.perf_counter()
-    offset = 0
+    started, last_save = time.perf_counter() - done["seconds"], time.perf_counter()
+    offset = done["offset"]
     for raw in batches:
         x = to_unit(raw, device)
         _check_batch(x, size)
@@ -483,6 +562,9 @@ def evaluate(
         offset += x.shape[0]
         if bar is not None:
             bar.update(x.shape[0])
+        if keep and time.perf_counter() - last_save >= save_every:
+            _save_progress(progress_file, identity, p, generator, offset, time.perf_counter() - started)
+            last_save = time.perf_counter()
     if bar is not None:
         bar.close()
     per_image_counts = _reduce_ranks(p, world, device)

@@ -109,6 +109,22 @@ def describe_notes(notes: Counter, size: int | None = None) -> str | None:
     return "note: " + "; ".join(parts) if parts else None
 
 
+def _note_mode(mode: str, info: dict) -> None:
+    if mode in ("P", "PA"):
+        _note("palette")
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in info):
+        _note("alpha")
+
+
+def scan_notes(paths: Iterable[str | os.PathLike]) -> Counter:
+    """What reading ``paths`` will convert, from their headers alone (for readers whose decoding
+    runs in worker processes, where counts cannot be gathered)."""
+    with image_notes() as notes:
+        for path in paths:
+            image_file_problem(path)
+    return notes
+
+
 def _scaled(array: np.ndarray, top: float) -> Image.Image:
     gray = np.clip(array.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
@@ -118,16 +134,8 @@ def as_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB with each mode's values mapped by their true range; ValueError naming a mode or
     a value range this cannot map."""
     mode = image.mode
-    if mode in EIGHT_BIT_MODES:
-        if mode == "P":
-            _note("palette")
-            if "transparency" in image.info:
-                _note("alpha")
-        return image.convert("RGB")
-    if mode in ALPHA_MODES:
-        _note("alpha")
-        if mode == "PA":
-            _note("palette")
+    _note_mode(mode, image.info)
+    if mode in EIGHT_BIT_MODES + ALPHA_MODES:
         return image.convert("RGB")
     array = np.asarray(image)
     if mode in SIXTEEN_BIT_MODES:
@@ -183,6 +191,7 @@ def image_file_problem(path: str | os.PathLike) -> str | None:
     try:
         with Image.open(path) as image:
             mode = image.mode
+            _note_mode(mode, image.info)
     except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
         return f"{type(exc).__name__}: {exc}"
     if mode not in EIGHT_BIT_MODES + ALPHA_MODES + SIXTEEN_BIT_MODES + ("I", "F"):

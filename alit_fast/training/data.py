@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..errors import UsageError
-from ..io.images import IMAGE_EXTENSIONS, center_crop, image_file_problem, read_rgb, to_tensor
+from ..io.images import IMAGE_EXTENSIONS, center_crop, describe_notes, image_file_problem, image_notes, read_rgb, to_tensor
 
 COMPLEXITY_LEVELS = ("flat", "few_shapes", "many_shapes", "texture", "noise")
 # scikit-image's bundled sample photographs (all ship inside the wheel, no download)
@@ -143,12 +143,13 @@ class ImageFolder(EpochDataset):
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
         self.paths: list[Path] = []
         self.skipped: list[str] = []
-        for path in candidates:
-            problem = image_file_problem(path)
-            if problem is None:
-                self.paths.append(path)
-            else:
-                self.skipped.append(f"{path} ({problem})")
+        with image_notes() as self.notes:  # what reading will convert, counted from the headers
+            for path in candidates:
+                problem = image_file_problem(path)
+                if problem is None:
+                    self.paths.append(path)
+                else:
+                    self.skipped.append(f"{path} ({problem})")
         if not self.paths:
             raise ValueError(f"none of the {len(candidates)} image files under {self.root} could be read: "
                              + "; ".join(self.skipped[:5]) + ("; ..." if len(self.skipped) > 5 else ""))
@@ -363,6 +364,8 @@ def build_dataset(spec: str, size: int, seed: int = 0, augment: bool = True, len
         folder = ImageFolder(spec, size, augment=augment, seed=seed)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--data {spec}: {exc}") from exc
+    if describe_notes(folder.notes):
+        print(f"--data {spec}: {describe_notes(folder.notes)}", file=sys.stderr)
     if folder.skipped:
         print(f"warning: --data {spec}: skipped {len(folder.skipped)} unreadable file(s): "
               + "; ".join(folder.skipped[:20]) + ("; ..." if len(folder.skipped) > 20 else ""), file=sys.stderr)
