@@ -16,7 +16,10 @@ import torch
 
 from ..models import ALITCore
 from ..models.alit import image_range_error, image_shape_error, images_in_range
-from .criteria import DEFAULT_CRITERION, Criterion, StepView, TokenCount, criterion_name, l1_per_image, parse_criterion, pixels_from_logits
+from .calibration import model_calibration
+from .criteria import (
+    DEFAULT_CRITERION, Criterion, FastPixelL1, StepView, TokenCount, criterion_name, l1_per_image, parse_criterion, pixels_from_logits,
+)
 from .rollout import RolloutState, StepFn
 from .tokens import TokenBatch
 
@@ -46,7 +49,8 @@ def iteration_range(model: ALITCore, min_tokens: int | None, max_tokens: int | N
 def check_criterion_fits(model: ALITCore, criterion: Criterion) -> None:
     """A fixed token count must be one the model can produce: a multiple of the tokens added per
     iteration, at most ``max_tokens``. Code criteria must read this model's decoder: code-acc and
-    code-nll the VQGAN variant's logits, code-mae the VAE variant's latents."""
+    code-nll the VQGAN variant's logits, code-mae the VAE variant's latents. fast-pixel-l1 needs
+    the model's calibration."""
     base = model.config.base_tokenizer
     if base not in getattr(criterion, "bases", (base,)):
         raise ValueError(f"{criterion_name(criterion)} does not apply to a model on the {base.upper()} base "
@@ -64,7 +68,7 @@ def check_fallback(criterion: Criterion, fallback: str) -> None:
         raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
     if fallback == "best" and criterion.higher_is_better is None:
         raise ValueError(
-            f"fallback 'best' needs a criterion with a score (code-acc, code-nll, pixel-l1), not {criterion_name(criterion)}"
+            f"fallback 'best' needs a criterion with a score (code-acc, code-nll, code-mae, pixel-l1, fast-pixel-l1), not {criterion_name(criterion)}"
         )
 
 
@@ -144,13 +148,14 @@ def _encode_chunk(
         # "best" fallback also needs the last count's score
         judge = scored and (first <= count < last or (best and count == last))
         gt, working = state.working_gt_indices, state.working_images
+        latents = state.working_base_latents if judge and criterion.needs_latents else None
         # the rows this step runs for (with static shapes, stopped images are computed but ignored)
         live = state.active_mask if static_shapes else None
         out = state.step(decode=judge and criterion.needs_logits)
         finite = finite & _finite(out)
         if not judge:
             continue
-        view = StepView(model, out.iteration, count * T, out.rows + offset, gt, working, out.logits)
+        view = StepView(model, out.iteration, count * T, out.rows + offset, gt, working, out.logits, latents)
         stop = criterion(view).to(device)
         if live is None:
             live = torch.ones_like(stop)

@@ -157,6 +157,15 @@ class RolloutState:
     def working_gt_indices(self) -> torch.Tensor:
         return self._gt
 
+    @property
+    def working_base_latents(self) -> torch.Tensor:
+        """The base encoder's latents [n, g*g, C] of the rows the next ``step`` computes (the
+        VAE's are its target; the VQGAN's, before quantization, are gathered here when asked)."""
+        if self.model.config.is_vae:
+            return self._gt
+        z = self.base.z if self.static_shapes else self.base.z.index_select(0, self.active)
+        return z.flatten(2).transpose(1, 2)
+
     # ------------------------------------------------------------------ advancing
     @torch.no_grad()
     def step(self, decode: bool = True) -> StepOutput:

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import ALITConfig, VAEConfig, VQGANConfig
+from ..inference.calibration import METADATA_KEY as CALIBRATION_KEY, PixelL1Calibration
 from .model import ALIT
 from .weights import (
     METADATA_CONFIG_KEY,
@@ -234,6 +235,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", back
         model = ALIT(cfg, backend=backend)
     model = model.to_empty(device=map_location)
     load_state_strict(model, state)
+    if CALIBRATION_KEY in meta:
+        try:
+            model.pixel_l1_calibration = PixelL1Calibration.from_json(meta[CALIBRATION_KEY])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
     return model
 
 
