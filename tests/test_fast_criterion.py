@@ -195,3 +195,30 @@ def test_pretokenize_accepts_fast_pixel_l1(image_dir, tmp_path):
     assert cli_main(["pretokenize", str(image_dir), "--checkpoint", str(pretrained_path("demo")), "--out", str(out),
                      "--criterion", "fast-pixel-l1:0.07", "--batch-size", "4"]) == 0
     assert (out / "index.json").exists()
+
+
+def test_images_whose_detail_alone_rules_the_threshold_out_skip_the_decoder():
+    torch.manual_seed(0)
+    model = ALIT(tiny_config()).eval()
+    # by hand, so that the floor (the detail term) splits these images
+    model.pixel_l1_calibration = calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.01, 0.0), cell=4)
+    images = varied_images(7, seed=2)
+    measured = measure(model, [images])
+    estimate = calibration.predict(measured["detail"], measured["latent_error"])
+    threshold = float(measured["detail"][0].median()) + 1e-6
+    criterion = parse_criterion(f"fast-pixel-l1:{threshold}")
+    never = criterion.never_met(model, images)
+    assert 0 < int(never.sum()) < len(images)
+    assert bool((estimate[:, never] >= threshold).all())  # the floor is a true bound
+    decoded = []
+    real = model.decode_logits
+    model.decode_logits = lambda z_q, *a: decoded.append(z_q.shape[0]) or real(z_q, *a)
+    try:
+        tokens = model.encode(images, criterion, batch_size=7)
+    finally:
+        del model.decode_logits
+    first = first_under(estimate, threshold)
+    expected = torch.where(first >= 0, first + 1, model.config.iterations) * model.config.tokens_per_iter
+    assert tokens.lengths.tolist() == expected.tolist() and bool((first >= 0).any())
+    # iteration 1 decodes every image; after that only those the threshold is still open for
+    assert decoded[0] == 7 and all(n <= 7 - int(never.sum()) for n in decoded[1:])

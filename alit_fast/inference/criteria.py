@@ -99,6 +99,11 @@ class Criterion:
     def score(self, view: StepView) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} has no per-image score")
 
+    def never_met(self, model: "ALIT", images: torch.Tensor) -> torch.Tensor | None:
+        """bool [n]: images this criterion can be met for at no token count, known from the images
+        alone (encode then skips their decoder); None: no such knowledge."""
+        return None
+
 
 @dataclass
 class TokenCount(Criterion):
@@ -209,6 +214,13 @@ class FastPixelL1(Criterion):
 
     def __call__(self, view: StepView) -> torch.Tensor:
         return self.score(view) < self.threshold
+
+    def never_met(self, model: "ALIT", images: torch.Tensor) -> torch.Tensor:
+        # the estimate is floor + slope * latent_error with latent_error >= 0: where the slope is
+        # not negative it never falls below the floor, the part that the image's detail alone sets
+        a, b, c, d = model_calibration(model).coef
+        detail = image_detail(images, model_calibration(model).cell)
+        return (c + d * detail >= 0) & (a + b * detail >= self.threshold)
 
 
 class FunctionCriterion(Criterion):

@@ -135,51 +135,95 @@ def _encode_chunk(
     B, device = images.shape[0], images.device
     if best:
         # per image: whether it met the criterion, and its best-scoring codes so far
-        met = torch.zeros(B, dtype=torch.bool, device=device)
         worst = float("-inf") if criterion.higher_is_better else float("inf")
-        best_score = torch.full((B,), worst, dtype=torch.float64, device=device)
-        best_codes = state.indices.clone()
-        best_count = torch.zeros(B, dtype=torch.int64, device=device)
+        best_state = _Best(met=torch.zeros(B, dtype=torch.bool, device=device),
+                           score=torch.full((B,), worst, dtype=torch.float64, device=device),
+                           codes=state.indices.clone(), count=torch.zeros(B, dtype=torch.int64, device=device))
     scored = not isinstance(criterion, TokenCount)
+    # fallback "max": an image the criterion can no longer be met for (read with the first stop
+    # decision) runs its remaining iterations without the decoder; the rest are decoded alone
+    prune = scored and not best and not static_shapes and halting == "off" and criterion.needs_logits
+    never = criterion.never_met(model, images) if prune else None
+    skip: set[int] = set()
     while not state.done:
         count = state.iteration + 1  # iterations once this step has run
         # below min_tokens nothing may stop, and at the last allowed count everything stops
         # regardless, so the criterion (and the decoder it may need) runs only in between; the
         # "best" fallback also needs the last count's score
         judge = scored and (first <= count < last or (best and count == last))
+        ids = state.active_ids
+        keep = [j for j, i in enumerate(ids) if i not in skip] if skip else None
+        judge = judge and keep != []
         gt, working = state.working_gt_indices, state.working_images
         latents = state.working_base_latents if judge and criterion.needs_latents else None
         # the rows this step runs for (with static shapes, stopped images are computed but ignored)
         live = state.active_mask if static_shapes else None
-        out = state.step(decode=judge and criterion.needs_logits)
+        out = state.step(decode=judge and criterion.needs_logits and keep is None)
         finite = finite & _finite(out)
         if not judge:
             continue
-        view = StepView(model, out.iteration, count * T, out.rows + offset, gt, working, out.logits, latents)
+        view, picked = _judged_view(model, out, count * T, offset, gt, working, latents, keep)
         stop = criterion(view).to(device)
+        if picked is not None:
+            stop = torch.zeros(len(ids), dtype=torch.bool, device=device).index_copy(0, picked, stop)
         if live is None:
             live = torch.ones_like(stop)
         if best:
-            rows = out.rows
-            score = criterion.score(view).to(best_score)
-            # strictly better, so the earliest of equal scores wins, as in the official argmin
-            better = (score > best_score[rows]) if criterion.higher_is_better else (score < best_score[rows])
-            better = better & live
-            best_score[rows] = torch.where(better, score, best_score[rows])
-            best_count[rows] = torch.where(better, count, best_count[rows])
-            best_codes[rows] = torch.where(_per_row(better, best_codes), state.indices[rows], best_codes[rows])
-            met[rows] = met[rows] | (stop & live)
+            _keep_best(criterion, view, out.rows, count, stop & live, live, state, best_state)
         if count < last:
-            # the one sync of the iteration: which images stop, and whether everything so far is sane
-            flags = torch.cat([(stop & live), (in_range & finite).view(1)]).tolist()
+            # the one sync of the iteration: which images stop, (once) which can never stop, and
+            # whether everything so far is sane
+            hopeless = [never.index_select(0, out.rows)] if never is not None else []
+            flags = torch.cat([(stop & live), *hopeless, (in_range & finite).view(1)]).tolist()
             if not flags[-1]:
                 _raise_bad_inputs(images, in_range)
-            state.finish(flags[:-1])
+            n = stop.numel()
+            if never is not None:
+                skip, never = {i for i, f in zip(ids, flags[n : 2 * n]) if f}, None
+            state.finish(flags[:n])
     lengths, codes = state.lengths, state.indices
     if best:
-        lengths = torch.where(met, lengths, best_count * T)
-        codes = torch.where(_per_row(met, codes), codes, best_codes)
+        lengths = torch.where(best_state.met, lengths, best_state.count * T)
+        codes = torch.where(_per_row(best_state.met, codes), codes, best_state.codes)
     return _Chunk(lengths=lengths, codes=codes, in_range=in_range, finite=finite)
+
+
+@dataclass
+class _Best:
+    """Fallback "best": per image, whether it met the criterion, and its best score, codes and count so far."""
+
+    met: torch.Tensor
+    score: torch.Tensor
+    codes: torch.Tensor
+    count: torch.Tensor
+
+
+def _keep_best(criterion: Criterion, view: StepView, rows: torch.Tensor, count: int, met: torch.Tensor,
+               live: torch.Tensor, state: RolloutState, best: _Best) -> None:
+    score = criterion.score(view).to(best.score)
+    # strictly better, so the earliest of equal scores wins, as in the official argmin
+    better = (score > best.score[rows]) if criterion.higher_is_better else (score < best.score[rows])
+    better = better & live
+    best.score[rows] = torch.where(better, score, best.score[rows])
+    best.count[rows] = torch.where(better, count, best.count[rows])
+    best.codes[rows] = torch.where(_per_row(better, best.codes), state.indices[rows], best.codes[rows])
+    best.met[rows] = best.met[rows] | met
+
+
+def _judged_view(model: ALITCore, out, num_tokens: int, offset: int, gt: torch.Tensor, working: torch.Tensor,
+                 latents: torch.Tensor | None, keep: list[int] | None) -> tuple[StepView, torch.Tensor | None]:
+    """What the criterion sees: every working row, or (``keep``: their positions) only the rows
+    still to be judged, decoded here on their own; returns the positions as a device index too."""
+    if keep is None:
+        return StepView(model, out.iteration, num_tokens, out.rows + offset, gt, working, out.logits, latents), None
+    picked = torch.tensor(keep, dtype=torch.int64).to(working.device)  # a host-to-device copy, no sync
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, picked)
+
+    logits = model.decode_logits(pick(out.z_q))
+    view = StepView(model, out.iteration, num_tokens, pick(out.rows) + offset, pick(gt), pick(working), logits, pick(latents))
+    return view, picked
 
 
 def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

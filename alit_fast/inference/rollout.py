@@ -139,6 +139,11 @@ class RolloutState:
         return not self._active_ids
 
     @property
+    def active_ids(self) -> list[int]:
+        """The images of the working batch, in row order (a host list: reading it costs no sync)."""
+        return list(self._active_ids)
+
+    @property
     def iteration(self) -> int:
         """Iterations the working batch has run (the next ``step`` runs iteration ``iteration``)."""
         return self._t
