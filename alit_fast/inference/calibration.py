@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from ..models import ALITCore
@@ -85,9 +84,9 @@ def model_calibration(model: "ALITCore") -> PixelL1Calibration:
 
 def image_detail(images: torch.Tensor, cell: int) -> torch.Tensor:
     """[n] mean |x - its cell's mean| per image (``images`` [n, 3, H, W], H and W multiples of ``cell``)."""
-    x = images.float()
-    coarse = F.avg_pool2d(x, cell)
-    return (x - coarse.repeat_interleave(cell, -2).repeat_interleave(cell, -1)).abs().flatten(1).mean(1)
+    n, channels, height, width = images.shape
+    cells = images.float().reshape(n, channels, height // cell, cell, width // cell, cell)
+    return (cells - cells.mean((3, 5), keepdim=True)).abs().flatten(1).mean(1)
 
 
 def flat_latents(model: "ALITCore", z: torch.Tensor) -> torch.Tensor:
