@@ -231,3 +231,22 @@ def test_images_whose_detail_alone_rules_the_threshold_out_skip_the_decoder():
     assert tokens.lengths.tolist() == expected.tolist() and bool((first >= 0).any())
     # iteration 1 decodes every image; after that only those the threshold is still open for
     assert decoded[0] == 7 and all(n <= 7 - int(never.sum()) for n in decoded[1:])
+
+
+@pytest.mark.parametrize("fallback", ["max", "best"])
+def test_fast_encode_makes_one_sync_per_judged_iteration_plus_one(fallback):
+    from alit_fast.testing import count_syncs
+
+    torch.manual_seed(0)
+    model = ALIT(tiny_config()).eval()
+    model.pixel_l1_calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.01, 0.0), cell=4)
+    images = varied_images(6, seed=2)
+    threshold = gap_threshold(image_detail(images, 4))  # some images are ruled out by their detail alone
+
+    def encode():
+        return model.encode(images, f"fast-pixel-l1:{threshold}", fallback=fallback)
+
+    encode()
+    with count_syncs() as counts:
+        encode()
+    assert counts.total <= model.config.iterations  # judged at counts 1 .. iterations-1, then the result
