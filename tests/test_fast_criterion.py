@@ -250,3 +250,20 @@ def test_fast_encode_makes_one_sync_per_judged_iteration_plus_one(fallback):
     with count_syncs() as counts:
         encode()
     assert counts.total <= model.config.iterations  # judged at counts 1 .. iterations-1, then the result
+
+
+def test_with_fallback_best_images_out_of_reach_take_the_last_count_and_the_rest_their_best():
+    torch.manual_seed(0)
+    model = ALIT(tiny_config()).eval()
+    model.pixel_l1_calibration = calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.01, 0.0), cell=4)
+    images = varied_images(7, seed=2)
+    measured = measure(model, [images])
+    estimate = calibration.predict(measured["detail"], measured["latent_error"])
+    threshold = gap_threshold(measured["detail"][0])
+    never = parse_criterion(f"fast-pixel-l1:{threshold}").never_met(model, images)
+    first = first_under(estimate, threshold)
+    best = estimate.argmin(0)
+    expected = torch.where(first >= 0, first, torch.where(never, model.config.iterations - 1, best)) + 1
+    tokens = model.encode(images, f"fast-pixel-l1:{threshold}", fallback="best", batch_size=4)
+    assert tokens.lengths.tolist() == (expected * model.config.tokens_per_iter).tolist()
+    assert bool(never.any()) and bool((first >= 0).any())

@@ -140,9 +140,11 @@ def _encode_chunk(
                            score=torch.full((B,), worst, dtype=torch.float64, device=device),
                            codes=state.indices.clone(), count=torch.zeros(B, dtype=torch.int64, device=device))
     scored = not isinstance(criterion, TokenCount)
-    # fallback "max": an image the criterion can no longer be met for (read with the first stop
-    # decision) runs its remaining iterations without the decoder; the rest are decoded alone
-    prune = scored and not best and not static_shapes and halting == "off" and criterion.needs_logits
+    # an image the criterion can be met for at no count (read with the first stop decision) runs
+    # its remaining iterations without the decoder, and gets the last count: what fallback "max"
+    # gives it, and for a criterion whose score is taken to be best there, what "best" gives it
+    prune = scored and not static_shapes and halting == "off" and criterion.needs_logits
+    prune = prune and (not best or criterion.last_is_best_when_never_met)
     never = criterion.never_met(model, images) if prune else None
     skip: set[int] = set()
     while not state.done:
@@ -169,7 +171,10 @@ def _encode_chunk(
         if live is None:
             live = torch.ones_like(stop)
         if best:
-            _keep_best(criterion, view, out.rows, count, stop & live, live, state, best_state)
+            def sub(t: torch.Tensor) -> torch.Tensor:
+                return t if picked is None else t.index_select(0, picked)
+
+            _keep_best(criterion, view, sub(out.rows), count, sub(stop & live), sub(live), state, best_state)
         if count < last:
             # the one sync of the iteration: which images stop, (once) which can never stop, and
             # whether everything so far is sane
@@ -180,6 +185,8 @@ def _encode_chunk(
             n = stop.numel()
             if never is not None:
                 skip, never = {i for i, f in zip(ids, flags[n : 2 * n]) if f}, None
+                if best and skip:  # their last count stands, as if they had met the criterion there
+                    best_state.met[torch.tensor(sorted(skip), dtype=torch.int64).to(device)] = True
             state.finish(flags[:n])
     lengths, codes = state.lengths, state.indices
     if best:
