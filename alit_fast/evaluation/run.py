@@ -204,6 +204,9 @@ def _select(criterion: Criterion, fallback: str, views: list[StepView], first: i
         best = scores.argmax(0) if criterion.higher_is_better else scores.argmin(0)  # argmax/argmin: first of ties
         met_last = criterion(views[last]).to(device).reshape(-1)
         fallback_pick = torch.where(met_last, last, best + first)
+        never = criterion.never_met(views[0].model, views[0].images) if criterion.last_is_best_when_never_met else None
+        if never is not None:  # as encode does: out of reach, the last count stands unscored
+            fallback_pick = torch.where(never.to(device), last, fallback_pick)
         chosen = torch.where(decided, chosen, fallback_pick)
     return chosen
 
