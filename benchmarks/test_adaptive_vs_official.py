@@ -5,6 +5,7 @@ import torch
 
 from alit_fast import ALIT
 from alit_fast.config import VQGANConfig
+from alit_fast.inference.calibration import PixelL1Calibration
 from alit_fast.testing import tiny_config
 from benchmarks.adaptive_vs_official import main
 
@@ -12,18 +13,30 @@ from benchmarks.adaptive_vs_official import main
 def test_adaptive_vs_official_script_reports_every_procedure(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = tiny_config(vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48))
+    model = ALIT(cfg)
+    model.pixel_l1_calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.1, 0.0), cell=4)
     path = tmp_path / "tiny.safetensors"
-    ALIT(cfg).save(str(path))
+    model.save(str(path))
     out = tmp_path / "figures.json"
-    args = ["--checkpoint", str(path), "--per-level", "1", "--batch", "4", "--threads", "1", "--out", str(out)]
-    assert main(args + ["--code-criterion", "code-acc:0.6", "--code-criterion", "code-nll:2"]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = ["pixel-l1:0.07,best", "fast-pixel-l1:0.07,max", "fast-pixel-l1:0.07,best,8"]
+    args = ["--checkpoint", str(path), "--per-level", "1", "--batch", "4", "--threads", "1", "--out", str(out), "--clock", "cpu"]
+    assert main(args + [a for r in rows for a in ("--row", r)] + ["--code-criterion", "code-acc:0.6"]) == 0
+    result = json.loads(out.read_text())
     official = {f"official procedure, {k} kernels, batch {b}" for k, b in (("official", 1), ("torch", 1), ("official", 4))}
-    assert set(rows) == official | {
-        f"alit_fast {c}, fallback {f}, batch 4"
-        for c in ("code-acc:0.6", "code-nll:2", "pixel-l1:0.07")
-        for f in ("max", "best")
+    adaptive = {
+        "alit_fast pixel-l1:0.07, fallback best, batch 4",
+        "alit_fast fast-pixel-l1:0.07, fallback max, batch 4",
+        "alit_fast fast-pixel-l1:0.07, fallback best, max 8 tokens, batch 4",
+        "alit_fast code-acc:0.6, fallback max, batch 4",
+        "alit_fast code-acc:0.6, fallback best, batch 4",
     }
-    assert all(r["images_per_s"] > 0 and cfg.tokens_per_iter <= r["mean_tokens"] <= cfg.max_tokens for r in rows.values())
-    assert all(0 < r["mean_l1"] < 1 for r in rows.values())
-    assert "vs official B1" in capsys.readouterr().out
+    for name, table in result["sets"].items():
+        assert set(table) == official | adaptive, name
+        for r in table.values():
+            assert r["images_per_s"] > 0 and all(cfg.tokens_per_iter <= t <= cfg.max_tokens for t in r["tokens"])
+            assert all(0 < e < 1 for e in r["l1"])
+    fast = [r for n, r in result["sets"]["all"].items() if "fast-pixel-l1" in n]
+    assert all(0 <= r["agree"] <= 1 for r in fast)
+    assert -1 <= result["score"]["spearman"] <= 1 and 0 <= result["score"]["first_under_agree"] <= 1
+    printed = capsys.readouterr().out
+    assert "vs official B1" in printed and "photo crops alone" in printed

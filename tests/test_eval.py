@@ -112,7 +112,7 @@ def test_fid_row_equals_a_one_shot_computation(model, images):
     assert report.row("tokens:24").metrics["fid"] == pytest.approx(fid_from_stats(a, b), rel=1e-6)
 
 
-@pytest.mark.parametrize("criterion,fallback", [("pixel-l1:0.1", "best")])
+@pytest.mark.parametrize("criterion,fallback", [("pixel-l1:0.1", "best"), ("fast-pixel-l1:0.1", "max"), ("fast-pixel-l1:0.08", "best")])
 def test_adaptive_rows_take_encodes_counts_and_each_images_own_metrics(model, images, criterion, fallback):
     images = images[:6]
     report = evaluate(model, images, tokens="all", criteria=[criterion], metrics="l1,ssim", halting="off",

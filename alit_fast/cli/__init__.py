@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("alit_fast.cli.convert", "main", "an official checkpoint -> a Hub-layout model directory"),
     "evaluate": ("alit_fast.cli.evaluate", "main", "L1/L2/PSNR/SSIM/LPIPS/rFID at every token count and per criterion"),
     "pretokenize": ("alit_fast.cli.pretokenize", "main", "a dataset -> sharded token files and one index (resumable, torchrun)"),
+    "calibrate": ("alit_fast.cli.calibrate", "main", "fit a model's decode-free pixel-L1 estimate (--criterion fast-pixel-l1:F)"),
     "visualize": ("alit_fast.cli.visualize", "main", "reconstructions per token count, token attention maps, images by token count"),
 }
 

@@ -372,7 +372,12 @@ def _select(criterion: Criterion, fallback: str, views: list[StepView]) -> torch
     choice = CountChoice(criterion, fallback, views[0].rows.numel(), views[0].rows.device)
     for t in range(last + 1 if choice.best else last):  # at the last iteration everything stops regardless
         choice.update(views[t], t)
-    return choice.chosen(last)
+    chosen = choice.chosen(last)
+    if choice.best and criterion.last_is_best_when_never_met:
+        never = criterion.never_met(views[0].model, views[0].images)
+        if never is not None:  # as encode does: out of reach, the last count stands unscored
+            chosen = torch.where(never.to(chosen.device) & ~choice.met, last, chosen)
+    return chosen
 
 
 def _add_adaptive(p: _Pass, x, gt, records, pixels, values, feats, offset: int, fallback: str) -> None:

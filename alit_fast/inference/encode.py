@@ -16,7 +16,10 @@ import torch
 
 from ..models import ALITCore
 from ..models.alit import image_range_error, image_shape_error, images_in_range
-from .criteria import DEFAULT_CRITERION, Criterion, StepView, TokenCount, criterion_name, l1_per_image, parse_criterion, pixels_from_logits
+from .calibration import model_calibration
+from .criteria import (
+    DEFAULT_CRITERION, Criterion, FastPixelL1, StepView, TokenCount, criterion_name, l1_per_image, parse_criterion, pixels_from_logits,
+)
 from .rollout import RolloutState, StepFn
 from .tokens import TokenBatch
 
@@ -46,7 +49,8 @@ def iteration_range(model: ALITCore, min_tokens: int | None, max_tokens: int | N
 def check_criterion_fits(model: ALITCore, criterion: Criterion) -> None:
     """A fixed token count must be one the model can produce: a multiple of the tokens added per
     iteration, at most ``max_tokens``. Code criteria must read this model's decoder: code-acc and
-    code-nll the VQGAN variant's logits, code-mae the VAE variant's latents."""
+    code-nll the VQGAN variant's logits, code-mae the VAE variant's latents. fast-pixel-l1 needs
+    the model's calibration."""
     base = model.config.base_tokenizer
     if base not in getattr(criterion, "bases", (base,)):
         raise ValueError(f"{criterion_name(criterion)} does not apply to a model on the {base.upper()} base "
@@ -64,7 +68,7 @@ def check_fallback(criterion: Criterion, fallback: str) -> None:
         raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
     if fallback == "best" and criterion.higher_is_better is None:
         raise ValueError(
-            f"fallback 'best' needs a criterion with a score (code-acc, code-nll, pixel-l1), not {criterion_name(criterion)}"
+            f"fallback 'best' needs a criterion with a score (code-acc, code-nll, code-mae, pixel-l1, fast-pixel-l1), not {criterion_name(criterion)}"
         )
 
 
@@ -131,6 +135,12 @@ class CountChoice:
         self.best_at[rows] = torch.where(better, at, self.best_at[rows])
         return stop, better
 
+    def settle(self, rows: torch.Tensor, at: int) -> None:
+        """Images ``rows`` stop at step ``at`` whatever their scores (their criterion was found
+        out of reach: fallback "best" gives them the last step without judging it)."""
+        self.met[rows] = True
+        self.first_met[rows] = at
+
     def chosen(self, last: int) -> torch.Tensor:
         """Each image's step: int64 [batch] on the device."""
         fallback = self.best_at if self.best else torch.full_like(self.first_met, last)
@@ -176,34 +186,72 @@ def _encode_chunk(
     if best:
         best_codes = state.indices.clone()  # each image's codes at its best-scoring count so far
     scored = not isinstance(criterion, TokenCount)
+    # an image the criterion can be met for at no count (read with the first stop decision) runs
+    # its remaining iterations without the decoder, and gets the last count: what fallback "max"
+    # gives it, and for a criterion whose score is taken to be best there, what "best" gives it
+    prune = scored and not static_shapes and halting == "off" and criterion.needs_logits
+    prune = prune and (not best or criterion.last_is_best_when_never_met)
+    never = criterion.never_met(model, images) if prune else None
+    skip: set[int] = set()
     while not state.done:
         count = state.iteration + 1  # iterations once this step has run
         # below min_tokens nothing may stop, and at the last allowed count everything stops
         # regardless, so the criterion (and the decoder it may need) runs only in between; the
         # "best" fallback also needs the last count's score
         judge = scored and (first <= count < last or (best and count == last))
+        ids = state.active_ids
+        keep = [j for j, i in enumerate(ids) if i not in skip] if skip else None
+        judge = judge and keep != []
         gt, working = state.working_gt_indices, state.working_images
+        latents = state.working_base_latents if judge and criterion.needs_latents else None
         # the rows this step runs for (with static shapes, stopped images are computed but ignored)
         live = state.active_mask if static_shapes else None
-        out = state.step(decode=judge and criterion.needs_logits)
+        out = state.step(decode=judge and criterion.needs_logits and keep is None)
         finite = finite & _finite(out)
         if not judge:
             continue
-        view = StepView(model, out.iteration, count * T, out.rows + offset, gt, working, out.logits)
-        stop, better = choice.update(view, count, out.rows, live)
+        view, picked = _judged_view(model, out, count * T, offset, gt, working, latents, keep)
+        # with static shapes nothing is pruned: ``live`` and ``picked`` never come together
+        rows = out.rows if picked is None else out.rows.index_select(0, picked)
+        stop, better = choice.update(view, count, rows, live)
         if best:
-            best_codes[out.rows] = torch.where(_per_row(better, best_codes), state.indices[out.rows], best_codes[out.rows])
+            best_codes[rows] = torch.where(_per_row(better, best_codes), state.indices[rows], best_codes[rows])
+        if picked is not None:
+            stop = torch.zeros(len(ids), dtype=torch.bool, device=images.device).index_copy(0, picked, stop)
         if count < last:
-            # the one sync of the iteration: which images stop, and whether everything so far is sane
-            flags = torch.cat([stop, (in_range & finite).view(1)]).tolist()
+            # the one sync of the iteration: which images stop, (once) which can never stop, and
+            # whether everything so far is sane
+            hopeless = [never.index_select(0, out.rows)] if never is not None else []
+            flags = torch.cat([stop, *hopeless, (in_range & finite).view(1)]).tolist()
             if not flags[-1]:
                 _raise_bad_inputs(images, in_range)
-            state.finish(flags[:-1])
+            n = stop.numel()
+            if never is not None:
+                skip, never = {i for i, f in zip(ids, flags[n : 2 * n]) if f}, None
+                if best and skip:  # their last count stands, as if they had met the criterion there
+                    choice.settle(torch.tensor(sorted(skip), dtype=torch.int64).to(images.device), last)
+            state.finish(flags[:n])
     lengths, codes = state.lengths, state.indices
     if best:
         lengths = choice.chosen(last) * T
         codes = torch.where(_per_row(choice.met, codes), codes, best_codes)
     return _Chunk(lengths=lengths, codes=codes, in_range=in_range, finite=finite)
+
+
+def _judged_view(model: ALITCore, out, num_tokens: int, offset: int, gt: torch.Tensor, working: torch.Tensor,
+                 latents: torch.Tensor | None, keep: list[int] | None) -> tuple[StepView, torch.Tensor | None]:
+    """What the criterion sees: every working row, or (``keep``: their positions) only the rows
+    still to be judged, decoded here on their own; returns the positions as a device index too."""
+    if keep is None:
+        return StepView(model, out.iteration, num_tokens, out.rows + offset, gt, working, out.logits, latents), None
+    picked = torch.tensor(keep, dtype=torch.int64).to(working.device)  # a host-to-device copy, no sync
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, picked)
+
+    logits = model.decode_logits(pick(out.z_q))
+    view = StepView(model, out.iteration, num_tokens, pick(out.rows) + offset, pick(gt), pick(working), logits, pick(latents))
+    return view, picked
 
 
 def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

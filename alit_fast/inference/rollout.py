@@ -139,6 +139,11 @@ class RolloutState:
         return not self._active_ids
 
     @property
+    def active_ids(self) -> list[int]:
+        """The images of the working batch, in row order (a host list: reading it costs no sync)."""
+        return list(self._active_ids)
+
+    @property
     def iteration(self) -> int:
         """Iterations the working batch has run (the next ``step`` runs iteration ``iteration``)."""
         return self._t
@@ -156,6 +161,15 @@ class RolloutState:
     @property
     def working_gt_indices(self) -> torch.Tensor:
         return self._gt
+
+    @property
+    def working_base_latents(self) -> torch.Tensor:
+        """The base encoder's latents [n, g*g, C] of the rows the next ``step`` computes (the
+        VAE's are its target; the VQGAN's, before quantization, are gathered here when asked)."""
+        if self.model.config.is_vae:
+            return self._gt
+        z = self.base.z if self.static_shapes else self.base.z.index_select(0, self.active)
+        return z.flatten(2).transpose(1, 2)
 
     # ------------------------------------------------------------------ advancing
     @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import ALITConfig, VAEConfig, VQGANConfig
+from ..inference.calibration import METADATA_KEY as CALIBRATION_KEY, PixelL1Calibration
 from .model import ALIT
 from .weights import (
     METADATA_CONFIG_KEY,
@@ -243,6 +244,11 @@ def model_from_safetensors(
     model = model.to_empty(device=map_location)
     load_state_strict(model, state)
     model.recommended_criterion = meta.get(RECOMMENDED_CRITERION_KEY)
+    if CALIBRATION_KEY in meta:
+        try:
+            model.pixel_l1_calibration = PixelL1Calibration.from_json(meta[CALIBRATION_KEY])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
     return model
 
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..inference import DEFAULT_CRITERION, Criterion, RolloutState, StepView, TokenBatch, compile_step, decode, encode, start
+from ..inference.calibration import PixelL1Calibration
 from ..models import ALITCore
 from .repo import push_to_hub, save_pretrained
 from .weights import save_model
@@ -24,6 +25,10 @@ class ALIT(ALITCore):
     file recommends, saved with it; ``encode`` uses it when no criterion is given."""
 
     recommended_criterion: str | None = None
+
+    # what ``fast-pixel-l1`` stops on (alit_fast.inference.calibration); read from and saved to
+    # the model file's metadata, made by ``alit-fast calibrate``
+    pixel_l1_calibration: PixelL1Calibration | None = None
 
     def start(
         self, images: torch.Tensor, halting: str = "off", generator: torch.Generator | None = None, **kwargs

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..files import write_atomic
+from ..inference.calibration import METADATA_KEY as CALIBRATION_KEY
 
 METADATA_CONFIG_KEY = "alit_fast_config"
 # sha256 over the config JSON and every tensor (name, dtype, shape, bytes), written at save: some
@@ -65,7 +66,19 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
     metadata = {METADATA_CONFIG_KEY: config_json, "format": "pt", FINGERPRINT_KEY: fingerprint(config_json, tensors)}
     if getattr(model, "recommended_criterion", None):
         metadata[RECOMMENDED_CRITERION_KEY] = model.recommended_criterion
+    calibration = getattr(model, "pixel_l1_calibration", None)
+    if calibration is not None:  # outside the fingerprint: a calibration says how to stop, not what the model is
+        metadata[CALIBRATION_KEY] = calibration.to_json()
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_with_metadata(source: str | os.PathLike, out: str | os.PathLike, entries: Mapping[str, str]) -> None:
+    """Copy a safetensors model file to ``out`` (which may be ``source``) with ``entries`` added to
+    its metadata; the tensors, the config and the fingerprint are kept as they are."""
+    tensors, metadata = read_safetensors(source, "cpu")
+    metadata.update(entries)
+    out = writable_file(out, "the model")
+    write_atomic(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def check_device(device: str | torch.device, name: str = "device") -> torch.device:
