@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first triton import
-
 import pytest
 import torch
 

@@ -39,7 +39,7 @@ def test_missing_weights_is_one_line_naming_the_file_and_where_it_goes(hub):
     message = str(info.value)
     assert "\n" not in message and FID_WEIGHTS_FILE in message
     assert str(hub / "checkpoints") in message and "--fid-weights" in message
-    with pytest.raises(FIDWeightsError, match="nowhere.pth not found"):
+    with pytest.raises(FIDWeightsError, match="nowhere.pth, does not exist"):
         find_fid_weights("/nowhere.pth")
 
 
