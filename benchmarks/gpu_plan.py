@@ -296,10 +296,10 @@ def plans(compile_s: float) -> tuple[Plan, ...]:
 # (the capture is a CPU-only step, minutes of it are no use in a device call);
 # benchmarks/test_gpu_suite_smoke.py fails when this table and the plan part ways
 PLANNED_S = {
-    1: {"environment": 8, "check-attention": 89, "check-vq": 20, "check-rollout": 24, "adaptive-encode": 24,
-        "train": 43, "ceilings": 3, "attention": 26, "vq": 5, "auto": 7},
-    2: {"environment": 8, "ceilings": 3, "rollout": 28, "rollout-graph": 7, "encode-compiled": 53,
-        "train-compiled": 85, "train-stage2": 94, "block": 4, "attention-d64": 119},
+    1: {"environment": 8, "check-attention": 50, "check-vq": 20, "check-rollout": 24, "adaptive-encode": 21,
+        "train": 39, "ceilings": 3, "attention": 25, "vq": 5, "auto": 7},
+    2: {"environment": 8, "ceilings": 3, "rollout": 22, "rollout-graph": 7, "encode-compiled": 53,
+        "train-compiled": 74, "train-stage2": 78, "block": 4, "attention-d64": 104},
 }
 
 
