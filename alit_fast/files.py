@@ -35,14 +35,15 @@ def _umask() -> int:
 
 
 def as_os_error(exc: BaseException, path: str) -> BaseException:
-    """An OSError for a writer's failure that is really one (safetensors' SafetensorError carries
-    ``Os { code: 28 ...}``, torch.save's stream writer an ``unexpected pos``), else ``exc`` itself."""
+    """An OSError naming ``path`` for a writer's failure that is really one (safetensors'
+    SafetensorError carries ``Os { code: 28 ...}`` or, from 0.5 on, ``(os error 28)``; torch.save's
+    stream writer an ``unexpected pos``; a file object's write no file name), else ``exc`` itself."""
     if isinstance(exc, OSError):
-        return exc
+        return exc if exc.filename or exc.errno is None else OSError(exc.errno, exc.strerror, path)
     text = str(exc)
-    code = re.search(r"Os \{ code: (\d+)", text)
+    code = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", text)
     if code:
-        number = int(code.group(1))
+        number = int(code.group(1) or code.group(2))
         return OSError(number, os.strerror(number), path)
     if "unexpected pos" in text or "PytorchStreamWriter failed" in text:
         return OSError(errno.EIO, "the write failed (is the disk full?)", path)
