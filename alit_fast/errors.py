@@ -51,7 +51,10 @@ def one_line(message: object) -> str:
 ON_INTERRUPT = {
     "alit-fast train": "rerun the same command with --resume to continue from the last checkpoint",
     "alit-fast pretokenize": "rerun the same command to resume: finished shards are kept",
-    "alit-fast encode": "nothing was written; rerun the command (with --shard-size, finished shards are kept)",
+    "alit-fast encode": ("the tokens saved before it (a long run saves every few minutes) are in --out, marked "
+                         "partial; rerun the command to encode every image (with --shard-size, finished shards are kept)"),
+    "alit-fast evaluate": ("rerun the same command to continue from the progress saved in --out (a long run saves "
+                           "every few minutes)"),
 }
 DEFAULT_ON_INTERRUPT = "rerun the command to start again"
 

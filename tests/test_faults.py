@@ -991,13 +991,17 @@ def _read_only(monkeypatch):
                   "--metrics", "l1", "--tokens", "8"],
     lambda e, o: _train(e, o),
     lambda e, o: _cache(e, o),
-], ids=["encode", "pretokenize", "evaluate", "train", "cache-base"])
+    lambda e, o: _decode(e, o),
+    lambda e, o: ["convert", str(e.pickle_pth), str(o / "converted")],
+], ids=["encode", "pretokenize", "evaluate", "train", "cache-base", "decode", "convert"])
 def test_a_read_only_output_is_refused_before_the_work(env, tmp_path, capsys, monkeypatch, argv_of):
+    import alit_fast.cli.convert as convert_cli
     import alit_fast.io.pretrained as pretrained
 
     _read_only(monkeypatch)
     loaded = []
     monkeypatch.setattr(pretrained, "load", lambda *a, **k: loaded.append(1) or alit_fast.load(*a, **k))
+    monkeypatch.setattr(convert_cli, "load_official", lambda *a, **k: loaded.append(1) or alit_fast.load_official(*a, **k))
     assert cli_main(argv_of(env, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not writable" in err[0] and "Read-only" in err[0]
@@ -1055,6 +1059,52 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_earlier_
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
 
 
+@pytest.fixture()
+def files_over_600_bytes_fail():
+    """Every write past 600 bytes of a file fails (EFBIG) as a full disk does (ENOSPC): in the
+    kernel, so safetensors' Rust writer, torch.save's stream writer and Pillow all meet it."""
+    import contextlib
+    import resource
+    import signal
+
+    @contextlib.contextmanager
+    def limited():
+        old, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, old[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
+            signal.signal(signal.SIGXFSZ, handler)
+
+    return limited
+
+
+@pytest.mark.parametrize("argv_of,written", [
+    (lambda e, o: _encode(e, o), "t.safetensors"),
+    (lambda e, o: _pretokenize(e, o / "ds"), "shard-00000.safetensors"),
+    (lambda e, o: ["evaluate", "--data", str(e.images), "--checkpoint", str(e.model), "--out", str(o / "ev"),
+                   "--metrics", "l1", "--tokens", "8", "--workers", "0", "--quiet"], "report"),
+    (lambda e, o: _decode(e, o), "00000.png"),
+    (lambda e, o: _train(e, o), "checkpoint.pt"),
+    (lambda e, o: ["convert", str(e.pickle_pth), str(o / "converted")], "model.safetensors"),
+    (lambda e, o: _cache(e, o), "c"),
+], ids=["encode", "pretokenize", "evaluate", "decode", "train", "convert", "cache-base"])
+def test_every_writing_command_on_a_full_disk_is_one_line_naming_what_it_could_not_write(
+        env, tmp_path, capsys, files_over_600_bytes_fail, argv_of, written):
+    argv = argv_of(env, tmp_path)
+    before = _snapshot(env.root)
+    with files_over_600_bytes_fail():
+        rc = cli_main(argv)
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines()
+           if ln.startswith("alit-fast") and ": note: " not in ln and ": warning: " not in ln]
+    assert rc == 2 and len(err) == 1, err
+    assert "cannot write" in err[0] and written in err[0], err
+    assert "File too large" in err[0] or "is the disk full?" in err[0], err  # torch.save's writer hides the errno
+    assert _snapshot(env.root) == before  # nothing the user had is touched
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]
+
+
 def test_a_writer_that_hides_a_full_disk_is_reported_as_one(tmp_path):
     from alit_fast.files import write_atomic
 
@@ -1067,10 +1117,20 @@ def test_a_writer_that_hides_a_full_disk_is_reported_as_one(tmp_path):
         raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file: "
                            "unexpected pos 448 vs 384")
 
-    for writer, errno_expected in ((safetensors_like, 28), (torch_like, 5)):
+    def safetensors_08_like(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def file_object_like(tmp):  # Pillow and open().write: an OSError that names no file
+        Path(tmp).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    for writer, errno_expected in ((safetensors_like, 28), (torch_like, 5), (safetensors_08_like, 28),
+                                   (file_object_like, 28)):
         with pytest.raises(OSError) as caught:
             write_atomic(tmp_path / "m.safetensors", writer)
         assert caught.value.errno == errno_expected and not list(tmp_path.iterdir())
+        assert caught.value.filename == str(tmp_path / "m.safetensors")
 
 
 def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_no_partial_one(env, tmp_path, capsys, monkeypatch):
@@ -1093,14 +1153,17 @@ def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_no_partial_one
 
 
 def test_the_torch_backend_keeps_a_nan_query_row_nan_like_the_others():
-    from alit_fast.ops.attention import attention_math, attention_reference
+    from alit_fast.ops.attention import attention_math, attention_naive, attention_reference
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 5, 2, 16) for _ in range(3))
+    q, k, v = (torch.randn(3, 5, 2, 16) for _ in range(3))
     q[0, 1] = float("nan")
-    for backend in (attention_reference, attention_math):
-        out = backend(q, k, v)
-        assert out[0, 1].isnan().all() and not out[0, 0].isnan().any() and not out[1].isnan().any(), backend
+    for lengths in (None, torch.tensor([4, 5, 0], dtype=torch.int32)):  # a length-0 sample: all zeros
+        for backend in (attention_reference, attention_math, attention_naive):
+            out = backend(q, k, v, lengths)
+            assert out[0, 1].isnan().all() and not out[0, 0].isnan().any() and not out[1:].isnan().any(), backend
+            if lengths is not None:
+                assert not out[2].any() and not out[0, 4].any(), backend
 
 
 def test_a_junk_checkpoint_error_gives_no_advice_to_load_it_unsafely(env, tmp_path):
@@ -1124,7 +1187,7 @@ def test_evaluate_keeps_a_users_metrics_file_even_with_overwrite(env, tmp_path, 
     assert len(settings["weights_sha256"]) == 64 and settings["alit_fast_version"] == alit_fast.__version__
 
 
-def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, monkeypatch):
+def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, monkeypatch, capsys):
     import alit_fast.cli.encode as encode_cli
 
     real, calls = ALIT.encode, []
@@ -1137,7 +1200,10 @@ def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, 
 
     monkeypatch.setattr(encode_cli, "PARTIAL_EVERY_S", 0.0)
     monkeypatch.setattr(ALIT, "encode", stops_on_the_second_batch)
+    capsys.readouterr()
     assert cli_main(_encode(env, tmp_path, "--batch-size", "1")) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("alit-fast encode: interrupted") and "marked partial" in said
     kept = TokenBatch.load(tmp_path / "t.safetensors")
     assert [Path(n).name for n in kept.names] == ["a.png"] and kept.extra["partial"].startswith("1 of 2")
     monkeypatch.undo()
@@ -1154,7 +1220,9 @@ def test_evaluate_and_training_report_converted_images_once(env, tmp_path, capsy
             "--metrics", "l1", "--tokens", "8", "--workers", "0", "--quiet"]
     assert cli_main(argv) == 0
     assert [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln] == [
-        "alit-fast evaluate: note: 1 image(s) had an alpha channel (dropped)"]
+        "alit-fast evaluate: note: 1 image(s) had an alpha channel (dropped); 3 image(s) were not 32x32: --crop center "
+        "took their central 32x32 pixels at native size (the official benchmark's crop; --crop resize sizes them as "
+        "encode does)"]
     Image.fromarray(np.full((40, 40), 60, np.uint8)).convert("P").save(folder / "palette.png")  # 4 images: a batch
     assert cli_main(["train", *_train_args(env, tmp_path / "run"), "--data", str(folder), "--steps", "1"]) == 0
     notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
@@ -1225,6 +1293,37 @@ def test_an_evaluation_stopped_late_continues_from_its_saved_sums_to_the_same_re
     assert cli_main(argv(tmp_path / "ev")) == 0
     assert len(calls) == 1  # only the third image was left
     assert rows(tmp_path / "ev") == rows(tmp_path / "whole") and not (tmp_path / "ev" / evaluate_cli.PROGRESS).exists()
+
+
+def test_an_evaluation_continued_over_other_weights_at_the_same_path_is_refused(env, tmp_path, monkeypatch, capsys):
+    import alit_fast.cli.evaluate as evaluate_cli
+
+    weights, out = tmp_path / "model.safetensors", tmp_path / "ev"
+    shutil.copy(env.model, weights)
+    argv = ["evaluate", "--data", str(env.images), "--checkpoint", str(weights), "--out", str(out), "--metrics", "l1",
+            "--tokens", "8", "--batch-size", "1", "--workers", "0", "--quiet"]
+    real = ALIT.rollout
+
+    def crashes_on_the_second_batch(self, *args, **kwargs):
+        if crashes_on_the_second_batch.calls == 1:
+            raise RuntimeError("a stand-in crash")
+        crashes_on_the_second_batch.calls += 1
+        return real(self, *args, **kwargs)
+
+    crashes_on_the_second_batch.calls = 0
+    monkeypatch.setattr(evaluate_cli, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(ALIT, "rollout", crashes_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        cli_main(argv)
+    monkeypatch.setattr(ALIT, "rollout", real)
+    progress = (out / evaluate_cli.PROGRESS).read_bytes()
+    torch.manual_seed(123)
+    ALIT(tiny_config()).save(weights)  # the same path and config, other weights
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln]
+    assert len(err) == 1 and "another evaluation" in err[0] and "model weights" in err[0], err
+    assert (out / evaluate_cli.PROGRESS).read_bytes() == progress and not (out / "metrics.json").exists()
 
 
 def test_saved_evaluation_progress_restores_every_sum_and_the_halting_generator(tmp_path):

@@ -90,7 +90,9 @@ def test_backend_triton_flag_on_a_cpu_is_one_line_before_any_work(no_gpu_no_inte
 
 # ---------------------------------------------------------------------- 6: Ctrl-C
 @pytest.mark.parametrize("prog,hint", [("alit-fast train", "--resume"), ("alit-fast pretokenize", "finished shards are kept"),
-                                       ("alit-fast decode", "rerun the command")])
+                                       ("alit-fast decode", "rerun the command"),
+                                       ("alit-fast encode", "marked partial"),
+                                       ("alit-fast evaluate", "continue from the progress saved")])
 def test_ctrl_c_ends_a_command_with_one_line_saying_how_to_resume(prog, hint, capsys):
     def body(argv):
         raise KeyboardInterrupt
@@ -214,6 +216,48 @@ def test_encode_reports_how_many_images_never_met_the_criterion(tmp_path, image_
     assert cli_main(["encode", str(image_dir), "--criterion", "pixel-l1:0.0001", "--quiet",
                      "--out", str(tmp_path / "t.safetensors")]) == 0
     assert "4 of 4 images did not meet pixel-l1:0.0001 below the maximum and got 64 tokens" in capsys.readouterr().out
+
+
+def test_pretokenize_reports_how_many_images_never_met_the_criterion(tmp_path, image_dir, capsys):
+    assert cli_main(["pretokenize", str(image_dir), "--criterion", "pixel-l1:0.0001", "--shard-size", "2",
+                     "--out", str(tmp_path / "ds")]) == 0
+    assert "4 of 4 images did not meet pixel-l1:0.0001 below the maximum and got 64 tokens" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- 3: one preprocessing rule
+@pytest.fixture
+def photo(tmp_path):
+    """A 90x60 photo: three vertical bands, so a crop and a resize see different pixels."""
+    array = np.zeros((60, 90, 3), np.uint8)
+    array[:, :30], array[:, 30:60], array[:, 60:] = 250, 120, 10
+    folder = tmp_path / "photo"
+    folder.mkdir()
+    Image.fromarray(array + np.random.default_rng(0).integers(0, 5, array.shape, dtype=np.uint8)).save(folder / "p.png")
+    return folder / "p.png"
+
+
+def test_every_image_reader_sees_the_same_pixels_of_a_photo(photo):
+    from alit_fast.evaluation.data import read_image
+    from alit_fast.io.images import load_image  # encode, visualize
+    from alit_fast.io.token_dataset import read_source  # pretokenize
+    from alit_fast.training.data import ImageFolder
+
+    encode = load_image(photo, 32)
+    assert torch.equal(read_source(str(photo), 32), encode)
+    assert torch.equal(ImageFolder(photo.parent, 32, augment=False)[0]["image"], encode)
+    assert (read_image(photo, 32, "resize").float() / 255 - encode).abs().max() <= 1 / 255  # evaluate --crop resize
+    assert encode[:, :, :8].mean() > 0.9 and encode[:, :, -8:].mean() < 0.1  # all three bands are in it
+
+
+def test_evaluate_says_when_its_centre_crop_takes_pixels_at_native_size(tmp_path, photo, capsys):
+    argv = ["evaluate", "--data", str(photo.parent), "--checkpoint", "demo", "--tokens", "8", "--halting", "off",
+            "--metrics", "l1", "--workers", "0", "--quiet"]
+    assert cli_main(argv + ["--out", str(tmp_path / "centre")]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(notes) == 1 and "1 image(s) were not 32x32: --crop center took their central 32x32 pixels" in notes[0]
+    assert cli_main(argv + ["--out", str(tmp_path / "resize"), "--crop", "resize"]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(notes) == 1 and "1 image(s) were not 32x32: shorter side resized to 32, then centre-cropped" in notes[0]
 
 
 # ---------------------------------------------------------------------- 10: the picture, decode advice

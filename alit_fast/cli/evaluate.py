@@ -124,7 +124,7 @@ def _evaluate_into(args: argparse.Namespace, metrics, criteria, out: Path, main_
               file=sys.stderr)
     if len(files) == 0:
         raise UsageError(f"--data {args.data}: no readable image files found")
-    converted = describe_notes(scan_notes(files.files))  # headers only: the pixels are read in workers
+    converted = _notes(files.files, model.config.image_size, args.crop)
     if converted and main_rank:
         print(f"{PROG}: {converted}", file=sys.stderr)
     if args.metrics == ",".join(DEFAULT_METRICS) and main_rank:
@@ -220,6 +220,19 @@ def _networks(args: argparse.Namespace, metrics: tuple[str, ...], device):
     except (FIDWeightsError, LPIPSWeightsError) as exc:
         raise UsageError(one_line(exc)) from exc
     return fid, lpips
+
+
+def _notes(files: list, size: int, crop: str) -> str | None:
+    """The one line on what reading ``files`` converts and sizes (headers only: the pixels are read in
+    workers); --crop center sizes no image, so it says what it took instead."""
+    notes = scan_notes(files, size)
+    cropped = notes.pop("resized", 0) if crop == "center" else 0
+    line = describe_notes(notes, size)
+    if cropped:
+        said = (f"{cropped} image(s) were not {size}x{size}: --crop center took their central {size}x{size} pixels "
+                "at native size (the official benchmark's crop; --crop resize sizes them as encode does)")
+        line = f"{line}; {said}" if line else f"note: {said}"
+    return line
 
 
 class _UserImages(ImageFiles):
