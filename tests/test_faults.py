@@ -958,6 +958,24 @@ def test_a_second_run_into_a_busy_folder_refuses_by_name_and_a_dead_runs_lock_is
     assert (out / "index.json").exists() and not lock.exists()
 
 
+@pytest.mark.parametrize("name,content", [("log.jsonl", b"my own notes\n"), ("log.jsonl", b'["step"]\n'),
+                                          ("model.safetensors", None), ("ema.safetensors", b"not weights"),
+                                          ("checkpoint.pt", b"my own checkpoint")])
+def test_a_users_files_named_like_a_runs_are_named_and_kept_even_with_overwrite(env, tmp_path, capsys, name, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    if content is None:  # weights written by someone else: safetensors, but not alit_fast's
+        save_file({"w": torch.zeros(2)}, str(out / name))
+    else:
+        (out / name).write_bytes(content)
+    kept = (out / name).read_bytes()
+    for extra in ((), ("--overwrite",), ("--resume",)):
+        assert cli_main(["train", *_train_args(env, out), "--steps", "1", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "did not write" in err[0] and name in err[0] and "left alone" in err[0], err
+        assert (out / name).read_bytes() == kept and sorted(p.name for p in out.iterdir()) == [name]
+
+
 def test_train_into_a_busy_folder_refuses_by_name(env, tmp_path, capsys):
     import socket
 
