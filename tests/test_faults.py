@@ -976,6 +976,45 @@ def test_a_users_files_named_like_a_runs_are_named_and_kept_even_with_overwrite(
         assert (out / name).read_bytes() == kept and sorted(p.name for p in out.iterdir()) == [name]
 
 
+def _race(argv: list[str], runs: int = 2) -> list[tuple[int, str]]:
+    """``runs`` forked processes start ``argv`` at one instant; (exit status, stderr) of each."""
+    import io
+    import multiprocessing
+    import sys
+
+    context = multiprocessing.get_context("fork")  # torch is loaded already: a fork starts at once
+    start, results = context.Barrier(runs), context.Queue()
+
+    def run():
+        sys.stderr = io.StringIO()
+        start.wait()
+        try:
+            rc = cli_main(argv)
+        except BaseException as exc:  # a traceback: reported, not hidden
+            rc = f"{type(exc).__name__}: {exc}"
+        results.put((rc, sys.stderr.getvalue()))
+
+    processes = [context.Process(target=run) for _ in range(runs)]
+    for process in processes:
+        process.start()
+    answers = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join()
+    return answers
+
+
+def test_two_pretokenize_runs_racing_into_one_folder_end_as_one_dataset(env, tmp_path):
+    out = tmp_path / "ds"
+    answers = _race(_pretokenize(env, out))
+    codes = sorted(rc for rc, _ in answers)
+    assert codes in ([0, 0], [0, 2]), answers  # the second one waited for nothing, or refused by name
+    if codes == [0, 2]:
+        refused = next(err for rc, err in answers if rc == 2).strip().splitlines()
+        assert len(refused) == 1 and "in use by another run" in refused[0], refused
+    assert len(open_dataset(out)) == 2 and open_dataset(out)[1].length == 8
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name or p.name == ".alit_fast.lock"]
+
+
 def test_train_into_a_busy_folder_refuses_by_name(env, tmp_path, capsys):
     import socket
 
