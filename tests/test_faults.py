@@ -1076,6 +1076,27 @@ def test_a_disk_without_room_for_the_shards_is_refused_with_the_numbers(env, tmp
     assert not list((tmp_path / "ds").glob("shard-*"))
 
 
+@pytest.mark.parametrize("argv_of", [
+    lambda e, o: _encode(e, o),
+    lambda e, o: ["evaluate", "--data", str(e.images), "--checkpoint", str(e.model), "--out", str(o / "ev"),
+                  "--metrics", "l1", "--tokens", "8", "--workers", "0", "--quiet"],
+    lambda e, o: _decode(e, o),
+    lambda e, o: _train(e, o),
+    lambda e, o: ["convert", str(e.pickle_pth), str(o / "converted")],
+    lambda e, o: _cache(e, o),
+], ids=["encode", "evaluate", "decode", "train", "convert", "cache-base"])
+def test_every_writing_command_without_room_refuses_with_the_numbers_before_writing(env, tmp_path, capsys,
+                                                                                   monkeypatch, argv_of):
+    import shutil as shutil_module
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage._replace(free=100))
+    assert cli_main(argv_of(env, tmp_path)) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln]
+    assert len(err) == 1 and "will be written" in err[0] and "100 B free" in err[0], err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
 def _disk_fills_up(monkeypatch, module, after: int = 100):
     """``open`` in ``module`` gives files that take ``after`` bytes, then fail as a full disk does."""
     import builtins

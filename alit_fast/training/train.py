@@ -516,9 +516,6 @@ def build(args: argparse.Namespace, d: Dist) -> Run:
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
 
     batches = EpochBatches(build_training_data(args, cfg, model), d, args)
-    # after the data is found: a run refused for its options prints its one line and nothing else
-    if init_state is None and vqgan_state is None and args.base_cache is None and not args.resume and d.main:
-        print(RANDOM_VQGAN_WARNING, file=sys.stderr, flush=True)
     total_batch = args.batch_size * d.world
     total_steps = args.steps if args.steps is not None else args.epochs * batches.steps_per_epoch
     unit = 1 if args.steps is not None else batches.steps_per_epoch
@@ -953,6 +950,9 @@ def train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     run = open_run(args, build, resume)
+    # after every check (data, free space, --resume): a refused run prints its one line and nothing else
+    if not (args.init or args.init_vqgan or args.base_cache or args.resume) and run.d.main:
+        print(RANDOM_VQGAN_WARNING, file=sys.stderr, flush=True)
     run.model.train()
     return drive(run, args, Stage(
         step=lambda batch: train_step(run, batch),
