@@ -819,6 +819,9 @@ def test_swapped_shards_are_refused_not_read_under_another_name(dataset):
     (lambda index: index["items"][0].__setitem__(2, 7), "outside"),  # a shard that is not there
     (lambda index: index["items"][0].__setitem__(1, -8), "malformed"),
     (lambda index: index.pop("items"), "'items'"),
+    (lambda index: index.__setitem__("items", []), "do not name each"),  # every image dropped
+    (lambda index: index["items"].pop(), "do not name each"),
+    (lambda index: index["items"].__setitem__(1, index["items"][0]), "do not name each"),  # one read twice
 ])
 def test_a_hand_edited_index_is_refused_by_name(dataset, edit, message):
     index = json.loads((dataset / "index.json").read_text())
