@@ -925,6 +925,23 @@ def test_visualize_sheets_zero_with_one_image_is_one_line(env, tmp_path, capsys)
     assert len(err) == 1 and "--sheets 0" in err[0]
 
 
+def test_visualize_of_images_of_another_size_says_so_once_and_draws_them(env, tmp_path, capsys):
+    out = tmp_path / "v.png"  # the images are 40x36, the model's 32x32
+    assert cli_main(["visualize", str(env.images), "--checkpoint", str(env.model), "--sheets", "1", "--scale", "1",
+                     "--out", str(out)]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert notes == ["alit-fast visualize: note: 2 image(s) were not 32x32: shorter side resized to 32, then "
+                     "centre-cropped (docs/preprocessing.md)"]
+    assert Image.open(out).size[0] > 32
+
+
+def test_visualize_refuses_a_scale_that_would_draw_gigabytes(env, tmp_path, capsys):
+    argv = ["visualize", str(env.png), "--checkpoint", str(env.model), "--scale", "1000", "--out", str(tmp_path / "v.png")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scale 1000" in err[0] and "at most 64" in err[0] and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("answer", [None, "yes", object()])
 def test_a_criterion_callable_returning_no_bools_is_a_type_error(env, answer):
     model = alit_fast.load(env.model)
