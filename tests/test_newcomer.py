@@ -176,6 +176,16 @@ def test_evaluate_skips_an_unreadable_image_with_one_named_line(tmp_path, image_
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"][0]["images"] == 4
 
 
+def test_evaluate_names_an_image_damaged_past_its_header_in_one_line_from_a_worker_process(tmp_path, image_dir,
+                                                                                           capsys):
+    whole = (image_dir / "1.png").read_bytes()
+    (image_dir / "1.png").write_bytes(whole[: len(whole) // 2])  # the header reads; the pixels do not
+    assert cli_main(["evaluate", "--data", str(image_dir), "--checkpoint", "demo", "--tokens", "8", "--halting", "off",
+                     "--workers", "1", "--quiet", "--out", str(tmp_path / "ev")]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln and "LPIPS" not in ln]
+    assert err == [f"alit-fast evaluate: cannot read the image {image_dir / '1.png'}: OSError: image file is truncated"]
+
+
 # ---------------------------------------------------------------------- 8: the Hub unreachable
 def test_an_unreachable_hub_is_one_line_naming_the_network(tmp_path, monkeypatch, capsys):
     pytest.importorskip("huggingface_hub")
