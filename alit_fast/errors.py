@@ -47,6 +47,15 @@ def one_line(message: object) -> str:
     return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def _raised_in_a_worker(text: str) -> str:
+    """The message of a user error raised in a DataLoader worker (an image damaged past its header):
+    torch re-raises it with the worker's whole traceback as its message, whose last line is ours."""
+    if not (text.startswith("Caught ") and " in DataLoader worker process " in text.split("\n", 1)[0]):
+        return text
+    last = text.strip().splitlines()[-1]  # "alit_fast.training.data.UnreadableImage: image ... cannot be read"
+    return last.split(": ", 1)[-1]
+
+
 # what Ctrl-C leaves, per command: how to pick up where the run stopped
 ON_INTERRUPT = {
     "alit-fast train": "rerun the same command with --resume to continue from the last checkpoint",
@@ -68,7 +77,7 @@ def run_command(
     try:
         return int(body(argv) or 0)
     except (UsageError, FolderBusy) as exc:
-        message = one_line(exc)
+        message = one_line(_raised_in_a_worker(str(exc)))
     except OSError as exc:  # a full disk, a read-only or forbidden folder met while writing
         if exc.errno not in WRITE_ERRNOS:
             raise

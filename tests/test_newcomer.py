@@ -102,6 +102,24 @@ def test_ctrl_c_ends_a_command_with_one_line_saying_how_to_resume(prog, hint, ca
     assert len(err.splitlines()) == 1 and err.startswith(f"{prog}: interrupted") and hint in err
 
 
+def test_a_user_error_raised_in_a_data_loader_worker_is_its_own_one_line(capsys):
+    from torch._utils import ExceptionWrapper
+
+    from alit_fast.training.data import UnreadableImage
+
+    try:  # what torch's DataLoader hands the main process: the worker's traceback as the message
+        raise UnreadableImage("image x.png cannot be read (OSError: image file is truncated); remove or replace it")
+    except UnreadableImage:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+
+    def body(argv):
+        wrapped.reraise()
+
+    assert run_command("alit-fast train", body, []) == 2
+    assert capsys.readouterr().err == ("alit-fast train: image x.png cannot be read (OSError: image file is truncated); "
+                                       "remove or replace it\n")
+
+
 # ---------------------------------------------------------------------- 2, 7: training
 def _train(tmp_path, *extra) -> int:
     return cli_main(["train", "--data", "synthetic", "--data-length", "4", "--batch-size", "2", "--steps", "1",
@@ -176,12 +194,13 @@ def test_evaluate_skips_an_unreadable_image_with_one_named_line(tmp_path, image_
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"][0]["images"] == 4
 
 
-def test_evaluate_names_an_image_damaged_past_its_header_in_one_line_from_a_worker_process(tmp_path, image_dir,
-                                                                                           capsys):
+def test_evaluate_names_an_image_damaged_past_its_header_in_one_line(tmp_path, image_dir, capsys):
+    # read in this process here (a worker process costs seconds to start); read in a worker, the same
+    # line reaches the user through run_command (test_a_user_error_raised_in_a_data_loader_worker_...)
     whole = (image_dir / "1.png").read_bytes()
     (image_dir / "1.png").write_bytes(whole[: len(whole) // 2])  # the header reads; the pixels do not
     assert cli_main(["evaluate", "--data", str(image_dir), "--checkpoint", "demo", "--tokens", "8", "--halting", "off",
-                     "--workers", "1", "--quiet", "--out", str(tmp_path / "ev")]) == 2
+                     "--workers", "0", "--quiet", "--out", str(tmp_path / "ev")]) == 2
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln and "LPIPS" not in ln]
     assert err == [f"alit-fast evaluate: cannot read the image {image_dir / '1.png'}: OSError: image file is truncated"]
 

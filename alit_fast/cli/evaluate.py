@@ -161,13 +161,6 @@ def _evaluate_resumable(*args, **kwargs):
         return evaluate(*args, **kwargs)
     except ProgressError as exc:
         raise UsageError(str(exc)) from exc
-    except UsageError as exc:
-        text = str(exc).strip()
-        if text.startswith("Caught UsageError in DataLoader worker"):
-            # an image that fails past its header, read in a worker: torch re-raises our one line with the
-            # worker's whole traceback as its message; its last line is ours
-            raise UsageError(text.splitlines()[-1].split("UsageError: ", 1)[-1]) from None
-        raise
 
 
 def _report(report, digest: str, args: argparse.Namespace, out: Path) -> None:
