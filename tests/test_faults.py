@@ -152,7 +152,10 @@ def env(tmp_path_factory) -> SimpleNamespace:
     (e.cache_bad_index / "index.json").write_text("{ cut off")
     e.vqgan_run = root / "vqgan_run"
     e.vqgan_run.mkdir()
-    (e.vqgan_run / "vqgan.safetensors").write_bytes(b"an earlier run's weights")
+    (e.vqgan_run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run's
+    e.users_log = root / "users_log"
+    e.users_log.mkdir()
+    (e.users_log / "log.jsonl").write_text("my own notes\n")  # a user's, under a run file's name
     return e
 
 
@@ -344,6 +347,8 @@ CLI_CASES = [
     ("vqgan-data-missing-folder", lambda e, o: _vqgan(e, o, "--data", str(o / "nowhere")), "--data"),
     ("vqgan-config-unknown", lambda e, o: _vqgan(e, o, "--config", "nosuch"), "--config"),
     ("vqgan-out-holds-a-run", lambda e, o: _vqgan(e, o)[:-2] + ["--out", str(e.vqgan_run)], "--overwrite"),
+    ("vqgan-out-holds-a-users-log", lambda e, o: _vqgan(e, o)[:-2] + ["--out", str(e.users_log), "--overwrite"],
+     "left alone"),
 ]
 
 

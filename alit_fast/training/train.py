@@ -20,14 +20,12 @@ import math
 import os
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import PRESETS, ALITConfig
@@ -35,7 +33,7 @@ from ..distributed import join_group
 from ..errors import OneLineParser, UsageError, one_line, run_command
 from ..files import LOCK_NAME, acquire_lock, release_lock
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load, load_state_strict, read_checkpoint, read_state_dict
-from ..io.weights import FINGERPRINT_KEY, read_safetensors, torch_load_problem
+from ..io.weights import read_safetensors, torch_load_problem
 from ..models import HALTING_MODES, BaseOutput
 from ..models.alit import images_in_range
 from .base_cache import BaseCacheDataset
@@ -46,6 +44,7 @@ from .utils import (
     check_free_space,
     check_number,
     check_writable,
+    foreign_run_files,
     resolve_config,
     rng_state,
     seed_everything,
@@ -83,7 +82,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
     if resume and overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     found = [name for name in RUN_FILES if (out / name).exists()]
-    foreign = [name for name in found if not _written_by_training(out / name)]
+    foreign = foreign_run_files(out, RUN_FILES)
     if foreign:  # a user's file of the same name is never replaced, --overwrite or not
         raise UsageError(f"--out {out} holds files training did not write ({', '.join(foreign)}); they are left "
                          "alone: use a new or empty directory")
@@ -101,24 +100,6 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
     for path in stale:
         if path.is_file():
             path.unlink()
-
-
-def _written_by_training(path: Path) -> bool:
-    """Whether ``path`` is one of the files a run writes, from its header or first line: weights with
-    alit_fast's fingerprint, a torch archive as checkpoint.pt, a log of step records (or an empty one)."""
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                return FINGERPRINT_KEY in (f.metadata() or {})
-        if path.name == CHECKPOINT:
-            with zipfile.ZipFile(path) as archive:
-                return any(name.endswith("/data.pkl") for name in archive.namelist())
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
-        record = json.loads(first) if first.strip() else {"step": None}
-        return isinstance(record, dict) and "step" in record
-    except Exception:  # unreadable as any of these: not a file training wrote
-        return False
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

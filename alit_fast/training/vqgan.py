@@ -28,7 +28,7 @@ from ..files import write_atomic
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
 from .data import SyntheticImages, build_dataset
-from .utils import atomic_torch_save, check_number, resolve_config, seed_everything
+from .utils import atomic_torch_save, check_number, foreign_run_files, resolve_config, seed_everything
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -143,6 +143,10 @@ def _main(argv: list[str] | None) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
     found = [name for name in RUN_FILES if (out / name).exists()]
+    foreign = foreign_run_files(out, RUN_FILES)
+    if foreign:  # a user's file of the same name is never replaced, --overwrite or not
+        raise UsageError(f"--out {out} holds files training did not write ({', '.join(foreign)}); they are left "
+                         "alone: use a new or empty directory")
     if found and not args.overwrite:  # an earlier run's weights are never replaced unasked
         raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --overwrite to replace it")
     dataset = build_dataset(args.data, cfg.image_size, seed=args.seed)  # a bad --data is refused before any write
