@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..config import PRESETS, ALITConfig
 from ..distributed import join_group
 from ..errors import OneLineParser, UsageError, one_line, run_command
-from ..files import LOCK_NAME, acquire_lock, release_lock
+from ..files import LOCK_NAME, acquire_lock, release_lock, write_atomic
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load, load_state_strict, read_checkpoint, read_state_dict
 from ..io.weights import read_safetensors, torch_load_problem
 from ..models import HALTING_MODES, BaseOutput
@@ -396,7 +396,8 @@ class JsonlLog:
     def __init__(self, path: Path, keep_until_step: int | None) -> None:
         if keep_until_step is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if _step_of(ln) is not None and _step_of(ln) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            text = "".join(ln + "\n" for ln in kept)  # atomic: a kill or a full disk here keeps the old log whole
+            write_atomic(path, lambda tmp: Path(tmp).write_text(text))
         elif keep_until_step is None and path.exists():
             path.unlink()
         self.file = open(path, "a", encoding="utf-8")

@@ -230,7 +230,7 @@ def _main(argv: list[str] | None) -> int:
     final = evaluate(tok, held_out)
     save_base_tokenizer(tok, cfg, out / "vqgan.safetensors")
     summary = {"steps": step, "seconds": round(time.time() - start, 1), **{f"eval_{k}": v for k, v in final.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     print(json.dumps(summary), flush=True)
     log.close()
     return 0
