@@ -1208,6 +1208,21 @@ def test_every_writing_command_on_a_full_disk_is_one_line_naming_what_it_could_n
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]
 
 
+def test_a_base_cache_reserves_its_arrays_so_a_disk_filling_up_is_one_line_not_a_crash(env, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import errno
+    import os
+
+    def no_room(fd, offset, length):  # what a disk filled by someone else since the space check says
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    assert cli_main(_cache(env, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "z.npy: No space left on device" in err[0], err
+    assert not list(tmp_path.iterdir())  # no unfinished cache left
+
+
 def test_a_writer_that_hides_a_full_disk_is_reported_as_one(tmp_path):
     from alit_fast.files import write_atomic
 
