@@ -1223,6 +1223,19 @@ def test_a_base_cache_reserves_its_arrays_so_a_disk_filling_up_is_one_line_not_a
     assert not list(tmp_path.iterdir())  # no unfinished cache left
 
 
+def test_cache_base_keeps_a_users_folder_where_it_builds_and_clears_a_killed_runs(env, tmp_path, capsys):
+    partial = tmp_path / "c.partial"  # _cache builds tmp_path / "c" there
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    assert cli_main(_cache(env, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "c.partial is in the way" in err[0] and (partial / "notes.txt").read_text() == "mine"
+    (partial / "notes.txt").unlink()
+    (partial / "z.npy").write_bytes(b"half an array")  # what a SIGKILL mid-pass leaves
+    assert cli_main(_cache(env, tmp_path)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_a_writer_that_hides_a_full_disk_is_reported_as_one(tmp_path):
     from alit_fast.files import write_atomic
 

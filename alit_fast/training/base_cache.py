@@ -43,6 +43,9 @@ def source_dataset(meta: dict) -> Dataset:
     return build_dataset(meta["data"], meta["image_size"], seed=meta["seed"], augment=False, length=meta.get("data_length"))
 
 
+CACHE_FILES = {INDEX, "z.npy", "gt_indices.npy", "mean.npy", "std.npy"}
+
+
 @torch.no_grad()
 def is_base_cache(path: Path) -> bool:
     """Whether ``path`` is a directory that holds a finished cache written here (and nothing else
@@ -54,8 +57,7 @@ def is_base_cache(path: Path) -> bool:
         meta = json.loads(index.read_text())
     except (OSError, ValueError):
         return False
-    expected = {INDEX, "z.npy", "gt_indices.npy", "mean.npy", "std.npy"}
-    return isinstance(meta, dict) and "vqgan_sha256" in meta and {p.name for p in path.iterdir()} <= expected
+    return isinstance(meta, dict) and "vqgan_sha256" in meta and {p.name for p in path.iterdir()} <= CACHE_FILES
 
 
 def check_cache_destination(out: str | os.PathLike, data: str | None, overwrite: bool) -> Path:
@@ -76,6 +78,10 @@ def check_cache_destination(out: str | os.PathLike, data: str | None, overwrite:
                                  "(give a new or empty directory)")
             if not overwrite:
                 raise ValueError(f"--out {out} already holds a base cache; pass --overwrite to replace it")
+    partial = out.with_name(out.name + ".partial")  # where the cache is built; a killed run's is removed
+    if partial.exists() and not (partial.is_dir() and {p.name for p in partial.iterdir()} <= CACHE_FILES):
+        raise ValueError(f"{partial} is in the way (the cache is built there) and is not an unfinished cache; it is "
+                         "left alone: move it, or give another --out")
     return out
 
 
