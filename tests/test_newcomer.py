@@ -92,7 +92,8 @@ def test_backend_triton_flag_on_a_cpu_is_one_line_before_any_work(no_gpu_no_inte
 @pytest.mark.parametrize("prog,hint", [("alit-fast train", "--resume"), ("alit-fast pretokenize", "finished shards are kept"),
                                        ("alit-fast decode", "rerun the command with --overwrite"),
                                        ("alit-fast encode", "marked partial"),
-                                       ("alit-fast evaluate", "continue from the progress saved")])
+                                       ("alit-fast evaluate", "continue from the progress saved"),
+                                       ("python -m alit_fast.train_vqgan", "rerun with --overwrite")])
 def test_ctrl_c_ends_a_command_with_one_line_saying_how_to_resume(prog, hint, capsys):
     def body(argv):
         raise KeyboardInterrupt
