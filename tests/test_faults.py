@@ -1075,7 +1075,8 @@ def _read_only(monkeypatch):
     lambda e, o: _cache(e, o),
     lambda e, o: _decode(e, o),
     lambda e, o: ["convert", str(e.pickle_pth), str(o / "converted")],
-], ids=["encode", "pretokenize", "evaluate", "train", "cache-base", "decode", "convert"])
+    lambda e, o: ["calibrate", "--checkpoint", str(e.model), "--data", str(e.images), "--out", str(o / "c.safetensors")],
+], ids=["encode", "pretokenize", "evaluate", "train", "cache-base", "decode", "convert", "calibrate"])
 def test_a_read_only_output_is_refused_before_the_work(env, tmp_path, capsys, monkeypatch, argv_of):
     import alit_fast.cli.convert as convert_cli
     import alit_fast.io.pretrained as pretrained
