@@ -1193,7 +1193,8 @@ def files_over_600_bytes_fail():
     (lambda e, o: _train(e, o), "checkpoint.pt"),
     (lambda e, o: ["convert", str(e.pickle_pth), str(o / "converted")], "model.safetensors"),
     (lambda e, o: _cache(e, o), "c"),
-], ids=["encode", "pretokenize", "evaluate", "decode", "train", "convert", "cache-base"])
+    (lambda e, o: _demo(e, o), "demo.png"),
+], ids=["encode", "pretokenize", "evaluate", "decode", "train", "convert", "cache-base", "demo"])
 def test_every_writing_command_on_a_full_disk_is_one_line_naming_what_it_could_not_write(
         env, tmp_path, capsys, files_over_600_bytes_fail, argv_of, written):
     argv = argv_of(env, tmp_path)
