@@ -47,11 +47,26 @@ def one_line(message: object) -> str:
     return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def _raised_in_a_worker(text: str) -> str:
+    """The message of a user error raised in a DataLoader worker (an image damaged past its header):
+    torch re-raises it with the worker's whole traceback as its message, whose last line is ours."""
+    if not (text.startswith("Caught ") and " in DataLoader worker process " in text.split("\n", 1)[0]):
+        return text
+    last = text.strip().splitlines()[-1]  # "alit_fast.training.data.UnreadableImage: image ... cannot be read"
+    return last.split(": ", 1)[-1]
+
+
 # what Ctrl-C leaves, per command: how to pick up where the run stopped
 ON_INTERRUPT = {
     "alit-fast train": "rerun the same command with --resume to continue from the last checkpoint",
     "alit-fast pretokenize": "rerun the same command to resume: finished shards are kept",
-    "alit-fast encode": "nothing was written; rerun the command (with --shard-size, finished shards are kept)",
+    "alit-fast encode": ("the tokens saved before it (a long run saves every few minutes) are in --out, marked "
+                         "partial; rerun the command to encode every image (with --shard-size, finished shards are kept)"),
+    "python -m alit_fast.train_vqgan": ("its weights saved so far are in --out; rerun with --overwrite to train again "
+                                        "(it does not resume)"),
+    "alit-fast decode": "the images written so far are kept; rerun the command with --overwrite to write them all",
+    "alit-fast evaluate": ("rerun the same command to continue from the progress saved in --out (a long run saves "
+                           "every few minutes)"),
 }
 DEFAULT_ON_INTERRUPT = "rerun the command to start again"
 
@@ -65,7 +80,7 @@ def run_command(
     try:
         return int(body(argv) or 0)
     except (UsageError, FolderBusy) as exc:
-        message = one_line(exc)
+        message = one_line(_raised_in_a_worker(str(exc)))
     except OSError as exc:  # a full disk, a read-only or forbidden folder met while writing
         if exc.errno not in WRITE_ERRNOS:
             raise

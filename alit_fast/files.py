@@ -35,14 +35,15 @@ def _umask() -> int:
 
 
 def as_os_error(exc: BaseException, path: str) -> BaseException:
-    """An OSError for a writer's failure that is really one (safetensors' SafetensorError carries
-    ``Os { code: 28 ...}``, torch.save's stream writer an ``unexpected pos``), else ``exc`` itself."""
+    """An OSError naming ``path`` for a writer's failure that is really one (safetensors'
+    SafetensorError carries ``Os { code: 28 ...}`` or, from 0.5 on, ``(os error 28)``; torch.save's
+    stream writer an ``unexpected pos``; a file object's write no file name), else ``exc`` itself."""
     if isinstance(exc, OSError):
-        return exc
+        return exc if exc.filename or exc.errno is None else OSError(exc.errno, exc.strerror, path)
     text = str(exc)
-    code = re.search(r"Os \{ code: (\d+)", text)
+    code = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", text)
     if code:
-        number = int(code.group(1))
+        number = int(code.group(1) or code.group(2))
         return OSError(number, os.strerror(number), path)
     if "unexpected pos" in text or "PytorchStreamWriter failed" in text:
         return OSError(errno.EIO, "the write failed (is the disk full?)", path)
@@ -114,25 +115,55 @@ def acquire_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) ->
     was killed) and is taken over. Returns the lock's path for ``release_lock``."""
     path = os.path.join(os.fspath(folder), name)
     mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": what, "since": time.time()})
-    for _ in range(2):
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            seen = _stamp(path)
             holder = _read_lock(path)
+            if seen is None:  # released meanwhile
+                continue
             here = holder.get("host") == socket.gethostname()
             pid = int(holder.get("pid", -1)) if str(holder.get("pid", "")).lstrip("-").isdigit() else -1
             # stale: its process is gone, or it is this process's own (an earlier command run
             # in-process that ended by an exception), or it was never filled in by a killed run
             if (here and (pid == os.getpid() or not _alive(pid))) or (not holder and _age(path) > 10):
-                os.remove(path)  # a killed run's lock
+                _remove_stale(path, seen)  # a killed run's lock
                 continue
-            raise FolderBusy(f"{folder} is in use by another run ({holder.get('command', '?')}, pid "
-                             f"{holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it, or remove "
-                             f"{path} if that run is gone") from None
+            who = (f"{holder.get('command', '?')}, pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder
+                   else "one starting now")
+            raise FolderBusy(f"{folder} is in use by another run ({who}); wait for it, or remove {path} if that run "
+                             "is gone") from None
         with os.fdopen(fd, "w") as f:
             f.write(mine)
         return path
     raise FolderBusy(f"{folder}: could not take the lock {path}")
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    """Which file ``path`` is now (inode, modification time); None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _remove_stale(path: str, seen: tuple[int, int]) -> None:
+    """Remove the lock file judged stale when it was ``seen``. Two runs may judge one stale lock at
+    once: the first takes it over with a new lock, which the second must not remove, so the file is
+    first moved aside (atomic) and put back when it is no longer the one judged."""
+    aside = f"{path}.stale{os.getpid()}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # the other run removed it first
+        return
+    if _stamp(aside) != seen:  # a live run's new lock: back in place (the caller then finds it busy)
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+    os.remove(aside)
 
 
 def _read_lock(path: str) -> dict:

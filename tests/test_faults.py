@@ -152,7 +152,10 @@ def env(tmp_path_factory) -> SimpleNamespace:
     (e.cache_bad_index / "index.json").write_text("{ cut off")
     e.vqgan_run = root / "vqgan_run"
     e.vqgan_run.mkdir()
-    (e.vqgan_run / "vqgan.safetensors").write_bytes(b"an earlier run's weights")
+    (e.vqgan_run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run's
+    e.users_log = root / "users_log"
+    e.users_log.mkdir()
+    (e.users_log / "log.jsonl").write_text("my own notes\n")  # a user's, under a run file's name
     return e
 
 
@@ -344,6 +347,8 @@ CLI_CASES = [
     ("vqgan-data-missing-folder", lambda e, o: _vqgan(e, o, "--data", str(o / "nowhere")), "--data"),
     ("vqgan-config-unknown", lambda e, o: _vqgan(e, o, "--config", "nosuch"), "--config"),
     ("vqgan-out-holds-a-run", lambda e, o: _vqgan(e, o)[:-2] + ["--out", str(e.vqgan_run)], "--overwrite"),
+    ("vqgan-out-holds-a-users-log", lambda e, o: _vqgan(e, o)[:-2] + ["--out", str(e.users_log), "--overwrite"],
+     "left alone"),
 ]
 
 
@@ -819,6 +824,9 @@ def test_swapped_shards_are_refused_not_read_under_another_name(dataset):
     (lambda index: index["items"][0].__setitem__(2, 7), "outside"),  # a shard that is not there
     (lambda index: index["items"][0].__setitem__(1, -8), "malformed"),
     (lambda index: index.pop("items"), "'items'"),
+    (lambda index: index.__setitem__("items", []), "do not name each"),  # every image dropped
+    (lambda index: index["items"].pop(), "do not name each"),
+    (lambda index: index["items"].__setitem__(1, index["items"][0]), "do not name each"),  # one read twice
 ])
 def test_a_hand_edited_index_is_refused_by_name(dataset, edit, message):
     index = json.loads((dataset / "index.json").read_text())
@@ -922,6 +930,23 @@ def test_visualize_sheets_zero_with_one_image_is_one_line(env, tmp_path, capsys)
     assert len(err) == 1 and "--sheets 0" in err[0]
 
 
+def test_visualize_of_images_of_another_size_says_so_once_and_draws_them(env, tmp_path, capsys):
+    out = tmp_path / "v.png"  # the images are 40x36, the model's 32x32
+    assert cli_main(["visualize", str(env.images), "--checkpoint", str(env.model), "--sheets", "1", "--scale", "1",
+                     "--out", str(out)]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert notes == ["alit-fast visualize: note: 2 image(s) were not 32x32: shorter side resized to 32, then "
+                     "centre-cropped (docs/preprocessing.md)"]
+    assert Image.open(out).size[0] > 32
+
+
+def test_visualize_refuses_a_scale_that_would_draw_gigabytes(env, tmp_path, capsys):
+    argv = ["visualize", str(env.png), "--checkpoint", str(env.model), "--scale", "1000", "--out", str(tmp_path / "v.png")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scale 1000" in err[0] and "at most 64" in err[0] and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("answer", [None, "yes", object()])
 def test_a_criterion_callable_returning_no_bools_is_a_type_error(env, answer):
     model = alit_fast.load(env.model)
@@ -958,6 +983,63 @@ def test_a_second_run_into_a_busy_folder_refuses_by_name_and_a_dead_runs_lock_is
     assert (out / "index.json").exists() and not lock.exists()
 
 
+@pytest.mark.parametrize("name,content", [("log.jsonl", b"my own notes\n"), ("log.jsonl", b'["step"]\n'),
+                                          ("model.safetensors", None), ("ema.safetensors", b"not weights"),
+                                          ("checkpoint.pt", b"my own checkpoint")])
+def test_a_users_files_named_like_a_runs_are_named_and_kept_even_with_overwrite(env, tmp_path, capsys, name, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    if content is None:  # weights written by someone else: safetensors, but not alit_fast's
+        save_file({"w": torch.zeros(2)}, str(out / name))
+    else:
+        (out / name).write_bytes(content)
+    kept = (out / name).read_bytes()
+    for extra in ((), ("--overwrite",), ("--resume",)):
+        assert cli_main(["train", *_train_args(env, out), "--steps", "1", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "did not write" in err[0] and name in err[0] and "left alone" in err[0], err
+        assert (out / name).read_bytes() == kept and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def _race(argv: list[str], runs: int = 2) -> list[tuple[int, str]]:
+    """``runs`` forked processes start ``argv`` at one instant; (exit status, stderr) of each."""
+    import io
+    import multiprocessing
+    import sys
+
+    context = multiprocessing.get_context("fork")  # torch is loaded already: a fork starts at once
+    start, results = context.Barrier(runs), context.Queue()
+
+    def run():
+        sys.stderr = io.StringIO()
+        start.wait()
+        try:
+            rc = cli_main(argv)
+        except BaseException as exc:  # a traceback: reported, not hidden
+            rc = f"{type(exc).__name__}: {exc}"
+        results.put((rc, sys.stderr.getvalue()))
+
+    processes = [context.Process(target=run) for _ in range(runs)]
+    for process in processes:
+        process.start()
+    answers = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join()
+    return answers
+
+
+def test_two_pretokenize_runs_racing_into_one_folder_end_as_one_dataset(env, tmp_path):
+    out = tmp_path / "ds"
+    answers = _race(_pretokenize(env, out))
+    codes = sorted(rc for rc, _ in answers)
+    assert codes in ([0, 0], [0, 2]), answers  # the second one waited for nothing, or refused by name
+    if codes == [0, 2]:
+        refused = next(err for rc, err in answers if rc == 2).strip().splitlines()
+        assert len(refused) == 1 and "in use by another run" in refused[0], refused
+    assert len(open_dataset(out)) == 2 and open_dataset(out)[1].length == 8
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name or p.name == ".alit_fast.lock"]
+
+
 def test_train_into_a_busy_folder_refuses_by_name(env, tmp_path, capsys):
     import socket
 
@@ -991,13 +1073,18 @@ def _read_only(monkeypatch):
                   "--metrics", "l1", "--tokens", "8"],
     lambda e, o: _train(e, o),
     lambda e, o: _cache(e, o),
-], ids=["encode", "pretokenize", "evaluate", "train", "cache-base"])
+    lambda e, o: _decode(e, o),
+    lambda e, o: ["convert", str(e.pickle_pth), str(o / "converted")],
+    lambda e, o: ["calibrate", "--checkpoint", str(e.model), "--data", str(e.images), "--out", str(o / "c.safetensors")],
+], ids=["encode", "pretokenize", "evaluate", "train", "cache-base", "decode", "convert", "calibrate"])
 def test_a_read_only_output_is_refused_before_the_work(env, tmp_path, capsys, monkeypatch, argv_of):
+    import alit_fast.cli.convert as convert_cli
     import alit_fast.io.pretrained as pretrained
 
     _read_only(monkeypatch)
     loaded = []
     monkeypatch.setattr(pretrained, "load", lambda *a, **k: loaded.append(1) or alit_fast.load(*a, **k))
+    monkeypatch.setattr(convert_cli, "load_official", lambda *a, **k: loaded.append(1) or alit_fast.load_official(*a, **k))
     assert cli_main(argv_of(env, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not writable" in err[0] and "Read-only" in err[0]
@@ -1013,6 +1100,27 @@ def test_a_disk_without_room_for_the_shards_is_refused_with_the_numbers(env, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "will be written" in err[0] and "100 B free" in err[0]
     assert not list((tmp_path / "ds").glob("shard-*"))
+
+
+@pytest.mark.parametrize("argv_of", [
+    lambda e, o: _encode(e, o),
+    lambda e, o: ["evaluate", "--data", str(e.images), "--checkpoint", str(e.model), "--out", str(o / "ev"),
+                  "--metrics", "l1", "--tokens", "8", "--workers", "0", "--quiet"],
+    lambda e, o: _decode(e, o),
+    lambda e, o: _train(e, o),
+    lambda e, o: ["convert", str(e.pickle_pth), str(o / "converted")],
+    lambda e, o: _cache(e, o),
+], ids=["encode", "evaluate", "decode", "train", "convert", "cache-base"])
+def test_every_writing_command_without_room_refuses_with_the_numbers_before_writing(env, tmp_path, capsys,
+                                                                                   monkeypatch, argv_of):
+    import shutil as shutil_module
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage._replace(free=100))
+    assert cli_main(argv_of(env, tmp_path)) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln]
+    assert len(err) == 1 and "will be written" in err[0] and "100 B free" in err[0], err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def _disk_fills_up(monkeypatch, module, after: int = 100):
@@ -1055,6 +1163,81 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_earlier_
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
 
 
+@pytest.fixture()
+def files_over_600_bytes_fail():
+    """Every write past 600 bytes of a file fails (EFBIG) as a full disk does (ENOSPC): in the
+    kernel, so safetensors' Rust writer, torch.save's stream writer and Pillow all meet it."""
+    import contextlib
+    import resource
+    import signal
+
+    @contextlib.contextmanager
+    def limited():
+        old, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, old[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
+            signal.signal(signal.SIGXFSZ, handler)
+
+    return limited
+
+
+@pytest.mark.parametrize("argv_of,written", [
+    (lambda e, o: _encode(e, o), "t.safetensors"),
+    (lambda e, o: _pretokenize(e, o / "ds"), "shard-00000.safetensors"),
+    (lambda e, o: ["evaluate", "--data", str(e.images), "--checkpoint", str(e.model), "--out", str(o / "ev"),
+                   "--metrics", "l1", "--tokens", "8", "--workers", "0", "--quiet"], "report"),
+    (lambda e, o: _decode(e, o), "00000.png"),
+    (lambda e, o: _train(e, o), "checkpoint.pt"),
+    (lambda e, o: ["convert", str(e.pickle_pth), str(o / "converted")], "model.safetensors"),
+    (lambda e, o: _cache(e, o), "c"),
+    (lambda e, o: _demo(e, o), "demo.png"),
+], ids=["encode", "pretokenize", "evaluate", "decode", "train", "convert", "cache-base", "demo"])
+def test_every_writing_command_on_a_full_disk_is_one_line_naming_what_it_could_not_write(
+        env, tmp_path, capsys, files_over_600_bytes_fail, argv_of, written):
+    argv = argv_of(env, tmp_path)
+    before = _snapshot(env.root)
+    with files_over_600_bytes_fail():
+        rc = cli_main(argv)
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines()
+           if ln.startswith("alit-fast") and ": note: " not in ln and ": warning: " not in ln]
+    assert rc == 2 and len(err) == 1, err
+    assert "cannot write" in err[0] and written in err[0], err
+    assert "File too large" in err[0] or "is the disk full?" in err[0], err  # torch.save's writer hides the errno
+    assert _snapshot(env.root) == before  # nothing the user had is touched
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]
+
+
+def test_a_base_cache_reserves_its_arrays_so_a_disk_filling_up_is_one_line_not_a_crash(env, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import errno
+    import os
+
+    def no_room(fd, offset, length):  # what a disk filled by someone else since the space check says
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    assert cli_main(_cache(env, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "z.npy: No space left on device" in err[0], err
+    assert not list(tmp_path.iterdir())  # no unfinished cache left
+
+
+def test_cache_base_keeps_a_users_folder_where_it_builds_and_clears_a_killed_runs(env, tmp_path, capsys):
+    partial = tmp_path / "c.partial"  # _cache builds tmp_path / "c" there
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    assert cli_main(_cache(env, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "c.partial is in the way" in err[0] and (partial / "notes.txt").read_text() == "mine"
+    (partial / "notes.txt").unlink()
+    (partial / "z.npy").write_bytes(b"half an array")  # what a SIGKILL mid-pass leaves
+    assert cli_main(_cache(env, tmp_path)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_a_writer_that_hides_a_full_disk_is_reported_as_one(tmp_path):
     from alit_fast.files import write_atomic
 
@@ -1067,10 +1250,20 @@ def test_a_writer_that_hides_a_full_disk_is_reported_as_one(tmp_path):
         raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file: "
                            "unexpected pos 448 vs 384")
 
-    for writer, errno_expected in ((safetensors_like, 28), (torch_like, 5)):
+    def safetensors_08_like(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def file_object_like(tmp):  # Pillow and open().write: an OSError that names no file
+        Path(tmp).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    for writer, errno_expected in ((safetensors_like, 28), (torch_like, 5), (safetensors_08_like, 28),
+                                   (file_object_like, 28)):
         with pytest.raises(OSError) as caught:
             write_atomic(tmp_path / "m.safetensors", writer)
         assert caught.value.errno == errno_expected and not list(tmp_path.iterdir())
+        assert caught.value.filename == str(tmp_path / "m.safetensors")
 
 
 def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_no_partial_one(env, tmp_path, capsys, monkeypatch):
@@ -1093,14 +1286,17 @@ def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_no_partial_one
 
 
 def test_the_torch_backend_keeps_a_nan_query_row_nan_like_the_others():
-    from alit_fast.ops.attention import attention_math, attention_reference
+    from alit_fast.ops.attention import attention_math, attention_naive, attention_reference
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 5, 2, 16) for _ in range(3))
+    q, k, v = (torch.randn(3, 5, 2, 16) for _ in range(3))
     q[0, 1] = float("nan")
-    for backend in (attention_reference, attention_math):
-        out = backend(q, k, v)
-        assert out[0, 1].isnan().all() and not out[0, 0].isnan().any() and not out[1].isnan().any(), backend
+    for lengths in (None, torch.tensor([4, 5, 0], dtype=torch.int32)):  # a length-0 sample: all zeros
+        for backend in (attention_reference, attention_math, attention_naive):
+            out = backend(q, k, v, lengths)
+            assert out[0, 1].isnan().all() and not out[0, 0].isnan().any() and not out[1:].isnan().any(), backend
+            if lengths is not None:
+                assert not out[2].any() and not out[0, 4].any(), backend
 
 
 def test_a_junk_checkpoint_error_gives_no_advice_to_load_it_unsafely(env, tmp_path):
@@ -1124,7 +1320,7 @@ def test_evaluate_keeps_a_users_metrics_file_even_with_overwrite(env, tmp_path, 
     assert len(settings["weights_sha256"]) == 64 and settings["alit_fast_version"] == alit_fast.__version__
 
 
-def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, monkeypatch):
+def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, monkeypatch, capsys):
     import alit_fast.cli.encode as encode_cli
 
     real, calls = ALIT.encode, []
@@ -1137,7 +1333,10 @@ def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, 
 
     monkeypatch.setattr(encode_cli, "PARTIAL_EVERY_S", 0.0)
     monkeypatch.setattr(ALIT, "encode", stops_on_the_second_batch)
+    capsys.readouterr()
     assert cli_main(_encode(env, tmp_path, "--batch-size", "1")) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("alit-fast encode: interrupted") and "marked partial" in said
     kept = TokenBatch.load(tmp_path / "t.safetensors")
     assert [Path(n).name for n in kept.names] == ["a.png"] and kept.extra["partial"].startswith("1 of 2")
     monkeypatch.undo()
@@ -1154,7 +1353,9 @@ def test_evaluate_and_training_report_converted_images_once(env, tmp_path, capsy
             "--metrics", "l1", "--tokens", "8", "--workers", "0", "--quiet"]
     assert cli_main(argv) == 0
     assert [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln] == [
-        "alit-fast evaluate: note: 1 image(s) had an alpha channel (dropped)"]
+        "alit-fast evaluate: note: 1 image(s) had an alpha channel (dropped); 3 image(s) were not 32x32: --crop center "
+        "took their central 32x32 pixels at native size (the official benchmark's crop; --crop resize sizes them as "
+        "encode does)"]
     Image.fromarray(np.full((40, 40), 60, np.uint8)).convert("P").save(folder / "palette.png")  # 4 images: a batch
     assert cli_main(["train", *_train_args(env, tmp_path / "run"), "--data", str(folder), "--steps", "1"]) == 0
     notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
@@ -1225,6 +1426,37 @@ def test_an_evaluation_stopped_late_continues_from_its_saved_sums_to_the_same_re
     assert cli_main(argv(tmp_path / "ev")) == 0
     assert len(calls) == 1  # only the third image was left
     assert rows(tmp_path / "ev") == rows(tmp_path / "whole") and not (tmp_path / "ev" / evaluate_cli.PROGRESS).exists()
+
+
+def test_an_evaluation_continued_over_other_weights_at_the_same_path_is_refused(env, tmp_path, monkeypatch, capsys):
+    import alit_fast.cli.evaluate as evaluate_cli
+
+    weights, out = tmp_path / "model.safetensors", tmp_path / "ev"
+    shutil.copy(env.model, weights)
+    argv = ["evaluate", "--data", str(env.images), "--checkpoint", str(weights), "--out", str(out), "--metrics", "l1",
+            "--tokens", "8", "--batch-size", "1", "--workers", "0", "--quiet"]
+    real = ALIT.rollout
+
+    def crashes_on_the_second_batch(self, *args, **kwargs):
+        if crashes_on_the_second_batch.calls == 1:
+            raise RuntimeError("a stand-in crash")
+        crashes_on_the_second_batch.calls += 1
+        return real(self, *args, **kwargs)
+
+    crashes_on_the_second_batch.calls = 0
+    monkeypatch.setattr(evaluate_cli, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(ALIT, "rollout", crashes_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        cli_main(argv)
+    monkeypatch.setattr(ALIT, "rollout", real)
+    progress = (out / evaluate_cli.PROGRESS).read_bytes()
+    torch.manual_seed(123)
+    ALIT(tiny_config()).save(weights)  # the same path and config, other weights
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln]
+    assert len(err) == 1 and "another evaluation" in err[0] and "model weights" in err[0], err
+    assert (out / evaluate_cli.PROGRESS).read_bytes() == progress and not (out / "metrics.json").exists()
 
 
 def test_saved_evaluation_progress_restores_every_sum_and_the_halting_generator(tmp_path):

@@ -83,3 +83,28 @@ def test_the_new_file_reaches_the_disk_before_it_replaces_the_old(tmp_path, monk
     assert events[:2] == [("fsync", tmp), ("replace", tmp)]
     assert events[2] == ("fsync", str(tmp_path))  # then the folder, so the rename itself is kept
     assert torch.load(target, weights_only=True) == {"step": 3}
+
+
+def test_two_runs_taking_over_one_stale_lock_at_once_leave_the_first_ones_lock(tmp_path, monkeypatch):
+    import json
+    import socket
+
+    from alit_fast import files
+
+    lock, here = tmp_path / files.LOCK_NAME, socket.gethostname()
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": here}))  # a killed run's
+    os.utime(lock, (1e9, 1e9))
+    real = files._read_lock
+
+    def another_run_takes_it_over_meanwhile(path):
+        holder = real(path)
+        if holder.get("pid") == 2**22 + 12345:  # between this run's read and its removal
+            os.remove(path)
+            with open(path, "w") as f:
+                json.dump({"pid": 1, "host": here, "command": "the other run"}, f)
+        return holder
+
+    monkeypatch.setattr(files, "_read_lock", another_run_takes_it_over_meanwhile)
+    with pytest.raises(files.FolderBusy, match="the other run, pid 1"):
+        files.acquire_lock(tmp_path, "this run")
+    assert json.loads(lock.read_text())["pid"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == [lock.name]

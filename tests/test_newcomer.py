@@ -90,7 +90,10 @@ def test_backend_triton_flag_on_a_cpu_is_one_line_before_any_work(no_gpu_no_inte
 
 # ---------------------------------------------------------------------- 6: Ctrl-C
 @pytest.mark.parametrize("prog,hint", [("alit-fast train", "--resume"), ("alit-fast pretokenize", "finished shards are kept"),
-                                       ("alit-fast decode", "rerun the command")])
+                                       ("alit-fast decode", "rerun the command with --overwrite"),
+                                       ("alit-fast encode", "marked partial"),
+                                       ("alit-fast evaluate", "continue from the progress saved"),
+                                       ("python -m alit_fast.train_vqgan", "rerun with --overwrite")])
 def test_ctrl_c_ends_a_command_with_one_line_saying_how_to_resume(prog, hint, capsys):
     def body(argv):
         raise KeyboardInterrupt
@@ -98,6 +101,24 @@ def test_ctrl_c_ends_a_command_with_one_line_saying_how_to_resume(prog, hint, ca
     assert run_command(prog, body, []) == 130
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"{prog}: interrupted") and hint in err
+
+
+def test_a_user_error_raised_in_a_data_loader_worker_is_its_own_one_line(capsys):
+    from torch._utils import ExceptionWrapper
+
+    from alit_fast.training.data import UnreadableImage
+
+    try:  # what torch's DataLoader hands the main process: the worker's traceback as the message
+        raise UnreadableImage("image x.png cannot be read (OSError: image file is truncated); remove or replace it")
+    except UnreadableImage:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+
+    def body(argv):
+        wrapped.reraise()
+
+    assert run_command("alit-fast train", body, []) == 2
+    assert capsys.readouterr().err == ("alit-fast train: image x.png cannot be read (OSError: image file is truncated); "
+                                       "remove or replace it\n")
 
 
 # ---------------------------------------------------------------------- 2, 7: training
@@ -174,6 +195,17 @@ def test_evaluate_skips_an_unreadable_image_with_one_named_line(tmp_path, image_
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"][0]["images"] == 4
 
 
+def test_evaluate_names_an_image_damaged_past_its_header_in_one_line(tmp_path, image_dir, capsys):
+    # read in this process here (a worker process costs seconds to start); read in a worker, the same
+    # line reaches the user through run_command (test_a_user_error_raised_in_a_data_loader_worker_...)
+    whole = (image_dir / "1.png").read_bytes()
+    (image_dir / "1.png").write_bytes(whole[: len(whole) // 2])  # the header reads; the pixels do not
+    assert cli_main(["evaluate", "--data", str(image_dir), "--checkpoint", "demo", "--tokens", "8", "--halting", "off",
+                     "--workers", "0", "--quiet", "--out", str(tmp_path / "ev")]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln and "LPIPS" not in ln]
+    assert err == [f"alit-fast evaluate: cannot read the image {image_dir / '1.png'}: OSError: image file is truncated"]
+
+
 # ---------------------------------------------------------------------- 8: the Hub unreachable
 def test_an_unreachable_hub_is_one_line_naming_the_network(tmp_path, monkeypatch, capsys):
     pytest.importorskip("huggingface_hub")
@@ -214,6 +246,48 @@ def test_encode_reports_how_many_images_never_met_the_criterion(tmp_path, image_
     assert cli_main(["encode", str(image_dir), "--criterion", "pixel-l1:0.0001", "--quiet",
                      "--out", str(tmp_path / "t.safetensors")]) == 0
     assert "4 of 4 images did not meet pixel-l1:0.0001 below the maximum and got 64 tokens" in capsys.readouterr().out
+
+
+def test_pretokenize_reports_how_many_images_never_met_the_criterion(tmp_path, image_dir, capsys):
+    assert cli_main(["pretokenize", str(image_dir), "--criterion", "pixel-l1:0.0001", "--shard-size", "2",
+                     "--out", str(tmp_path / "ds")]) == 0
+    assert "4 of 4 images did not meet pixel-l1:0.0001 below the maximum and got 64 tokens" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- 3: one preprocessing rule
+@pytest.fixture
+def photo(tmp_path):
+    """A 90x60 photo: three vertical bands, so a crop and a resize see different pixels."""
+    array = np.zeros((60, 90, 3), np.uint8)
+    array[:, :30], array[:, 30:60], array[:, 60:] = 250, 120, 10
+    folder = tmp_path / "photo"
+    folder.mkdir()
+    Image.fromarray(array + np.random.default_rng(0).integers(0, 5, array.shape, dtype=np.uint8)).save(folder / "p.png")
+    return folder / "p.png"
+
+
+def test_every_image_reader_sees_the_same_pixels_of_a_photo(photo):
+    from alit_fast.evaluation.data import read_image
+    from alit_fast.io.images import load_image  # encode, visualize
+    from alit_fast.io.token_dataset import read_source  # pretokenize
+    from alit_fast.training.data import ImageFolder
+
+    encode = load_image(photo, 32)
+    assert torch.equal(read_source(str(photo), 32), encode)
+    assert torch.equal(ImageFolder(photo.parent, 32, augment=False)[0]["image"], encode)
+    assert (read_image(photo, 32, "resize").float() / 255 - encode).abs().max() <= 1 / 255  # evaluate --crop resize
+    assert encode[:, :, :8].mean() > 0.9 and encode[:, :, -8:].mean() < 0.1  # all three bands are in it
+
+
+def test_evaluate_says_when_its_centre_crop_takes_pixels_at_native_size(tmp_path, photo, capsys):
+    argv = ["evaluate", "--data", str(photo.parent), "--checkpoint", "demo", "--tokens", "8", "--halting", "off",
+            "--metrics", "l1", "--workers", "0", "--quiet"]
+    assert cli_main(argv + ["--out", str(tmp_path / "centre")]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(notes) == 1 and "1 image(s) were not 32x32: --crop center took their central 32x32 pixels" in notes[0]
+    assert cli_main(argv + ["--out", str(tmp_path / "resize"), "--crop", "resize"]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(notes) == 1 and "1 image(s) were not 32x32: shorter side resized to 32, then centre-cropped" in notes[0]
 
 
 # ---------------------------------------------------------------------- 10: the picture, decode advice

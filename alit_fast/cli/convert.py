@@ -6,6 +6,7 @@ import argparse
 import os
 from collections.abc import Mapping
 
+from ..files import WRITE_ERRNOS
 from ..io import CheckpointError, load_official
 from ..io.weights import read_checkpoint_file
 from ._common import OneLineParser, UsageError, check_free_space, check_output_dir, check_positive, run_command
@@ -67,6 +68,8 @@ def _main(argv: list[str] | None) -> int:
         if args.push:
             print(push_to_hub(model, args.repo_id))
     except (CheckpointError, ValueError, OSError, RuntimeError) as exc:
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise  # a full disk or a read-only place: run_command's 'cannot write FILE' line
         raise UsageError(str(exc)) from exc  # run_command puts it on one line
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0

@@ -4,6 +4,7 @@ noise (and a few photographs), with the demo model; ``--evaluate`` prints the pa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from ..evaluation.metrics import spearman
+from ..files import write_atomic
 from ..inference import check_criterion_fits, l1_per_image, parse_criterion, pixels_from_logits
 from ..io.images import center_crop, to_tensor
 from ..training.data import COMPLEXITY_LEVELS, SyntheticImages, item_rng, load_photos, synthetic_image
@@ -174,12 +176,13 @@ def _written_here(path: str) -> bool:
 
 
 def _save(grid: Image.Image, path: str) -> None:
-    if path.lower().endswith(".png"):
-        info = PngImagePlugin.PngInfo()
-        info.add_text(*MARK)
-        grid.save(path, pnginfo=info)
-    else:
-        grid.save(path)
+    """Through a temporary file: a full disk keeps the earlier picture and leaves no half of one."""
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    options = {}
+    if image_format == "PNG":
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        options["pnginfo"].add_text(*MARK)
+    write_atomic(path, lambda tmp: grid.save(tmp, format=image_format, **options))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,18 +118,10 @@ def _evaluate_into(args: argparse.Namespace, metrics, criteria, out: Path, main_
     model = load_model_or_raise(args.checkpoint, args.backend, device)
     _check_for_model(model, args, metrics, criteria)
     files = _UserImages(args.data, model.config.image_size, args.crop, skip_unreadable=True)
-    if files.skipped and main_rank:
-        more = f", and {len(files.skipped) - 3} more" if len(files.skipped) > 3 else ""
-        print(f"{PROG}: skipped {len(files.skipped)} unreadable file(s): {', '.join(files.skipped[:3])}{more}",
-              file=sys.stderr)
     if len(files) == 0:
         raise UsageError(f"--data {args.data}: no readable image files found")
-    converted = describe_notes(scan_notes(files.files))  # headers only: the pixels are read in workers
-    if converted and main_rank:
-        print(f"{PROG}: {converted}", file=sys.stderr)
-    if args.metrics == ",".join(DEFAULT_METRICS) and main_rank:
-        print(f"{PROG}: LPIPS and FID are off by default; --metrics {','.join(METRICS)} adds them "
-              "(they need torchvision's VGG16 and pytorch-fid's Inception weights: see --help)", file=sys.stderr)
+    # said after the report: a run refused on the way prints its one line and nothing else
+    said = _said(files, _notes(files.files, model.config.image_size, args.crop), args.metrics)
     fid_model, lpips_model = _networks(args, metrics, device)
     digest = weights_digest(model)
     if "fid" in metrics and rank_world()[1] == 1:
@@ -149,6 +141,8 @@ def _evaluate_into(args: argparse.Namespace, metrics, criteria, out: Path, main_
         if main_rank:
             _report(report, digest, args, out)
             (out / PROGRESS).unlink(missing_ok=True)  # done: a rerun starts over
+            for line in said:
+                print(f"{PROG}: {line}", file=sys.stderr)
     finally:
         if joined:
             dist.destroy_process_group()
@@ -220,6 +214,33 @@ def _networks(args: argparse.Namespace, metrics: tuple[str, ...], device):
     except (FIDWeightsError, LPIPSWeightsError) as exc:
         raise UsageError(one_line(exc)) from exc
     return fid, lpips
+
+
+def _said(files: "_UserImages", notes: str | None, metrics: str) -> list[str]:
+    """The lines evaluate adds to its report: files skipped, images converted or cropped, metrics off."""
+    lines = []
+    if files.skipped:
+        more = f", and {len(files.skipped) - 3} more" if len(files.skipped) > 3 else ""
+        lines.append(f"skipped {len(files.skipped)} unreadable file(s): {', '.join(files.skipped[:3])}{more}")
+    if notes:
+        lines.append(notes)
+    if metrics == ",".join(DEFAULT_METRICS):
+        lines.append(f"LPIPS and FID are off by default; --metrics {','.join(METRICS)} adds them (they need "
+                     "torchvision's VGG16 and pytorch-fid's Inception weights: see --help)")
+    return lines
+
+
+def _notes(files: list, size: int, crop: str) -> str | None:
+    """The one line on what reading ``files`` converts and sizes (headers only: the pixels are read in
+    workers); --crop center sizes no image, so it says what it took instead."""
+    notes = scan_notes(files, size)
+    cropped = notes.pop("resized", 0) if crop == "center" else 0
+    line = describe_notes(notes, size)
+    if cropped:
+        said = (f"{cropped} image(s) were not {size}x{size}: --crop center took their central {size}x{size} pixels "
+                "at native size (the official benchmark's crop; --crop resize sizes them as encode does)")
+        line = f"{line}; {said}" if line else f"note: {said}"
+    return line
 
 
 class _UserImages(ImageFiles):

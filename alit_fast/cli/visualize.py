@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -25,6 +26,7 @@ from ._common import (
 from .demo import DEMO_CRITERION
 
 PROG = "alit-fast visualize"
+MAX_PANEL = 2048  # pixels on a side of one enlarged image
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +77,9 @@ def _main(argv: list[str] | None) -> int:
     cfg = model.config
     if args.tokens_shown > cfg.max_tokens:
         raise UsageError(f"--tokens-shown {args.tokens_shown}: the model makes at most {cfg.max_tokens} tokens")
+    if cfg.image_size * args.scale > MAX_PANEL:  # a typo must not build a picture of gigabytes
+        raise UsageError(f"--scale {args.scale}: panels of {cfg.image_size * args.scale} pixels; at most "
+                         f"{max(1, MAX_PANEL // cfg.image_size)} for this model's {cfg.image_size}-pixel images")
     depth = cfg.layers
     if layer != "mean" and not -depth <= layer < depth:
         raise UsageError(f"--layer {layer}: the decoder has {depth} layers")

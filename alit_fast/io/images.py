@@ -116,12 +116,19 @@ def _note_mode(mode: str, info: dict) -> None:
         _note("alpha")
 
 
-def scan_notes(paths: Iterable[str | os.PathLike]) -> Counter:
-    """What reading ``paths`` will convert, from their headers alone (for readers whose decoding
-    runs in worker processes, where counts cannot be gathered)."""
+def scan_notes(paths: Iterable[str | os.PathLike], size: int | None = None) -> Counter:
+    """What reading ``paths`` will convert (and, given ``size``, how many are not ``size`` x ``size``:
+    "resized"), from their headers alone (for readers whose decoding runs in worker processes,
+    where counts cannot be gathered)."""
     with image_notes() as notes:
         for path in paths:
-            image_file_problem(path)
+            try:
+                with Image.open(path) as image:
+                    _note_mode(image.mode, image.info)
+                    if size is not None and image.size != (size, size):
+                        _note("resized")
+            except Exception:  # unreadable: the caller skips it by name
+                pass
     return notes
 
 

@@ -312,6 +312,12 @@ def _checked_items(path: Path, index: dict) -> list:
         if not ok or not 0 <= item[2] < len(shards) or item[1] < 0 or not 0 <= item[3] < shards[item[2]].get("images", 0):
             raise ValueError(f"{path}: item {i} ({item!r:.80}) is malformed or points outside its shard list "
                              f"({len(shards)} shards): the index was edited or is damaged")
+    # items removed or repeated: the shards' places must each be named once (else images are dropped
+    # or read twice without a word)
+    places = sum(sh.get("images", 0) if isinstance(sh.get("images"), int) else -1 for sh in shards)
+    if len(items) != places or len({(item[2], item[3]) for item in items}) != len(items):
+        raise ValueError(f"{path}: its {len(items)} items do not name each of the {places} places in its shards once: "
+                         "the index was edited or is damaged")
     return items
 
 

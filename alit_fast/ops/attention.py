@@ -197,10 +197,11 @@ def attention_naive(
     else:
         valid = torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    # rows with no valid key (length 0) are all -inf: their NaN softmax is replaced by 0
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    # padded query rows are 0, with a length-0 sample's all -inf (NaN) rows among them; a NaN query
+    # row inside a length stays NaN, as in every backend
+    p = torch.softmax(s, dim=-1).masked_fill(~valid[:, None, :, None], 0.0)
     out = (p @ vd).transpose(1, 2)
-    return out * valid[:, :, None, None].to(out.dtype)
+    return torch.where(valid[:, :, None, None], out, 0.0)
 
 
 def attention(
@@ -340,6 +341,6 @@ def attention_math(
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1)
     out = (p @ vt).transpose(1, 2)
-    if lengths is not None:
-        out = out.nan_to_num(0.0) * valid[:, :, None, None].to(out.dtype)
+    if lengths is not None:  # padded rows are 0 (a length-0 sample's NaN too); a NaN query row stays NaN
+        out = torch.where(valid[:, :, None, None], out, 0.0)
     return out

@@ -15,6 +15,7 @@ random augmentation, because an augmented image would need a fresh VQGAN pass.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -42,6 +43,9 @@ def source_dataset(meta: dict) -> Dataset:
     return build_dataset(meta["data"], meta["image_size"], seed=meta["seed"], augment=False, length=meta.get("data_length"))
 
 
+CACHE_FILES = {INDEX, "z.npy", "gt_indices.npy", "mean.npy", "std.npy"}
+
+
 @torch.no_grad()
 def is_base_cache(path: Path) -> bool:
     """Whether ``path`` is a directory that holds a finished cache written here (and nothing else
@@ -53,8 +57,7 @@ def is_base_cache(path: Path) -> bool:
         meta = json.loads(index.read_text())
     except (OSError, ValueError):
         return False
-    expected = {INDEX, "z.npy", "gt_indices.npy", "mean.npy", "std.npy"}
-    return isinstance(meta, dict) and "vqgan_sha256" in meta and {p.name for p in path.iterdir()} <= expected
+    return isinstance(meta, dict) and "vqgan_sha256" in meta and {p.name for p in path.iterdir()} <= CACHE_FILES
 
 
 def check_cache_destination(out: str | os.PathLike, data: str | None, overwrite: bool) -> Path:
@@ -75,6 +78,10 @@ def check_cache_destination(out: str | os.PathLike, data: str | None, overwrite:
                                  "(give a new or empty directory)")
             if not overwrite:
                 raise ValueError(f"--out {out} already holds a base cache; pass --overwrite to replace it")
+    partial = out.with_name(out.name + ".partial")  # where the cache is built; a killed run's is removed
+    if partial.exists() and not (partial.is_dir() and {p.name for p in partial.iterdir()} <= CACHE_FILES):
+        raise ValueError(f"{partial} is in the way (the cache is built there) and is not an unfinished cache; it is "
+                         "left alone: move it, or give another --out")
     return out
 
 
@@ -94,6 +101,22 @@ def write_cache(model: ALITCore, dataset: Dataset, out: str | os.PathLike, meta:
         raise
 
 
+def _array_file(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A .npy file mapped for writing, its blocks reserved on the disk first: a disk that fills up
+    fails here as one ENOSPC naming the file, not later as a SIGBUS in the middle of the pass (writes
+    through a map to a sparse file have no other way to fail)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: written as before
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+    return array
+
+
 def _write_cache(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, meta: dict, batch_size: int, dtype: str,
                  workers: int) -> Path:
     cfg = model.config
@@ -101,8 +124,8 @@ def _write_cache(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, meta: 
         return _write_posterior(model, dataset, out, tmp, meta, batch_size, dtype, workers)
     g, C, N = cfg.grid_size, cfg.vqgan.z_channels, len(dataset)
     index_dtype = np.int16 if cfg.vqgan.codebook_size <= np.iinfo(np.int16).max else np.int32
-    z_map = np.lib.format.open_memmap(tmp / "z.npy", mode="w+", dtype=np.dtype(dtype), shape=(N, C, g, g))
-    gt_map = np.lib.format.open_memmap(tmp / "gt_indices.npy", mode="w+", dtype=index_dtype, shape=(N, g * g))
+    z_map = _array_file(tmp / "z.npy", np.dtype(dtype), (N, C, g, g))
+    gt_map = _array_file(tmp / "gt_indices.npy", index_dtype, (N, g * g))
     device = next(model.parameters()).device
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
@@ -124,8 +147,7 @@ def _write_posterior(model: ALITCore, dataset: Dataset, out: Path, tmp: Path, me
     """The VAE's posterior mean and std per image (no sample: training draws its own)."""
     cfg = model.config
     shape = (len(dataset), cfg.base_channels, cfg.grid_size, cfg.grid_size)
-    maps = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=np.dtype(dtype), shape=shape)
-            for k in POSTERIOR_ARRAYS}
+    maps = {k: _array_file(tmp / f"{k}.npy", np.dtype(dtype), shape) for k in POSTERIOR_ARRAYS}
     device = next(model.parameters()).device
     model.eval()
     labels = []

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..config import PRESETS, ALITConfig
 from ..distributed import join_group
 from ..errors import OneLineParser, UsageError, one_line, run_command
-from ..files import LOCK_NAME, acquire_lock, release_lock
+from ..files import LOCK_NAME, acquire_lock, release_lock, write_atomic
 from ..io import ALIT, METADATA_CONFIG_KEY, CheckpointError, load, load_state_strict, read_checkpoint, read_state_dict
 from ..io.weights import read_safetensors, torch_load_problem
 from ..models import HALTING_MODES, BaseOutput
@@ -44,6 +44,7 @@ from .utils import (
     check_free_space,
     check_number,
     check_writable,
+    foreign_run_files,
     resolve_config,
     rng_state,
     seed_everything,
@@ -81,6 +82,10 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
     if resume and overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     found = [name for name in RUN_FILES if (out / name).exists()]
+    foreign = foreign_run_files(out, RUN_FILES)
+    if foreign:  # a user's file of the same name is never replaced, --overwrite or not
+        raise UsageError(f"--out {out} holds files training did not write ({', '.join(foreign)}); they are left "
+                         "alone: use a new or empty directory")
     if found and not (resume or overwrite):
         raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it "
                          "or --overwrite to replace it")
@@ -391,7 +396,8 @@ class JsonlLog:
     def __init__(self, path: Path, keep_until_step: int | None) -> None:
         if keep_until_step is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if _step_of(ln) is not None and _step_of(ln) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            text = "".join(ln + "\n" for ln in kept)  # atomic: a kill or a full disk here keeps the old log whole
+            write_atomic(path, lambda tmp: Path(tmp).write_text(text))
         elif keep_until_step is None and path.exists():
             path.unlink()
         self.file = open(path, "a", encoding="utf-8")
@@ -492,9 +498,6 @@ def build(args: argparse.Namespace, d: Dist) -> Run:
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
 
     batches = EpochBatches(build_training_data(args, cfg, model), d, args)
-    # after the data is found: a run refused for its options prints its one line and nothing else
-    if init_state is None and vqgan_state is None and args.base_cache is None and not args.resume and d.main:
-        print(RANDOM_VQGAN_WARNING, file=sys.stderr, flush=True)
     total_batch = args.batch_size * d.world
     total_steps = args.steps if args.steps is not None else args.epochs * batches.steps_per_epoch
     unit = 1 if args.steps is not None else batches.steps_per_epoch
@@ -929,6 +932,9 @@ def train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     run = open_run(args, build, resume)
+    # after every check (data, free space, --resume): a refused run prints its one line and nothing else
+    if not (args.init or args.init_vqgan or args.base_cache or args.resume) and run.d.main:
+        print(RANDOM_VQGAN_WARNING, file=sys.stderr, flush=True)
     run.model.train()
     return drive(run, args, Stage(
         step=lambda batch: train_step(run, batch),

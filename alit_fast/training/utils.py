@@ -8,15 +8,18 @@ import os
 import random
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..config import PRESETS, ALITConfig
 from ..errors import UsageError, one_line
 from ..files import write_atomic
+from ..io.weights import METADATA_CONFIG_KEY
 
 
 def check_writable(folder: str, what: str) -> None:
@@ -28,6 +31,32 @@ def check_writable(folder: str, what: str) -> None:
         os.remove(probe)
     except OSError as exc:
         raise UsageError(f"{what}: the folder {folder} is not writable ({exc.strerror or exc})") from exc
+
+
+def written_by_a_run(path: Path) -> bool:
+    """Whether ``path`` is a file a training run writes, from its header or first line: safetensors
+    with an alit_fast config in its metadata, a torch archive (.pt), a log of step records (or an
+    empty one), a JSON object (a summary). A user's file of the same name is none of these."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return METADATA_CONFIG_KEY in (f.metadata() or {})
+        if path.suffix == ".pt":
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("/data.pkl") for name in archive.namelist())
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            first = text.split("\n", 1)[0]
+            record = json.loads(first) if first.strip() else {"step": None}
+            return isinstance(record, dict) and "step" in record
+        return isinstance(json.loads(text), dict)
+    except Exception:  # unreadable as any of these: not a file a run wrote
+        return False
+
+
+def foreign_run_files(out: Path, names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` in ``out`` that a run did not write (to be named and kept, --overwrite or not)."""
+    return [name for name in names if (out / name).exists() and not written_by_a_run(out / name)]
 
 
 def check_free_space(folder: str, need: int, what: str) -> None:

@@ -28,7 +28,19 @@ from ..files import write_atomic
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
 from .data import SyntheticImages, build_dataset
-from .utils import atomic_torch_save, check_number, resolve_config, seed_everything
+from .utils import atomic_torch_save, check_number, foreign_run_files, resolve_config, seed_everything
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    foreign = foreign_run_files(out, RUN_FILES)
+    if foreign:  # a user's file of the same name is never replaced, --overwrite or not
+        raise UsageError(f"--out {out} holds files training did not write ({', '.join(foreign)}); they are left "
+                         "alone: use a new or empty directory")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:  # an earlier run's weights are never replaced unasked
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --overwrite to replace it")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,11 +152,7 @@ def _main(argv: list[str] | None) -> int:
     if args.active_codes > cfg.vqgan.codebook_size:
         raise UsageError(f"--active-codes {args.active_codes}: the VQGAN has {cfg.vqgan.codebook_size} codes")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a directory")
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not args.overwrite:  # an earlier run's weights are never replaced unasked
-        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --overwrite to replace it")
+    _check_out(out, args.overwrite)
     dataset = build_dataset(args.data, cfg.image_size, seed=args.seed)  # a bad --data is refused before any write
     out.mkdir(parents=True, exist_ok=True)
     if args.overwrite and (out / "log.jsonl").exists():
@@ -226,7 +234,7 @@ def _main(argv: list[str] | None) -> int:
     final = evaluate(tok, held_out)
     save_base_tokenizer(tok, cfg, out / "vqgan.safetensors")
     summary = {"steps": step, "seconds": round(time.time() - start, 1), **{f"eval_{k}": v for k, v in final.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     print(json.dumps(summary), flush=True)
     log.close()
     return 0
