@@ -602,19 +602,23 @@ def _vq_finalize_kernel(
 # in registers (BLOCK_D = padded d).
 _GPU_SMALL = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 2)}
 # Above (_search_wide), by operand bytes and whether wgmma reads the resident block from shared
-# memory (sm_90) or mma.sync holds it in registers (sm_80 / sm_89, and the interpreter's stand-in):
-# (BLOCK_N, BLOCK_K, num_warps) at D_PAD = 256. 16-bit on sm_90: 128 rows (two warpgroups), a 64 KB
-# resident block and 32 KB code tiles; in registers 128 rows cost 64 registers a thread at 8 warps
-# and spilled on sm_89 (triton 3.6), so 64 rows there. fp32 (tf32): 64 rows, 32-code tiles (32 KB
-# each). Wider rows shrink both in proportion (_pick_config). BLOCK_D = 32 is the d tile of the
-# exact fp32 dots (64 would carry 64-bit address tiles across them and spill on sm_80/89).
-_GPU_WIDE = {(4, True): (64, 32, 4), (2, True): (128, 64, 8), (4, False): (64, 32, 4), (2, False): (64, 64, 4)}
+# memory (sm_90) or mma.sync holds it in registers (sm_80 / sm_89): (BLOCK_N, BLOCK_K, num_warps) at
+# D_PAD = 256. 16-bit on sm_90: 128 rows (two warpgroups), a 64 KB resident block and 32 KB code
+# tiles. In registers the block costs 64 registers a thread at 64 rows and 4 warps; 64-code tiles
+# beside it spilled 16 B on sm_89 under triton 3.6 (8 warps: clean but 1 CTA per SM), so 32-code
+# tiles there. fp32 (tf32): 64 rows, 32-code tiles (64-code tiles spilled 36 B on sm_90). Wider
+# rows shrink both in proportion (_pick_config). BLOCK_D = 32 is the d tile of the exact fp32 dots
+# (64 would carry 64-bit address tiles across them and spill on sm_80/89).
+_GPU_WIDE = {(4, True): (64, 32, 4), (2, True): (128, 64, 8), (4, False): (64, 32, 4), (2, False): (64, 32, 4)}
 _WIDE_BLOCK_D = 32
 # An explicit register cap: without one ptxas aims at an occupancy step (128 or 168 registers) and
 # may spill to reach it (seen on sm_80 and sm_89). 128 keeps four 4-warp programs per SM where that
 # fits without spilling (d <= 16); at d = 32 the fp32 (tf32) variants need ~185-200, so 192; 255
 # leaves the choice to ptxas.
 _GPU_MAXNREG = {16: 128, 32: 192, 64: 255, "wide": 255}
+# ...but the fp32 (tf32) variant at d <= 16 spills 12 B at 128 on sm_90 under triton 3.6 (three
+# programs per SM then, as at d = 32)
+_GPU_MAXNREG_TF32_16 = 168
 _FINALIZE_MAXNREG = 255
 _FINALIZE_GPU = (64, 4)
 _PREP_GPU = (64, 4)
@@ -655,10 +659,12 @@ def _pick_config(d: int, op_bytes: int = 2, wgmma: bool = True) -> dict:
         bn, bk, warps = _GPU_WIDE[(op_bytes, wgmma)]
         shrink = max(1, d_pad // 256)  # same bytes per resident block and per code tile
         bn, bk, bd, stages = max(16, bn // shrink), max(16, bk // shrink), _WIDE_BLOCK_D, 1
-        warps = warps if bn >= 128 else 4
+        warps = warps if shrink == 1 else 4
     cfg = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, D_PAD=d_pad, WIDE=not small, num_warps=warps, num_stages=stages)
     if not is_interpreting():
         cfg["maxnreg"] = _GPU_MAXNREG[bd if small else "wide"]
+        if small and bd == 16 and op_bytes == 4:
+            cfg["maxnreg"] = _GPU_MAXNREG_TF32_16
     return cfg
 
 
