@@ -601,15 +601,21 @@ def _vq_finalize_kernel(
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) by padded d on a GPU, up to d=64: the row stays whole
 # in registers (BLOCK_D = padded d).
 _GPU_SMALL = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 2)}
-# Above (_search_wide), by operand bytes and whether wgmma reads the resident block from shared
-# memory (sm_90) or mma.sync holds it in registers (sm_80 / sm_89): (BLOCK_N, BLOCK_K, num_warps) at
-# D_PAD = 256. 16-bit on sm_90: 128 rows (two warpgroups), a 64 KB resident block and 32 KB code
-# tiles. In registers the block costs 64 registers a thread at 64 rows and 4 warps; 64-code tiles
-# beside it spilled 16 B on sm_89 under triton 3.6 (8 warps: clean but 1 CTA per SM), so 32-code
-# tiles there. fp32 (tf32): 64 rows, 32-code tiles (64-code tiles spilled 36 B on sm_90). Wider
-# rows shrink both in proportion (_pick_config). BLOCK_D = 32 is the d tile of the exact fp32 dots
-# (64 would carry 64-bit address tiles across them and spill on sm_80/89).
-_GPU_WIDE = {(4, True): (64, 32, 4), (2, True): (128, 64, 8), (4, False): (64, 32, 4), (2, False): (64, 32, 4)}
+# Above (_search_wide), by operand bytes and architecture (wgmma reads the resident block from
+# shared memory on sm_90; mma.sync holds it in registers on sm_80 / sm_89): (BLOCK_N, BLOCK_K,
+# num_warps) at D_PAD = 256. 16-bit on sm_90: 128 rows (two warpgroups), a 64 KB resident block and
+# 32 KB code tiles. In registers the block costs 64 registers a thread at 64 rows and 4 warps: with
+# 64-code tiles beside it sm_80 compiles clean (216 registers under triton 3.9, 255 under 3.6) but
+# sm_89 (and sm_86, same register file, 99 KB of shared memory) spilled 16 B under 3.6 (8 warps:
+# clean but one CTA per SM), so 32-code tiles there. fp32 (tf32): 64 rows, 32-code tiles (64-code
+# tiles spilled 36 B on sm_90). Wider rows shrink both in proportion (_pick_config). BLOCK_D = 32
+# is the d tile of the exact fp32 dots (64 would carry 64-bit address tiles across them and spill
+# on sm_80/89).
+_GPU_WIDE = {
+    (4, "sm90"): (64, 32, 4), (2, "sm90"): (128, 64, 8),
+    (4, "sm80"): (64, 32, 4), (2, "sm80"): (64, 64, 4),
+    (4, "sm89"): (64, 32, 4), (2, "sm89"): (64, 32, 4),
+}
 _WIDE_BLOCK_D = 32
 # An explicit register cap: without one ptxas aims at an occupancy step (128 or 168 registers) and
 # may spill to reach it (seen on sm_80 and sm_89). 128 keeps four 4-warp programs per SM where that
@@ -640,9 +646,9 @@ _Z_EPS = {0: 2.0**-10, 1: 2.0**-8, 2: 2.0**-11}
 _Z_TINY = {0: 2.0**-126, 1: 2.0**-126, 2: 2.0**-14}
 
 
-def _pick_config(d: int, op_bytes: int = 2, wgmma: bool = True) -> dict:
+def _pick_config(d: int, op_bytes: int = 2, arch: str = "sm90") -> dict:
     """Tile sizes for a row width d, tensor-core operand width (4: tf32, 2: bf16 / fp16) and
-    target (``wgmma``: sm_90 or newer): the same dict on every call with the same arguments."""
+    architecture (``_arch``): the same dict on every call with the same arguments."""
     small = next_power_of_2(max(d, 16)) <= _SMALL_D_MAX
     d_pad = max(16, next_power_of_2(d))  # tl.dot needs at least 16 along the reduction
     if is_interpreting():
@@ -656,7 +662,7 @@ def _pick_config(d: int, op_bytes: int = 2, wgmma: bool = True) -> dict:
         bd = d_pad
         bn, bk, warps, stages = _GPU_SMALL[bd]
     else:
-        bn, bk, warps = _GPU_WIDE[(op_bytes, wgmma)]
+        bn, bk, warps = _GPU_WIDE[(op_bytes, arch)]
         shrink = max(1, d_pad // 256)  # same bytes per resident block and per code tile
         bn, bk, bd, stages = max(16, bn // shrink), max(16, bk // shrink), _WIDE_BLOCK_D, 1
         warps = warps if shrink == 1 else 4
@@ -682,17 +688,20 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _has_wgmma(device: torch.device) -> bool:
-    """sm_90 or newer; True where no GPU answers (the interpreter ignores the choice)."""
+def _arch(device: torch.device) -> str:
+    """"sm90" (sm_90 or newer), "sm80" (A100's 163 KB of shared memory) or "sm89" (sm_86 / sm_89);
+    "sm90" where no GPU answers (the interpreter ignores the choice)."""
     try:
         # meta tensors: an ahead-of-time check that presents a GPU through torch.cuda
         if device.type == "meta" and not is_interpreting():
-            return torch.cuda.get_device_capability()[0] >= 9
-        if device.type == "cuda":
-            return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+            cap = torch.cuda.get_device_capability()
+        elif device.type == "cuda":
+            cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+        else:
+            return "sm90"
     except (AssertionError, RuntimeError):  # no CUDA here
-        pass
-    return True
+        return "sm90"
+    return "sm90" if cap[0] >= 9 else ("sm80" if cap == (8, 0) else "sm89")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -764,7 +773,7 @@ def vq_nearest_triton(
         z = z.float()
     interp = is_interpreting()
     op_kind = _OP_KIND[z.dtype]
-    cfg = _pick_config(d, 4 if op_kind == 0 else 2, _has_wgmma(dev) if d > _SMALL_D_MAX else True)
+    cfg = _pick_config(d, 4 if op_kind == 0 else 2, _arch(dev) if d > _SMALL_D_MAX else "sm90")
     bn, bk, bd, d_pad = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"], cfg["D_PAD"]
     op_dtype = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}[op_kind]
 
