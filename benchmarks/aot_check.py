@@ -590,6 +590,10 @@ SUBSETS["sass"] = Shapes(batches=(64,), seq_lens=(289,), heads_dims=((8, 128), (
                          latent_tokens=(256,), demo_latent_tokens=(), vq_batches=(256,),
                          dtypes=(torch.bfloat16,), return_zq=(False,), cover="configs")
 SUBSETS["configs"] = Shapes(**_FEW, cover="configs")
+# VQ alone, every dtype, every unique launch (no attention): the VQGAN's d = 256 and the latent's
+# d = 12 at 256 rows per image, B = 256 (the instruction mix of the VQ rows of benchmarks/RESULTS.md)
+SUBSETS["vq"] = Shapes(batches=(), seq_lens=(), heads_dims=(), demo_seq_lens=(), latent_tokens=(256,),
+                       demo_latent_tokens=(), vq_batches=(256,), return_zq=(False,))
 
 DEMO_HEADS, DEMO_HEAD_DIM = 2, 64
 VQ_BOOKS = (  # (name, d, K, normalize, tokens per image from Shapes or a fixed count)

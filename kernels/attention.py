@@ -184,8 +184,13 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base,
               s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
               row0, seqlen, L, D, qk_scale,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr):
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr, TMA: tl.constexpr = False):
     offs_m = row0 + tl.arange(0, ROWS)
+    if TMA:
+        # full K / V tiles (phase 0: every row below the sample's length, so never out of bounds)
+        # come through TMA; the masked tail tiles keep the pointer loads
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, D], strides=[s_kl, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, D], strides=[s_vl, 1], block_shape=[BLOCK_N, BLOCK_D])
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < seqlen
@@ -229,8 +234,12 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base,
                     kv_mask = d_ok[None, :]
                 else:
                     kv_mask = (cols < seqlen)[:, None] & d_ok[None, :]
-                k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-                v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+                if TMA and phase == 0:
+                    k = k_desc.load([start_n, 0])
+                    v = v_desc.load([start_n, 0])
+                else:
+                    k = tl.load(k_base + cols[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+                    v = tl.load(v_base + cols[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
                 if UPCAST:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
@@ -271,7 +280,7 @@ def _fwd_kernel(
     H, L, D, qk_scale, L_BUCKET,
     HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr, TMA: tl.constexpr = False,
 ):
     # L_BUCKET (= cdiv(L, 32)) is only the autotuning key; the kernel does not read it
     pid_m = tl.program_id(0)
@@ -291,7 +300,7 @@ def _fwd_kernel(
             # the block's valid rows (if any) lie in its first BLOCK_T rows: a BLOCK_T-row tile
             _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
                       row0, seqlen, L, D, qk_scale, BLOCK_T, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
-                      TAIL_FULL)
+                      TAIL_FULL, TMA)
             _store_zero_rows(o_base, s_ol, s_od, row0, L, D, BLOCK_M, BLOCK_T, BLOCK_D)
             rows = row0 + tl.arange(0, BLOCK_M)
             tl.store(lse_base + rows, tl.zeros((BLOCK_M,), dtype=tl.float32),
@@ -299,11 +308,11 @@ def _fwd_kernel(
         else:
             _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
                       row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
-                      TAIL_FULL)
+                      TAIL_FULL, TMA)
     else:
         _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
                   row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
-                      TAIL_FULL)
+                      TAIL_FULL, TMA)
 
 
 @triton.jit(do_not_specialize=["H"])
@@ -624,6 +633,7 @@ _T = tuple[int, int, int, int]
 # the FMA ("ieee") lists: one code on every architecture, but ptxas allocates differently per target
 _FMA_FWD = {64: [(32, 64, 8, 1), (32, 64, 8, 2), (64, 16, 8, 1), (32, 32, 8, 2)],
             128: [(32, 64, 8, 1), (32, 64, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2)],
+            ("sm89", 64): [(32, 64, 8, 2), (64, 16, 8, 1), (32, 32, 8, 2)],  # 32 x 64 x 1 stage: 4 B spilled (3.6)
             ("sm89", 128): [(32, 16, 8, 1), (32, 16, 8, 2), (16, 32, 8, 2)]}
 _FMA_DKDV = {64: [(32, 32, 8, 1), (32, 16, 8, 2), (64, 16, 8, 1)],
              ("sm90", 64): [(32, 32, 8, 1), (16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 1)],
@@ -657,9 +667,11 @@ CANDIDATES: dict[str, dict[tuple[str, str, int], list[_T]]] = {
     "fwd": _lists({
         ("sm90", "16bit", 64): [(128, 128, 8, 2), (128, 128, 8, 3)],
         ("sm90", "16bit", 128): [(128, 128, 8, 2), (128, 128, 8, 3)],
-        ("sm80", "16bit", 64): [(128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        # 128 x 64 with 4 warps and 3 stages spilled 8 B at D = 64 (sm_80 fp16 under triton 3.9,
+        # sm_89 bf16 under 3.6) once the scale moved into the exp2 FFMA
+        ("sm80", "16bit", 64): [(64, 64, 4, 3), (128, 64, 8, 2)],
         ("sm80", "16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
-        ("sm89", "16bit", 64): [(128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        ("sm89", "16bit", 64): [(64, 64, 4, 3), (128, 64, 8, 2)],
         ("sm89", "16bit", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3)],
         ("sm90", "tf32", 64): [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)],
         ("sm90", "tf32", 128): [(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2)],
@@ -765,6 +777,22 @@ def tail_full(cap: tuple[int, int] | None, ocls: str) -> bool:
     Elsewhere the extra tile body made ptxas spill (sm_80 / sm_89 128 x 64 at D = 128: 4-12 B;
     the fp32 FMA 32 x 64 on sm_90: 2.1 KB), so those keep the 16-wide tail tiles."""
     return is_interpreting() or (arch_class(cap) == "sm90" and ocls == "16bit")
+
+
+def use_tma(cap: tuple[int, int] | None, ocls: str, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward loads its full K / V tiles through tensor descriptors (TMA): sm_90 with
+    16-bit operands, where K and V meet TMA's rules (last dimension contiguous, 16-byte aligned
+    base and strides: the packed in-projection views meet them when D is a multiple of 8). Off
+    under the interpreter unless a test forces it (tests/test_attention_tiles.py); sm_80 / sm_89
+    and fp32 keep cp.async."""
+    if is_interpreting() or arch_class(cap) != "sm90" or ocls != "16bit":
+        return False
+    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(t.stride(i) * t.element_size() % 16 == 0 for i in range(3))
+               for t in (k, v))
+
+
+def _tma_scratch(device: torch.device, size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -904,6 +932,11 @@ def flash_attn_fwd(
     cap = _device_capability(q.device)
     has_len = lengths is not None
     len_arg = lengths if has_len else q  # any pointer; never read when HAS_LENGTHS is False
+    tma = use_tma(cap, operand_class(q.dtype, prec), k, v)
+    if tma:
+        # the kernel builds its descriptors in a global scratch buffer that Triton asks the
+        # context's allocator for at launch
+        triton.set_allocator(functools.partial(_tma_scratch, q.device))
     # batch on the z axis (limit 65535) rather than B*H on y, which large batches would overflow
     _launch(
         "fwd", lambda bm, bn: (cdiv(L, bm), H, B),
@@ -912,6 +945,7 @@ def flash_attn_fwd(
         cap, operand_class(q.dtype, prec),
         HAS_LENGTHS=has_len, BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_2(D), UPCAST=upcast, DOT_PREC=prec,
         TAIL_FULL=tail_full(cap, operand_class(q.dtype, prec)),
+        TMA=tma,
     )
     return out, lse
 

@@ -18,6 +18,19 @@ codebook is split across programs):
    shrinks as ``b`` falls, so each code under the final threshold was re-ranked when its tile was
    visited; re-ranking extra codes is harmless. So the answer is the exact fp32 argmin (lowest
    index on ties) of the program's codes, whatever the tensor cores rounded.
+   That is the path up to d = 64 (``_search_small``: the row in registers, one short fp32 dot
+   per re-checked code). Above (``_search_wide``, the VQGAN's d = 256) the row block is loaded
+   once, in the operand type, and stays resident (shared memory for wgmma on sm_90, registers for
+   mma.sync) while the code tiles stream through it; the main loop does not re-check anything. It
+   shifts the scores by one constant per block so they are non-negative, packs each code's column
+   into the low bits of its score and takes one integer minimum per row (best code and score at
+   once; cutting those bits lowers a score by at most 2^-17 of the largest shifted score, and
+   ``W`` widens by twice that), then the second best, and keeps up to four candidates per row in slots (a slot whose
+   score rose above the threshold is reused). After the loop one exact fp32 distance is computed
+   per slot still under the final threshold ``b + W`` (almost always one code per row). A row that
+   dropped a candidate still under the final threshold (five or more live at once, or three in one
+   tile: ~0.1-0.4% of random rows at d = 256) gets a rescan of the codebook with that threshold
+   and inline re-checks in index order, so the answer is the same exact argmin.
 3. With a split codebook, each program writes its (exact distance, index) and
    ``_vq_finalize_kernel`` takes, per row, the first strict minimum over the splits in split order
    (splits cover increasing index ranges), so ties still resolve to the lowest index. It also
@@ -47,7 +60,7 @@ random data W is ~2.4e-3 in score units (scores span [-1, 3]), ~1.1 candidate co
 survive to the end and a 64 x 64 tile takes ~1.2 re-check trips on average, so the exact pass
 costs little next to the tensor-core pass.
 
-Grid: 64-row blocks x codebook splits (``_pick_splits``): N = 8,192 rows and K = 4,096 (latent)
+Grid (d <= 64; above, 128-row blocks for 16-bit z on sm_90, else 64, see _GPU_WIDE): 64-row blocks x codebook splits (``_pick_splits``): N = 8,192 rows and K = 4,096 (latent)
 or K = 1,024 (VQGAN) give 128 x 4 = 512 programs, ~3.9 per SM of a 132-SM H100/H200; N = 65,536
 gives 1,024 row blocks and no split; N = 1,024 with K = 4,096 gives 16 x 16. Registers, spills,
 shared memory and the tensor-core instructions of every compiled variant: benchmarks/RESULTS.md
@@ -74,7 +87,8 @@ _SUM = tl.standard._sum_combine
 _MIN = tl.standard._elementwise_min
 _MAX = tl.standard._elementwise_max
 
-# Rows are held whole in registers up to this padded width; above it the d dimension is tiled.
+# Rows are held whole in registers up to this padded width; above it the row block stays resident
+# in the operand type and the exact re-check is deferred (_search_wide).
 _SMALL_D_MAX = 64
 
 
@@ -202,6 +216,281 @@ def _vq_prep_codes_kernel(
     tl.store(aux_ptr + 2 * K + codes64, tl.sqrt_rn(ec2), mask=code_ok)
 
 
+@triton.jit
+def _code_maxima(aux_ptr, k_lo, k_hi, K, BLOCK_K: tl.constexpr):
+    """max ||c||^2, max ||c~|| and max ||c - c~|| over this program's codes."""
+    cols = tl.arange(0, BLOCK_K)
+    csq_m = tl.zeros([BLOCK_K], dtype=tl.float32)
+    nct_m = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ec_m = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        codes = k0 + cols
+        ok = codes < k_hi
+        csq_m = tl.maximum(csq_m, tl.load(aux_ptr + codes, mask=ok, other=0.0))
+        nct_m = tl.maximum(nct_m, tl.load(aux_ptr + K + codes, mask=ok, other=0.0))
+        ec_m = tl.maximum(ec_m, tl.load(aux_ptr + 2 * K + codes, mask=ok, other=0.0))
+    return tl.reduce(csq_m, 0, _MAX), tl.reduce(nct_m, 0, _MAX), tl.reduce(ec_m, 0, _MAX)
+
+
+@triton.jit
+def _exact_distance(z_ptr, cb_ptr, aux_ptr, rows64, code, has, nrm, r, D, stride_zn, stride_zd,
+                    NORMALIZE: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr):
+    """fp32 (||c||^2 - 2 z.c) + ||z||^2 of one code per row (rows without ``has`` load nothing):
+    the torch reference ranks addmm(code_sq, z, c.T, alpha=-2) + row_sq, the same two roundings."""
+    code64 = code.to(tl.int64)
+    zc_dot = tl.zeros(rows64.shape, dtype=tl.float32)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        dk = d0 + tl.arange(0, BLOCK_D)
+        m = has[:, None] & (dk[None, :] < D)
+        # addresses from `has`, formed here: hoisted out of the callers' loops, a rows x BLOCK_D
+        # tile of 64-bit addresses per d tile would stay live through the whole search (spills)
+        zx = tl.load(z_ptr + tl.where(has, rows64, 0)[:, None] * stride_zn + dk[None, :] * stride_zd,
+                     mask=m, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            zx = tl.div_rn(zx, nrm[:, None])
+        c = tl.load(cb_ptr + code64[:, None] * D + dk[None, :], mask=m, other=0.0)
+        zc_dot += tl.reduce(zx * c, 1, _SUM)
+    csq_c = tl.load(aux_ptr + code64, mask=has, other=0.0)
+    return (csq_c - 2.0 * zc_dot) + r
+
+
+@triton.jit
+def _search_small(z_ptr, cb_ptr, cbt_ptr, aux_ptr, rows64, row_ok, nrm, k_lo, k_hi, K, D, stride_zn, stride_zd,
+                  stride_cbt, NORMALIZE: tl.constexpr, OP_KIND: tl.constexpr, INTERP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """d <= 64: the whole row in registers, fp32 and operand copies; every code under the running
+    threshold is re-ranked exactly when its tile is visited (one short fp32 dot from registers)."""
+    cols = tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    # padded dims (d=12 -> 16) load as 0, so they add nothing to norms or dot products
+    z = tl.load(z_ptr + rows64[:, None] * stride_zn + dims[None, :] * stride_zd,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+    if NORMALIZE:
+        z = tl.div_rn(z, nrm[:, None])
+    r = tl.reduce(z * z, 1, _SUM)
+    zt = _round_to_operand(z, OP_KIND)
+    ez = tl.sqrt_rn(tl.reduce(_rounding_error_sq(z, zt, OP_KIND), 1, _SUM))
+    if INTERP:
+        zt = zt.to(tl.float32)
+    csq_m, nct_m, ec_m = _code_maxima(aux_ptr, k_lo, k_hi, K, BLOCK_K)
+    win = _window(tl.sqrt_rn(r), ez, r, csq_m, nct_m, ec_m, D)
+
+    b = tl.full([BLOCK_N], float("inf"), tl.float32)  # running minimum of the approximate score
+    best_r = tl.full([BLOCK_N], float("inf"), tl.float32)  # exact ranked distance of the best code
+    best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+    # each code tile is loaded one trip ahead: the candidate loop nested in this one keeps
+    # triton's software pipeliner off it
+    nxt = k_lo + cols
+    ct_next = tl.load(cbt_ptr + nxt.to(tl.int64)[:, None] * stride_cbt + dims[None, :], mask=(nxt < k_hi)[:, None], other=0.0)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        codes = k0 + cols
+        # codes past the end score +inf (inf - 2 * 0), so they never pass the threshold
+        csq = tl.load(aux_ptr + codes, mask=codes < k_hi, other=float("inf"))
+        ct = ct_next
+        nxt = k0 + BLOCK_K + cols
+        ct_next = tl.load(cbt_ptr + nxt.to(tl.int64)[:, None] * stride_cbt + dims[None, :], mask=(nxt < k_hi)[:, None], other=0.0)
+        if INTERP:
+            ct = ct.to(tl.float32)
+        s = csq[None, :] - 2.0 * tl.dot(zt, tl.trans(ct), input_precision="tf32")
+        b = tl.minimum(b, tl.reduce(s, 1, _MIN))
+        thr = b + win
+        cand = (s <= thr[:, None]) & row_ok[:, None]
+        # candidates in increasing index order, one per row per trip; a row's trips end when its
+        # candidates do, the loop when every row's have
+        first = tl.reduce(tl.where(cand, cols[None, :], BLOCK_K), 1, _MIN)
+        while tl.reduce(first, 0, _MIN) < BLOCK_K:
+            has = first < BLOCK_K
+            code = k0 + tl.minimum(first, BLOCK_K - 1)
+            c = tl.load(cb_ptr + code.to(tl.int64)[:, None] * D + dims[None, :], mask=has[:, None] & dim_ok[None, :], other=0.0)
+            csq_c = tl.load(aux_ptr + code, mask=has, other=0.0)
+            exact = (csq_c - 2.0 * tl.reduce(z * c, 1, _SUM)) + r
+            # strictly smaller only: candidates come in increasing index order, so the first of
+            # equal exact distances (the lowest index) stays
+            better = has & (exact < best_r)
+            best_r = tl.where(better, exact, best_r)
+            best_i = tl.where(better, code, best_i)
+            first = tl.reduce(tl.where(cand & (cols[None, :] > first[:, None]), cols[None, :], BLOCK_K), 1, _MIN)
+    return best_r, best_i
+
+
+@triton.jit
+def _slot_insert(sc, ic, has, thr, s0, i0, s1, i1, s2, i2, s3, i3, ovf):
+    """Keep candidate (approximate score sc, index ic) in one of four slots per row: the one with
+    the largest score if that is above the current threshold (stale: it can no longer win; an empty
+    slot holds +inf). With no stale slot the candidate is dropped and ``ovf`` keeps the lowest
+    dropped score: the row needs the rescan only if that is still under the final threshold."""
+    m = tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3))
+    rep = has & (m > thr)
+    r0 = rep & (s0 == m)
+    r1 = rep & (s1 == m) & (s0 != m)
+    r2 = rep & (s2 == m) & (s0 != m) & (s1 != m)
+    r3 = rep & (s3 == m) & (s0 != m) & (s1 != m) & (s2 != m)
+    s0 = tl.where(r0, sc, s0)
+    i0 = tl.where(r0, ic, i0)
+    s1 = tl.where(r1, sc, s1)
+    i1 = tl.where(r1, ic, i1)
+    s2 = tl.where(r2, sc, s2)
+    i2 = tl.where(r2, ic, i2)
+    s3 = tl.where(r3, sc, s3)
+    i3 = tl.where(r3, ic, i3)
+    ovf = tl.where(has & (m <= thr), tl.minimum(ovf, sc), ovf)
+    return s0, i0, s1, i1, s2, i2, s3, i3, ovf
+
+
+@triton.jit
+def _keep_lowest(e, i, ok, best_r, best_i):
+    """(best_r, best_i) <- (e, i) where ok and (e, i) ranks first: lower distance, then lower index."""
+    better = ok & ((e < best_r) | ((e == best_r) & (i < best_i)))
+    return tl.where(better, e, best_r), tl.where(better, i, best_i)
+
+
+@triton.jit
+def _check_slot(z_ptr, cb_ptr, aux_ptr, rows64, sj, ij, ok, thr, nrm, r, best_r, best_i, D, stride_zn, stride_zd,
+                NORMALIZE: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr):
+    """The exact re-check of one slot, if its code is still under the final threshold (skipped when
+    no row's is: after the first slot, most rows have one live candidate)."""
+    has = ok & (sj <= thr)
+    if tl.reduce(has.to(tl.int32), 0, _MAX) > 0:
+        e = _exact_distance(z_ptr, cb_ptr, aux_ptr, rows64, ij, has, nrm, r, D, stride_zn, stride_zd, NORMALIZE,
+                            BLOCK_D, D_PAD)
+        best_r, best_i = _keep_lowest(e, ij, has, best_r, best_i)
+    return best_r, best_i
+
+
+@triton.jit
+def _tile_keys(zt, aux_ptr, ct, k0, k_hi, shift, INTERP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One code tile against the resident row block: the bits of the shifted approximate scores
+    x = ||c||^2 + shift - 2 z~.c~ (>= 0), low log2(BLOCK_K) bits replaced by the column."""
+    cols = tl.arange(0, BLOCK_K)
+    codes = k0 + cols
+    # codes past the end score +inf, whose bits with a column are a NaN: never under a threshold
+    csq = tl.load(aux_ptr + codes, mask=codes < k_hi, other=float("inf")) + shift
+    if INTERP:
+        ct = ct.to(tl.float32)
+    x = csq[None, :] - 2.0 * tl.dot(zt, tl.trans(ct), input_precision="tf32")
+    return (x.to(tl.int32, bitcast=True) & -BLOCK_K) | cols[None, :]
+
+
+@triton.jit
+def _code_tile(cbt_ptr, k0, k_hi, stride_cbt, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
+    codes = k0 + tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, D_PAD)
+    return tl.load(cbt_ptr + codes.to(tl.int64)[:, None] * stride_cbt + dims[None, :], mask=(codes < k_hi)[:, None], other=0.0)
+
+
+@triton.jit
+def _search_wide(z_ptr, cb_ptr, cbt_ptr, aux_ptr, rows64, row_ok, nrm, k_lo, k_hi, K, D, stride_zn, stride_zd,
+                 stride_cbt, NORMALIZE: tl.constexpr, OP_KIND: tl.constexpr, Z_EPS: tl.constexpr,
+                 Z_TINY: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_D: tl.constexpr, D_PAD: tl.constexpr, NUM_STAGES: tl.constexpr = 2):
+    """d > 64: the row block, in the operand type, stays resident (loaded once) and the code tiles
+    stream through it, one tensor-core dot of the full width per tile. The main loop only collects
+    candidates (codes under the running threshold) into four slots per row; the exact fp32
+    re-check runs once, after the loop, on the slots still under the final threshold. A row that
+    had more than four live candidates at once (duplicate codes, heavy near-ties) gets a rescan
+    of the codebook with the final threshold and inline re-checks."""
+    cols = tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, D_PAD)
+    zt = tl.load(z_ptr + rows64[:, None] * stride_zn + dims[None, :] * stride_zd,
+                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    if NORMALIZE:
+        zt = tl.div_rn(zt.to(tl.float32), nrm[:, None])
+    if OP_KIND == 0:
+        zt = zt.to(tl.float32)  # the dot's own fp32 -> tf32 conversion: Z_EPS = 2^-10
+    elif OP_KIND == 1:
+        zt = zt.to(tl.bfloat16)
+    else:
+        zt = zt.to(tl.float16)
+    if INTERP:
+        zt = zt.to(tl.float32)
+    # ||z||^2 in d tiles, the order the exact distances use
+    r = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        dk = d0 + tl.arange(0, BLOCK_D)
+        zc = tl.load(z_ptr + rows64[:, None] * stride_zn + dk[None, :] * stride_zd,
+                     mask=row_ok[:, None] & (dk[None, :] < D), other=0.0).to(tl.float32)
+        if NORMALIZE:
+            zc = tl.div_rn(zc, nrm[:, None])
+        r += tl.reduce(zc * zc, 1, _SUM)
+    ez = Z_EPS * tl.sqrt_rn(r) + Z_TINY * tl.sqrt_rn(D * 1.0)
+    nz = tl.sqrt_rn(r)
+    csq_m, nct_m, ec_m = _code_maxima(aux_ptr, k_lo, k_hi, K, BLOCK_K)
+    win = _window(nz, ez, r, csq_m, nct_m, ec_m, D)
+    # Scores are taken shifted by one constant per block, x = s + shift with shift >= r + W, which
+    # makes every x >= 0 (the exact x is ||z - c||^2 + shift - r, and x errs by at most W / 2), so
+    # x's bits order as integers: the low log2(BLOCK_K) bits can then carry the code's column and
+    # one integer minimum gives a row's best code with its score. Cutting those bits lowers an x by
+    # at most 2^-17 of its size: the window widens by twice that, for the largest x.
+    shift = tl.reduce(r + win, 0, _MAX)
+    x_max = shift + csq_m + 2.0 * tl.reduce(nz + ez, 0, _MAX) * tl.maximum(tl.sqrt_rn(csq_m), nct_m)
+    win = win + x_max * 1.52587890625e-05  # 2^-16
+
+    inf = tl.full([BLOCK_N], float("inf"), tl.float32)
+    zero = tl.zeros([BLOCK_N], dtype=tl.int32)
+    b = inf  # running minimum of the (truncated) shifted score
+    s0, s1, s2, s3, ovf = inf, inf, inf, inf, inf
+    i0, i1, i2, i3 = zero, zero, zero, zero
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+        ct = _code_tile(cbt_ptr, k0, k_hi, stride_cbt, BLOCK_K, D_PAD)
+        key = _tile_keys(zt, aux_ptr, ct, k0, k_hi, shift, INTERP, BLOCK_K)
+        # the tile's two best codes per row go to the slots when under the threshold; a third
+        # under it marks the row for the rescan (the second and third only where some row has a
+        # second: rare after the first tiles)
+        m1 = tl.reduce(key, 1, _MIN)
+        x1 = (m1 & -BLOCK_K).to(tl.float32, bitcast=True)
+        b = tl.minimum(b, x1)
+        thr = b + win
+        m2 = tl.reduce(tl.where(key > m1[:, None], key, 2147483647), 1, _MIN)
+        x2 = (m2 & -BLOCK_K).to(tl.float32, bitcast=True)
+        s0, i0, s1, i1, s2, i2, s3, i3, ovf = _slot_insert(x1, k0 + (m1 & (BLOCK_K - 1)), row_ok & (x1 <= thr), thr,
+                                                           s0, i0, s1, i1, s2, i2, s3, i3, ovf)
+        two = row_ok & (x2 <= thr)
+        if tl.reduce(two.to(tl.int32), 0, _MAX) > 0:
+            s0, i0, s1, i1, s2, i2, s3, i3, ovf = _slot_insert(x2, k0 + (m2 & (BLOCK_K - 1)), two, thr,
+                                                               s0, i0, s1, i1, s2, i2, s3, i3, ovf)
+            m3 = tl.reduce(tl.where(key > m2[:, None], key, 2147483647), 1, _MIN)
+            x3 = (m3 & -BLOCK_K).to(tl.float32, bitcast=True)
+            ovf = tl.where(two & (x3 <= thr), tl.minimum(ovf, x3), ovf)
+
+    thr = b + win
+    rescan = row_ok & (ovf <= thr)
+    best_r, best_i = inf, zero
+    ok = row_ok & (ovf > thr)
+    best_r, best_i = _check_slot(z_ptr, cb_ptr, aux_ptr, rows64, s0, i0, ok, thr, nrm, r, best_r, best_i, D, stride_zn,
+                                 stride_zd, NORMALIZE, BLOCK_D, D_PAD)
+    best_r, best_i = _check_slot(z_ptr, cb_ptr, aux_ptr, rows64, s1, i1, ok, thr, nrm, r, best_r, best_i, D, stride_zn,
+                                 stride_zd, NORMALIZE, BLOCK_D, D_PAD)
+    best_r, best_i = _check_slot(z_ptr, cb_ptr, aux_ptr, rows64, s2, i2, ok, thr, nrm, r, best_r, best_i, D, stride_zn,
+                                 stride_zd, NORMALIZE, BLOCK_D, D_PAD)
+    best_r, best_i = _check_slot(z_ptr, cb_ptr, aux_ptr, rows64, s3, i3, ok, thr, nrm, r, best_r, best_i, D, stride_zn,
+                                 stride_zd, NORMALIZE, BLOCK_D, D_PAD)
+    if tl.reduce(rescan.to(tl.int32), 0, _MAX) > 0:
+        best_r, best_i = _rescan(z_ptr, cb_ptr, cbt_ptr, aux_ptr, zt, rows64, rescan, nrm, r, shift, thr, best_r, best_i,
+                                 k_lo, k_hi, D, stride_zn, stride_zd, stride_cbt, NORMALIZE, INTERP, BLOCK_K, BLOCK_D, D_PAD)
+    return best_r, best_i
+
+
+@triton.jit
+def _rescan(z_ptr, cb_ptr, cbt_ptr, aux_ptr, zt, rows64, rescan, nrm, r, shift, thr, best_r, best_i, k_lo, k_hi, D,
+            stride_zn, stride_zd, stride_cbt, NORMALIZE: tl.constexpr, INTERP: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_D: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows in ``rescan``: every code under the final threshold, re-checked exactly in index order."""
+    cols = tl.arange(0, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ct = _code_tile(cbt_ptr, k0, k_hi, stride_cbt, BLOCK_K, D_PAD)
+        x = (_tile_keys(zt, aux_ptr, ct, k0, k_hi, shift, INTERP, BLOCK_K) & -BLOCK_K).to(tl.float32, bitcast=True)
+        key = tl.where((x <= thr[:, None]) & rescan[:, None], cols[None, :], BLOCK_K)
+        first = tl.reduce(key, 1, _MIN)
+        while tl.reduce(first, 0, _MIN) < BLOCK_K:
+            has = first < BLOCK_K
+            code = k0 + tl.minimum(first, BLOCK_K - 1)
+            e = _exact_distance(z_ptr, cb_ptr, aux_ptr, rows64, code, has, nrm, r, D, stride_zn, stride_zd, NORMALIZE, BLOCK_D, D_PAD)
+            best_r, best_i = _keep_lowest(e, code, has, best_r, best_i)
+            first = tl.reduce(tl.where(key > first[:, None], key, BLOCK_K), 1, _MIN)
+    return best_r, best_i
+
+
 # write_zq stays a runtime value: Triton would otherwise specialize 1 to a constant, and a call
 # with z_q would run different code (and could get different bits) than one without
 @triton.jit(do_not_specialize=["write_zq"])
@@ -226,12 +515,13 @@ def _vq_tc_kernel(
     NORMALIZE: tl.constexpr,
     FINAL: tl.constexpr,  # one split: write index and score here; else (distance, index) partials
     OP_KIND: tl.constexpr,  # tensor-core operand type: 0 tf32, 1 bf16, 2 fp16
-    Z_EPS: tl.constexpr,  # a priori relative rounding error of z -> operand (tiled-d path)
+    Z_EPS: tl.constexpr,  # a priori relative rounding error of z -> operand (wide path)
     Z_TINY: tl.constexpr,  # smallest normal of the operand type (flush-to-zero term)
     INTERP: tl.constexpr,  # the interpreter's dot is wrong on 16-bit operands: upcast there
+    WIDE: tl.constexpr,  # d > 64: resident operand row block, deferred re-check (_search_wide)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # whole padded row (D_PAD == BLOCK_D) or the d tile of the dot
+    BLOCK_D: tl.constexpr,  # the whole padded row (small path) or the d tile of the exact dots
     D_PAD: tl.constexpr,
     TENSOR_CORES: tl.constexpr = True,  # tells benchmarks/aot_check.py to require mma/wgmma
 ):
@@ -241,148 +531,17 @@ def _vq_tc_kernel(
     row_ok = rows < N
     # int64 offsets: N * stride can pass 2**31 for large batches of strided views
     rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
     k_lo = pid_s * codes_per_split
     k_hi = tl.minimum(k_lo + codes_per_split, K)
-    SMALL: tl.constexpr = D_PAD == BLOCK_D
-
     nrm = _row_norm(z_ptr, rows64, row_ok, D, stride_zn, stride_zd, NORMALIZE, BLOCK_N, BLOCK_D, D_PAD)
-    if SMALL:
-        dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < D
-        # padded dims (d=12 -> 16) load as 0, so they add nothing to norms or dot products
-        z = tl.load(
-            z_ptr + rows64[:, None] * stride_zn + dims[None, :] * stride_zd,
-            mask=row_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if NORMALIZE:
-            z = tl.div_rn(z, nrm[:, None])
-        r = tl.reduce(z * z, 1, _SUM)
-        zt = _round_to_operand(z, OP_KIND)
-        ez = tl.sqrt_rn(tl.reduce(_rounding_error_sq(z, zt, OP_KIND), 1, _SUM))
-        if INTERP:
-            zt = zt.to(tl.float32)
+    if WIDE:
+        best_r, best_i = _search_wide(z_ptr, cb_ptr, cbt_ptr, aux_ptr, rows64, row_ok, nrm, k_lo, k_hi, K, D,
+                                      stride_zn, stride_zd, stride_cbt, NORMALIZE, OP_KIND, Z_EPS, Z_TINY, INTERP,
+                                      BLOCK_N, BLOCK_K, BLOCK_D, D_PAD)
     else:
-        r = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D_PAD, BLOCK_D):
-            dk = d0 + tl.arange(0, BLOCK_D)
-            zc = tl.load(
-                z_ptr + rows64[:, None] * stride_zn + dk[None, :] * stride_zd,
-                mask=row_ok[:, None] & (dk[None, :] < D),
-                other=0.0,
-            ).to(tl.float32)
-            if NORMALIZE:
-                zc = tl.div_rn(zc, nrm[:, None])
-            r += tl.reduce(zc * zc, 1, _SUM)
-        ez = Z_EPS * tl.sqrt_rn(r) + Z_TINY * tl.sqrt_rn(D * 1.0)
-    nz = tl.sqrt_rn(r)
-
-    # maxima of the code statistics over this program's codes
-    csq_m = tl.zeros([BLOCK_K], dtype=tl.float32)
-    nct_m = tl.zeros([BLOCK_K], dtype=tl.float32)
-    ec_m = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        codes = k0 + cols
-        ok = codes < k_hi
-        csq_m = tl.maximum(csq_m, tl.load(aux_ptr + codes, mask=ok, other=0.0))
-        nct_m = tl.maximum(nct_m, tl.load(aux_ptr + K + codes, mask=ok, other=0.0))
-        ec_m = tl.maximum(ec_m, tl.load(aux_ptr + 2 * K + codes, mask=ok, other=0.0))
-    win = _window(nz, ez, r, tl.reduce(csq_m, 0, _MAX), tl.reduce(nct_m, 0, _MAX), tl.reduce(ec_m, 0, _MAX), D)
-
-    b = tl.full([BLOCK_N], float("inf"), tl.float32)  # running minimum of the approximate score
-    best_r = tl.full([BLOCK_N], float("inf"), tl.float32)  # exact ranked distance of the best code
-    best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
-    if SMALL:
-        # each code tile is loaded one trip ahead: the candidate loop nested in this one keeps
-        # triton's software pipeliner off it
-        dk = tl.arange(0, BLOCK_D)
-        nxt = k_lo + cols
-        ct_next = tl.load(
-            cbt_ptr + nxt.to(tl.int64)[:, None] * stride_cbt + dk[None, :], mask=(nxt < k_hi)[:, None], other=0.0
-        )
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        codes = k0 + cols
-        ok = codes < k_hi
-        codes64 = codes.to(tl.int64)
-        # codes past the end score +inf (inf - 2 * 0), so they never pass the threshold
-        csq = tl.load(aux_ptr + codes, mask=ok, other=float("inf"))
-        if SMALL:
-            ct = ct_next
-            nxt = k0 + BLOCK_K + cols
-            ct_next = tl.load(
-                cbt_ptr + nxt.to(tl.int64)[:, None] * stride_cbt + dk[None, :], mask=(nxt < k_hi)[:, None], other=0.0
-            )
-            if INTERP:
-                ct = ct.to(tl.float32)
-            acc = tl.dot(zt, tl.trans(ct), input_precision="tf32")
-        else:
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for d0 in range(0, D_PAD, BLOCK_D):
-                dk = d0 + tl.arange(0, BLOCK_D)
-                za = tl.load(
-                    z_ptr + rows64[:, None] * stride_zn + dk[None, :] * stride_zd,
-                    mask=row_ok[:, None] & (dk[None, :] < D),
-                    other=0.0,
-                )
-                if NORMALIZE:
-                    za = tl.div_rn(za.to(tl.float32), nrm[:, None])
-                if OP_KIND == 0:
-                    za = za.to(tl.float32)  # the dot's own fp32 -> tf32 conversion: Z_EPS = 2^-10
-                elif OP_KIND == 1:
-                    za = za.to(tl.bfloat16)
-                else:
-                    za = za.to(tl.float16)
-                ct = tl.load(cbt_ptr + codes64[:, None] * stride_cbt + dk[None, :], mask=ok[:, None], other=0.0)
-                if INTERP:
-                    za = za.to(tl.float32)
-                    ct = ct.to(tl.float32)
-                acc = tl.dot(za, tl.trans(ct), acc, input_precision="tf32")
-        s = csq[None, :] - 2.0 * acc
-        b = tl.minimum(b, tl.reduce(s, 1, _MIN))
-        thr = b + win
-        cand = (s <= thr[:, None]) & row_ok[:, None]
-        # candidates in increasing index order, one per row per trip; a row's trips end when its
-        # candidates do, the loop when every row's have
-        first = tl.reduce(tl.where(cand, cols[None, :], BLOCK_K), 1, _MIN)
-        while tl.reduce(first, 0, _MIN) < BLOCK_K:
-            has = first < BLOCK_K
-            code = k0 + tl.minimum(first, BLOCK_K - 1)
-            code64 = code.to(tl.int64)
-            if SMALL:
-                c = tl.load(
-                    cb_ptr + code64[:, None] * D + dims[None, :],
-                    mask=has[:, None] & dim_ok[None, :],
-                    other=0.0,
-                )
-                zc_dot = tl.reduce(z * c, 1, _SUM)
-            else:
-                zc_dot = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for d0 in range(0, D_PAD, BLOCK_D):
-                    dk = d0 + tl.arange(0, BLOCK_D)
-                    dmask = dk[None, :] < D
-                    # addresses from `has`, so they are formed here, per trip: hoisted out of
-                    # the loops, a BLOCK_N x BLOCK_D tile of 64-bit addresses per d tile would
-                    # stay live through the whole search (that spilled on sm_80/sm_89)
-                    zx = tl.load(
-                        z_ptr + tl.where(has, rows64, 0)[:, None] * stride_zn + dk[None, :] * stride_zd,
-                        mask=has[:, None] & dmask,
-                        other=0.0,
-                    ).to(tl.float32)
-                    if NORMALIZE:
-                        zx = tl.div_rn(zx, nrm[:, None])
-                    c = tl.load(cb_ptr + code64[:, None] * D + dk[None, :], mask=has[:, None] & dmask, other=0.0)
-                    zc_dot += tl.reduce(zx * c, 1, _SUM)
-            csq_c = tl.load(aux_ptr + code64, mask=has, other=0.0)
-            # the torch reference ranks addmm(code_sq, z, c.T, alpha=-2) + row_sq: the same two roundings
-            exact = (csq_c - 2.0 * zc_dot) + r
-            # strictly smaller only: candidates come in increasing index order, so the first of
-            # equal exact distances (the lowest index) stays
-            better = has & (exact < best_r)
-            best_r = tl.where(better, exact, best_r)
-            best_i = tl.where(better, code, best_i)
-            first = tl.reduce(tl.where(cand & (cols[None, :] > first[:, None]), cols[None, :], BLOCK_K), 1, _MIN)
-
+        best_r, best_i = _search_small(z_ptr, cb_ptr, cbt_ptr, aux_ptr, rows64, row_ok, nrm, k_lo, k_hi, K, D,
+                                       stride_zn, stride_zd, stride_cbt, NORMALIZE, OP_KIND, INTERP, BLOCK_N,
+                                       BLOCK_K, BLOCK_D)
     if FINAL:
         _write_result(
             z_ptr, cb_ptr, idx_ptr, score_ptr, zq_ptr, write_zq, rows64, row_ok, best_i, nrm, D, stride_zn, stride_zd,
@@ -440,23 +599,39 @@ def _vq_finalize_kernel(
 # launch configuration
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) by padded d on a GPU, up to d=64: the row stays whole
-# in registers (BLOCK_D = padded d). Above, (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages):
-# the dot runs over d tiles of 32 (64 would carry two 64 x 64 tiles of 64-bit addresses, 128
-# registers, across the d loop and spill on sm_80/sm_89).
+# in registers (BLOCK_D = padded d).
 _GPU_SMALL = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 2)}
-_GPU_TILED = (64, 64, 32, 4, 2)
+# Above (_search_wide), by operand bytes and architecture (wgmma reads the resident block from
+# shared memory on sm_90; mma.sync holds it in registers on sm_80 / sm_89): (BLOCK_N, BLOCK_K,
+# num_warps) at D_PAD = 256. 16-bit on sm_90: 128 rows (two warpgroups), a 64 KB resident block and
+# 32 KB code tiles. In registers the block costs 64 registers a thread at 64 rows and 4 warps: with
+# 64-code tiles beside it sm_80 compiles clean (216 registers under triton 3.9, 255 under 3.6) but
+# sm_89 (and sm_86, same register file, 99 KB of shared memory) spilled 16 B under 3.6 (8 warps:
+# clean but one CTA per SM), so 32-code tiles there. fp32 (tf32): 64 rows, 32-code tiles (64-code
+# tiles spilled 36 B on sm_90). Wider rows shrink both in proportion (_pick_config). BLOCK_D = 32
+# is the d tile of the exact fp32 dots (64 would carry 64-bit address tiles across them and spill
+# on sm_80/89).
+_GPU_WIDE = {
+    (4, "sm90"): (64, 32, 4), (2, "sm90"): (128, 64, 8),
+    (4, "sm80"): (64, 32, 4), (2, "sm80"): (64, 64, 4),
+    (4, "sm89"): (64, 32, 4), (2, "sm89"): (64, 32, 4),
+}
+_WIDE_BLOCK_D = 32
 # An explicit register cap: without one ptxas aims at an occupancy step (128 or 168 registers) and
 # may spill to reach it (seen on sm_80 and sm_89). 128 keeps four 4-warp programs per SM where that
 # fits without spilling (d <= 16); at d = 32 the fp32 (tf32) variants need ~185-200, so 192; 255
 # leaves the choice to ptxas.
-_GPU_MAXNREG = {16: 128, 32: 192, 64: 255, "tiled": 255}
+_GPU_MAXNREG = {16: 128, 32: 192, 64: 255, "wide": 255}
+# ...but the fp32 (tf32) variant at d <= 16 spills 12 B at 128 on sm_90 under triton 3.6 (three
+# programs per SM then, as at d = 32)
+_GPU_MAXNREG_TF32_16 = 168
 _FINALIZE_MAXNREG = 255
 _FINALIZE_GPU = (64, 4)
 _PREP_GPU = (64, 4)
 # The interpreter pays per op, not per element: big tiles mean few programs and few loop trips.
 # One fixed config there (autotuning with several configs crashes under the interpreter).
 _INTERP_SMALL = (256, 1024)
-_INTERP_TILED = (256, 1024, 128)
+_INTERP_WIDE = (256, 1024, 128)
 _FINALIZE_INTERP = (1024, 1)
 _PREP_INTERP = (1024, 1)
 
@@ -466,30 +641,36 @@ SPLIT_OVERRIDE: int | None = None
 _CTAS_PER_SM = 3
 _MAX_SPLITS = 16
 _OP_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# a priori relative error of z's conversion to the operand type (tiled-d path only)
+# a priori relative error of z's conversion to the operand type (wide path only)
 _Z_EPS = {0: 2.0**-10, 1: 2.0**-8, 2: 2.0**-11}
 _Z_TINY = {0: 2.0**-126, 1: 2.0**-126, 2: 2.0**-14}
 
 
-def _pick_config(d: int) -> dict:
-    """Tile sizes for a row width d: the same dict on every call with the same d and mode."""
+def _pick_config(d: int, op_bytes: int = 2, arch: str = "sm90") -> dict:
+    """Tile sizes for a row width d, tensor-core operand width (4: tf32, 2: bf16 / fp16) and
+    architecture (``_arch``): the same dict on every call with the same arguments."""
     small = next_power_of_2(max(d, 16)) <= _SMALL_D_MAX
+    d_pad = max(16, next_power_of_2(d))  # tl.dot needs at least 16 along the reduction
     if is_interpreting():
         if small:
             bn, bk = _INTERP_SMALL
-            bd = max(16, next_power_of_2(d))
+            bd = d_pad
         else:
-            bn, bk, bd = _INTERP_TILED
+            bn, bk, bd = _INTERP_WIDE
         warps, stages = 1, 1
     elif small:
-        bd = max(16, next_power_of_2(d))  # tl.dot needs at least 16 along the reduction
+        bd = d_pad
         bn, bk, warps, stages = _GPU_SMALL[bd]
     else:
-        bn, bk, bd, warps, stages = _GPU_TILED
-    d_pad = bd if small else cdiv(d, bd) * bd
-    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, D_PAD=d_pad, num_warps=warps, num_stages=stages)
+        bn, bk, warps = _GPU_WIDE[(op_bytes, arch)]
+        shrink = max(1, d_pad // 256)  # same bytes per resident block and per code tile
+        bn, bk, bd, stages = max(16, bn // shrink), max(16, bk // shrink), _WIDE_BLOCK_D, 1
+        warps = warps if shrink == 1 else 4
+    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, D_PAD=d_pad, WIDE=not small, num_warps=warps, num_stages=stages)
     if not is_interpreting():
-        cfg["maxnreg"] = _GPU_MAXNREG[bd if small else "tiled"]
+        cfg["maxnreg"] = _GPU_MAXNREG[bd if small else "wide"]
+        if small and bd == 16 and op_bytes == 4:
+            cfg["maxnreg"] = _GPU_MAXNREG_TF32_16
     return cfg
 
 
@@ -500,6 +681,27 @@ def _launch_options(cfg: dict) -> dict:
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _arch(device: torch.device) -> str:
+    """"sm90" (sm_90 or newer), "sm80" (A100's 163 KB of shared memory) or "sm89" (sm_86 / sm_89);
+    "sm90" where no GPU answers (the interpreter ignores the choice)."""
+    try:
+        # meta tensors: an ahead-of-time check that presents a GPU through torch.cuda
+        if device.type == "meta" and not is_interpreting():
+            cap = torch.cuda.get_device_capability()
+        elif device.type == "cuda":
+            cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+        else:
+            return "sm90"
+    except (AssertionError, RuntimeError):  # no CUDA here
+        return "sm90"
+    return "sm90" if cap[0] >= 9 else ("sm80" if cap == (8, 0) else "sm89")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -570,9 +772,9 @@ def vq_nearest_triton(
     if z.dtype not in _OP_KIND:
         z = z.float()
     interp = is_interpreting()
-    cfg = _pick_config(d)
-    bn, bk, bd, d_pad = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"], cfg["D_PAD"]
     op_kind = _OP_KIND[z.dtype]
+    cfg = _pick_config(d, 4 if op_kind == 0 else 2, _arch(dev) if d > _SMALL_D_MAX else "sm90")
+    bn, bk, bd, d_pad = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"], cfg["D_PAD"]
     op_dtype = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}[op_kind]
 
     cbt = _alloc((k, d_pad), op_dtype, dev)
@@ -592,7 +794,7 @@ def vq_nearest_triton(
         part_r = _alloc((splits, n), torch.float32, dev)
         part_i = _alloc((splits, n), torch.int32, dev)
     zq_arg = zq if return_zq else score  # never written when write_zq is 0
-    # a priori z error (used on the tiled-d path only): none when z already is the operand type
+    # a priori z error (used on the wide path only): none when z already is the operand type
     z_eps = 0.0 if (op_kind != 0 and not normalize) else _Z_EPS[op_kind]
     _vq_tc_kernel[(cdiv(n, bn), splits)](
         z, cb, cbt, aux, indices, score, zq_arg, part_r, part_i, int(return_zq),
@@ -603,6 +805,7 @@ def vq_nearest_triton(
         Z_EPS=z_eps,
         Z_TINY=_Z_TINY[op_kind],
         INTERP=interp,
+        WIDE=cfg["WIDE"],
         BLOCK_N=bn,
         BLOCK_K=bk,
         BLOCK_D=bd,

@@ -586,6 +586,77 @@ def test_many_duplicates_across_splits_pick_lowest_index(normalize, dtype, poiso
     assert bool((indices < k0).all())
 
 
+# d > 64 runs kernels/vq.py's _search_wide: the row block resident, four candidate slots per row,
+# one exact re-check after the code loop, a rescan for rows with more live candidates than slots.
+# Awkward sizes: one row, one row past a 128-row GPU block, K under one code tile and one code
+# past the interpreter's, d padded (100 -> 128).
+_WIDE_CASES = [
+    (1, 5, 256, False, "bf16", None),
+    (129, 1025, 100, True, "fp32", None),
+    (129, 77, 256, False, "fp16", 2),
+    (40, 1100, 256, True, "fp16", 3),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("n,k,d,normalize,dtype,splits", _WIDE_CASES, ids=[f"N{c[0]}-K{c[1]}-d{c[2]}-{c[4]}-s{c[5]}" for c in _WIDE_CASES])
+def test_wide_rows_awkward_sizes_equal_fp32_reference(n, k, d, normalize, dtype, splits, poisoned, monkeypatch):
+    _split(monkeypatch, splits)
+    g = torch.Generator().manual_seed(n * 3 + k + d)
+    z = torch.randn(n, d, generator=g).to(_DTYPES[dtype]).to(DEVICE)
+    codebook = torch.randn(k, d, generator=g).to(DEVICE)
+    _check_exact(z, codebook, normalize)
+
+
+def _crowded_windows(n_rows: int, d: int, dtype: torch.dtype, g: torch.Generator, tile: int):
+    """Integer rows (exact fp32 arithmetic, as in _integer_near_ties), each with four codes at
+    squared distance 2 in the first two code tiles, two per tile, and its nearest code (distance 1)
+    in the last tile: five codes far inside the tensor-core window, the nearest arriving when the
+    four slots are all live, so only the rescan can find it. Far integer fillers in between."""
+    rows, near, best = [], [[], []], []
+    for _ in range(n_rows):
+        dims = torch.randperm(d, generator=g)[:2]
+        z = torch.zeros(d)
+        z[dims] = torch.randint(2049, 2600, (2,), generator=g).float()
+        z = z.to(dtype).float()  # the values the op sees: codes are built around them
+        rows.append(z)
+        for j, (a, b) in enumerate([(1, 1), (-1, -1), (1, -1), (-1, 1)]):
+            c = z.clone()
+            c[dims[0]] += a
+            c[dims[1]] += b
+            near[j // 2].append(c)
+        c = z.clone()
+        c[dims[0]] += 1
+        best.append(c)
+
+    def fill(count):
+        f = torch.zeros(count, d)
+        for row in f:
+            row[torch.randperm(d, generator=g)[:2]] = torch.randint(-1500, 1500, (2,), generator=g).float()
+        return f
+
+    first, second = torch.stack(near[0]), torch.stack(near[1])
+    codes = [first, fill(tile - len(first)), second, fill(tile - len(second)), fill(3 * tile + 5), torch.stack(best)]
+    return torch.stack(rows).to(dtype), torch.cat(codes)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_wide_rows_more_live_candidates_than_slots_rescan(dtype, poisoned, monkeypatch):
+    vqk = _vq_kernels()
+    if is_interpreting():  # 64-code tiles, as on a GPU, so the candidates meet in separate tiles
+        monkeypatch.setattr(vqk, "_INTERP_WIDE", (64, 64, 128))
+    _split(monkeypatch, 1)  # the tiles as built: one program per row block sees them in order
+    tile = vqk._pick_config(256, 4 if dtype == "fp32" else 2)["BLOCK_K"]
+    n = tile // 2
+    z, codebook = _crowded_windows(n, 256, _DTYPES[dtype], torch.Generator().manual_seed(5), tile)
+    expected = torch.arange(n) + codebook.shape[0] - n
+    _check_exact(z.to(DEVICE), codebook.to(DEVICE), False, expected)
+    # random rows through many small tiles: slots go stale and are replaced as the minimum falls
+    g = torch.Generator().manual_seed(6)
+    _check_exact(torch.randn(70, 256, generator=g).to(_DTYPES[dtype]).to(DEVICE), torch.randn(700, 256, generator=g).to(DEVICE), False)
+
+
 @needs_triton
 def test_split_and_return_zq_give_the_same_answer(monkeypatch):
     vqk = _vq_kernels()
@@ -619,7 +690,7 @@ def test_split_choice_fills_an_h200():
         assert vqk._pick_splits(65536, 4096, bn, bk, cpu) == 1
         assert vqk._pick_splits(1024, 512, bn, bk, cpu) <= 512 // bk
         cfg = vqk._pick_config(256)
-        assert cfg["D_PAD"] == 256 and cfg["BLOCK_D"] < 256  # the d dimension is tiled
+        assert cfg["WIDE"] and cfg["D_PAD"] == 256 and cfg["BLOCK_N"] == 128  # 16-bit: 128 resident rows
     finally:
         vqk.is_interpreting = saved
 
