@@ -85,15 +85,19 @@ def _check_batch_size(batch_size: object) -> None:
 
 
 def _finite(out) -> torch.Tensor:
+    return finite_outputs(out.z_q, out.logits)
+
+
+def finite_outputs(z_q: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
     """Whether an iteration's outputs hold no NaN or inf, as a 0-d device tensor.
 
     A sum is NaN or inf whenever one term is (inf - inf is NaN), and one reduction costs a tenth
     of an elementwise isfinite plus all(); sane values cannot overflow a float32 sum. z_q carries
     the straight-through form z + (codes - z): NaN wherever the encoder's or the projection's
     output was, although the codes themselves are always finite."""
-    total = out.z_q.float().sum()
-    if out.logits is not None:
-        total = total + out.logits.float().sum()
+    total = z_q.float().sum()
+    if logits is not None:
+        total = total + logits.float().sum()
     return torch.isfinite(total)
 
 
@@ -134,6 +138,14 @@ class CountChoice:
         self.best_score[rows] = torch.where(better, score, self.best_score[rows])
         self.best_at[rows] = torch.where(better, at, self.best_at[rows])
         return stop, better
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Rows ``rows`` start over for new images (a continuous batch reuses its slots)."""
+        self.met[rows] = False
+        self.first_met[rows] = 0
+        if self.best:
+            self.best_score[rows] = float("-inf") if self.criterion.higher_is_better else float("inf")
+            self.best_at[rows] = 0
 
     def settle(self, rows: torch.Tensor, at: int) -> None:
         """Images ``rows`` stop at step ``at`` whatever their scores (their criterion was found
@@ -334,14 +346,26 @@ def _continuous_batch(model, images, lengths, vectors, in_range, finite, extra) 
     packed = torch.cat([torch.stack([in_range, finite]).double(), lengths.double(), vectors.double().flatten()]).tolist()
     if not (packed[0] and packed[1]):
         _raise_bad_inputs(images, in_range)
-    host_lengths = torch.tensor(packed[2 : 2 + B], dtype=torch.int64)
-    longest = int(max(packed[2 : 2 + B], default=0))
-    codes = torch.tensor(packed[2 + B :], dtype=torch.float64).view(B, width, d)[:, :longest].float()
-    width = longest
+    flat = packed[2 + B :]
+    rows = [(int(n), flat[i * width * d : (i + 1) * width * d]) for i, n in enumerate(packed[2 : 2 + B])]
+    return token_batch_from_host(model, rows, extra)
+
+
+def token_batch_from_host(model: ALITCore, rows: "list[tuple[int, list]]", extra: dict) -> TokenBatch:
+    """A TokenBatch from host values, one (length, padded row) per image: a row holds max_tokens
+    code ids, or for continuous tokens max_tokens * latent_dim values (read as float64)."""
+    cfg = model.config
+    lengths = [n for n, _ in rows]
+    if cfg.quantize_latent:
+        return TokenBatch.from_host_rows([r for _, r in rows], lengths, cfg.codebook_size, config_json=cfg.to_json(), extra=extra)
+    host_lengths = torch.tensor(lengths, dtype=torch.int64)
+    longest = max(lengths, default=0)
+    codes = torch.tensor([r for _, r in rows], dtype=torch.float64).view(len(rows), cfg.max_tokens, cfg.latent_dim)
     # stored as float32: exactly what the model produced (TokenBatch.with_dtype(torch.float16) halves a file)
-    codes = codes.masked_fill(torch.arange(width)[None, :, None] >= host_lengths[:, None, None], 0.0)
-    return TokenBatch(codes=codes, lengths=host_lengths, codebook_size=model.config.codebook_size,
-                      config_json=model.config.to_json(), extra=extra, check_lengths=False)
+    codes = codes[:, :longest].float()
+    codes = codes.masked_fill(torch.arange(longest)[None, :, None] >= host_lengths[:, None, None], 0.0)
+    return TokenBatch(codes=codes, lengths=host_lengths, codebook_size=cfg.codebook_size,
+                      config_json=cfg.to_json(), extra=extra, check_lengths=False)
 
 
 # ---------------------------------------------------------------------- decode

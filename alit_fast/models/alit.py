@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ALITConfig, get_config
-from ..ops import check_backend_here, duplicate_map, vq_nearest
+from ..ops import VarlenLayout, check_backend_here, concat_ranges, duplicate_map, vq_nearest
 from ._cache import WeightsCache
 from .transformer import PackedAttention, ResidualAttentionBlock, Transformer, run_blocks
 from .vae import VAEBaseTokenizer
@@ -193,6 +193,35 @@ class LatentDecoder(nn.Module):
         x = self.ln_post(x[:, 1 : queries.shape[1]])
         return self.ffn(x)
 
+    def forward_packed(self, queries: torch.Tensor, z_q: torch.Tensor, counts: "list[int]") -> torch.Tensor:
+        """``forward`` on packed latents: z_q [sum(counts), d] holds image j's ``counts[j]`` latents
+        after those of the images before it (host ints). Each image's sequence is [queries |
+        its latents], packed without padding; returns [len(counts), g*g, decoder_out_dim]."""
+        G1, n_total = queries.shape[1], z_q.shape[0]
+        positions, order, outputs = _decoder_rows(counts, G1)
+        index = torch.cat([positions, order, outputs]).to(z_q.device)  # one host-to-device copy
+        positions, order, outputs = index.split([n_total, len(order), len(outputs)])
+        latents = self.decoder_embed(z_q) + self.latent_token_positional_embedding.index_select(0, positions)
+        # a LayerNorm is per token: the queries, the same for every image, are normalized once
+        rows = self.ln_pre(torch.cat([queries[0].to(latents.dtype), latents]))
+        layout = VarlenLayout.from_lengths([G1 + n for n in counts], z_q.device)
+        x = run_blocks(self.transformer, rows.index_select(0, order), layout)
+        x = self.ln_post(x.index_select(0, outputs))
+        return self.ffn(x).view(len(counts), G1 - 1, -1)
+
+
+def _decoder_rows(counts: "list[int]", G1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host index tensors of a packed decode: each latent's position embedding row; where each
+    packed row comes from in [queries (G1 rows) | all latents]; the packed rows of the grid cells."""
+    n = torch.tensor(counts, dtype=torch.int64)
+    queries = torch.full_like(n, G1)
+    latent_starts = G1 + n.cumsum(0) - n
+    seq_starts = (n + G1).cumsum(0) - (n + G1)
+    positions = concat_ranges(torch.zeros_like(n), n)
+    order = concat_ranges(torch.stack([torch.zeros_like(n), latent_starts], 1).flatten(), torch.stack([queries, n], 1).flatten())
+    outputs = concat_ranges(seq_starts + 1, queries - 1)
+    return positions, order, outputs
+
 
 def _masked_queries(cls: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([cls[None], mask.expand(1, pos.shape[0] - 1, -1)], dim=1) + pos
@@ -345,6 +374,10 @@ class ALITCore(nn.Module):
         x = torch.cat([image_part, self.new_latents(0).expand(B, -1, -1).to(image_part.dtype)], dim=1)
         return self.encoder_ln_pre(x)
 
+    def latent_table(self) -> torch.Tensor:
+        """``new_latents`` of every iteration at once: [iterations, T, W] (row t is iteration t's)."""
+        return self.latent_tokens + self.latent_token_positional_embedding + self.timestep_embedding
+
     def next_state(self, x_out: torch.Tensor, iteration: int) -> torch.Tensor:
         """Append the latents of ``iteration`` to the encoder output of the previous one."""
         new = self.new_latents(iteration).expand(x_out.shape[0], -1, -1).to(x_out.dtype)
@@ -373,6 +406,14 @@ class ALITCore(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return _masked_queries(*params)
         return self._queries(*params)
+
+    def decode_logits_packed(self, z_q: torch.Tensor, counts: "list[int]") -> torch.Tensor:
+        """``decode_logits`` for images of different token counts, packed: z_q [sum(counts), d]
+        (image j's ``counts[j]`` latents after those of the images before it) -> [len(counts),
+        g*g, K_base]. No padding in the per-token layers (see ``LatentDecoder.forward_packed``)."""
+        if max(counts) > self.config.max_tokens:
+            raise ValueError(f"at most {self.config.max_tokens} latent tokens can be decoded, got {max(counts)}")
+        return self.decoder.forward_packed(self.decoder_queries(), z_q, counts)
 
     def decode_logits(self, z_q: torch.Tensor, latent_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Quantized latents [B, n, d] -> logits over the VQGAN codebook [B, g*g, K_base].

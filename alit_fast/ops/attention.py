@@ -11,6 +11,7 @@ the differentiable custom op ``alit_fast::flash_attention`` so it also works und
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -244,6 +245,96 @@ def attention(
     if backend == "official":
         return attention_math(q, k, v, lengths, validate)
     raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch', 'triton' or 'official'")
+
+
+# --------------------------------------------------------------------------------------------
+# packed variable-length entry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    """How sequences of different lengths lie packed one after another in a [N, ...] tensor.
+
+    ``lengths`` and ``offsets`` are host ints (the caller knows them: no sync); ``seq_lengths``
+    (int32 [B]), ``cu_seqlens`` (int32 [B+1], FlashAttention's varlen convention) and
+    ``pad_index`` (int64 [N]: each packed row's place in a [B * max_len] padded layout) are on the
+    device, made with one host-to-device copy."""
+
+    lengths: tuple[int, ...]
+    max_len: int
+    seq_lengths: torch.Tensor
+    cu_seqlens: torch.Tensor
+    pad_index: torch.Tensor
+
+    @property
+    def offsets(self) -> list[int]:
+        out, total = [], 0
+        for n in self.lengths:
+            out.append(total)
+            total += n
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    @classmethod
+    def from_lengths(cls, lengths: "list[int] | tuple[int, ...]", device: torch.device | str) -> "VarlenLayout":
+        lengths = tuple(int(n) for n in lengths)
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"a varlen layout needs at least one sequence, each of length >= 1, got {list(lengths)}")
+        B, longest = len(lengths), max(lengths)
+        host = torch.tensor(lengths, dtype=torch.int64)
+        cu = torch.zeros(B + 1, dtype=torch.int64)
+        cu[1:] = host.cumsum(0)
+        # row j of sequence b sits at b * longest + j once padded
+        pad_index = concat_ranges(torch.arange(B, dtype=torch.int64) * longest, host)
+        moved = torch.cat([host, cu, pad_index]).to(device)  # one host-to-device copy, no sync
+        return cls(lengths, longest, moved[:B].to(torch.int32), moved[B : 2 * B + 1].to(torch.int32), moved[2 * B + 1 :])
+
+
+def concat_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """cat([arange(s, s + n) for s, n in zip(starts, lengths)]) on host int64 tensors, without a
+    Python loop: the index tensors of packed layouts are built this way on the host."""
+    lengths = lengths.to(torch.int64)
+    ends = lengths.cumsum(0)
+    shift = starts.to(torch.int64) - (ends - lengths)
+    return torch.arange(int(ends[-1]) if len(ends) else 0, dtype=torch.int64) + shift.repeat_interleave(lengths)
+
+
+def attention_varlen(
+    qkv: torch.Tensor, layout: VarlenLayout, backend: str = "auto", validate: bool = True
+) -> torch.Tensor:
+    """Attention within each packed sequence: ``qkv`` [N, 3, H, D] (q, k, v of N packed tokens)
+    -> [N, H, D]. No token attends across sequences.
+
+    Every backend runs it as one padded call with per-sequence key lengths (the rows are scattered
+    to [B, max_len] and gathered back: two index copies), so its cost is that of the longest
+    sequence per row of the batch; the per-token work around it (projections, MLP, LayerNorm)
+    stays packed. A Triton kernel that walks ``cu_seqlens`` itself would skip that padding too."""
+    if validate:
+        if qkv.dim() != 4 or qkv.shape[1] != 3:
+            raise ValueError(f"attention_varlen expects qkv of shape [N, 3, H, D], got {tuple(qkv.shape)}")
+        if qkv.shape[0] != layout.total:
+            raise ValueError(f"attention_varlen: qkv has {qkv.shape[0]} rows, the layout {layout.total}")
+    N, _, H, D = qkv.shape
+    B, longest = len(layout.lengths), layout.max_len
+    padded = qkv.new_zeros(B * longest, 3, H, D).index_copy_(0, layout.pad_index, qkv).view(B, longest, 3, H, D)
+    q, k, v = padded.unbind(2)
+    # equal lengths need no key mask (and then take the same path as an unpacked batch)
+    lengths = layout.seq_lengths if min(layout.lengths) != longest else None
+    out = attention(q, k, v, lengths, backend=backend, validate=False)
+    return out.reshape(B * longest, H, D).index_select(0, layout.pad_index)
+
+
+def attention_varlen_naive(qkv: torch.Tensor, lengths: "list[int]") -> torch.Tensor:
+    """The float64 oracle of ``attention_varlen``: one sequence at a time, explicit softmax."""
+    parts, lo = [], 0
+    for n in lengths:
+        q, k, v = (t[None] for t in qkv[lo : lo + n].unbind(1))
+        parts.append(attention_naive(q, k, v)[0])
+        lo += n
+    return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,399 @@
+"""Continuous batching: adaptive encoding that keeps ``batch_size`` slots busy.
+
+The compacting encoder (``encode``) starts a batch together and lets it shrink as images stop, so
+by its last iterations a batch of 256 may hold a few dozen images. Here every slot that frees up
+is refilled in the same step by the next image of the input stream, which starts at iteration 0
+while its neighbours are at others: one encoder step runs images at different iterations.
+
+The step runs on packed tokens (``ops.VarlenLayout``): image s at iteration t is a sequence of
+g*g + 1 + T*(t+1) rows laid after the others' with no padding. The per-token layers (LayerNorm,
+projections, MLP, the latent quantizer) see exactly the valid tokens; the attention finds each
+sequence from the layout. The decoder judges the images at their own counts the same way
+(``ALITCore.decode_logits_packed``). Every index of the packed layouts is built on the host from
+host-known counts: a step makes one device-to-host read (which judged images stop; the entering
+images' out-of-reach flags; the finished images' codes, a step late; the sanity flags).
+
+Each image gets the tokens ``encode`` gives it (same criterion, bounds and fallback): its
+stopping point depends on its own values only, whatever the batch size or slot it ran in.
+``halting`` is "off" (the encode default): a halting mask would need every image's logits at every
+iteration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..models import ALITCore
+from ..models.alit import image_range_error, image_shape_error, images_in_range
+from ..ops import VarlenLayout, concat_ranges
+from .criteria import DEFAULT_CRITERION, Criterion, StepView, TokenCount, criterion_name, parse_criterion
+from .encode import (
+    CountChoice, _check_batch_size, _per_row, finite_outputs, check_criterion_fits, check_fallback, iteration_range,
+    token_batch_from_host,
+)
+from .tokens import TokenBatch
+
+
+@dataclass
+class StreamStats:
+    """What a continuous-batching run did, counted on the host (for benchmarks)."""
+
+    steps: int = 0
+    images: int = 0
+    slot_steps: int = 0  # sum over steps of the images in the step
+    encoder_tokens: int = 0  # packed encoder rows computed
+    attention_padded: int = 0  # rows the padded attention call computed beyond them
+    reads: int = 0  # device-to-host reads
+
+    @property
+    def mean_active(self) -> float:
+        return self.slot_steps / max(self.steps, 1)
+
+
+@dataclass
+class _Ready:
+    """Images whose base tokenizer has run, waiting for a slot (rows in stream order)."""
+
+    ids: list[int]
+    images: torch.Tensor  # [r, 3, H, W]
+    carry: torch.Tensor  # [r, g*g+1+T, W] the encoder input of iteration 0
+    target: torch.Tensor  # [r, g*g] codes, or the VAE's [r, g*g, C] latents
+    latents: torch.Tensor | None  # [r, g*g, C] base latents, when the criterion reads them
+    never: torch.Tensor | None  # [r] bool: out of reach (criterion.never_met)
+
+    def take(self, n: int) -> tuple["_Ready", "_Ready"]:
+        def cut(t, lo, hi):
+            return None if t is None else t[lo:hi]
+
+        parts = [
+            _Ready(self.ids[lo:hi], *(cut(t, lo, hi) for t in (self.images, self.carry, self.target, self.latents, self.never)))
+            for lo, hi in ((0, n), (n, len(self.ids)))
+        ]
+        return parts[0], parts[1]
+
+    @staticmethod
+    def join(a: "_Ready", b: "_Ready") -> "_Ready":
+        if not a.ids:
+            return b
+
+        def cat(x, y):
+            return None if x is None else torch.cat([x, y])
+
+        return _Ready(a.ids + b.ids, *(cat(x, y) for x, y in
+                                        zip((a.images, a.carry, a.target, a.latents, a.never),
+                                            (b.images, b.carry, b.target, b.latents, b.never))))
+
+
+@dataclass
+class _Options:
+    criterion: Criterion
+    first: int
+    last: int  # iterations at most (for a fixed count: that count's)
+    best: bool
+    scored: bool
+    prune: bool
+    batch_size: int
+    generator: torch.Generator | None
+    extra: dict = field(default_factory=dict)
+
+
+class _Stream:
+    """The slots, the packed encoder state and the pending results of one ``encode_stream``."""
+
+    def __init__(self, model: ALITCore, source: Iterator[tuple[int, torch.Tensor]], opts: _Options,
+                 stats: StreamStats | None) -> None:
+        cfg = model.config
+        self.model, self.source, self.opts, self.stats = model, source, opts, stats or StreamStats()
+        self.T, self.G1, self.width = cfg.tokens_per_iter, cfg.grid_size**2 + 1, cfg.max_tokens
+        B = opts.batch_size
+        self.image: list[int | None] = [None] * B  # stream id of each slot's image
+        self.count = [0] * B  # iterations run by each slot's image
+        self.skip = [False] * B  # out of reach: run without judging to the last count
+        self.device = model.latent_tokens.device
+        self.ready = _Ready([], None, None, None, None, None)
+        self.exhausted = False
+        self.out: torch.Tensor | None = None  # the previous step's packed encoder output
+        self.rows: dict[int, tuple[int, int]] = {}  # slot -> (offset, length) in self.out
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.choice = CountChoice(opts.criterion, "best" if opts.best else "max", B, self.device)
+        self.ok = torch.ones((), dtype=torch.bool, device=self.device)  # images in range, outputs finite
+        self.pending: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # retired, not read yet
+        self.results: dict[int, tuple[int, list]] = {}
+
+    # ------------------------------------------------------------------ input
+    def _prepare(self) -> None:
+        """Run the base tokenizer on the next ``batch_size`` images of the stream (once per that
+        many images, as the compacting encoder does per chunk)."""
+        ids, images = [], []
+        for i, image in self.source:
+            ids.append(i)
+            images.append(image)
+            if len(ids) == self.opts.batch_size:
+                break
+        else:
+            self.exhausted = True
+        if not ids:
+            return
+        model, opts = self.model, self.opts
+        batch = model.model_images(torch.stack(images))
+        self.ok = self.ok & images_in_range(batch)
+        carry, base = model.start_carry(batch, None, opts.generator)
+        latents = None
+        if opts.criterion.needs_latents:
+            latents = base.target if model.config.is_vae else base.z.flatten(2).transpose(1, 2)
+        never = opts.criterion.never_met(model, batch) if opts.prune else None
+        self.ready = _Ready.join(self.ready, _Ready(ids, batch, carry, base.target, latents, never))
+
+    def _admit(self) -> tuple[list[int], _Ready]:
+        """Fill free slots from the ready images (preparing more when needed)."""
+        free = [s for s, i in enumerate(self.image) if i is None]
+        while len(self.ready.ids) < len(free) and not self.exhausted:
+            self._prepare()
+        entering, self.ready = self.ready.take(min(len(free), len(self.ready.ids)))
+        slots = free[: len(entering.ids)]
+        if not slots:
+            return slots, entering
+        if not self.buffers:
+            self._allocate(entering)
+        index = torch.tensor(slots, dtype=torch.int64).to(self.device)
+        for name, rows in (("images", entering.images), ("target", entering.target), ("latents", entering.latents)):
+            if rows is not None:
+                self.buffers[name].index_copy_(0, index, rows)
+        self.choice.reset(index)
+        for s, i in zip(slots, entering.ids):
+            self.image[s], self.count[s], self.skip[s] = i, 0, False
+        return slots, entering
+
+    def _allocate(self, like: _Ready) -> None:
+        B = self.opts.batch_size
+        for name in ("images", "target", "latents"):
+            t = getattr(like, name)
+            if t is not None:
+                self.buffers[name] = t.new_zeros((B, *t.shape[1:]))
+        quantized = self.model.config.quantize_latent
+        d = () if quantized else (self.model.config.latent_dim,)
+        dtype = torch.int64 if quantized else like.carry.dtype
+        self.buffers["codes"] = torch.full((B, self.width, *d), -1 if quantized else 0, dtype=dtype, device=self.device)
+        if self.opts.best:
+            self.buffers["best_codes"] = self.buffers["codes"].clone()
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> bool:
+        """Run one iteration for every occupied slot (filling the free ones first); False when
+        there was nothing left to run."""
+        model, T, G1 = self.model, self.T, self.G1
+        entering_slots, entering = self._admit()
+        active = [s for s, i in enumerate(self.image) if i is not None]
+        if not active:
+            return False
+        x = self._packed_input(active, entering_slots, entering)
+        lengths = [G1 + T * (self.count[s] + 1) for s in active]
+        layout = VarlenLayout.from_lengths(lengths, self.device)
+        x_out = model.encoder(x, layout)
+        counts = [T * (self.count[s] + 1) for s in active]
+        offsets = layout.offsets
+        latent_index = concat_ranges(torch.tensor(offsets) + G1, torch.tensor(counts))
+        code_index = concat_ranges(torch.tensor(active) * self.width, torch.tensor(counts))
+        index = torch.cat([latent_index, code_index]).to(self.device)
+        latent_index, code_index = index.split(len(latent_index))
+        vq = model.quantize_latents(x_out.index_select(0, latent_index))
+        tokens = vq.indices if vq.indices is not None else vq.z_q
+        codes = self.buffers["codes"]
+        codes.view(-1, *codes.shape[2:]).index_copy_(0, code_index, tokens.to(codes.dtype))
+        for s in active:
+            self.count[s] += 1
+        self.out, self.rows = x_out, {s: (o, n) for s, o, n in zip(active, offsets, lengths)}
+        stop, judged, finite = self._judge(active, counts, vq.z_q)
+        self.ok = self.ok & finite
+        st = self.stats
+        st.steps, st.slot_steps, st.encoder_tokens = st.steps + 1, st.slot_steps + len(active), st.encoder_tokens + sum(lengths)
+        st.attention_padded += len(lengths) * max(lengths) - sum(lengths)
+        never = entering.never if entering_slots else None
+        flags = self._read(stop, never)
+        self._finish(active, judged, flags, entering_slots if never is not None else [])
+        return True
+
+    def _packed_input(self, active: list[int], entering_slots: list[int], entering: _Ready) -> torch.Tensor:
+        """The encoder input of every active slot, packed in slot order: a continuing image's
+        previous output with its iteration's new latents appended (then ``encoder_ln_recursive``),
+        an entering image's iteration-0 state."""
+        model, T = self.model, self.T
+        table = model.latent_table().flatten(0, 1)
+        previous = self.out if self.out is not None else table[:0]
+        P, new_at = previous.shape[0], previous.shape[0] + table.shape[0]
+        L0 = entering.carry.shape[1] if entering_slots else 0
+        place = {s: k for k, s in enumerate(entering_slots)}
+        starts, sizes = [], []
+        for s in active:
+            if s in place:
+                starts.append(new_at + place[s] * L0)
+                sizes.append(L0)
+            else:
+                offset, n = self.rows[s]
+                starts += [offset, P + self.count[s] * T]
+                sizes += [n, T]
+        index = concat_ranges(torch.tensor(starts), torch.tensor(sizes)).to(self.device)
+        parts = [model.encoder_ln_recursive(torch.cat([previous, table.to(previous.dtype)]))]
+        if entering_slots:
+            parts.append(entering.carry.flatten(0, 1).to(parts[0].dtype))
+        return torch.cat(parts).index_select(0, index)
+
+    def _judge(self, active: list[int], counts: list[int], z_q: torch.Tensor):
+        """Ask the criterion about the images due for judging; returns (their stop flags on the
+        device or None, those slots, whether the step's outputs are finite)."""
+        opts, T = self.opts, self.T
+        judged = [s for s in active if self._due(s)]
+        if not judged:
+            return None, judged, finite_outputs(z_q, None)
+        at = {s: k for k, s in enumerate(active)}
+        starts = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
+        rows = concat_ranges(starts[[at[s] for s in judged]], torch.tensor([counts[at[s]] for s in judged]))
+        slots = torch.tensor(judged + [self.image[s] for s in judged] + [self.count[s] for s in judged]).to(self.device)
+        slot_index, image_ids, at_count = slots.split(len(judged))
+        z = z_q.index_select(0, rows.to(self.device))
+        logits = self.model.decode_logits_packed(z, [counts[at[s]] for s in judged]) if opts.criterion.needs_logits else None
+        buf = self.buffers
+        view = StepView(self.model, at_count - 1, at_count * T, image_ids, buf["target"][slot_index],
+                        buf["images"][slot_index], logits,
+                        buf["latents"][slot_index] if "latents" in buf else None)
+        stop, better = self.choice.update(view, at_count, slot_index)
+        if opts.best:
+            codes, best = buf["codes"], buf["best_codes"]
+            best[slot_index] = torch.where(_per_row(better, best), codes[slot_index], best[slot_index])
+        return stop, judged, finite_outputs(z_q, logits)
+
+    def _due(self, s: int) -> bool:
+        opts, count = self.opts, self.count[s]
+        if not opts.scored or self.skip[s]:
+            return False
+        return opts.first <= count < opts.last or (opts.best and count == opts.last)
+
+    # ------------------------------------------------------------------ the one read per step
+    def _read(self, stop: torch.Tensor | None, never: torch.Tensor | None) -> list:
+        """One device-to-host read: [ok, stop flags, never flags, pending results]."""
+        dtype = torch.int64 if self.model.config.quantize_latent else torch.float64
+        parts = [self.ok.view(1)]
+        parts += [t.reshape(-1) for t in (stop, never) if t is not None]
+        for _, lengths, rows in self.pending:
+            parts += [lengths, rows.reshape(-1)]
+        values = torch.cat([p.to(dtype) for p in parts]).tolist()
+        self.stats.reads += 1
+        if not values[0]:
+            self._raise_bad()
+        used = 1 + sum(t.numel() for t in (stop, never) if t is not None)
+        self._collect(values[used:])
+        return values[1:used]
+
+    def _collect(self, values: list) -> None:
+        """Store the pending results read in ``values`` (lengths then rows, per retirement)."""
+        at = 0
+        per_row = self.width * (1 if self.model.config.quantize_latent else self.model.config.latent_dim)
+        for ids, _, _ in self.pending:
+            n = len(ids)
+            lengths = values[at : at + n]
+            at += n
+            for k, i in enumerate(ids):
+                self.results[i] = (int(lengths[k]), values[at + k * per_row : at + (k + 1) * per_row])
+            at += n * per_row
+        self.pending = []
+
+    def _raise_bad(self) -> None:
+        images = [t for t in (self.buffers.get("images"), self.ready.images) if t is not None]
+        images = torch.cat(images)
+        if not bool(images_in_range(images)):
+            raise ValueError(image_range_error(images))
+        raise FloatingPointError("encode: the model produced NaN or inf (are its weights finite?)")
+
+    def _finish(self, active: list[int], judged: list[int], flags: list, entering_slots: list[int]) -> None:
+        opts, T = self.opts, self.T
+        n = len(judged)
+        stopped = {s for s, f in zip(judged, flags[:n]) if f and self.count[s] < opts.last}
+        out_of_reach = [s for s, f in zip(entering_slots, flags[n:]) if f]
+        for s in out_of_reach:
+            self.skip[s] = True
+        if opts.best and out_of_reach:  # their last count stands, as if they had met the criterion there
+            self.choice.settle(torch.tensor(out_of_reach, dtype=torch.int64).to(self.device), opts.last)
+        done = [s for s in active if s in stopped or self.count[s] >= opts.last]
+        if not done:
+            return
+        index = torch.tensor(done, dtype=torch.int64).to(self.device)
+        codes = self.buffers["codes"].index_select(0, index)
+        if opts.best:
+            lengths = self.choice.chosen(opts.last).index_select(0, index) * T
+            codes = torch.where(_per_row(self.choice.met.index_select(0, index), codes), codes,
+                                self.buffers["best_codes"].index_select(0, index))
+        else:
+            lengths = torch.tensor([self.count[s] * T for s in done], dtype=torch.int64).to(self.device)
+        self.pending.append(([self.image[s] for s in done], lengths, codes))
+        for s in done:
+            self.image[s] = None
+        self.stats.images += len(done)
+
+    def flush(self) -> None:
+        """Read the results retired by the last step (one read, when there are any)."""
+        if self.pending:
+            self._read(None, None)
+
+
+def _stream_images(model: ALITCore, items: Iterable[torch.Tensor], sizes: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(stream id, image [3, H, W]) for every image of ``items`` (each [3, H, W] or [b, 3, H, W]);
+    ``sizes`` gets each item's image count as it is read. Shapes are checked here (host metadata)."""
+    next_id = 0
+    for k, item in enumerate(items):
+        batch = item[None] if isinstance(item, torch.Tensor) and item.dim() == 3 else item
+        message = image_shape_error(batch, model.config)
+        if message is not None:
+            raise ValueError(f"item {k} of the stream: {message}")
+        sizes.append(batch.shape[0])
+        for image in batch:
+            yield next_id, image
+            next_id += 1
+
+
+@torch.no_grad()
+def encode_stream(
+    model: ALITCore,
+    images: Iterable[torch.Tensor],
+    criterion: "str | Criterion | Callable[[StepView], object]" = DEFAULT_CRITERION,
+    min_tokens: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 32,
+    fallback: str = "max",
+    generator: torch.Generator | None = None,
+    stats: StreamStats | None = None,
+) -> Iterator[TokenBatch]:
+    """Encode a stream of images with continuous batching; yields one TokenBatch per item of
+    ``images`` (an item is an image [3, H, W] or a batch [b, 3, H, W]), in input order, as soon
+    as that item's images and every earlier item's are done.
+
+    ``batch_size`` slots run at once; a slot whose image stops takes the next image of the stream
+    in the same step. Each image gets the tokens ``encode(model, images, criterion, min_tokens,
+    max_tokens, fallback=fallback)`` gives it. ``stats`` (a StreamStats) is filled in if given."""
+    crit = parse_criterion(criterion)
+    check_fallback(crit, fallback)
+    check_criterion_fits(model, crit)
+    first, last = iteration_range(model, min_tokens, max_tokens)
+    _check_batch_size(batch_size)
+    if isinstance(crit, TokenCount):
+        last = min(last, max(first, -(-crit.tokens // model.config.tokens_per_iter)))
+    best = fallback == "best"
+    scored = not isinstance(crit, TokenCount)
+    prune = scored and crit.needs_logits and (not best or crit.last_is_best_when_never_met)
+    extra = {"criterion": criterion_name(crit)}
+    if fallback != "max":
+        extra["fallback"] = fallback
+    opts = _Options(crit, first, last, best, scored, prune, int(batch_size), generator, extra)
+    sizes: list[int] = []
+    stream = _Stream(model, _stream_images(model, images, sizes), opts, stats)
+    emitted, next_id, running = 0, 0, True
+    while running:
+        running = stream.step()
+        if not running:
+            stream.flush()
+        while emitted < len(sizes) and all(i in stream.results for i in range(next_id, next_id + sizes[emitted])):
+            ids = range(next_id, next_id + sizes[emitted])
+            yield token_batch_from_host(model, [stream.results.pop(i) for i in ids], extra)
+            next_id += sizes[emitted]
+            emitted += 1
