@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from ..models import ALITCore
@@ -194,8 +195,8 @@ class _Stream:
         x_out = model.encoder(x, layout)
         counts = [T * (self.count[s] + 1) for s in active]
         offsets = layout.offsets
-        latent_index = concat_ranges(torch.tensor(offsets) + G1, torch.tensor(counts))
-        code_index = concat_ranges(torch.tensor(active) * self.width, torch.tensor(counts))
+        latent_index = concat_ranges(np.asarray(offsets) + G1, counts)
+        code_index = concat_ranges(np.asarray(active) * self.width, counts)
         index = torch.cat([latent_index, code_index]).to(self.device)
         latent_index, code_index = index.split(len(latent_index))
         vq = model.quantize_latents(x_out.index_select(0, latent_index))
@@ -234,7 +235,7 @@ class _Stream:
                 offset, n = self.rows[s]
                 starts += [offset, P + self.count[s] * T]
                 sizes += [n, T]
-        index = concat_ranges(torch.tensor(starts), torch.tensor(sizes)).to(self.device)
+        index = concat_ranges(starts, sizes).to(self.device)
         parts = [model.encoder_ln_recursive(torch.cat([previous, table.to(previous.dtype)]))]
         if entering_slots:
             parts.append(entering.carry.flatten(0, 1).to(parts[0].dtype))
@@ -248,8 +249,8 @@ class _Stream:
         if not judged:
             return None, judged, finite_outputs(z_q, None)
         at = {s: k for k, s in enumerate(active)}
-        starts = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
-        rows = concat_ranges(starts[[at[s] for s in judged]], torch.tensor([counts[at[s]] for s in judged]))
+        starts = np.cumsum(counts) - np.asarray(counts)
+        rows = concat_ranges(starts[[at[s] for s in judged]], [counts[at[s]] for s in judged])
         slots = torch.tensor(judged + [self.image[s] for s in judged] + [self.count[s] for s in judged]).to(self.device)
         slot_index, image_ids, at_count = slots.split(len(judged))
         z = z_q.index_select(0, rows.to(self.device))

