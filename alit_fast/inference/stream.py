@@ -28,7 +28,7 @@ import torch
 
 from ..models import ALITCore
 from ..models.alit import image_range_error, image_shape_error, images_in_range
-from ..ops import VarlenLayout, concat_ranges
+from ..ops import VarlenLayout, concat_ranges, to_device
 from .criteria import DEFAULT_CRITERION, Criterion, StepView, TokenCount, criterion_name, parse_criterion
 from .encode import (
     CountChoice, _check_batch_size, _per_row, finite_outputs, check_criterion_fits, check_fallback, iteration_range,
@@ -158,7 +158,7 @@ class _Stream:
             return slots, entering
         if not self.buffers:
             self._allocate(entering)
-        index = torch.tensor(slots, dtype=torch.int64).to(self.device)
+        (index,) = to_device(slots, device=self.device)
         for name, rows in (("images", entering.images), ("target", entering.target), ("latents", entering.latents)):
             if rows is not None:
                 self.buffers[name].index_copy_(0, index, rows)
@@ -195,10 +195,8 @@ class _Stream:
         x_out = model.encoder(x, layout)
         counts = [T * (self.count[s] + 1) for s in active]
         offsets = layout.offsets
-        latent_index = concat_ranges(np.asarray(offsets) + G1, counts)
-        code_index = concat_ranges(np.asarray(active) * self.width, counts)
-        index = torch.cat([latent_index, code_index]).to(self.device)
-        latent_index, code_index = index.split(len(latent_index))
+        latent_index, code_index = to_device(concat_ranges(np.asarray(offsets) + G1, counts),
+                                             concat_ranges(np.asarray(active) * self.width, counts), device=self.device)
         vq = model.quantize_latents(x_out.index_select(0, latent_index))
         tokens = vq.indices if vq.indices is not None else vq.z_q
         codes = self.buffers["codes"]
@@ -235,7 +233,7 @@ class _Stream:
                 offset, n = self.rows[s]
                 starts += [offset, P + self.count[s] * T]
                 sizes += [n, T]
-        index = concat_ranges(starts, sizes).to(self.device)
+        (index,) = to_device(concat_ranges(starts, sizes), device=self.device)
         parts = [model.encoder_ln_recursive(torch.cat([previous, table.to(previous.dtype)]))]
         if entering_slots:
             parts.append(entering.carry.flatten(0, 1).to(parts[0].dtype))
@@ -251,9 +249,9 @@ class _Stream:
         at = {s: k for k, s in enumerate(active)}
         starts = np.cumsum(counts) - np.asarray(counts)
         rows = concat_ranges(starts[[at[s] for s in judged]], [counts[at[s]] for s in judged])
-        slots = torch.tensor(judged + [self.image[s] for s in judged] + [self.count[s] for s in judged]).to(self.device)
-        slot_index, image_ids, at_count = slots.split(len(judged))
-        z = z_q.index_select(0, rows.to(self.device))
+        rows, slot_index, image_ids, at_count = to_device(
+            rows, judged, [self.image[s] for s in judged], [self.count[s] for s in judged], device=self.device)
+        z = z_q.index_select(0, rows)
         logits = self.model.decode_logits_packed(z, [counts[at[s]] for s in judged]) if opts.criterion.needs_logits else None
         buf = self.buffers
         view = StepView(self.model, at_count - 1, at_count * T, image_ids, buf["target"][slot_index],
@@ -315,18 +313,18 @@ class _Stream:
         for s in out_of_reach:
             self.skip[s] = True
         if opts.best and out_of_reach:  # their last count stands, as if they had met the criterion there
-            self.choice.settle(torch.tensor(out_of_reach, dtype=torch.int64).to(self.device), opts.last)
+            self.choice.settle(to_device(out_of_reach, device=self.device)[0], opts.last)
         done = [s for s in active if s in stopped or self.count[s] >= opts.last]
         if not done:
             return
-        index = torch.tensor(done, dtype=torch.int64).to(self.device)
+        index, host_lengths = to_device(done, [self.count[s] * T for s in done], device=self.device)
         codes = self.buffers["codes"].index_select(0, index)
         if opts.best:
             lengths = self.choice.chosen(opts.last).index_select(0, index) * T
             codes = torch.where(_per_row(self.choice.met.index_select(0, index), codes), codes,
                                 self.buffers["best_codes"].index_select(0, index))
         else:
-            lengths = torch.tensor([self.count[s] * T for s in done], dtype=torch.int64).to(self.device)
+            lengths = host_lengths
         self.pending.append(([self.image[s] for s in done], lengths, codes))
         for s in done:
             self.image[s] = None

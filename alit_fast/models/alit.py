@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ALITConfig, get_config
-from ..ops import VarlenLayout, check_backend_here, concat_ranges, duplicate_map, vq_nearest
+from ..ops import VarlenLayout, check_backend_here, concat_ranges, to_device, duplicate_map, vq_nearest
 from ._cache import WeightsCache
 from .transformer import PackedAttention, ResidualAttentionBlock, Transformer, run_blocks
 from .vae import VAEBaseTokenizer
@@ -198,10 +198,8 @@ class LatentDecoder(nn.Module):
         """``forward`` on packed latents: z_q [sum(counts), d] holds image j's ``counts[j]`` latents
         after those of the images before it (host ints). Each image's sequence is [queries |
         its latents], packed without padding; returns [len(counts), g*g, decoder_out_dim]."""
-        G1, n_total = queries.shape[1], z_q.shape[0]
-        positions, order, outputs = _decoder_rows(counts, G1)
-        index = torch.cat([positions, order, outputs]).to(z_q.device)  # one host-to-device copy
-        positions, order, outputs = index.split([n_total, len(order), len(outputs)])
+        G1 = queries.shape[1]
+        positions, order, outputs = to_device(*_decoder_rows(counts, G1), device=z_q.device)
         latents = self.decoder_embed(z_q) + self.latent_token_positional_embedding.index_select(0, positions)
         # a LayerNorm is per token: the queries, the same for every image, are normalized once
         rows = self.ln_pre(torch.cat([queries[0].to(latents.dtype), latents]))
@@ -211,8 +209,8 @@ class LatentDecoder(nn.Module):
         return self.ffn(x).view(len(counts), G1 - 1, -1)
 
 
-def _decoder_rows(counts: "list[int]", G1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Host index tensors of a packed decode: each latent's position embedding row; where each
+def _decoder_rows(counts: "list[int]", G1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host index arrays of a packed decode: each latent's position embedding row; where each
     packed row comes from in [queries (G1 rows) | all latents]; the packed rows of the grid cells."""
     n = np.asarray(counts, dtype=np.int64)
     queries = np.full_like(n, G1)

@@ -11,7 +11,7 @@ the differentiable custom op ``alit_fast::flash_attention`` so it also works und
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -256,16 +256,21 @@ def attention(
 class VarlenLayout:
     """How sequences of different lengths lie packed one after another in a [N, ...] tensor.
 
-    ``lengths`` and ``offsets`` are host ints (the caller knows them: no sync); ``seq_lengths``
-    (int32 [B]), ``cu_seqlens`` (int32 [B+1], FlashAttention's varlen convention) and
-    ``pad_index`` (int64 [N]: each packed row's place in a [B * max_len] padded layout) are on the
-    device, made with one host-to-device copy."""
+    ``lengths`` are host ints (the caller knows them: no sync). On the device, made with one
+    host-to-device copy: ``seq_lengths`` (int32 [B]), ``cu_seqlens`` (int64 [B+1], FlashAttention's
+    varlen offsets), and each packed row's sequence and position in a [B, max_len] padded layout
+    (``row_seq``, ``row_pos``; ``pad_index`` = row_seq * max_len + row_pos)."""
 
     lengths: tuple[int, ...]
     max_len: int
     seq_lengths: torch.Tensor
     cu_seqlens: torch.Tensor
+    row_seq: torch.Tensor
+    row_pos: torch.Tensor
     pad_index: torch.Tensor
+    key_mask: torch.Tensor | None = None  # bool [B, 1, 1, max_len]: made once, read by every layer's torch call
+    # the padded buffer, zeroed once per layout and reused by every layer (each overwrites the same rows)
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def offsets(self) -> list[int]:
@@ -287,21 +292,39 @@ class VarlenLayout:
         B, longest = len(lengths), max(lengths)
         cu = np.concatenate([[0], np.cumsum(lengths)])
         # row j of sequence b sits at b * longest + j once padded
-        pad_index = concat_ranges(np.arange(B) * longest, lengths)
-        host = torch.cat([torch.tensor(lengths, dtype=torch.int64), torch.from_numpy(cu), pad_index])
-        moved = host.to(device)  # one host-to-device copy, no sync
-        return cls(lengths, longest, moved[:B].to(torch.int32), moved[B : 2 * B + 1].to(torch.int32), moved[2 * B + 1 :])
+        row_pos = concat_ranges(np.zeros(B, dtype=np.int64), lengths)
+        row_seq = np.repeat(np.arange(B, dtype=np.int64), lengths)
+        seq_lengths, cu_seqlens, seq, pos, pad = to_device(lengths, cu, row_seq, row_pos, row_seq * longest + row_pos,
+                                                           device=device)
+        key_mask = None
+        if min(lengths) != longest:
+            key_mask = (torch.arange(longest, device=seq_lengths.device) < seq_lengths[:, None])[:, None, None, :]
+        return cls(lengths, longest, seq_lengths.to(torch.int32), cu_seqlens, seq, pos, pad, key_mask)
+
+    def padded_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed [B * max_len, *like.shape[1:]] buffer of ``like``'s dtype, made once per layout."""
+        key = (tuple(like.shape[1:]), like.dtype)
+        if key not in self.scratch:
+            self.scratch[key] = like.new_zeros((len(self.lengths) * self.max_len, *like.shape[1:]))
+        return self.scratch[key]
 
 
-def concat_ranges(starts, lengths) -> torch.Tensor:
-    """cat([arange(s, s + n) for s, n in zip(starts, lengths)]) as a CPU int64 tensor, from host
-    ints (lists or numpy arrays), without a Python loop. Index tensors of packed layouts are built
-    this way: in numpy, so that no torch op (nor anything a sync counter sees) runs for them."""
+def concat_ranges(starts, lengths) -> np.ndarray:
+    """concatenate([arange(s, s + n) for s, n in zip(starts, lengths)]) as int64, from host ints
+    (lists or numpy arrays), without a Python loop. Index tensors of packed layouts are built this
+    way, in numpy (no torch op runs for them), and moved to the device with one copy."""
     starts = np.asarray(starts, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
     ends = np.cumsum(lengths)
     shift = starts - (ends - lengths)
-    return torch.from_numpy(np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(shift, lengths))
+    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(shift, lengths)
+
+
+def to_device(*arrays: "np.ndarray | list[int]", device: torch.device | str) -> list[torch.Tensor]:
+    """Host int arrays as int64 tensors on ``device``, moved with one copy (no sync)."""
+    parts = [np.asarray(a, dtype=np.int64) for a in arrays]
+    moved = torch.from_numpy(np.concatenate(parts)).to(device)
+    return list(moved.split([len(p) for p in parts]))
 
 
 def attention_varlen(
@@ -321,12 +344,25 @@ def attention_varlen(
             raise ValueError(f"attention_varlen: qkv has {qkv.shape[0]} rows, the layout {layout.total}")
     N, _, H, D = qkv.shape
     B, longest = len(layout.lengths), layout.max_len
-    padded = qkv.new_zeros(B * longest, 3, H, D).index_copy_(0, layout.pad_index, qkv).view(B, longest, 3, H, D)
-    q, k, v = padded.unbind(2)
+    # in-place into the layout's buffer: no autograd graph to keep (inference; training runs padded)
+    buffer = layout.padded_buffer(qkv) if not torch.is_grad_enabled() else qkv.new_zeros((B * longest, 3, H, D))
+    q, k, v = buffer.index_copy_(0, layout.pad_index, qkv).view(B, longest, 3, H, D).unbind(2)
+    if backend == "torch" or (backend == "auto" and not _auto_active(qkv.device)):
+        # SDPA with the layout's key mask: the padded queries' rows are computed but never read
+        # back, so neither a mask per call nor zeroed rows (attention_reference's) are needed
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=layout.key_mask)
+        return out[layout.row_seq, :, layout.row_pos]  # [B, H, L, D] -> [N, H, D], one gather
     # equal lengths need no key mask (and then take the same path as an unpacked batch)
-    lengths = layout.seq_lengths if min(layout.lengths) != longest else None
+    lengths = layout.seq_lengths if layout.key_mask is not None else None
     out = attention(q, k, v, lengths, backend=backend, validate=False)
     return out.reshape(B * longest, H, D).index_select(0, layout.pad_index)
+
+
+def _auto_active(device: torch.device) -> bool:
+    from . import auto
+
+    return auto.active(device)
 
 
 def attention_varlen_naive(qkv: torch.Tensor, lengths: "list[int]") -> torch.Tensor:
