@@ -211,3 +211,25 @@ def test_packed_encoder_blocks_match_each_sequence_alone_in_float64():
         packed = model.encoder(x, VarlenLayout.from_lengths(lengths, "cpu"))
         alone = torch.cat([model.encoder(part[None])[0] for part in x.split(lengths)])
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------- the commands
+def test_encode_command_writes_the_same_token_file_with_either_batching(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from alit_fast.cli.demo import HELD_OUT_SEED, demo_images
+    from alit_fast.cli.encode import main as encode_main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k, item in enumerate(demo_images(32, per_level=1, photos=False, seed=HELD_OUT_SEED)):
+        pixels = (item.image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{k}.png")
+    outputs = {}
+    for batching in ("continuous", "compacting"):
+        out = tmp_path / f"{batching}.safetensors"
+        assert encode_main([str(folder), "--out", str(out), "--batch-size", "2", "--batching", batching, "--quiet"]) == 0
+        outputs[batching] = out.read_bytes()
+    assert outputs["continuous"] == outputs["compacting"]
+    assert len(set(TokenBatch.load(tmp_path / "continuous.safetensors").lengths.tolist())) >= 2
