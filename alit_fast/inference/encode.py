@@ -12,9 +12,11 @@ import operator
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..models import ALITCore
+from ..ops import concat_ranges, to_device
 from ..models.alit import image_range_error, image_shape_error, images_in_range
 from .calibration import model_calibration
 from .criteria import (
@@ -435,9 +437,14 @@ def _decode_logits_checked(model: ALITCore, padded: torch.Tensor, lengths: torch
     device = model.latent_tokens.device
     width = max(host_lengths)
     z_q = model.token_latents(padded[:, :width].to(device))
-    # equal lengths need no key mask, and then take the same path as a rollout's decoder
-    mixed = min(host_lengths) != width
-    return model.decode_logits(z_q, lengths.to(device) if mixed else None)
+    # equal lengths take the same path as a rollout's decoder; mixed ones run packed (no padding
+    # in the per-token layers), the official backend padded with a key mask, as its code would
+    if min(host_lengths) == width:
+        return model.decode_logits(z_q)
+    if model.backend == "official":
+        return model.decode_logits(z_q, lengths.to(device))
+    (rows,) = to_device(concat_ranges(np.arange(len(host_lengths)) * width, host_lengths), device=device)
+    return model.decode_logits_packed(z_q.flatten(0, 1).index_select(0, rows), host_lengths)
 
 
 @torch.no_grad()
