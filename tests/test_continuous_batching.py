@@ -233,3 +233,19 @@ def test_encode_command_writes_the_same_token_file_with_either_batching(tmp_path
         outputs[batching] = out.read_bytes()
     assert outputs["continuous"] == outputs["compacting"]
     assert len(set(TokenBatch.load(tmp_path / "continuous.safetensors").lengths.tolist())) >= 2
+
+
+def test_the_packed_step_and_decode_trace_whole_under_torch_compile(monkeypatch):
+    import alit_fast.inference.stream as stream
+
+    torch.manual_seed(0)
+    model = ALIT(tiny_config(), backend="torch").eval()
+    images = random_images(3, 32, seed=4)
+    options = dict(criterion="code-nll:0.01", fallback="best", max_tokens=4)  # one step, judged (decoded)
+    reference = _streamed(model, images, 3, **options)
+    compiled = torch.compile(stream.packed_step, fullgraph=True, backend="aot_eager")
+    monkeypatch.setattr(stream, "packed_step", compiled)
+    decode = model.decode_logits_packed
+    traced_decode = torch.compile(lambda z, plan: decode(z, plan), fullgraph=True, backend="aot_eager")
+    monkeypatch.setattr(model, "decode_logits_packed", lambda z, counts: traced_decode(z, model.decoder_plan(counts)))
+    assert _same_tokens(_streamed(model, images, 3, **options), reference)

@@ -184,26 +184,21 @@ class _Stream:
     def step(self) -> bool:
         """Run one iteration for every occupied slot (filling the free ones first); False when
         there was nothing left to run."""
-        model, T, G1 = self.model, self.T, self.G1
         entering_slots, entering = self._admit()
         active = [s for s, i in enumerate(self.image) if i is not None]
         if not active:
             return False
-        x = self._packed_input(active, entering_slots, entering)
-        lengths = [G1 + T * (self.count[s] + 1) for s in active]
-        layout = VarlenLayout.from_lengths(lengths, self.device)
-        x_out = model.encoder(x, layout)
-        counts = [T * (self.count[s] + 1) for s in active]
-        offsets = layout.offsets
-        latent_index, code_index = to_device(concat_ranges(np.asarray(offsets) + G1, counts),
-                                             concat_ranges(np.asarray(active) * self.width, counts), device=self.device)
-        vq = model.quantize_latents(x_out.index_select(0, latent_index))
+        plan, counts, code_rows = self._plan(active, entering_slots, entering)
+        previous = self.out if self.out is not None else self.model.latent_tokens[:0].detach()
+        fresh = entering.carry.flatten(0, 1) if entering_slots else previous[:0]
+        x_out, vq = packed_step(self.model, previous, fresh, plan)
         tokens = vq.indices if vq.indices is not None else vq.z_q
         codes = self.buffers["codes"]
-        codes.view(-1, *codes.shape[2:]).index_copy_(0, code_index, tokens.to(codes.dtype))
+        codes.view(-1, *codes.shape[2:]).index_copy_(0, code_rows, tokens.to(codes.dtype))
         for s in active:
             self.count[s] += 1
-        self.out, self.rows = x_out, {s: (o, n) for s, o, n in zip(active, offsets, lengths)}
+        lengths = plan.layout.lengths
+        self.out, self.rows = x_out, {s: (o, n) for s, o, n in zip(active, plan.layout.offsets, lengths)}
         stop, judged, finite = self._judge(active, counts, vq.z_q)
         self.ok = self.ok & finite
         st = self.stats
@@ -214,14 +209,13 @@ class _Stream:
         self._finish(active, judged, flags, entering_slots if never is not None else [])
         return True
 
-    def _packed_input(self, active: list[int], entering_slots: list[int], entering: _Ready) -> torch.Tensor:
-        """The encoder input of every active slot, packed in slot order: a continuing image's
-        previous output with its iteration's new latents appended (then ``encoder_ln_recursive``),
-        an entering image's iteration-0 state."""
-        model, T = self.model, self.T
-        table = model.latent_table().flatten(0, 1)
-        previous = self.out if self.out is not None else table[:0]
-        P, new_at = previous.shape[0], previous.shape[0] + table.shape[0]
+    def _plan(self, active: list[int], entering_slots: list[int], entering: _Ready
+              ) -> tuple["StepPlan", list[int], torch.Tensor]:
+        """The step's packed layout, built on the host: every active slot's sequence in slot order
+        (a continuing image's previous output rows, then its iteration's T new latent rows; an
+        entering image's iteration-0 rows); with each image's token count and code buffer rows."""
+        T, G1, P = self.T, self.G1, self.out.shape[0] if self.out is not None else 0
+        new_at = P + self.model.config.iterations * T  # after [previous | latent table]
         L0 = entering.carry.shape[1] if entering_slots else 0
         place = {s: k for k, s in enumerate(entering_slots)}
         starts, sizes = [], []
@@ -233,11 +227,12 @@ class _Stream:
                 offset, n = self.rows[s]
                 starts += [offset, P + self.count[s] * T]
                 sizes += [n, T]
-        (index,) = to_device(concat_ranges(starts, sizes), device=self.device)
-        parts = [model.encoder_ln_recursive(torch.cat([previous, table.to(previous.dtype)]))]
-        if entering_slots:
-            parts.append(entering.carry.flatten(0, 1).to(parts[0].dtype))
-        return torch.cat(parts).index_select(0, index)
+        counts = [T * (self.count[s] + 1) for s in active]
+        layout = VarlenLayout.from_lengths([G1 + n for n in counts], self.device)
+        input_rows, latent_rows, code_rows = to_device(
+            concat_ranges(starts, sizes), concat_ranges(np.asarray(layout.offsets) + G1, counts),
+            concat_ranges(np.asarray(active) * self.width, counts), device=self.device)
+        return StepPlan(layout, input_rows, latent_rows), counts, code_rows
 
     def _judge(self, active: list[int], counts: list[int], z_q: torch.Tensor):
         """Ask the criterion about the images due for judging; returns (their stop flags on the
@@ -334,6 +329,28 @@ class _Stream:
         """Read the results retired by the last step (one read, when there are any)."""
         if self.pending:
             self._read(None, None)
+
+
+@dataclass
+class StepPlan:
+    """The device indices of one packed encoder step (built on the host, see ``_Stream._plan``)."""
+
+    layout: VarlenLayout  # the images' sequences, g*g + 1 + their token count each
+    input_rows: torch.Tensor  # each packed input row's row in [ln_recursive([previous | latent table]) | entering]
+    latent_rows: torch.Tensor  # the packed output rows of the images' latent tokens, image after image
+
+
+def packed_step(model: ALITCore, previous: torch.Tensor, entering: torch.Tensor, plan: StepPlan):
+    """One encoder iteration for images at different iterations, on packed tokens: the previous
+    step's output [P, W] (continuing images take their rows and their iteration's new latents,
+    then ``encoder_ln_recursive``, as ``ALITCore.next_state``), entering images' iteration-0 states
+    [e * (g*g+1+T), W] (``initial_state``), the encoder, the latent quantizer. Returns (the packed
+    output, the QuantizedLatents of every image's latents, packed). Tensors only: torch.compile
+    traces it whole (fullgraph)."""
+    table = model.latent_table().flatten(0, 1).to(previous.dtype)
+    source = torch.cat([model.encoder_ln_recursive(torch.cat([previous, table])), entering.to(previous.dtype)])
+    x_out = model.encoder(source.index_select(0, plan.input_rows), plan.layout)
+    return x_out, model.quantize_latents(x_out.index_select(0, plan.latent_rows))
 
 
 def _stream_images(model: ALITCore, items: Iterable[torch.Tensor], sizes: list[int]) -> Iterator[tuple[int, torch.Tensor]]:

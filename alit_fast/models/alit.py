@@ -194,32 +194,43 @@ class LatentDecoder(nn.Module):
         x = self.ln_post(x[:, 1 : queries.shape[1]])
         return self.ffn(x)
 
-    def forward_packed(self, queries: torch.Tensor, z_q: torch.Tensor, counts: "list[int]") -> torch.Tensor:
-        """``forward`` on packed latents: z_q [sum(counts), d] holds image j's ``counts[j]`` latents
-        after those of the images before it (host ints). Each image's sequence is [queries |
-        its latents], packed without padding; returns [len(counts), g*g, decoder_out_dim]."""
+    def forward_packed(self, queries: torch.Tensor, z_q: torch.Tensor, plan: "DecoderPlan") -> torch.Tensor:
+        """``forward`` on packed latents: z_q [sum(counts), d] holds image j's ``plan.counts[j]``
+        latents after those of the images before it. Each image's sequence is [queries | its
+        latents], packed without padding; returns [len(counts), g*g, decoder_out_dim]. Tensors in,
+        tensors out (the plan's indices were built beforehand): torch.compile traces it whole."""
         G1 = queries.shape[1]
-        positions, order, outputs = to_device(*_decoder_rows(counts, G1), device=z_q.device)
-        latents = self.decoder_embed(z_q) + self.latent_token_positional_embedding.index_select(0, positions)
+        latents = self.decoder_embed(z_q) + self.latent_token_positional_embedding.index_select(0, plan.positions)
         # a LayerNorm is per token: the queries, the same for every image, are normalized once
         rows = self.ln_pre(torch.cat([queries[0].to(latents.dtype), latents]))
-        layout = VarlenLayout.from_lengths([G1 + n for n in counts], z_q.device)
-        x = run_blocks(self.transformer, rows.index_select(0, order), layout)
-        x = self.ln_post(x.index_select(0, outputs))
-        return self.ffn(x).view(len(counts), G1 - 1, -1)
+        x = run_blocks(self.transformer, rows.index_select(0, plan.order), plan.layout)
+        x = self.ln_post(x.index_select(0, plan.outputs))
+        out = self.ffn(x)
+        return out.view(-1, G1 - 1, out.shape[-1])
 
 
-def _decoder_rows(counts: "list[int]", G1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Host index arrays of a packed decode: each latent's position embedding row; where each
-    packed row comes from in [queries (G1 rows) | all latents]; the packed rows of the grid cells."""
-    n = np.asarray(counts, dtype=np.int64)
-    queries = np.full_like(n, G1)
-    latent_starts = G1 + np.cumsum(n) - n
-    seq_starts = np.cumsum(n + G1) - (n + G1)
-    positions = concat_ranges(np.zeros_like(n), n)
-    order = concat_ranges(np.stack([np.zeros_like(n), latent_starts], 1).ravel(), np.stack([queries, n], 1).ravel())
-    outputs = concat_ranges(seq_starts + 1, queries - 1)
-    return positions, order, outputs
+@dataclass
+class DecoderPlan:
+    """The index tensors of one packed decode, built on the host from the token counts: each
+    latent's position-embedding row; where each packed row comes from in [queries (G1 rows) | all
+    latents]; the packed rows of the grid cells; the sequences' layout (lengths G1 + count)."""
+
+    positions: torch.Tensor
+    order: torch.Tensor
+    outputs: torch.Tensor
+    layout: VarlenLayout
+
+    @classmethod
+    def build(cls, counts: "list[int]", G1: int, device: torch.device | str) -> "DecoderPlan":
+        n = np.asarray(counts, dtype=np.int64)
+        queries = np.full_like(n, G1)
+        latent_starts = G1 + np.cumsum(n) - n
+        seq_starts = np.cumsum(n + G1) - (n + G1)
+        positions = concat_ranges(np.zeros_like(n), n)
+        order = concat_ranges(np.stack([np.zeros_like(n), latent_starts], 1).ravel(), np.stack([queries, n], 1).ravel())
+        outputs = concat_ranges(seq_starts + 1, queries - 1)
+        moved = to_device(positions, order, outputs, device=device)
+        return cls(*moved, VarlenLayout.from_lengths([G1 + c for c in counts], device))
 
 
 def _masked_queries(cls: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -406,13 +417,19 @@ class ALITCore(nn.Module):
             return _masked_queries(*params)
         return self._queries(*params)
 
-    def decode_logits_packed(self, z_q: torch.Tensor, counts: "list[int]") -> torch.Tensor:
+    def decoder_plan(self, counts: "list[int]") -> DecoderPlan:
+        """The host-built indices of a packed decode of images with ``counts`` tokens (one copy to the device)."""
+        if not counts or min(counts) < 1 or max(counts) > self.config.max_tokens:
+            raise ValueError(f"packed decode: token counts must lie in [1, {self.config.max_tokens}], got {list(counts)}")
+        return DecoderPlan.build(list(counts), self.config.grid_size**2 + 1, self.latent_tokens.device)
+
+    def decode_logits_packed(self, z_q: torch.Tensor, counts: "list[int] | DecoderPlan") -> torch.Tensor:
         """``decode_logits`` for images of different token counts, packed: z_q [sum(counts), d]
         (image j's ``counts[j]`` latents after those of the images before it) -> [len(counts),
-        g*g, K_base]. No padding in the per-token layers (see ``LatentDecoder.forward_packed``)."""
-        if max(counts) > self.config.max_tokens:
-            raise ValueError(f"at most {self.config.max_tokens} latent tokens can be decoded, got {max(counts)}")
-        return self.decoder.forward_packed(self.decoder_queries(), z_q, counts)
+        g*g, K_base]. No padding in the per-token layers (see ``LatentDecoder.forward_packed``).
+        Given a ``decoder_plan`` instead of the counts it runs no host code: what torch.compile traces."""
+        plan = counts if isinstance(counts, DecoderPlan) else self.decoder_plan(counts)
+        return self.decoder.forward_packed(self.decoder_queries(), z_q, plan)
 
     def decode_logits(self, z_q: torch.Tensor, latent_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Quantized latents [B, n, d] -> logits over the VQGAN codebook [B, g*g, K_base].

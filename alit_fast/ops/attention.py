@@ -268,6 +268,7 @@ class VarlenLayout:
     row_seq: torch.Tensor
     row_pos: torch.Tensor
     pad_index: torch.Tensor
+    positions: torch.Tensor  # arange(max_len) on the device (its shape carries max_len into a traced graph)
     key_mask: torch.Tensor | None = None  # bool [B, 1, 1, max_len]: made once, read by every layer's torch call
     # the padded buffer, zeroed once per layout and reused by every layer (each overwrites the same rows)
     scratch: dict = field(default_factory=dict, compare=False, repr=False)
@@ -296,10 +297,9 @@ class VarlenLayout:
         row_seq = np.repeat(np.arange(B, dtype=np.int64), lengths)
         seq_lengths, cu_seqlens, seq, pos, pad = to_device(lengths, cu, row_seq, row_pos, row_seq * longest + row_pos,
                                                            device=device)
-        key_mask = None
-        if min(lengths) != longest:
-            key_mask = (torch.arange(longest, device=seq_lengths.device) < seq_lengths[:, None])[:, None, None, :]
-        return cls(lengths, longest, seq_lengths.to(torch.int32), cu_seqlens, seq, pos, pad, key_mask)
+        positions = torch.arange(longest, device=seq_lengths.device)
+        key_mask = (positions < seq_lengths[:, None])[:, None, None, :] if min(lengths) != longest else None
+        return cls(lengths, longest, seq_lengths.to(torch.int32), cu_seqlens, seq, pos, pad, positions, key_mask)
 
     def padded_buffer(self, like: torch.Tensor) -> torch.Tensor:
         """A zeroed [B * max_len, *like.shape[1:]] buffer of ``like``'s dtype, made once per layout."""
@@ -343,9 +343,12 @@ def attention_varlen(
         if qkv.shape[0] != layout.total:
             raise ValueError(f"attention_varlen: qkv has {qkv.shape[0]} rows, the layout {layout.total}")
     N, _, H, D = qkv.shape
-    B, longest = len(layout.lengths), layout.max_len
-    # in-place into the layout's buffer: no autograd graph to keep (inference; training runs padded)
-    buffer = layout.padded_buffer(qkv) if not torch.is_grad_enabled() else qkv.new_zeros((B * longest, 3, H, D))
+    # sizes from tensor shapes, not the host tuple: a traced graph then serves other layouts too
+    B, longest = layout.seq_lengths.shape[0], layout.positions.shape[0]
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        buffer = qkv.new_zeros((B * longest, 3, H, D))
+    else:  # in place into the layout's buffer: no autograd graph to keep
+        buffer = layout.padded_buffer(qkv)
     q, k, v = buffer.index_copy_(0, layout.pad_index, qkv).view(B, longest, 3, H, D).unbind(2)
     if backend == "torch" or (backend == "auto" and not _auto_active(qkv.device)):
         # SDPA with the layout's key mask: the padded queries' rows are computed but never read
