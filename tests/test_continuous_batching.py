@@ -168,6 +168,18 @@ def test_varlen_attention_matches_the_per_sequence_oracle(lengths):
     torch.testing.assert_close(out, attention_varlen_naive(qkv, lengths), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("lengths", [[3, 17, 1, 9], [7, 7]])
+def test_padded_varlen_attention_with_a_key_mask_matches_the_oracle(lengths):
+    from alit_fast.ops.attention import _attention_padded  # what the torch backend runs on a GPU
+
+    qkv = _qkv(lengths, seed=2)
+    with torch.no_grad():  # twice: the second call reuses the layout's padded buffer
+        layout = VarlenLayout.from_lengths(lengths, "cpu")
+        for _ in range(2):
+            out = _attention_padded(qkv, layout, "torch", on_torch=True)
+            torch.testing.assert_close(out, attention_varlen_naive(qkv, lengths), rtol=0, atol=1e-12)
+
+
 def test_varlen_attention_on_the_triton_backend_matches_the_oracle(monkeypatch):
     from alit_fast.kernels._utils import is_interpreting
 

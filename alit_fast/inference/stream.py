@@ -185,7 +185,8 @@ class _Stream:
         """Run one iteration for every occupied slot (filling the free ones first); False when
         there was nothing left to run."""
         entering_slots, entering = self._admit()
-        active = [s for s, i in enumerate(self.image) if i is not None]
+        # longest first: sequences of one length lie together (one attention call per length on a CPU)
+        active = sorted((s for s, i in enumerate(self.image) if i is not None), key=lambda s: -self.count[s])
         if not active:
             return False
         plan, counts, code_rows = self._plan(active, entering_slots, entering)
@@ -203,7 +204,7 @@ class _Stream:
         self.ok = self.ok & finite
         st = self.stats
         st.steps, st.slot_steps, st.encoder_tokens = st.steps + 1, st.slot_steps + len(active), st.encoder_tokens + sum(lengths)
-        st.attention_padded += len(lengths) * max(lengths) - sum(lengths)
+        st.attention_padded += plan.layout.padded_rows(self.model.backend, self.device)
         never = entering.never if entering_slots else None
         flags = self._read(stop, never)
         self._finish(active, judged, flags, entering_slots if never is not None else [])
@@ -211,7 +212,7 @@ class _Stream:
 
     def _plan(self, active: list[int], entering_slots: list[int], entering: _Ready
               ) -> tuple["StepPlan", list[int], torch.Tensor]:
-        """The step's packed layout, built on the host: every active slot's sequence in slot order
+        """The step's packed layout, built on the host: every active slot's sequence in ``active`` order
         (a continuing image's previous output rows, then its iteration's T new latent rows; an
         entering image's iteration-0 rows); with each image's token count and code buffer rows."""
         T, G1, P = self.T, self.G1, self.out.shape[0] if self.out is not None else 0

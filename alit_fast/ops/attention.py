@@ -10,6 +10,7 @@ the differentiable custom op ``alit_fast::flash_attention`` so it also works und
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -285,6 +286,16 @@ class VarlenLayout:
     def total(self) -> int:
         return sum(self.lengths)
 
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """(length, how many) of each run of consecutive sequences of one length."""
+        return [(n, len(list(group))) for n, group in itertools.groupby(self.lengths)]
+
+    def padded_rows(self, backend: str, device: torch.device) -> int:
+        """Attention rows ``attention_varlen`` computes beyond the sequences' own (for statistics)."""
+        on_torch = backend == "torch" or (backend == "auto" and not _auto_active(device))
+        return 0 if on_torch and device.type == "cpu" else len(self.lengths) * self.max_len - self.total
+
     @classmethod
     def from_lengths(cls, lengths: "list[int] | tuple[int, ...]", device: torch.device | str) -> "VarlenLayout":
         lengths = tuple(int(n) for n in lengths)
@@ -333,15 +344,24 @@ def attention_varlen(
     """Attention within each packed sequence: ``qkv`` [N, 3, H, D] (q, k, v of N packed tokens)
     -> [N, H, D]. No token attends across sequences.
 
-    Every backend runs it as one padded call with per-sequence key lengths (the rows are scattered
-    to [B, max_len] and gathered back: two index copies), so its cost is that of the longest
-    sequence per row of the batch; the per-token work around it (projections, MLP, LayerNorm)
-    stays packed. A Triton kernel that walks ``cu_seqlens`` itself would skip that padding too."""
+    On a CPU (torch backend, or auto): one SDPA call per run of consecutive sequences of one
+    length, on views of the packed rows: no padding, no mask, no copies (a caller that orders its
+    sequences by length gets one call per distinct length). Elsewhere one padded call with
+    per-sequence key lengths: the rows are scattered to [B, max_len] and gathered back (one launch
+    whatever the mix of lengths; the Triton kernel skips key tiles past each length, SDPA computes
+    them). The per-token work around it (projections, MLP, LayerNorm) stays packed either way."""
     if validate:
         if qkv.dim() != 4 or qkv.shape[1] != 3:
             raise ValueError(f"attention_varlen expects qkv of shape [N, 3, H, D], got {tuple(qkv.shape)}")
         if qkv.shape[0] != layout.total:
             raise ValueError(f"attention_varlen: qkv has {qkv.shape[0]} rows, the layout {layout.total}")
+    on_torch = backend == "torch" or (backend == "auto" and not _auto_active(qkv.device))
+    if on_torch and qkv.device.type == "cpu":
+        return _attention_runs(qkv, layout)
+    return _attention_padded(qkv, layout, backend, on_torch)
+
+
+def _attention_padded(qkv: torch.Tensor, layout: VarlenLayout, backend: str, on_torch: bool) -> torch.Tensor:
     N, _, H, D = qkv.shape
     # sizes from tensor shapes, not the host tuple: a traced graph then serves other layouts too
     B, longest = layout.seq_lengths.shape[0], layout.positions.shape[0]
@@ -350,7 +370,7 @@ def attention_varlen(
     else:  # in place into the layout's buffer: no autograd graph to keep
         buffer = layout.padded_buffer(qkv)
     q, k, v = buffer.index_copy_(0, layout.pad_index, qkv).view(B, longest, 3, H, D).unbind(2)
-    if backend == "torch" or (backend == "auto" and not _auto_active(qkv.device)):
+    if on_torch:
         # SDPA with the layout's key mask: the padded queries' rows are computed but never read
         # back, so neither a mask per call nor zeroed rows (attention_reference's) are needed
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -360,6 +380,19 @@ def attention_varlen(
     lengths = layout.seq_lengths if layout.key_mask is not None else None
     out = attention(q, k, v, lengths, backend=backend, validate=False)
     return out.reshape(B * longest, H, D).index_select(0, layout.pad_index)
+
+
+def _attention_runs(qkv: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+    N, _, H, D = qkv.shape
+    parts, lo = [], 0
+    for length, count in layout.runs:
+        q, k, v = qkv[lo : lo + count * length].view(count, length, 3, H, D).unbind(2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        parts.append(out.transpose(1, 2).reshape(count * length, H, D))
+        lo += count * length
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    # the CPU kernel turns a NaN query row into 0s; keep the NaN, as attention_reference does
+    return out + qkv[:, 0].sum(-1, keepdim=True) * 0
 
 
 def _auto_active(device: torch.device) -> bool:
