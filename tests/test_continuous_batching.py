@@ -261,3 +261,16 @@ def test_the_packed_step_and_decode_trace_whole_under_torch_compile(monkeypatch)
     traced_decode = torch.compile(lambda z, plan: decode(z, plan), fullgraph=True, backend="aot_eager")
     monkeypatch.setattr(model, "decode_logits_packed", lambda z, counts: traced_decode(z, model.decoder_plan(counts)))
     assert _same_tokens(_streamed(model, images, 3, **options), reference)
+
+
+def test_the_padded_attention_path_gives_the_same_tokens_too():
+    # the official backend runs attention_varlen padded with key lengths (as the Triton and GPU
+    # torch backends do), not in runs of equal length
+    torch.manual_seed(0)
+    model = ALIT(tiny_config(), backend="official").eval().double()
+    images = random_images(6, 32, seed=5).double()
+    criterion = FunctionCriterion(_mixed_counts, needs_logits=False)
+    stats = StreamStats()
+    streamed = _streamed(model, images, 4, criterion=criterion, stats=stats)
+    assert stats.attention_padded > 0
+    assert _same_tokens(streamed, model.encode(images, criterion=criterion))

@@ -20,7 +20,7 @@ iteration.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -97,7 +97,6 @@ class _Options:
     prune: bool
     batch_size: int
     generator: torch.Generator | None
-    extra: dict = field(default_factory=dict)
 
 
 class _Stream:
@@ -387,7 +386,9 @@ def encode_stream(
 
     ``batch_size`` slots run at once; a slot whose image stops takes the next image of the stream
     in the same step. Each image gets the tokens ``encode(model, images, criterion, min_tokens,
-    max_tokens, fallback=fallback)`` gives it. ``stats`` (a StreamStats) is filled in if given."""
+    max_tokens, fallback=fallback)`` gives it. A VAE model that samples its posterior draws it
+    with ``generator`` per ``batch_size`` images of the stream, as ``encode`` does per chunk of
+    ``batch_size``. ``stats`` (a StreamStats) is filled in if given."""
     crit = parse_criterion(criterion)
     check_fallback(crit, fallback)
     check_criterion_fits(model, crit)
@@ -401,7 +402,7 @@ def encode_stream(
     extra = {"criterion": criterion_name(crit)}
     if fallback != "max":
         extra["fallback"] = fallback
-    opts = _Options(crit, first, last, best, scored, prune, int(batch_size), generator, extra)
+    opts = _Options(crit, first, last, best, scored, prune, int(batch_size), generator)
     sizes: list[int] = []
     stream = _Stream(model, _stream_images(model, images, sizes), opts, stats)
     emitted, next_id, running = 0, 0, True
