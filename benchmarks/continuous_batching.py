@@ -11,8 +11,8 @@ padded-token fraction (attention rows computed for padding / all of them; the pe
 pad nothing; the
 compacting encoder's batches are all at one length, so it has none, and loses occupancy instead).
 Both encoders must give every image the same count (checked). Then a mixed-length decode: the
-packed decoder (``decode_logits_packed``) against the padded one (``decode_logits`` with lengths)
-on batches whose images have 8..64 tokens.
+packed decoder as ``decode`` runs it (``decode_logits_mixed``) against the padded one
+(``decode_logits`` with lengths) on a batch whose images have 8..64 tokens.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from alit_fast.cli.demo import HELD_OUT_SEED, demo_images
 from alit_fast.inference import StreamStats, TokenBatch
+from alit_fast.inference.encode import decode_logits_mixed
 from alit_fast.io import load
 
 
@@ -103,22 +104,21 @@ def encoders(model, images: torch.Tensor, criterion: str, fallback: str, batch: 
 
 
 def mixed_decode(model, batch: int, repeats: int, seed: int = 0) -> dict:
-    """Packed vs padded decoder on a batch of 8..64-token images (uniform counts in steps of T)."""
+    """Packed vs padded decoder on a batch of 8..64-token images (uniform counts in steps of T): the
+    packed one as ``decode`` runs it for mixed lengths (``decode_logits_mixed``), the padded one with key lengths."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     T = cfg.tokens_per_iter
     counts = (torch.randint(8 // T, min(64, cfg.max_tokens) // T + 1, (batch,), generator=g) * T).tolist()
-    z = torch.randn(sum(counts), cfg.latent_dim, generator=g)
-    padded = torch.zeros(batch, max(counts), cfg.latent_dim)
-    lo = 0
-    for j, c in enumerate(counts):
-        padded[j, :c] = z[lo : lo + c]
-        lo += c
+    padded = torch.randn(batch, max(counts), cfg.latent_dim, generator=g)  # values past a count are never read
     lengths = torch.tensor(counts)
     with torch.no_grad():
-        packed_s = _best_time(lambda: model.decode_logits_packed(z, counts), repeats)
+        def packed_call():  # what decode runs for a batch of mixed lengths
+            return decode_logits_mixed(model, padded, counts)
+
+        packed_s = _best_time(packed_call, repeats)
         padded_s = _best_time(lambda: model.decode_logits(padded, lengths), repeats)
-        ops = (_ops(lambda: model.decode_logits_packed(z, counts)), _ops(lambda: model.decode_logits(padded, lengths)))
+        ops = (_ops(packed_call), _ops(lambda: model.decode_logits(padded, lengths)))
     return dict(counts=counts, packed_ms=1e3 * packed_s, padded_ms=1e3 * padded_s, speedup=padded_s / packed_s,
                 packed_ops=ops[0], padded_ops=ops[1])
 

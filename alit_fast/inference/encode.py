@@ -443,8 +443,17 @@ def _decode_logits_checked(model: ALITCore, padded: torch.Tensor, lengths: torch
         return model.decode_logits(z_q)
     if model.backend == "official":
         return model.decode_logits(z_q, lengths.to(device))
-    (rows,) = to_device(concat_ranges(np.arange(len(host_lengths)) * width, host_lengths), device=device)
-    return model.decode_logits_packed(z_q.flatten(0, 1).index_select(0, rows), host_lengths)
+    return decode_logits_mixed(model, z_q, host_lengths)
+
+
+def decode_logits_mixed(model: ALITCore, z_q: torch.Tensor, host_lengths: list[int]) -> torch.Tensor:
+    """Decoder logits of padded latents [b, >= max length, d] whose images have ``host_lengths``
+    tokens, through the packed decoder: the images go longest first (sequences of one length lie
+    together: one attention call per length on a CPU) and their logits come back in input order."""
+    order = sorted(range(len(host_lengths)), key=lambda j: -host_lengths[j])
+    counts = [host_lengths[j] for j in order]
+    rows, back = to_device(concat_ranges(np.asarray(order) * z_q.shape[1], counts), np.argsort(order), device=z_q.device)
+    return model.decode_logits_packed(z_q.flatten(0, 1).index_select(0, rows), counts).index_select(0, back)
 
 
 @torch.no_grad()
