@@ -49,16 +49,6 @@ class _OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, per-weights caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def _interleaved_best(fns: dict, repeats: int) -> dict:
     """Best time of each function over ``repeats`` rounds that run them in turn (A B A B ...), so
     that a load that comes and goes on a shared machine falls on both alike."""
@@ -130,8 +120,9 @@ def mixed_decode(model, batch: int, repeats: int, seed: int = 0) -> dict:
         def packed_call():  # what decode runs for a batch of mixed lengths
             return decode_logits_mixed(model, padded, counts)
 
-        packed_s = _best_time(packed_call, repeats)
-        padded_s = _best_time(lambda: model.decode_logits(padded, lengths), repeats)
+        best = _interleaved_best({"packed": packed_call, "padded": lambda: model.decode_logits(padded, lengths)},
+                                 4 * repeats)  # short calls: more rounds
+        packed_s, padded_s = best["packed"], best["padded"]
         ops = (_ops(packed_call), _ops(lambda: model.decode_logits(padded, lengths)))
     return dict(counts=counts, packed_ms=1e3 * packed_s, padded_ms=1e3 * padded_s, speedup=padded_s / packed_s,
                 packed_ops=ops[0], padded_ops=ops[1])
