@@ -301,6 +301,9 @@ class _Stream:
         raise FloatingPointError("encode: the model produced NaN or inf (are its weights finite?)")
 
     def _finish(self, active: list[int], judged: list[int], flags: list, entering_slots: list[int]) -> None:
+        """Act on the step's read: mark the entering images out of reach, retire the images that
+        stopped or reached the last count (their codes are gathered now, read with the next step)
+        and free their slots."""
         opts, T = self.opts, self.T
         n = len(judged)
         stopped = {s for s, f in zip(judged, flags[:n]) if f and self.count[s] < opts.last}
