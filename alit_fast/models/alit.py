@@ -271,6 +271,7 @@ class ALITCore(nn.Module):
         # stage 1 (latent distillation) keeps the VQGAN frozen
         self.base_tokenizer.requires_grad_(False)
         self._queries = WeightsCache(_masked_queries)
+        self._latent_table = WeightsCache(lambda tokens, pos, steps: tokens + pos + steps)
         self.backend = "auto"
         self.set_backend(backend)
 
@@ -386,7 +387,10 @@ class ALITCore(nn.Module):
 
     def latent_table(self) -> torch.Tensor:
         """``new_latents`` of every iteration at once: [iterations, T, W] (row t is iteration t's)."""
-        return self.latent_tokens + self.latent_token_positional_embedding + self.timestep_embedding
+        params = (self.latent_tokens, self.latent_token_positional_embedding, self.timestep_embedding)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return params[0] + params[1] + params[2]
+        return self._latent_table(*params)
 
     def next_state(self, x_out: torch.Tensor, iteration: int) -> torch.Tensor:
         """Append the latents of ``iteration`` to the encoder output of the previous one."""

@@ -258,21 +258,44 @@ class VarlenLayout:
     """How sequences of different lengths lie packed one after another in a [N, ...] tensor.
 
     ``lengths`` are host ints (the caller knows them: no sync). On the device, made with one
-    host-to-device copy: ``seq_lengths`` (int32 [B]), ``cu_seqlens`` (int64 [B+1], FlashAttention's
+    host-to-device copy: ``lengths64`` (int64 [B]), ``cu_seqlens`` (int64 [B+1], FlashAttention's
     varlen offsets), and each packed row's sequence and position in a [B, max_len] padded layout
-    (``row_seq``, ``row_pos``; ``pad_index`` = row_seq * max_len + row_pos)."""
+    (``row_seq``, ``row_pos``; ``pad_index`` = row_seq * max_len + row_pos). What only the padded
+    path reads (``seq_lengths`` in int32, ``positions``, ``key_mask``, the padded buffer) is made
+    on first use and kept."""
 
     lengths: tuple[int, ...]
     max_len: int
-    seq_lengths: torch.Tensor
+    lengths64: torch.Tensor
     cu_seqlens: torch.Tensor
     row_seq: torch.Tensor
     row_pos: torch.Tensor
     pad_index: torch.Tensor
-    positions: torch.Tensor  # arange(max_len) on the device (its shape carries max_len into a traced graph)
-    key_mask: torch.Tensor | None = None  # bool [B, 1, 1, max_len]: made once, read by every layer's torch call
-    # the padded buffer, zeroed once per layout and reused by every layer (each overwrites the same rows)
     scratch: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def _kept(self, name, make):
+        if torch.compiler.is_compiling():  # a traced graph stays pure: computed, not kept
+            return make()
+        if name not in self.scratch:
+            self.scratch[name] = make()
+        return self.scratch[name]
+
+    @property
+    def seq_lengths(self) -> torch.Tensor:
+        """int32 [B] on the device (what the attention kernels take)."""
+        return self._kept("seq_lengths", lambda: self.lengths64.to(torch.int32))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """arange(max_len) on the device (its shape carries max_len into a traced graph)."""
+        return self._kept("positions", lambda: torch.arange(self.max_len, device=self.lengths64.device))
+
+    @property
+    def key_mask(self) -> torch.Tensor | None:
+        """bool [B, 1, 1, max_len], or None when every sequence has the longest length."""
+        if min(self.lengths) == self.max_len:
+            return None
+        return self._kept("key_mask", lambda: (self.positions < self.lengths64[:, None])[:, None, None, :])
 
     @property
     def offsets(self) -> list[int]:
@@ -306,18 +329,13 @@ class VarlenLayout:
         # row j of sequence b sits at b * longest + j once padded
         row_pos = concat_ranges(np.zeros(B, dtype=np.int64), lengths)
         row_seq = np.repeat(np.arange(B, dtype=np.int64), lengths)
-        seq_lengths, cu_seqlens, seq, pos, pad = to_device(lengths, cu, row_seq, row_pos, row_seq * longest + row_pos,
-                                                           device=device)
-        positions = torch.arange(longest, device=seq_lengths.device)
-        key_mask = (positions < seq_lengths[:, None])[:, None, None, :] if min(lengths) != longest else None
-        return cls(lengths, longest, seq_lengths.to(torch.int32), cu_seqlens, seq, pos, pad, positions, key_mask)
+        moved = to_device(lengths, cu, row_seq, row_pos, row_seq * longest + row_pos, device=device)
+        return cls(lengths, longest, *moved)
 
     def padded_buffer(self, like: torch.Tensor) -> torch.Tensor:
         """A zeroed [B * max_len, *like.shape[1:]] buffer of ``like``'s dtype, made once per layout."""
-        key = (tuple(like.shape[1:]), like.dtype)
-        if key not in self.scratch:
-            self.scratch[key] = like.new_zeros((len(self.lengths) * self.max_len, *like.shape[1:]))
-        return self.scratch[key]
+        key = ("buffer", tuple(like.shape[1:]), like.dtype)
+        return self._kept(key, lambda: like.new_zeros((len(self.lengths) * self.max_len, *like.shape[1:])))
 
 
 def concat_ranges(starts, lengths) -> np.ndarray:
@@ -364,7 +382,7 @@ def attention_varlen(
 def _attention_padded(qkv: torch.Tensor, layout: VarlenLayout, backend: str, on_torch: bool) -> torch.Tensor:
     N, _, H, D = qkv.shape
     # sizes from tensor shapes, not the host tuple: a traced graph then serves other layouts too
-    B, longest = layout.seq_lengths.shape[0], layout.positions.shape[0]
+    B, longest = layout.lengths64.shape[0], layout.positions.shape[0]
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         buffer = qkv.new_zeros((B * longest, 3, H, D))
     else:  # in place into the layout's buffer: no autograd graph to keep
