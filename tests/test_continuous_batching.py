@@ -107,6 +107,23 @@ def test_fixed_count_streams_stop_every_image_at_that_count():
 
 
 # ---------------------------------------------------------------------- what a run does
+def test_a_stream_yields_items_while_its_input_is_still_coming():
+    import itertools
+
+    torch.manual_seed(0)
+    model = ALIT(tiny_config()).eval()
+    pulled = []
+
+    def endless():
+        for k in itertools.count():
+            pulled.append(k)
+            yield random_images(1, 32, seed=k)[0]
+
+    first = list(itertools.islice(model.encode_stream(endless(), criterion="tokens:8", batch_size=2), 3))
+    assert [len(b) for b in first] == [1, 1, 1] and all(b.lengths.tolist() == [8] for b in first)
+    assert len(pulled) <= 3 + 2 * 2  # what ran, plus at most a base-tokenizer chunk ahead per slot batch
+
+
 def test_slots_are_refilled_so_steps_follow_the_total_iterations():
     torch.manual_seed(0)
     model = ALIT(tiny_config()).eval()
