@@ -350,9 +350,17 @@ def concat_ranges(starts, lengths) -> np.ndarray:
 
 
 def to_device(*arrays: "np.ndarray | list[int]", device: torch.device | str) -> list[torch.Tensor]:
-    """Host int arrays as int64 tensors on ``device``, moved with one copy (no sync)."""
+    """Host int arrays as int64 tensors on ``device``, moved with one copy and no sync.
+
+    A plain ``.to("cuda")`` of pageable memory is a stream sync in PyTorch (it waits for the copy,
+    so for every kernel queued before it); from pinned memory with ``non_blocking`` the copy is
+    queued behind them, and PyTorch's pinned-memory allocator keeps the buffer until it is done."""
     parts = [np.asarray(a, dtype=np.int64) for a in arrays]
-    moved = torch.from_numpy(np.concatenate(parts)).to(device)
+    host = torch.from_numpy(np.concatenate(parts))
+    if torch.device(device).type == "cuda":
+        moved = host.pin_memory().to(device, non_blocking=True)
+    else:
+        moved = host.to(device)
     return list(moved.split([len(p) for p in parts]))
 
 
