@@ -243,7 +243,7 @@ def _encode_chunk(
             if never is not None:
                 skip, never = {i for i, f in zip(ids, flags[n : 2 * n]) if f}, None
                 if best and skip:  # their last count stands, as if they had met the criterion there
-                    choice.settle(torch.tensor(sorted(skip), dtype=torch.int64).to(images.device), last)
+                    choice.settle(to_device(sorted(skip), device=images.device)[0], last)
             state.finish(flags[:n])
     lengths, codes = state.lengths, state.indices
     if best:
@@ -258,7 +258,7 @@ def _judged_view(model: ALITCore, out, num_tokens: int, offset: int, gt: torch.T
     still to be judged, decoded here on their own; returns the positions as a device index too."""
     if keep is None:
         return StepView(model, out.iteration, num_tokens, out.rows + offset, gt, working, out.logits, latents), None
-    picked = torch.tensor(keep, dtype=torch.int64).to(working.device)  # a host-to-device copy, no sync
+    (picked,) = to_device(keep, device=working.device)  # a host-to-device copy, no sync (pinned on CUDA)
 
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.index_select(0, picked)
