@@ -1323,16 +1323,16 @@ def test_evaluate_keeps_a_users_metrics_file_even_with_overwrite(env, tmp_path, 
 def test_a_long_encode_stopped_late_keeps_the_tokens_done_so_far(env, tmp_path, monkeypatch, capsys):
     import alit_fast.cli.encode as encode_cli
 
-    real, calls = ALIT.encode, []
+    real = ALIT.encode_stream  # what the command runs (continuous batching)
 
     def stops_on_the_second_batch(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # or a crash, or the machine's time running out
-        return real(self, *args, **kwargs)
+        for k, tokens in enumerate(real(self, *args, **kwargs)):
+            if k == 1:
+                raise KeyboardInterrupt  # or a crash, or the machine's time running out
+            yield tokens
 
     monkeypatch.setattr(encode_cli, "PARTIAL_EVERY_S", 0.0)
-    monkeypatch.setattr(ALIT, "encode", stops_on_the_second_batch)
+    monkeypatch.setattr(ALIT, "encode_stream", stops_on_the_second_batch)
     capsys.readouterr()
     assert cli_main(_encode(env, tmp_path, "--batch-size", "1")) == 130
     said = capsys.readouterr().err.strip().splitlines()[-1]

@@ -61,6 +61,10 @@ def _encode_parser() -> argparse.ArgumentParser:
     p.add_argument("--halting", choices=HALTING_MODES, default="off",
                    help="dynamic halting while encoding: off (deterministic, default), threshold, stochastic, or "
                         "official (the official rule: stochastic for VQGAN models, the no-op for VAE models)")
+    p.add_argument("--batching", choices=BATCHING, default="continuous",
+                   help="continuous (default): a slot freed by an image that stops takes the next image at once; "
+                        "compacting: a batch starts together and shrinks (what --halting other than off runs); "
+                        "both give every image the same tokens")
     p.add_argument("--out", default="tokens.safetensors",
                    help="the token file to write; an existing file is replaced only if it is a token file")
     p.add_argument("--quiet", action="store_true", help="no per-image lines")
@@ -71,6 +75,7 @@ def _encode_parser() -> argparse.ArgumentParser:
 
 
 PROG = "alit-fast encode"
+BATCHING = ("continuous", "compacting")
 
 
 def is_token_file(path: str) -> bool:
@@ -130,29 +135,54 @@ def _token_file(batches: list[TokenBatch], args: argparse.Namespace, criterion, 
     return result
 
 
+def _loaded_groups(files: list, skipped: list[str], args: argparse.Namespace, cfg, device, bar, clock: list[float]):
+    """(names, images on ``device``) per --batch-size files that load; ``clock[0]`` adds up the
+    seconds spent loading (a stream pulls its images while it encodes)."""
+    for group in _chunks(files, args.batch_size):
+        t0 = time.perf_counter()
+        images, names = [], []
+        for path in group:
+            try:
+                images.append(load_image(path, cfg.image_size))
+                names.append(str(path))
+            except Exception as exc:  # a body that fails to decode past a good header: reported, never fatal
+                skipped.append(f"{path} ({type(exc).__name__}: {one_line(exc)})")
+        bar.update(len(group))
+        clock[0] += time.perf_counter() - t0
+        if images:
+            yield names, torch.stack(images).to(device)
+
+
+def _encoded(model, groups, criterion, args: argparse.Namespace):
+    """(names, TokenBatch) per group, in order: continuous batching over the whole run, or (or
+    with halting, which the stream does not run) one compacting encode per group."""
+    names: list[list[str]] = []
+
+    def images():
+        for group_names, batch in groups:
+            names.append(group_names)
+            yield batch
+
+    options = dict(min_tokens=args.min_tokens, max_tokens=args.max_tokens, fallback=args.fallback)
+    if args.batching == "continuous" and args.halting == "off":
+        results = model.encode_stream(images(), criterion, batch_size=args.batch_size, **options)
+    else:
+        results = (model.encode(batch, criterion, halting=args.halting, **options) for batch in images())
+    for k, tokens in enumerate(results):
+        yield names[k], tokens
+
+
 def _encode_files(model, files: list, skipped: list[str], criterion, args: argparse.Namespace
                   ) -> tuple[list[TokenBatch], float]:
     """Every readable file's tokens, in batches; --out holds the tokens so far every
     PARTIAL_EVERY_S seconds, marked partial, until the full file replaces it."""
     cfg, device = model.config, model.latent_tokens.device
     batches: list[TokenBatch] = []
-    model_seconds, last_save, save_cost = 0.0, time.perf_counter(), 0.0
+    last_save, save_cost, loading = time.perf_counter(), 0.0, [0.0]
     with tqdm(total=len(files), unit="img", desc="encode", file=sys.stderr) as bar:
-        for group in _chunks(files, args.batch_size):
-            images, names = [], []
-            for path in group:
-                try:
-                    images.append(load_image(path, cfg.image_size))
-                    names.append(str(path))
-                except Exception as exc:  # a body that fails to decode past a good header: reported, never fatal
-                    skipped.append(f"{path} ({type(exc).__name__}: {one_line(exc)})")
-            bar.update(len(group))
-            if not images:
-                continue
-            t0 = time.perf_counter()
-            tokens = model.encode(torch.stack(images).to(device), criterion, min_tokens=args.min_tokens,
-                                  max_tokens=args.max_tokens, halting=args.halting, fallback=args.fallback)
-            model_seconds += time.perf_counter() - t0
+        results = _encoded(model, _loaded_groups(files, skipped, args, cfg, device, bar, loading), criterion, args)
+        started, saving = time.perf_counter(), 0.0
+        for names, tokens in results:
             tokens.names = names
             batches.append(tokens)
             if not args.quiet:
@@ -162,6 +192,8 @@ def _encode_files(model, files: list, skipped: list[str], criterion, args: argpa
                 t0 = time.perf_counter()
                 _token_file(batches, args, criterion, total=len(files)).save(args.out)
                 last_save, save_cost = time.perf_counter(), time.perf_counter() - t0
+                saving += save_cost
+        model_seconds = time.perf_counter() - started - loading[0] - saving
     return batches, model_seconds
 
 

@@ -146,9 +146,10 @@ def _run(args: argparse.Namespace, plan: Plan, model, criterion, device: torch.d
         mine = [k for k in range(plan.num_shards) if k % world == rank]
         todo = [k for k in mine if not shard_is_done(args.out, plan, k)]
 
-        def encode(images: torch.Tensor):
-            return model.encode(images.to(device), criterion, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
-                                fallback=args.fallback)
+        def encode(batches):
+            # continuous batching within the shard: its tokens still depend on its images alone
+            return model.encode_stream((images.to(device) for images in batches), criterion, min_tokens=args.min_tokens,
+                                       max_tokens=args.max_tokens, fallback=args.fallback, batch_size=args.batch_size)
 
         started, done_images = time.perf_counter(), 0
         with image_notes() as notes, tqdm(total=sum(len(plan.shard_sources(k)) for k in todo), unit="img",

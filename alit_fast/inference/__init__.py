@@ -29,6 +29,7 @@ from .encode import (
     iteration_range,
     official_encode,
 )
+from .stream import StreamStats, encode_stream
 from .rollout import ImageResult, RolloutState, StepOutput, compile_step, start
 from .tokens import PAD, TokenBatch, code_dtype
 
@@ -47,6 +48,7 @@ __all__ = [
     "RolloutState",
     "StepOutput",
     "StepView",
+    "StreamStats",
     "TokenBatch",
     "TokenCount",
     "TokenStats",
@@ -59,6 +61,7 @@ __all__ = [
     "decode",
     "decode_logits",
     "encode",
+    "encode_stream",
     "iteration_range",
     "l1_per_image",
     "official_encode",

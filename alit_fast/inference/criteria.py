@@ -43,8 +43,11 @@ class StepView:
     """What a criterion sees after an iteration, for the images still being encoded (n rows)."""
 
     model: "ALIT"
-    iteration: int
-    num_tokens: int
+    # the step's iteration and token count; in a continuous batch (encode_stream), whose rows are
+    # at different counts, int64 tensors [n] per row (a comparison like ``num_tokens >= 16`` works
+    # on either)
+    iteration: "int | torch.Tensor"
+    num_tokens: "int | torch.Tensor"
     rows: torch.Tensor  # [n] positions of these images in the encoded batch
     gt_indices: torch.Tensor  # [n, g*g] the base tokenizer's codes
     images: torch.Tensor  # [n, 3, H, W]

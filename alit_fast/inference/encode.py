@@ -12,9 +12,11 @@ import operator
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..models import ALITCore
+from ..ops import concat_ranges, to_device
 from ..models.alit import image_range_error, image_shape_error, images_in_range
 from .calibration import model_calibration
 from .criteria import (
@@ -85,15 +87,19 @@ def _check_batch_size(batch_size: object) -> None:
 
 
 def _finite(out) -> torch.Tensor:
+    return finite_outputs(out.z_q, out.logits)
+
+
+def finite_outputs(z_q: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
     """Whether an iteration's outputs hold no NaN or inf, as a 0-d device tensor.
 
     A sum is NaN or inf whenever one term is (inf - inf is NaN), and one reduction costs a tenth
     of an elementwise isfinite plus all(); sane values cannot overflow a float32 sum. z_q carries
     the straight-through form z + (codes - z): NaN wherever the encoder's or the projection's
     output was, although the codes themselves are always finite."""
-    total = out.z_q.float().sum()
-    if out.logits is not None:
-        total = total + out.logits.float().sum()
+    total = z_q.float().sum()
+    if logits is not None:
+        total = total + logits.float().sum()
     return torch.isfinite(total)
 
 
@@ -134,6 +140,14 @@ class CountChoice:
         self.best_score[rows] = torch.where(better, score, self.best_score[rows])
         self.best_at[rows] = torch.where(better, at, self.best_at[rows])
         return stop, better
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Rows ``rows`` start over for new images (a continuous batch reuses its slots)."""
+        self.met[rows] = False
+        self.first_met[rows] = 0
+        if self.best:
+            self.best_score[rows] = float("-inf") if self.criterion.higher_is_better else float("inf")
+            self.best_at[rows] = 0
 
     def settle(self, rows: torch.Tensor, at: int) -> None:
         """Images ``rows`` stop at step ``at`` whatever their scores (their criterion was found
@@ -229,7 +243,7 @@ def _encode_chunk(
             if never is not None:
                 skip, never = {i for i, f in zip(ids, flags[n : 2 * n]) if f}, None
                 if best and skip:  # their last count stands, as if they had met the criterion there
-                    choice.settle(torch.tensor(sorted(skip), dtype=torch.int64).to(images.device), last)
+                    choice.settle(to_device(sorted(skip), device=images.device)[0], last)
             state.finish(flags[:n])
     lengths, codes = state.lengths, state.indices
     if best:
@@ -244,7 +258,7 @@ def _judged_view(model: ALITCore, out, num_tokens: int, offset: int, gt: torch.T
     still to be judged, decoded here on their own; returns the positions as a device index too."""
     if keep is None:
         return StepView(model, out.iteration, num_tokens, out.rows + offset, gt, working, out.logits, latents), None
-    picked = torch.tensor(keep, dtype=torch.int64).to(working.device)  # a host-to-device copy, no sync
+    (picked,) = to_device(keep, device=working.device)  # a host-to-device copy, no sync (pinned on CUDA)
 
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.index_select(0, picked)
@@ -334,14 +348,26 @@ def _continuous_batch(model, images, lengths, vectors, in_range, finite, extra) 
     packed = torch.cat([torch.stack([in_range, finite]).double(), lengths.double(), vectors.double().flatten()]).tolist()
     if not (packed[0] and packed[1]):
         _raise_bad_inputs(images, in_range)
-    host_lengths = torch.tensor(packed[2 : 2 + B], dtype=torch.int64)
-    longest = int(max(packed[2 : 2 + B], default=0))
-    codes = torch.tensor(packed[2 + B :], dtype=torch.float64).view(B, width, d)[:, :longest].float()
-    width = longest
+    flat = packed[2 + B :]
+    rows = [(int(n), flat[i * width * d : (i + 1) * width * d]) for i, n in enumerate(packed[2 : 2 + B])]
+    return token_batch_from_host(model, rows, extra)
+
+
+def token_batch_from_host(model: ALITCore, rows: "list[tuple[int, list]]", extra: dict) -> TokenBatch:
+    """A TokenBatch from host values, one (length, padded row) per image: a row holds max_tokens
+    code ids, or for continuous tokens max_tokens * latent_dim values (read as float64)."""
+    cfg = model.config
+    lengths = [n for n, _ in rows]
+    if cfg.quantize_latent:
+        return TokenBatch.from_host_rows([r for _, r in rows], lengths, cfg.codebook_size, config_json=cfg.to_json(), extra=extra)
+    host_lengths = torch.tensor(lengths, dtype=torch.int64)
+    longest = max(lengths, default=0)
+    codes = torch.tensor([r for _, r in rows], dtype=torch.float64).view(len(rows), cfg.max_tokens, cfg.latent_dim)
     # stored as float32: exactly what the model produced (TokenBatch.with_dtype(torch.float16) halves a file)
-    codes = codes.masked_fill(torch.arange(width)[None, :, None] >= host_lengths[:, None, None], 0.0)
-    return TokenBatch(codes=codes, lengths=host_lengths, codebook_size=model.config.codebook_size,
-                      config_json=model.config.to_json(), extra=extra, check_lengths=False)
+    codes = codes[:, :longest].float()
+    codes = codes.masked_fill(torch.arange(longest)[None, :, None] >= host_lengths[:, None, None], 0.0)
+    return TokenBatch(codes=codes, lengths=host_lengths, codebook_size=cfg.codebook_size,
+                      config_json=cfg.to_json(), extra=extra, check_lengths=False)
 
 
 # ---------------------------------------------------------------------- decode
@@ -411,9 +437,23 @@ def _decode_logits_checked(model: ALITCore, padded: torch.Tensor, lengths: torch
     device = model.latent_tokens.device
     width = max(host_lengths)
     z_q = model.token_latents(padded[:, :width].to(device))
-    # equal lengths need no key mask, and then take the same path as a rollout's decoder
-    mixed = min(host_lengths) != width
-    return model.decode_logits(z_q, lengths.to(device) if mixed else None)
+    # equal lengths take the same path as a rollout's decoder; mixed ones run packed (no padding
+    # in the per-token layers), the official backend padded with a key mask, as its code would
+    if min(host_lengths) == width:
+        return model.decode_logits(z_q)
+    if model.backend == "official":
+        return model.decode_logits(z_q, lengths.to(device))
+    return decode_logits_mixed(model, z_q, host_lengths)
+
+
+def decode_logits_mixed(model: ALITCore, z_q: torch.Tensor, host_lengths: list[int]) -> torch.Tensor:
+    """Decoder logits of padded latents [b, >= max length, d] whose images have ``host_lengths``
+    tokens, through the packed decoder: the images go longest first (sequences of one length lie
+    together: one attention call per length on a CPU) and their logits come back in input order."""
+    order = sorted(range(len(host_lengths)), key=lambda j: -host_lengths[j])
+    counts = [host_lengths[j] for j in order]
+    rows, back = to_device(concat_ranges(np.asarray(order) * z_q.shape[1], counts), np.argsort(order), device=z_q.device)
+    return model.decode_logits_packed(z_q.flatten(0, 1).index_select(0, rows), counts).index_select(0, back)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..models import ALITCore, BaseOutput, IterationOutput
+from ..ops import to_device
 from ..models.alit import image_shape_error
 
 StepFn = Callable[..., "tuple[IterationOutput, torch.Tensor]"]
@@ -238,7 +239,7 @@ class RolloutState:
             mask = torch.zeros(self.iterations.shape[0], dtype=torch.bool)
             mask[self._active_ids] = True
             self.active_mask = mask.to(device)
-            self.active = torch.tensor(self._active_ids, dtype=torch.int64).to(device)
+            (self.active,) = to_device(self._active_ids, device=device)
             if self.done:
                 self._carry = self._gt = self._images = None
             return
@@ -248,7 +249,7 @@ class RolloutState:
             self.active = self.active[:0]
             self._carry = self._gt = self._images = None
             return
-        keep = torch.tensor(keep_rows, dtype=torch.int64).to(device)  # a host-to-device copy, no sync
+        (keep,) = to_device(keep_rows, device=device)  # a host-to-device copy, no sync (pinned on CUDA)
         self.active = self.active.index_select(0, keep)
         self._carry = self._carry.index_select(0, keep)
         self._gt = self._gt.index_select(0, keep)

@@ -6,11 +6,11 @@ one-line call into the layer that owns the behaviour."""
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ..inference import DEFAULT_CRITERION, Criterion, RolloutState, StepView, TokenBatch, compile_step, decode, encode, start
+from ..inference import DEFAULT_CRITERION, Criterion, RolloutState, StepView, TokenBatch, compile_step, decode, encode, encode_stream, start
 from ..inference.calibration import PixelL1Calibration
 from ..models import ALITCore
 from .repo import push_to_hub, save_pretrained
@@ -50,6 +50,23 @@ class ALIT(ALITCore):
         if criterion is None:
             criterion = self.default_criterion
         return encode(self, images, criterion, min_tokens=min_tokens, max_tokens=max_tokens, batch_size=batch_size, **kwargs)
+
+    def encode_stream(
+        self,
+        images: Iterable[torch.Tensor],
+        criterion: "str | Criterion | Callable[[StepView], object] | None" = None,
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+        batch_size: int = 32,
+        **kwargs,
+    ) -> Iterator[TokenBatch]:
+        """``encode`` over a stream of images (each item [3, H, W] or [b, 3, H, W]) with
+        continuous batching: ``batch_size`` slots kept busy; one TokenBatch per item, in order.
+        See alit_fast.inference.stream."""
+        if criterion is None:
+            criterion = self.default_criterion
+        return encode_stream(self, images, criterion, min_tokens=min_tokens, max_tokens=max_tokens,
+                             batch_size=batch_size, **kwargs)
 
     @property
     def default_criterion(self) -> str:

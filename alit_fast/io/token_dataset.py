@@ -21,7 +21,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -148,26 +148,29 @@ def shard_is_done(out: str | os.PathLike, plan: Plan, k: int) -> bool:
 
 
 def encode_shard(
-    plan: Plan, k: int, read: Callable[[str], torch.Tensor], encode: Callable[[torch.Tensor], TokenBatch],
+    plan: Plan, k: int, read: Callable[[str], torch.Tensor],
+    encode: Callable[[Iterator[torch.Tensor]], Iterable[TokenBatch]],
 ) -> TokenBatch:
-    """Shard k's tokens: its readable images in batches of ``plan.batch_size`` from the shard's start."""
-    names, skipped, parts = [], {}, []
-    pending: list[tuple[str, torch.Tensor]] = []
+    """Shard k's tokens: its readable images, read in batches of ``plan.batch_size`` from the
+    shard's start, given to ``encode`` as one stream (it returns one TokenBatch per batch, in
+    order: e.g. ``ALIT.encode_stream``), so a shard's tokens depend on its images alone."""
+    names: list[str] = []
+    skipped: dict[str, str] = {}
 
-    def flush() -> None:
-        if pending:
-            parts.append(encode(torch.stack([image for _, image in pending])))
-            names.extend(name for name, _ in pending)
-            pending.clear()
+    def batches() -> Iterator[torch.Tensor]:
+        pending: list[tuple[str, torch.Tensor]] = []
+        for source in (*plan.shard_sources(k), None):  # None: the end, flush
+            if source is not None:
+                try:
+                    pending.append((source, read(source)))
+                except (OSError, ValueError) as exc:  # reported in the index, never dropped silently
+                    skipped[source] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if pending and (len(pending) == plan.batch_size or source is None):
+                names.extend(name for name, _ in pending)
+                yield torch.stack([image for _, image in pending])
+                pending = []
 
-    for source in plan.shard_sources(k):
-        try:
-            pending.append((source, read(source)))
-        except (OSError, ValueError) as exc:  # reported in the index, never dropped silently
-            skipped[source] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if len(pending) == plan.batch_size:
-            flush()
-    flush()
+    parts = list(encode(batches()))
     if parts:
         batch = TokenBatch.cat(parts)
     else:

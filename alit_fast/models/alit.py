@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ALITConfig, get_config
-from ..ops import check_backend_here, duplicate_map, vq_nearest
+from ..ops import VarlenLayout, check_backend_here, concat_ranges, to_device, duplicate_map, vq_nearest
 from ._cache import WeightsCache
 from .transformer import PackedAttention, ResidualAttentionBlock, Transformer, run_blocks
 from .vae import VAEBaseTokenizer
@@ -193,6 +194,44 @@ class LatentDecoder(nn.Module):
         x = self.ln_post(x[:, 1 : queries.shape[1]])
         return self.ffn(x)
 
+    def forward_packed(self, queries: torch.Tensor, z_q: torch.Tensor, plan: "DecoderPlan") -> torch.Tensor:
+        """``forward`` on packed latents: z_q [sum(counts), d] holds image j's ``plan.counts[j]``
+        latents after those of the images before it. Each image's sequence is [queries | its
+        latents], packed without padding; returns [len(counts), g*g, decoder_out_dim]. Tensors in,
+        tensors out (the plan's indices were built beforehand): torch.compile traces it whole."""
+        G1 = queries.shape[1]
+        latents = self.decoder_embed(z_q) + self.latent_token_positional_embedding.index_select(0, plan.positions)
+        # a LayerNorm is per token: the queries, the same for every image, are normalized once
+        rows = self.ln_pre(torch.cat([queries[0].to(latents.dtype), latents]))
+        x = run_blocks(self.transformer, rows.index_select(0, plan.order), plan.layout)
+        x = self.ln_post(x.index_select(0, plan.outputs))
+        out = self.ffn(x)
+        return out.view(-1, G1 - 1, out.shape[-1])
+
+
+@dataclass
+class DecoderPlan:
+    """The index tensors of one packed decode, built on the host from the token counts: each
+    latent's position-embedding row; where each packed row comes from in [queries (G1 rows) | all
+    latents]; the packed rows of the grid cells; the sequences' layout (lengths G1 + count)."""
+
+    positions: torch.Tensor
+    order: torch.Tensor
+    outputs: torch.Tensor
+    layout: VarlenLayout
+
+    @classmethod
+    def build(cls, counts: "list[int]", G1: int, device: torch.device | str) -> "DecoderPlan":
+        n = np.asarray(counts, dtype=np.int64)
+        queries = np.full_like(n, G1)
+        latent_starts = G1 + np.cumsum(n) - n
+        seq_starts = np.cumsum(n + G1) - (n + G1)
+        positions = concat_ranges(np.zeros_like(n), n)
+        order = concat_ranges(np.stack([np.zeros_like(n), latent_starts], 1).ravel(), np.stack([queries, n], 1).ravel())
+        outputs = concat_ranges(seq_starts + 1, queries - 1)
+        moved = to_device(positions, order, outputs, device=device)
+        return cls(*moved, VarlenLayout.from_lengths([G1 + c for c in counts], device))
+
 
 def _masked_queries(cls: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([cls[None], mask.expand(1, pos.shape[0] - 1, -1)], dim=1) + pos
@@ -232,6 +271,7 @@ class ALITCore(nn.Module):
         # stage 1 (latent distillation) keeps the VQGAN frozen
         self.base_tokenizer.requires_grad_(False)
         self._queries = WeightsCache(_masked_queries)
+        self._latent_table = WeightsCache(lambda tokens, pos, steps: tokens + pos + steps)
         self.backend = "auto"
         self.set_backend(backend)
 
@@ -345,6 +385,13 @@ class ALITCore(nn.Module):
         x = torch.cat([image_part, self.new_latents(0).expand(B, -1, -1).to(image_part.dtype)], dim=1)
         return self.encoder_ln_pre(x)
 
+    def latent_table(self) -> torch.Tensor:
+        """``new_latents`` of every iteration at once: [iterations, T, W] (row t is iteration t's)."""
+        params = (self.latent_tokens, self.latent_token_positional_embedding, self.timestep_embedding)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return params[0] + params[1] + params[2]
+        return self._latent_table(*params)
+
     def next_state(self, x_out: torch.Tensor, iteration: int) -> torch.Tensor:
         """Append the latents of ``iteration`` to the encoder output of the previous one."""
         new = self.new_latents(iteration).expand(x_out.shape[0], -1, -1).to(x_out.dtype)
@@ -373,6 +420,20 @@ class ALITCore(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return _masked_queries(*params)
         return self._queries(*params)
+
+    def decoder_plan(self, counts: "list[int]") -> DecoderPlan:
+        """The host-built indices of a packed decode of images with ``counts`` tokens (one copy to the device)."""
+        if not counts or min(counts) < 1 or max(counts) > self.config.max_tokens:
+            raise ValueError(f"packed decode: token counts must lie in [1, {self.config.max_tokens}], got {list(counts)}")
+        return DecoderPlan.build(list(counts), self.config.grid_size**2 + 1, self.latent_tokens.device)
+
+    def decode_logits_packed(self, z_q: torch.Tensor, counts: "list[int] | DecoderPlan") -> torch.Tensor:
+        """``decode_logits`` for images of different token counts, packed: z_q [sum(counts), d]
+        (image j's ``counts[j]`` latents after those of the images before it) -> [len(counts),
+        g*g, K_base]. No padding in the per-token layers (see ``LatentDecoder.forward_packed``).
+        Given a ``decoder_plan`` instead of the counts it runs no host code: what torch.compile traces."""
+        plan = counts if isinstance(counts, DecoderPlan) else self.decoder_plan(counts)
+        return self.decoder.forward_packed(self.decoder_queries(), z_q, plan)
 
     def decode_logits(self, z_q: torch.Tensor, latent_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Quantized latents [B, n, d] -> logits over the VQGAN codebook [B, g*g, K_base].

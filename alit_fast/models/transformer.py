@@ -3,6 +3,10 @@
 The attention keeps nn.MultiheadAttention's parameter layout (``in_proj_weight`` packs q, k, v in
 that order) so official weights load as they are, but calls the backend's attention op on views
 of the packed projection, with no transposes or copies in between.
+
+Every block also runs on packed tokens: x [N, W] holding sequences of different lengths one after
+another, described by an ``ops.VarlenLayout`` passed where ``lengths`` goes. The per-token layers
+(LayerNorm, projections, MLP) then do no work for padding; only the attention sees the sequences.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..ops import attention
+from ..ops import VarlenLayout, attention, attention_varlen
 
 
 class PackedAttention(nn.Module):
@@ -26,7 +30,9 @@ class PackedAttention(nn.Module):
         self.backend = "auto"
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: "torch.Tensor | VarlenLayout | None" = None) -> torch.Tensor:
+        if isinstance(lengths, VarlenLayout):
+            return self._varlen_forward(x, lengths)
         B, L, W = x.shape
         if self.backend == "official" and lengths is None:
             return self._official_forward(x)
@@ -35,6 +41,12 @@ class PackedAttention(nn.Module):
         # lengths are checked once per batch by the model, not at every layer
         out = attention(q, k, v, lengths, backend=self.backend, validate=False)
         return self.out_proj(out.reshape(B, L, W))
+
+    def _varlen_forward(self, x: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+        N, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(N, 3, self.heads, W // self.heads)
+        out = attention_varlen(qkv, layout, backend=self.backend, validate=False)
+        return self.out_proj(out.reshape(N, W))
 
     def _official_forward(self, x: torch.Tensor) -> torch.Tensor:
         # the official blocks call nn.MultiheadAttention on [L, B, W] tensors; same math, its own copies
@@ -65,7 +77,7 @@ class ResidualAttentionBlock(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: "torch.Tensor | VarlenLayout | None" = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), lengths)
         return x + self.mlp(self.ln_2(x))
 
@@ -75,14 +87,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.transformer = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: "torch.Tensor | VarlenLayout | None" = None) -> torch.Tensor:
         return run_blocks(self.transformer, x, lengths)
 
 
 def run_blocks(
-    blocks: nn.ModuleList, x: torch.Tensor, lengths: torch.Tensor | None = None
+    blocks: nn.ModuleList, x: torch.Tensor, lengths: "torch.Tensor | VarlenLayout | None" = None
 ) -> torch.Tensor:
-    """Apply ``blocks`` in order. Blocks flagged ``checkpoint_activations`` keep only their input
+    """Apply ``blocks`` in order (to [B, L, W], or packed [N, W] with a ``VarlenLayout``). Blocks flagged ``checkpoint_activations`` keep only their input
     for the backward pass and recompute the rest: 8 iterations x all layers of activations are what
     fills memory in training, and recomputing a block costs about a third of its forward+backward."""
     for block in blocks:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import attention
+from .attention import VarlenLayout, attention, attention_varlen, concat_ranges, to_device
 from .vq import duplicate_map, vq_nearest
 
 # "auto" (the default): per shape, the fastest of "triton" and torch's kernels on this GPU, measured
@@ -41,4 +41,4 @@ def _interpreting() -> bool:
     return is_interpreting()
 
 
-__all__ = ["BACKENDS", "attention", "check_backend", "check_backend_here", "duplicate_map", "vq_nearest"]
+__all__ = ["BACKENDS", "VarlenLayout", "attention", "attention_varlen", "concat_ranges", "to_device", "check_backend", "check_backend_here", "duplicate_map", "vq_nearest"]

@@ -10,9 +10,12 @@ the differentiable custom op ``alit_fast::flash_attention`` so it also works und
 """
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -245,6 +248,194 @@ def attention(
     if backend == "official":
         return attention_math(q, k, v, lengths, validate)
     raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch', 'triton' or 'official'")
+
+
+# --------------------------------------------------------------------------------------------
+# packed variable-length entry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    """How sequences of different lengths lie packed one after another in a [N, ...] tensor.
+
+    ``lengths`` are host ints (the caller knows them: no sync). On the device, made with one
+    host-to-device copy: ``lengths64`` (int64 [B]), ``cu_seqlens`` (int64 [B+1], FlashAttention's
+    varlen offsets), and each packed row's sequence and position in a [B, max_len] padded layout
+    (``row_seq``, ``row_pos``; ``pad_index`` = row_seq * max_len + row_pos). What only the padded
+    path reads (``seq_lengths`` in int32, ``positions``, ``key_mask``, the padded buffer) is made
+    on first use and kept."""
+
+    lengths: tuple[int, ...]
+    max_len: int
+    lengths64: torch.Tensor
+    cu_seqlens: torch.Tensor
+    row_seq: torch.Tensor
+    row_pos: torch.Tensor
+    pad_index: torch.Tensor
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def _kept(self, name, make):
+        if torch.compiler.is_compiling():  # a traced graph stays pure: computed, not kept
+            return make()
+        if name not in self.scratch:
+            self.scratch[name] = make()
+        return self.scratch[name]
+
+    @property
+    def seq_lengths(self) -> torch.Tensor:
+        """int32 [B] on the device (what the attention kernels take)."""
+        return self._kept("seq_lengths", lambda: self.lengths64.to(torch.int32))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """arange(max_len) on the device (its shape carries max_len into a traced graph)."""
+        return self._kept("positions", lambda: torch.arange(self.max_len, device=self.lengths64.device))
+
+    @property
+    def key_mask(self) -> torch.Tensor | None:
+        """bool [B, 1, 1, max_len], or None when every sequence has the longest length."""
+        if min(self.lengths) == self.max_len:
+            return None
+        return self._kept("key_mask", lambda: (self.positions < self.lengths64[:, None])[:, None, None, :])
+
+    @property
+    def offsets(self) -> list[int]:
+        out, total = [], 0
+        for n in self.lengths:
+            out.append(total)
+            total += n
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """(length, how many) of each run of consecutive sequences of one length."""
+        return [(n, len(list(group))) for n, group in itertools.groupby(self.lengths)]
+
+    def padded_rows(self, backend: str, device: torch.device) -> int:
+        """Attention rows ``attention_varlen`` computes beyond the sequences' own (for statistics)."""
+        on_torch = backend == "torch" or (backend == "auto" and not _auto_active(device))
+        return 0 if on_torch and device.type == "cpu" else len(self.lengths) * self.max_len - self.total
+
+    @classmethod
+    def from_lengths(cls, lengths: "list[int] | tuple[int, ...]", device: torch.device | str) -> "VarlenLayout":
+        lengths = tuple(int(n) for n in lengths)
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"a varlen layout needs at least one sequence, each of length >= 1, got {list(lengths)}")
+        B, longest = len(lengths), max(lengths)
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+        # row j of sequence b sits at b * longest + j once padded
+        row_pos = concat_ranges(np.zeros(B, dtype=np.int64), lengths)
+        row_seq = np.repeat(np.arange(B, dtype=np.int64), lengths)
+        moved = to_device(lengths, cu, row_seq, row_pos, row_seq * longest + row_pos, device=device)
+        return cls(lengths, longest, *moved)
+
+    def padded_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed [B * max_len, *like.shape[1:]] buffer of ``like``'s dtype, made once per layout."""
+        key = ("buffer", tuple(like.shape[1:]), like.dtype)
+        return self._kept(key, lambda: like.new_zeros((len(self.lengths) * self.max_len, *like.shape[1:])))
+
+
+def concat_ranges(starts, lengths) -> np.ndarray:
+    """concatenate([arange(s, s + n) for s, n in zip(starts, lengths)]) as int64, from host ints
+    (lists or numpy arrays), without a Python loop. Index tensors of packed layouts are built this
+    way, in numpy (no torch op runs for them), and moved to the device with one copy."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    shift = starts - (ends - lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(shift, lengths)
+
+
+def to_device(*arrays: "np.ndarray | list[int]", device: torch.device | str) -> list[torch.Tensor]:
+    """Host int arrays as int64 tensors on ``device``, moved with one copy and no sync.
+
+    A plain ``.to("cuda")`` of pageable memory is a stream sync in PyTorch (it waits for the copy,
+    so for every kernel queued before it); from pinned memory with ``non_blocking`` the copy is
+    queued behind them, and PyTorch's pinned-memory allocator keeps the buffer until it is done."""
+    parts = [np.asarray(a, dtype=np.int64) for a in arrays]
+    host = torch.from_numpy(np.concatenate(parts))
+    if torch.device(device).type == "cuda":
+        moved = host.pin_memory().to(device, non_blocking=True)
+    else:
+        moved = host.to(device)
+    return list(moved.split([len(p) for p in parts]))
+
+
+def attention_varlen(
+    qkv: torch.Tensor, layout: VarlenLayout, backend: str = "auto", validate: bool = True
+) -> torch.Tensor:
+    """Attention within each packed sequence: ``qkv`` [N, 3, H, D] (q, k, v of N packed tokens)
+    -> [N, H, D]. No token attends across sequences.
+
+    On a CPU (torch backend, or auto): one SDPA call per run of consecutive sequences of one
+    length, on views of the packed rows: no padding, no mask, no copies (a caller that orders its
+    sequences by length gets one call per distinct length). Elsewhere one padded call with
+    per-sequence key lengths: the rows are scattered to [B, max_len] and gathered back (one launch
+    whatever the mix of lengths; the Triton kernel skips key tiles past each length, SDPA computes
+    them). The per-token work around it (projections, MLP, LayerNorm) stays packed either way."""
+    if validate:
+        if qkv.dim() != 4 or qkv.shape[1] != 3:
+            raise ValueError(f"attention_varlen expects qkv of shape [N, 3, H, D], got {tuple(qkv.shape)}")
+        if qkv.shape[0] != layout.total:
+            raise ValueError(f"attention_varlen: qkv has {qkv.shape[0]} rows, the layout {layout.total}")
+    on_torch = backend == "torch" or (backend == "auto" and not _auto_active(qkv.device))
+    if on_torch and qkv.device.type == "cpu":
+        return _attention_runs(qkv, layout)
+    return _attention_padded(qkv, layout, backend, on_torch)
+
+
+def _attention_padded(qkv: torch.Tensor, layout: VarlenLayout, backend: str, on_torch: bool) -> torch.Tensor:
+    N, _, H, D = qkv.shape
+    # sizes from tensor shapes, not the host tuple: a traced graph then serves other layouts too
+    B, longest = layout.lengths64.shape[0], layout.positions.shape[0]
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        buffer = qkv.new_zeros((B * longest, 3, H, D))
+    else:  # in place into the layout's buffer: no autograd graph to keep
+        buffer = layout.padded_buffer(qkv)
+    q, k, v = buffer.index_copy_(0, layout.pad_index, qkv).view(B, longest, 3, H, D).unbind(2)
+    if on_torch:
+        # SDPA with the layout's key mask: the padded queries' rows are computed but never read
+        # back, so neither a mask per call nor zeroed rows (attention_reference's) are needed
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=layout.key_mask)
+        return out[layout.row_seq, :, layout.row_pos]  # [B, H, L, D] -> [N, H, D], one gather
+    # equal lengths need no key mask (and then take the same path as an unpacked batch)
+    lengths = layout.seq_lengths if layout.key_mask is not None else None
+    out = attention(q, k, v, lengths, backend=backend, validate=False)
+    return out.reshape(B * longest, H, D).index_select(0, layout.pad_index)
+
+
+def _attention_runs(qkv: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+    N, _, H, D = qkv.shape
+    parts, lo = [], 0
+    for length, count in layout.runs:
+        q, k, v = qkv[lo : lo + count * length].view(count, length, 3, H, D).unbind(2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        parts.append(out.transpose(1, 2).reshape(count * length, H, D))
+        lo += count * length
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    # the CPU kernel turns a NaN query row into 0s; keep the NaN, as attention_reference does
+    return out + qkv[:, 0].sum(-1, keepdim=True) * 0
+
+
+def _auto_active(device: torch.device) -> bool:
+    from . import auto
+
+    return auto.active(device)
+
+
+def attention_varlen_naive(qkv: torch.Tensor, lengths: "list[int]") -> torch.Tensor:
+    """The float64 oracle of ``attention_varlen``: one sequence at a time, explicit softmax."""
+    parts, lo = [], 0
+    for n in lengths:
+        q, k, v = (t[None] for t in qkv[lo : lo + n].unbind(1))
+        parts.append(attention_naive(q, k, v)[0])
+        lo += n
+    return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------------------------
