@@ -267,3 +267,33 @@ def test_with_fallback_best_images_out_of_reach_take_the_last_count_and_the_rest
     tokens = model.encode(images, f"fast-pixel-l1:{threshold}", fallback="best", batch_size=4)
     assert tokens.lengths.tolist() == (expected * model.config.tokens_per_iter).tolist()
     assert bool(never.any()) and bool((first >= 0).any())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_image_flagged_out_of_reach_in_the_read_that_sees_it_stop_keeps_its_stopping_count(stream):
+    """Rounding can put an image on both sides at once (its estimate under the threshold, its
+    detail term at it): the count it stopped at stands, with fallback best as with max, and its
+    length never runs past its codes."""
+    from alit_fast.inference.criteria import PixelL1
+    from alit_fast.inference.encode import encode
+    from alit_fast.inference.stream import encode_stream
+
+    class BothAtOnce(PixelL1):
+        last_is_best_when_never_met = True
+
+        def never_met(self, model, images):
+            return torch.tensor([True, False])
+
+        def __call__(self, view):
+            return self.score(view) < 10.0  # every image meets it at the first judged count
+
+    torch.manual_seed(0)
+    model, images = ALIT(tiny_config()).eval(), torch.rand(2, 3, 32, 32)
+    for fallback in ("max", "best"):
+        if stream:
+            tokens = next(iter(encode_stream(model, [images], BothAtOnce(0.5), fallback=fallback, batch_size=2)))
+        else:
+            tokens = encode(model, images, BothAtOnce(0.5), fallback=fallback)
+        T = model.config.tokens_per_iter
+        assert tokens.lengths.tolist() == [T, T], fallback
+        assert all(int(c) >= 0 for c in tokens.padded(0)[0][:T]), fallback

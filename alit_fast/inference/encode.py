@@ -151,9 +151,11 @@ class CountChoice:
 
     def settle(self, rows: torch.Tensor, at: int) -> None:
         """Images ``rows`` stop at step ``at`` whatever their scores (their criterion was found
-        out of reach: fallback "best" gives them the last step without judging it)."""
+        out of reach: fallback "best" gives them the last step without judging it). An image that
+        met the criterion already keeps that step: rounding can flag an image out of reach in the
+        same read that sees it stop."""
+        self.first_met[rows] = torch.where(self.met[rows], self.first_met[rows], at)
         self.met[rows] = True
-        self.first_met[rows] = at
 
     def chosen(self, last: int) -> torch.Tensor:
         """Each image's step: int64 [batch] on the device."""
