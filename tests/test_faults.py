@@ -1494,3 +1494,35 @@ def test_a_base_cache_from_another_image_reader_is_refused_by_name(env, tmp_path
     (cache / "index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="older image reader"):
         BaseCacheDataset(cache).check_model(model)
+
+
+def test_a_resumed_evaluation_of_a_vae_model_draws_the_same_posterior_samples(tmp_path, monkeypatch):
+    """Without a halting generator the VAE's posterior noise comes from torch's global generator:
+    the saved progress carries its state, so the continued pass draws what the whole one did."""
+    import alit_fast.evaluation.run as run
+    from alit_fast.testing import tiny_vae_config
+
+    torch.manual_seed(0)
+    model = ALIT(tiny_vae_config()).eval()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def evaluate(**kwargs):
+        torch.manual_seed(123)  # as a fresh process would start
+        return run.evaluate(model, images, tokens="all", metrics="l1", batch_size=2, halting="off", **kwargs)
+
+    whole = evaluate()
+    assert not whole.settings["deterministic"] and whole.settings["seed"] is None
+    real, calls = run._add_batch, []
+
+    def stops_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "_add_batch", stops_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(progress_file=tmp_path / "p.pt", identity="same", save_every=0.0)
+    monkeypatch.setattr(run, "_add_batch", real)
+    resumed = evaluate(progress_file=tmp_path / "p.pt", identity="same", save_every=0.0)
+    assert [r.metrics for r in resumed.rows] == [r.metrics for r in whole.rows]

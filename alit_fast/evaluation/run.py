@@ -210,6 +210,8 @@ def _save_progress(path, identity: str, p: "_Pass", generator, offset: int, seco
         "counts": [[c.cpu() for c in a.counts] for a in p.adaptive],
         "png": [list(a.png) for a in p.adaptive],
         "generator": generator.get_state() if generator is not None else None,
+        # a VAE's posterior draws without a generator come from torch's global one
+        "global_rng": torch.get_rng_state(),
     }
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
@@ -233,6 +235,7 @@ def _restore_progress(path, identity: str, p: "_Pass", generator, device) -> dic
             a.counts, a.png = [c.to(device) for c in counts], list(png)
         if generator is not None:
             generator.set_state(state["generator"])
+        torch.set_rng_state(state["global_rng"])
         return {"offset": int(state["offset"]), "seconds": float(state["seconds"])}
     except ProgressError:
         raise
@@ -471,14 +474,19 @@ def _settings(model, metric_names, halting, seed, quantize, crop, fallback, has_
               batch_size, world: int, device) -> dict:
     cfg = model.config
     # "official" halts stochastically with a VQGAN base and never with a VAE (the official code's mask is lost)
-    deterministic = halting in ("off", "threshold") or (halting == "official" and getattr(cfg, "is_vae", False))
+    random_halting = halting == "stochastic" or (halting == "official" and not getattr(cfg, "is_vae", False))
+    # a VAE base samples its posterior: from the seeded generator under "stochastic"/"official",
+    # from torch's global generator (as the official code does) otherwise
+    samples = bool(getattr(model.base_tokenizer, "sample_posterior", False))
+    deterministic = not random_halting and not samples
+    seeded = halting in ("stochastic", "official") and not deterministic
     return {
         "image_size": cfg.image_size,
         "tokens_per_iteration": cfg.tokens_per_iter,
         "max_tokens": cfg.max_tokens,
         "metrics": list(metric_names),
         "halting": halting,
-        "seed": seed if not deterministic else None,
+        "seed": seed if seeded else None,
         "deterministic": deterministic,
         "quantize_uint8": quantize,
         "crop": crop,
@@ -548,6 +556,9 @@ def evaluate(
     a file of another identity is refused."""
     metric_names, counts, crits, names = check_arguments(model, tokens, criteria, metrics, fallback, halting,
                                                           fid_method, batch_size)
+    if progress_file is not None and not identity:
+        raise ValueError("evaluate: a progress_file needs an identity (a digest of the weights, images and options) "
+                         "so that another evaluation's progress is never continued")
     device, size = model.latent_tokens.device, model.config.image_size
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
