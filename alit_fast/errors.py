@@ -89,7 +89,7 @@ def run_command(
             message = (f"cannot write{where}: {exc.strerror or exc} (nothing half-written is left; files written "
                        "before are kept)")
         else:  # a forbidden or read-only place, met past the checks made before the work
-            message = f"{exc.strerror or exc}:{where}"
+            message = f"{exc.strerror or exc}:{where}" if where else str(exc.strerror or exc)
     except KeyboardInterrupt:
         if speak:
             sys.stdout.flush()
