@@ -206,17 +206,24 @@ def test_pretokenize_accepts_fast_pixel_l1(image_dir, tmp_path):
     assert (out / "index.json").exists()
 
 
-def test_images_whose_detail_alone_rules_the_threshold_out_skip_the_decoder():
+def _split_by_detail():
+    """A tiny model calibrated by hand so that the floor (the detail term) splits 7 varied images:
+    (model, images, the estimate per iteration and image, a threshold in the widest gap, which
+    images it rules out)."""
     torch.manual_seed(0)
     model = ALIT(tiny_config()).eval()
-    # by hand, so that the floor (the detail term) splits these images
     model.pixel_l1_calibration = calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.01, 0.0), cell=4)
     images = varied_images(7, seed=2)
     measured = measure(model, [images])
     estimate = calibration.predict(measured["detail"], measured["latent_error"])
     threshold = gap_threshold(measured["detail"][0])
+    never = parse_criterion(f"fast-pixel-l1:{threshold}").never_met(model, images)
+    return model, images, estimate, threshold, never
+
+
+def test_images_whose_detail_alone_rules_the_threshold_out_skip_the_decoder():
+    model, images, estimate, threshold, never = _split_by_detail()
     criterion = parse_criterion(f"fast-pixel-l1:{threshold}")
-    never = criterion.never_met(model, images)
     assert 0 < int(never.sum()) < len(images)
     assert bool((estimate[:, never] >= threshold).all())  # the floor is a true bound
     decoded = []
@@ -253,14 +260,7 @@ def test_fast_encode_makes_one_sync_per_judged_iteration_plus_one(fallback):
 
 
 def test_with_fallback_best_images_out_of_reach_take_the_last_count_and_the_rest_their_best():
-    torch.manual_seed(0)
-    model = ALIT(tiny_config()).eval()
-    model.pixel_l1_calibration = calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.01, 0.0), cell=4)
-    images = varied_images(7, seed=2)
-    measured = measure(model, [images])
-    estimate = calibration.predict(measured["detail"], measured["latent_error"])
-    threshold = gap_threshold(measured["detail"][0])
-    never = parse_criterion(f"fast-pixel-l1:{threshold}").never_met(model, images)
+    model, images, estimate, threshold, never = _split_by_detail()
     first = first_under(estimate, threshold)
     best = estimate.argmin(0)
     expected = torch.where(first >= 0, first, torch.where(never, model.config.iterations - 1, best)) + 1
