@@ -1526,3 +1526,19 @@ def test_a_resumed_evaluation_of_a_vae_model_draws_the_same_posterior_samples(tm
     monkeypatch.setattr(run, "_add_batch", real)
     resumed = evaluate(progress_file=tmp_path / "p.pt", identity="same", save_every=0.0)
     assert [r.metrics for r in resumed.rows] == [r.metrics for r in whole.rows]
+
+
+def test_a_progress_file_that_cannot_be_read_for_a_reason_outside_it_is_not_called_damaged(tmp_path, monkeypatch):
+    """Only a damaged file gets the advice to remove it; a permission or disk error is itself."""
+    import alit_fast.evaluation.run as run
+
+    (tmp_path / "p.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot be resumed from"):
+        run._restore_progress(tmp_path / "p.pt", "id", None, None, "cpu")
+
+    def forbidden(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "p.pt"))
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    with pytest.raises(PermissionError):
+        run._restore_progress(tmp_path / "p.pt", "id", None, None, "cpu")

@@ -237,8 +237,8 @@ def _restore_progress(path, identity: str, p: "_Pass", generator, device) -> dic
             generator.set_state(state["generator"])
         torch.set_rng_state(state["global_rng"])
         return {"offset": int(state["offset"]), "seconds": float(state["seconds"])}
-    except ProgressError:
-        raise
+    except (ProgressError, OSError, torch.cuda.OutOfMemoryError):
+        raise  # another identity, or not the file's fault (a disk, a permission, memory): as they are
     except Exception as exc:  # damaged, or of another metric set: start over rather than guess
         raise ProgressError(f"{path} cannot be resumed from ({type(exc).__name__}: {exc}); remove it to start "
                          "the evaluation over") from exc
