@@ -553,9 +553,11 @@ def _both(*makers: Callable[[], ContextManager]) -> Callable[[], ContextManager]
     return ctx
 
 
-def block_flops(batch: int, L: int, width: int, backward: bool) -> float:
-    """q/k/v/out projections (8 W^2) and the 4x MLP (16 W^2) per token, 2 FLOPs per MAC, plus attention."""
-    fwd = 2.0 * 12 * batch * L * width**2 + 4.0 * batch * L**2 * width
+def block_flops(batch: int, L: int, width: int, backward: bool, kept: int | None = None) -> float:
+    """q/k/v projections (6 W^2) per token, the out projection (2 W^2) and the 4x MLP (16 W^2)
+    per kept token (``kept`` output rows: all L by default), 2 FLOPs per MAC, plus attention."""
+    kept = L if kept is None else kept
+    fwd = 2.0 * 3 * batch * L * width**2 + 2.0 * 9 * batch * kept * width**2 + 4.0 * batch * L**2 * width
     return fwd * (3.0 if backward else 1.0)
 
 
@@ -777,11 +779,16 @@ def rollout_flops(
     for t in range(iterations):
         n = T * (t + 1)
         L = cfg.num_image_tokens + n
-        total += cfg.layers * block_flops(batch, L, W, False)  # encoder
+        # the last block keeps only the rows that are read: the encoder's latents at the final
+        # iteration (no carry follows), the decoder's grid cells always
+        final = t == iterations - 1
+        total += (cfg.layers - 1) * block_flops(batch, L, W, False) + block_flops(batch, L, W, False, n if final else L)
         total += 2.0 * batch * n * W * cfg.latent_dim  # pre-quantizer projection
         total += vq_flops(batch * n, cfg.codebook_size, cfg.latent_dim)
         total += 2.0 * batch * n * cfg.latent_dim * W  # decoder embedding
-        total += cfg.layers * block_flops(batch, L, W, False)  # decoder: 257 queries + n latents
+        total += (cfg.layers - 1) * block_flops(batch, L, W, False) + block_flops(batch, L, W, False, G2)  # decoder
+        # ... whose first block projects the G2 + 1 queries, the same for every image, once per batch
+        total -= 2.0 * 3 * (batch - 1) * (G2 + 1) * W**2
         total += 2.0 * batch * G2 * (W * 2 * W + 2 * W * cfg.vqgan.codebook_size)  # decoder head
         if soft_code:
             total += 2.0 * batch * G2 * cfg.vqgan.codebook_size * cfg.vqgan.z_channels

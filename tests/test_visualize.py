@@ -22,7 +22,8 @@ def _reference_maps(model: ALIT, z_q: torch.Tensor, first: int) -> torch.Tensor:
     """Per decoder layer, nn.MultiheadAttention's head-averaged weights on that layer's input, in
     float64, then the mean over layers: [B, first, g, g]."""
     inputs: list[tuple] = []
-    handles = [b.attn.register_forward_hook(lambda m, a, o: inputs.append((m, a[0]))) for b in model.decoder.transformer]
+    # a block's attention reads ln_1 of the block's input
+    handles = [b.register_forward_hook(lambda m, a, o: inputs.append((m.attn, m.ln_1(a[0])))) for b in model.decoder.transformer]
     try:
         with torch.no_grad():
             model.decode_logits(z_q)

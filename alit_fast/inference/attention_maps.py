@@ -1,7 +1,7 @@
 """What each 1D token holds: the decoder's attention from the grid cells to each latent token.
 
 The attention ops never form the probability matrix (the fused kernels stream it), so it is
-recomputed here from each decoder block's own input with forward hooks: the same in-projection,
+recomputed here from each decoder block's own input with forward hooks: its LayerNorm, the same in-projection,
 softmax(q k^T / sqrt(d)) with padded keys masked out, averaged over heads (what
 nn.MultiheadAttention returns with need_weights). Model code is untouched and runs as usual.
 
@@ -40,13 +40,14 @@ def record_decoder_attention(model: ALITCore) -> Iterator[list[torch.Tensor]]:
     the yielded list, layer by layer, for every decode the model runs."""
     records: list[torch.Tensor] = []
 
-    def hook(module, args, output):
+    def hook(block, args, output):
+        # a block's input x: its attention reads ln_1(x) (also when handed x's projection)
         x = args[0]
         lengths = args[1] if len(args) > 1 else None
         with torch.no_grad():
-            records.append(head_averaged_attention(module, x, lengths).cpu())
+            records.append(head_averaged_attention(block.attn, block.ln_1(x), lengths).cpu())
 
-    handles = [block.attn.register_forward_hook(hook) for block in model.decoder.transformer]
+    handles = [block.register_forward_hook(hook) for block in model.decoder.transformer]
     try:
         yield records
     finally:

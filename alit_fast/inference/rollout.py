@@ -15,11 +15,10 @@ A ``RolloutState`` runs the frozen base tokenizer once and then keeps each image
 Either way a step makes no host-device sync; ``finish`` makes at most one (none when given host
 values), and the per-image results are assembled on the device.
 
-Not cached on purpose: the image-independent part of the decoder (ln_pre of the masked 2D
-queries, the first block's ln_1 and q/k/v projection of those rows) and each iteration's new
-latent tokens. Measured on CPU it is 3.6% of a decoder call for the demo model at batch 16 and
-1.9% for alit_small, and an A/B of a decoder reusing it was within timing noise (the copy that
-broadcasts the cached rows to the batch eats most of it); the new latents are a [T, W] add.
+The decoder's image-independent rows (the masked 2D queries) go through ln_pre and the first
+block's q/k/v projection once per call, not once per image (``LatentDecoder.forward``): 5-7% of a
+decoder call for the demo model on one CPU thread, outputs unchanged. Each iteration's new latent
+tokens are not cached: a [T, W] add.
 """
 from __future__ import annotations
 
@@ -181,7 +180,8 @@ class RolloutState:
             raise RuntimeError("the rollout is finished: every image has stopped")
         t = self._t
         rec, carry = self._step_fn(
-            self._carry, t, self._gt, decode=decode or self.halting != "off", halting=self.halting, generator=self.generator
+            self._carry, t, self._gt, decode=decode or self.halting != "off", halting=self.halting, generator=self.generator,
+            final=t + 1 >= self.limit,
         )
         rows = self._all_rows if self.static_shapes else self.active
         out = StepOutput(**vars(rec), rows=rows)

@@ -183,16 +183,24 @@ class LatentDecoder(nn.Module):
         beside the encoder's in the official layout, not under ``decoder.``; ``latent_lengths`` as
         in ``ALITCore.decode_logits``."""
         B, n, _ = z_q.shape
+        G1 = queries.shape[1]
         latents = self.decoder_embed(z_q) + self.latent_token_positional_embedding[:n]
-        queries = queries.expand(B, -1, -1).to(latents.dtype)
-        x = self.ln_pre(torch.cat([queries, latents], dim=1))
+        first, qkv = self.transformer[0], None
+        if first.attn.backend == "official":  # every row of every image, as the official code computes them
+            x = self.ln_pre(torch.cat([queries.expand(B, -1, -1).to(latents.dtype), latents], dim=1))
+        else:
+            # a LayerNorm and a projection are per row: the queries, the same for every image, go
+            # through ln_pre and the first block's q/k/v projection once, then are shared
+            queries, latents = self.ln_pre(queries.to(latents.dtype)), self.ln_pre(latents)
+            x = torch.cat([queries.expand(B, -1, -1), latents], dim=1)
+            qkv = torch.cat([first.project(queries).expand(B, -1, -1), first.project(latents)], dim=1)
         lengths = None
         if latent_lengths is not None:
             # converted once here, not in each of the attention calls below
-            lengths = (latent_lengths.to(device=x.device, dtype=torch.int32) + queries.shape[1]).contiguous()
-        x = run_blocks(self.transformer, x, lengths)
-        x = self.ln_post(x[:, 1 : queries.shape[1]])
-        return self.ffn(x)
+            lengths = (latent_lengths.to(device=x.device, dtype=torch.int32) + G1).contiguous()
+        # only the grid cells' outputs are read: the last block computes those rows alone
+        x = run_blocks(self.transformer, x, lengths, keep=slice(1, G1), first_qkv=qkv)
+        return self.ffn(self.ln_post(x))
 
     def forward_packed(self, queries: torch.Tensor, z_q: torch.Tensor, plan: "DecoderPlan") -> torch.Tensor:
         """``forward`` on packed latents: z_q [sum(counts), d] holds image j's ``plan.counts[j]``
@@ -201,11 +209,12 @@ class LatentDecoder(nn.Module):
         tensors out (the plan's indices were built beforehand): torch.compile traces it whole."""
         G1 = queries.shape[1]
         latents = self.decoder_embed(z_q) + self.latent_token_positional_embedding.index_select(0, plan.positions)
-        # a LayerNorm is per token: the queries, the same for every image, are normalized once
+        # a LayerNorm and a projection are per row: the queries, the same for every image, go
+        # through ln_pre and the first block's q/k/v projection once, then are gathered per image
         rows = self.ln_pre(torch.cat([queries[0].to(latents.dtype), latents]))
-        x = run_blocks(self.transformer, rows.index_select(0, plan.order), plan.layout)
-        x = self.ln_post(x.index_select(0, plan.outputs))
-        out = self.ffn(x)
+        qkv = self.transformer[0].project(rows).index_select(0, plan.order)
+        x = run_blocks(self.transformer, rows.index_select(0, plan.order), plan.layout, keep=plan.outputs, first_qkv=qkv)
+        out = self.ffn(self.ln_post(x))
         return out.view(-1, G1 - 1, out.shape[-1])
 
 
@@ -397,8 +406,9 @@ class ALITCore(nn.Module):
         new = self.new_latents(iteration).expand(x_out.shape[0], -1, -1).to(x_out.dtype)
         return self.encoder_ln_recursive(torch.cat([x_out, new], dim=1))
 
-    def run_encoder(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+    def run_encoder(self, x: torch.Tensor, keep: slice | None = None) -> torch.Tensor:
+        """The encoder's output rows ``keep`` (all when None) for its input ``x`` [B, L, W]."""
+        return self.encoder(x, keep=keep)
 
     def quantize_latents(self, latents: torch.Tensor) -> QuantizedLatents:
         z = self.pre_quantizer_mlp(self.encoder_ln_post(latents))
@@ -510,7 +520,8 @@ class ALITCore(nn.Module):
         decode: bool = True,
         halting: str = "off",
         generator: torch.Generator | None = None,
-    ) -> tuple[IterationOutput, torch.Tensor]:
+        final: bool = False,
+    ) -> tuple[IterationOutput, torch.Tensor | None]:
         """One recurrent iteration. ``carry`` is ``initial_state`` at iteration 0 and, after that,
         what the previous step returned (its encoder output, halted). Returns the iteration's
         outputs and the carry for the next one. ``gt_indices`` is the base's ``target`` (the VAE's
@@ -519,16 +530,20 @@ class ALITCore(nn.Module):
         The decoder runs only when ``decode``; the halting mask needs its logits, so an iteration
         that is not decoded is not halted (as in the official training loop). The mask is drawn at
         the last iteration too, so a random stream advances as the official code's does.
+
+        ``final``: no iteration follows, so no carry is needed (None is returned): the encoder's
+        last block then computes the latent rows alone. The outputs are the same.
         """
         G2 = self.config.grid_size**2
         x = carry if iteration == 0 else self.next_state(carry, iteration)
-        x_out = self.run_encoder(x)
-        latents = x_out[:, G2 + 1 :]
+        latent_rows = slice(G2 + 1, None)
+        x_out = self.run_encoder(x, keep=latent_rows if final else None)
+        latents = x_out if final else x_out[:, latent_rows]
         vq = self.quantize_latents(latents)
         logits = self.decode_logits(vq.z_q) if decode else None
         mask = self.halting_mask(logits, gt_indices, halting, generator) if logits is not None else None
         out = IterationOutput(iteration, latents, vq.indices, logits, gt_indices, vq.loss, vq.z_q)
-        return out, self.apply_halting(x_out, mask)
+        return out, None if final else self.apply_halting(x_out, mask)
 
     def start_carry(
         self, images: torch.Tensor, base: BaseOutput | None = None, generator: torch.Generator | None = None
@@ -564,7 +579,7 @@ class ALITCore(nn.Module):
         target = base.target
         records = []
         for t in range(iterations):
-            rec, carry = self.step(carry, t, target, decode=True, halting=halting, generator=generator)
+            rec, carry = self.step(carry, t, target, decode=True, halting=halting, generator=generator, final=t == iterations - 1)
             records.append(rec)
         return records
 
@@ -626,7 +641,8 @@ class ALITCore(nn.Module):
         total = torch.zeros((), device=images.device, dtype=torch.float32)
         for t in range(selected[-1] + 1):
             taken = t in selected
-            rec, carry = self.step(carry, t, target, decode=taken, halting=halting, generator=halting_generator)
+            rec, carry = self.step(carry, t, target, decode=taken, halting=halting, generator=halting_generator,
+                                   final=t == selected[-1])
             if not taken:
                 continue
             if cfg.is_vae:

@@ -81,7 +81,7 @@ def reconstruct(
         code = BaseOutput(z=base.vqgan.encoder(images), gt_indices=None)
     carry, _ = model.start_carry(images, code)
     for t in range(iteration + 1):
-        out, carry = model.step(carry, t, None, decode=t == iteration, halting="off")
+        out, carry = model.step(carry, t, None, decode=t == iteration, halting="off", final=t == iteration)
     return model.reconstruct(out.logits), out.vq_loss
 
 
