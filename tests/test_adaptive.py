@@ -5,6 +5,7 @@ from alit_fast import ALIT
 from alit_fast.inference import RolloutState, decode_logits, official_encode
 from alit_fast.testing import random_images, tiny_config
 from alit_fast.inference import TokenBatch
+from alit_fast.inference.criteria import Criterion
 from _single_thread import one_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -276,12 +277,12 @@ def test_the_same_tokens_save_to_the_same_bytes(tmp_path):
     assert [s.tolist() for s in loaded.sequences()] == [[1, 2, 3], [4]]
 
 
-class _ScoreBelow:
+class _ScoreBelow(Criterion):
     """A stand-in criterion: a view is one step's scores [n]; met below 0.15, lower is better."""
 
     higher_is_better = False
 
-    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+    def meets(self, scores: torch.Tensor) -> torch.Tensor:
         return scores < 0.15
 
     def score(self, scores: torch.Tensor) -> torch.Tensor:

@@ -97,10 +97,22 @@ class Criterion:
     bases: tuple[str, ...] = ("vqgan", "vae")
 
     def __call__(self, view: StepView) -> torch.Tensor:
-        raise NotImplementedError
+        return self.meets(self.score(view))
 
     def score(self, view: StepView) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} has no per-image score")
+
+    def meets(self, score: torch.Tensor) -> torch.Tensor:
+        """bool [n]: which scores meet the criterion (for criteria that decide on their score)."""
+        raise NotImplementedError
+
+    def judge(self, view: StepView, with_score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(which images may stop, their scores when ``with_score``): a criterion that decides on
+        its score computes it once for both."""
+        if type(self).meets is Criterion.meets:
+            return self(view), (self.score(view) if with_score else None)
+        score = self.score(view)
+        return self.meets(score), score
 
     # with fallback "best", whether an image ``never_met`` rules out may take the last count as its
     # best without being scored (then its decoder is skipped under "best" too)
@@ -141,8 +153,8 @@ class CodeAccuracy(Criterion):
     def score(self, view: StepView) -> torch.Tensor:
         return (view.logits.argmax(-1) == view.gt_indices).float().mean(-1)
 
-    def __call__(self, view: StepView) -> torch.Tensor:
-        return self.score(view) >= self.threshold
+    def meets(self, score: torch.Tensor) -> torch.Tensor:
+        return score >= self.threshold
 
 
 @dataclass
@@ -160,8 +172,8 @@ class CodeNLL(Criterion):
         logp = view.logits.float().log_softmax(-1)
         return -logp.gather(-1, view.gt_indices[..., None]).squeeze(-1).mean(-1)
 
-    def __call__(self, view: StepView) -> torch.Tensor:
-        return self.score(view) <= self.threshold
+    def meets(self, score: torch.Tensor) -> torch.Tensor:
+        return score <= self.threshold
 
 
 @dataclass
@@ -179,8 +191,8 @@ class CodeMAE(Criterion):
     def score(self, view: StepView) -> torch.Tensor:
         return (view.logits.float() - view.gt_indices.float()).abs().flatten(1).mean(1)
 
-    def __call__(self, view: StepView) -> torch.Tensor:
-        return self.score(view) <= self.threshold
+    def meets(self, score: torch.Tensor) -> torch.Tensor:
+        return score <= self.threshold
 
 
 @dataclass
@@ -197,8 +209,8 @@ class PixelL1(Criterion):
     def score(self, view: StepView) -> torch.Tensor:
         return l1_per_image(view.images, view.reconstructions())
 
-    def __call__(self, view: StepView) -> torch.Tensor:
-        return self.score(view) < self.threshold
+    def meets(self, score: torch.Tensor) -> torch.Tensor:
+        return score < self.threshold
 
 
 @dataclass
@@ -227,8 +239,8 @@ class FastPixelL1(Criterion):
         detail = image_detail(view.images, calibration.cell)
         return calibration.predict(detail, latent_error(view.model, view.logits, view.base_latents()))
 
-    def __call__(self, view: StepView) -> torch.Tensor:
-        return self.score(view) < self.threshold
+    def meets(self, score: torch.Tensor) -> torch.Tensor:
+        return score < self.threshold
 
     def never_met(self, model: "ALIT", images: torch.Tensor) -> torch.Tensor:
         # the estimate is floor + slope * latent_error with latent_error >= 0: where the slope is

@@ -125,14 +125,15 @@ class CountChoice:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Judge step ``at`` for the images ``rows`` (``live``: which of them count). Returns which
         of them meet the criterion and (fallback "best") which scored better than before."""
-        stop = self.criterion(view).to(self.met.device).reshape(-1)
+        stop, score = self.criterion.judge(view, with_score=self.best)
+        stop = stop.to(self.met.device).reshape(-1)
         if live is not None:
             stop = stop & live
         self.first_met[rows] = torch.where(stop & ~self.met[rows], at, self.first_met[rows])
         self.met[rows] = self.met[rows] | stop
         if not self.best:
             return stop, None
-        score = self.criterion.score(view).to(self.best_score)
+        score = score.to(self.best_score)
         # strictly better, so the earliest of equal scores wins
         better = (score > self.best_score[rows]) if self.criterion.higher_is_better else (score < self.best_score[rows])
         if live is not None:
@@ -151,10 +152,9 @@ class CountChoice:
 
     def settle(self, rows: torch.Tensor, at: int) -> None:
         """Images ``rows`` stop at step ``at`` whatever their scores (their criterion was found
-        out of reach: fallback "best" gives them the last step without judging it). An image that
-        met the criterion already keeps that step: rounding can flag an image out of reach in the
-        same read that sees it stop."""
-        self.first_met[rows] = torch.where(self.met[rows], self.first_met[rows], at)
+        out of reach: fallback "best" gives them the last step without judging it), also one that
+        rounding let meet the criterion in the read that flagged it (the caller runs it on to ``at``)."""
+        self.first_met[rows] = at
         self.met[rows] = True
 
     def chosen(self, last: int) -> torch.Tensor:
@@ -209,6 +209,11 @@ def _encode_chunk(
     prune = prune and (not best or criterion.last_is_best_when_never_met)
     never = criterion.never_met(model, images) if prune else None
     skip: set[int] = set()
+    if never is not None and reads_are_free(images.device):
+        # out-of-reach images skip the decoder from their first count
+        skip, never = {i for i, f in enumerate(never.tolist()) if f}, None
+        if best and skip:
+            choice.settle(to_device(sorted(skip), device=images.device)[0], last)
     while not state.done:
         count = state.iteration + 1  # iterations once this step has run
         # below min_tokens nothing may stop, and at the last allowed count everything stops
@@ -246,7 +251,10 @@ def _encode_chunk(
                 skip, never = {i for i, f in zip(ids, flags[n : 2 * n]) if f}, None
                 if best and skip:  # their last count stands, as if they had met the criterion there
                     choice.settle(to_device(sorted(skip), device=images.device)[0], last)
-            state.finish(flags[:n])
+            # out of reach by the bound wins over a stop that rounding let through in the same read:
+            # such an image gets the last count, as where the flags are read before the first step
+            # (pruning needs compacting: row j is then image ids[j])
+            state.finish([f and i not in skip for i, f in zip(ids, flags[:n])] if skip else flags[:n])
     lengths, codes = state.lengths, state.indices
     if best:
         lengths = choice.chosen(last) * T
@@ -270,6 +278,12 @@ def _judged_view(model: ALITCore, out, num_tokens: int, offset: int, gt: torch.T
     return view, picked
 
 
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a device value on the host costs nothing (a CPU: there is no queue to
+    drain); elsewhere such reads ride along with the one the step makes anyway."""
+    return device.type == "cpu"
+
+
 def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-image bool [b] shaped to broadcast over code rows [b, n] or vector rows [b, n, d]."""
     return mask.view(-1, *([1] * (like.dim() - 1)))
@@ -281,7 +295,7 @@ def _raise_bad_inputs(images: torch.Tensor, in_range: torch.Tensor) -> None:
     raise FloatingPointError("encode: the model produced NaN or inf (are its weights finite?)")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode(
     model: ALITCore,
     images: torch.Tensor,

@@ -32,7 +32,7 @@ from ..ops import VarlenLayout, concat_ranges, to_device
 from .criteria import DEFAULT_CRITERION, Criterion, StepView, TokenCount, criterion_name, parse_criterion
 from .encode import (
     CountChoice, _check_batch_size, _per_row, finite_outputs, check_criterion_fits, check_fallback, iteration_range,
-    token_batch_from_host,
+    reads_are_free, token_batch_from_host,
 )
 from .tokens import TokenBatch
 
@@ -164,7 +164,19 @@ class _Stream:
         self.choice.reset(index)
         for s, i in zip(slots, entering.ids):
             self.image[s], self.count[s], self.skip[s] = i, 0, False
+        if entering.never is not None and reads_are_free(self.device):
+            # out-of-reach images skip the decoder from their first count
+            self._out_of_reach([s for s, f in zip(slots, entering.never.tolist()) if f])
+            entering.never = None
         return slots, entering
+
+    def _out_of_reach(self, slots: list[int]) -> None:
+        """These slots' images can meet the criterion at no count: they run to the last count
+        without judging, which their choice takes (as if they had met the criterion there)."""
+        for s in slots:
+            self.skip[s] = True
+        if self.opts.best and slots:
+            self.choice.settle(to_device(slots, device=self.device)[0], self.opts.last)
 
     def _allocate(self, like: _Ready) -> None:
         B = self.opts.batch_size
@@ -306,12 +318,10 @@ class _Stream:
         and free their slots."""
         opts, T = self.opts, self.T
         n = len(judged)
-        stopped = {s for s, f in zip(judged, flags[:n]) if f and self.count[s] < opts.last}
         out_of_reach = [s for s, f in zip(entering_slots, flags[n:]) if f]
-        for s in out_of_reach:
-            self.skip[s] = True
-        if opts.best and out_of_reach:  # their last count stands, as if they had met the criterion there
-            self.choice.settle(to_device(out_of_reach, device=self.device)[0], opts.last)
+        self._out_of_reach(out_of_reach)
+        # the bound wins over a stop that rounding let through in the same read (see CountChoice.settle)
+        stopped = {s for s, f in zip(judged, flags[:n]) if f and self.count[s] < opts.last} - set(out_of_reach)
         done = [s for s in active if s in stopped or self.count[s] >= opts.last]
         if not done:
             return
