@@ -659,6 +659,16 @@ def cases(shapes: Shapes) -> Iterator[tuple[str, Callable[[], Any]]]:
                             attn.flash_attn_bwd(grad, q, k, v, out, lse, lengths, **extra)
 
                     yield f"{label} fwd", fwd
+                    if with_len and hasattr(attn, "flash_attn_fwd_varlen"):
+                        # the same sequences packed: lengths become offsets, no padded rows
+
+                        def fwd_varlen(B=B, L=L, H=H, D=D, dtype=dtype, prec=prec):
+                            q, k, v = torch.empty(B * L, 3, H, D, dtype=dtype, device="meta").unbind(1)
+                            offsets = torch.empty(B + 1, dtype=torch.int32, device="meta")
+                            with _matmul_precision(prec):
+                                attn.flash_attn_fwd_varlen(q, k, v, offsets, L)
+
+                        yield f"{label} fwd varlen", fwd_varlen
                     for mode in dq_modes or (None,):
                         yield f"{label} bwd{'' if mode is None else ' dq=' + mode}", functools.partial(bwd, mode=mode)
 

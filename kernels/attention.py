@@ -106,7 +106,7 @@ import triton.language as tl
 from ._utils import cdiv, gpu_capability, is_interpreting, next_power_of_2
 
 __all__ = [
-    "flash_attn_fwd", "flash_attn_bwd", "dot_precision", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "SUPPORTED_DTYPES",
+    "flash_attn_fwd", "flash_attn_fwd_varlen", "flash_attn_bwd", "dot_precision", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "SUPPORTED_DTYPES",
     "CANDIDATES", "DQ_MODES", "candidates",
 ]
 
@@ -281,37 +281,52 @@ def _fwd_kernel(
     HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TAIL_FULL: tl.constexpr, TMA: tl.constexpr = False,
+    VARLEN: tl.constexpr = False,
 ):
-    # L_BUCKET (= cdiv(L, 32)) is only the autotuning key; the kernel does not read it
+    # L_BUCKET (= cdiv(L, 32)) is only the autotuning key; the kernel does not read it.
+    # VARLEN: packed sequences, FlashAttention's varlen layout. Lengths holds the int32 offsets
+    # cu_seqlens [B + 1]; Q/K/V/Out are [N, H, D] (the *_b strides are unused), Lse is [H, N] and
+    # L is N. Sequence b's rows are cu[b]..cu[b+1]: its programs read and write those rows only
+    # (a program past its sequence's length writes nothing), so no row is padded or zeroed.
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    pid_bh = b * H + h
-    seqlen = _seqlen(Lengths, b, L, HAS_LENGTHS)
-    b64 = b.to(tl.int64)
-    q_base = Q + b64 * s_qb + h * s_qh
-    k_base = K + b64 * s_kb + h * s_kh
-    v_base = V + b64 * s_vb + h * s_vh
-    o_base = Out + b64 * s_ob + h * s_oh
-    lse_base = Lse + pid_bh.to(tl.int64) * L
+    if VARLEN:
+        start = tl.load(Lengths + b).to(tl.int64)
+        seqlen = (tl.load(Lengths + b + 1) - tl.load(Lengths + b)).to(tl.int32)
+        rows = seqlen  # the rows a program may write: its own sequence's
+        q_base = Q + start * s_ql + h * s_qh
+        k_base = K + start * s_kl + h * s_kh
+        v_base = V + start * s_vl + h * s_vh
+        o_base = Out + start * s_ol + h * s_oh
+        lse_base = Lse + h.to(tl.int64) * L + start
+    else:
+        seqlen = _seqlen(Lengths, b, L, HAS_LENGTHS)
+        rows = L
+        b64 = b.to(tl.int64)
+        q_base = Q + b64 * s_qb + h * s_qh
+        k_base = K + b64 * s_kb + h * s_kh
+        v_base = V + b64 * s_vb + h * s_vh
+        o_base = Out + b64 * s_ob + h * s_oh
+        lse_base = Lse + (b * H + h).to(tl.int64) * L
     row0 = pid_m * BLOCK_M
     if BLOCK_T < BLOCK_M:
         if seqlen - row0 <= BLOCK_T:
             # the block's valid rows (if any) lie in its first BLOCK_T rows: a BLOCK_T-row tile
             _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
-                      row0, seqlen, L, D, qk_scale, BLOCK_T, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
+                      row0, seqlen, rows, D, qk_scale, BLOCK_T, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
                       TAIL_FULL, TMA)
-            _store_zero_rows(o_base, s_ol, s_od, row0, L, D, BLOCK_M, BLOCK_T, BLOCK_D)
-            rows = row0 + tl.arange(0, BLOCK_M)
-            tl.store(lse_base + rows, tl.zeros((BLOCK_M,), dtype=tl.float32),
-                     mask=(rows >= row0 + BLOCK_T) & (rows < L))
+            _store_zero_rows(o_base, s_ol, s_od, row0, rows, D, BLOCK_M, BLOCK_T, BLOCK_D)
+            offs = row0 + tl.arange(0, BLOCK_M)
+            tl.store(lse_base + offs, tl.zeros((BLOCK_M,), dtype=tl.float32),
+                     mask=(offs >= row0 + BLOCK_T) & (offs < rows))
         else:
             _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
-                      row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
+                      row0, seqlen, rows, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
                       TAIL_FULL, TMA)
     else:
         _fwd_rows(q_base, k_base, v_base, o_base, lse_base, s_ql, s_qd, s_kl, s_kd, s_vl, s_vd, s_ol, s_od,
-                  row0, seqlen, L, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
+                  row0, seqlen, rows, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_T, BLOCK_D, UPCAST, DOT_PREC,
                       TAIL_FULL, TMA)
 
 
@@ -848,7 +863,7 @@ def _all_configs(kernel: str) -> list[triton.Config]:
 def _autotuned(kernel: str, fn, reset_to_zero=None):
     return triton.autotune(
         configs=_all_configs(kernel),
-        key=["L_BUCKET", "BLOCK_D", "DOT_PREC", "HAS_LENGTHS", "ATOMIC_DQ"][: 5 if kernel == "dkdv" else 4],
+        key=["L_BUCKET", "BLOCK_D", "DOT_PREC", "HAS_LENGTHS"] + {"dkdv": ["ATOMIC_DQ"], "fwd": ["VARLEN"]}.get(kernel, []),
         prune_configs_by={"early_config_prune": _prune(kernel)},
         reset_to_zero=reset_to_zero,
         cache_results=True,  # also on disk (Triton's cache dir): a new process does not re-tune
@@ -946,6 +961,56 @@ def flash_attn_fwd(
         HAS_LENGTHS=has_len, BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_2(D), UPCAST=upcast, DOT_PREC=prec,
         TAIL_FULL=tail_full(cap, operand_class(q.dtype, prec)),
         TMA=tma,
+    )
+    return out, lse
+
+
+def flash_attn_fwd_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel on packed sequences: q, k, v [N, H, D] (any strides: views of a packed
+    [N, 3, H, D] projection), sequence b in rows cu_seqlens[b]..cu_seqlens[b+1] (int32 [B+1] on q's
+    device), ``max_seqlen`` >= every length (a host int the caller knows: no sync). Returns (out
+    [N, H, D] in q's dtype, lse fp32 [H, N]). Sequences never see each other; no row is padded.
+
+    One program per (query block, head, sequence), as the padded kernel with per-sample lengths;
+    blocks past a sequence's length exit without work. TMA stays off: a sequence's rows start at
+    any row of the packed tensor, not at a descriptor-aligned one."""
+    N, H, D = q.shape
+    B = cu_seqlens.shape[0] - 1
+    if out is None:
+        out = _alloc((N, H, D), q.dtype, q.device)
+    else:
+        _check_buffer(out, (N, H, D), q.dtype, q.device, "out")
+    if lse is None:
+        lse = _alloc((H, N), torch.float32, q.device)
+    else:
+        _check_buffer(lse, (H, N), torch.float32, q.device, "lse")
+        if not lse.is_contiguous():
+            raise ValueError("lse buffer must be contiguous")
+    if N * H == 0 or B == 0:
+        return out, lse
+    upcast, prec = _dot_flags(q.dtype)
+    cap = _device_capability(q.device)
+    ocls = operand_class(q.dtype, prec)
+
+    def strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+        return (0, *t.stride())  # no batch stride: the offsets place each sequence
+
+    _launch(
+        "fwd", lambda bm, bn: (cdiv(max_seqlen, bm), H, B),
+        (q, k, v, out, lse, cu_seqlens, *strides(q), *strides(k), *strides(v), *strides(out),
+         H, N, D, _LOG2E / math.sqrt(D), cdiv(max_seqlen, 32)),
+        cap, ocls,
+        HAS_LENGTHS=False, BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_2(D), UPCAST=upcast, DOT_PREC=prec,
+        TAIL_FULL=tail_full(cap, ocls), TMA=False, VARLEN=True,
     )
     return out, lse
 

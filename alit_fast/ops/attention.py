@@ -173,6 +173,20 @@ def _backward(ctx, grad_out, grad_lse):
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("alit_fast::flash_attention_varlen", mutates_args=())
+def flash_attention_varlen_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """Packed sequences: qkv [N, 3, H, D], int32 offsets [B+1] -> out [N, H, D] (forward only:
+    ``attention_varlen`` takes the padded kernels where a gradient is needed)."""
+    q, k, v = qkv.unbind(1)
+    return _kernels().flash_attn_fwd_varlen(q, k, v, cu_seqlens, max_seqlen)[0]
+
+
+@flash_attention_varlen_op.register_fake
+def _(qkv, cu_seqlens, max_seqlen):
+    N, _, H, D = qkv.shape
+    return qkv.new_empty((N, H, D))
+
+
 def attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None, validate: bool = True
 ) -> torch.Tensor:
@@ -315,10 +329,15 @@ class VarlenLayout:
         """(length, how many) of each run of consecutive sequences of one length."""
         return [(n, len(list(group))) for n, group in itertools.groupby(self.lengths)]
 
-    def padded_rows(self, backend: str, device: torch.device) -> int:
+    def padded_rows(self, backend: str, device: torch.device, grad: bool = False) -> int:
         """Attention rows ``attention_varlen`` computes beyond the sequences' own (for statistics)."""
-        on_torch = backend == "torch" or (backend == "auto" and not _auto_active(device))
-        return 0 if on_torch and device.type == "cpu" else len(self.lengths) * self.max_len - self.total
+        packed = _varlen_path(backend, device) == "runs" or (backend == "triton" and not grad)
+        return 0 if packed else len(self.lengths) * self.max_len - self.total
+
+    @property
+    def cu_seqlens32(self) -> torch.Tensor:
+        """int32 [B+1] offsets on the device (what the varlen kernel takes)."""
+        return self._kept("cu_seqlens32", lambda: self.cu_seqlens.to(torch.int32))
 
     @classmethod
     def from_lengths(cls, lengths: "list[int] | tuple[int, ...]", device: torch.device | str) -> "VarlenLayout":
@@ -373,19 +392,35 @@ def attention_varlen(
 
     On a CPU (torch backend, or auto): one SDPA call per run of consecutive sequences of one
     length, on views of the packed rows: no padding, no mask, no copies (a caller that orders its
-    sequences by length gets one call per distinct length). Elsewhere one padded call with
-    per-sequence key lengths: the rows are scattered to [B, max_len] and gathered back (one launch
-    whatever the mix of lengths; the Triton kernel skips key tiles past each length, SDPA computes
-    them). The per-token work around it (projections, MLP, LayerNorm) stays packed either way."""
+    sequences by length gets one call per distinct length). The triton backend without a gradient
+    to keep: the Triton kernel's varlen mode, one launch that reads and writes the packed rows
+    (each program finds its sequence from ``cu_seqlens``; nothing padded, nothing copied).
+    Otherwise (auto on a GPU, torch on a GPU, a gradient) one padded call with per-sequence key
+    lengths: the rows are scattered to [B, max_len] and gathered back (one launch whatever the mix
+    of lengths; the Triton kernel skips key tiles past each length, SDPA computes them). The
+    per-token work around it (projections, MLP, LayerNorm) stays packed either way."""
     if validate:
         if qkv.dim() != 4 or qkv.shape[1] != 3:
             raise ValueError(f"attention_varlen expects qkv of shape [N, 3, H, D], got {tuple(qkv.shape)}")
         if qkv.shape[0] != layout.total:
             raise ValueError(f"attention_varlen: qkv has {qkv.shape[0]} rows, the layout {layout.total}")
-    on_torch = backend == "torch" or (backend == "auto" and not _auto_active(qkv.device))
-    if on_torch and qkv.device.type == "cpu":
+    if _varlen_path(backend, qkv.device) == "runs":
         return _attention_runs(qkv, layout)
-    return _attention_padded(qkv, layout, backend, on_torch)
+    if backend == "triton" and not (torch.is_grad_enabled() and qkv.requires_grad):
+        if validate:  # dtype, head dim, device; the sequence count rides where the batch size does
+            one = qkv[None, :1, 0].expand(len(layout.lengths), -1, -1, -1)
+            _check_triton_inputs(one, one, one, None, validate_values=False)
+        return flash_attention_varlen_op(qkv, layout.cu_seqlens32, layout.max_len)
+    return _attention_padded(qkv, layout, backend, backend == "torch" or _varlen_path(backend, qkv.device) == "torch")
+
+
+def _varlen_path(backend: str, device: torch.device) -> str:
+    """"runs" (SDPA per run of equal lengths: torch or auto on a CPU), "torch" (SDPA elsewhere) or
+    "kernels" (the triton or auto backend's)."""
+    on_torch = backend == "torch" or (backend == "auto" and not _auto_active(device))
+    if on_torch:
+        return "runs" if device.type == "cpu" else "torch"
+    return "kernels"
 
 
 def _attention_padded(qkv: torch.Tensor, layout: VarlenLayout, backend: str, on_torch: bool) -> torch.Tensor:
