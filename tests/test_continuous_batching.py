@@ -276,6 +276,33 @@ def test_the_packed_step_and_decode_trace_whole_under_torch_compile(monkeypatch)
     assert _same_tokens(_streamed(model, images, 3, **options), reference)
 
 
+def test_one_compiled_packed_step_serves_every_layout(monkeypatch):
+    """With dynamic shapes the step compiles once per structural case (the first step has no
+    previous output; a step may have no entering image), never once per layout."""
+    import alit_fast.inference.stream as stream
+
+    torch.manual_seed(0)
+    model = ALIT(tiny_config(), backend="torch").eval()
+    images = random_images(10, 32, seed=6)
+    criterion = FunctionCriterion(_mixed_counts, needs_logits=False)
+    reference = _streamed(model, images, 3, criterion=criterion)
+    graphs, layouts = [], set()
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(stream.packed_step, fullgraph=True, backend=counting_backend, dynamic=True)
+
+    def step(model, previous, entering, plan):
+        layouts.add(plan.layout.lengths)
+        return compiled(model, previous, entering, plan)
+
+    monkeypatch.setattr(stream, "packed_step", step)
+    assert _same_tokens(_streamed(model, images, 3, criterion=criterion), reference)
+    assert len(layouts) >= 5 and len(graphs) <= 3
+
+
 def test_the_padded_attention_path_gives_the_same_tokens_too():
     # the official backend runs attention_varlen padded with key lengths (as the Triton and GPU
     # torch backends do), not in runs of equal length

@@ -445,9 +445,30 @@ def _attention_padded(qkv: torch.Tensor, layout: VarlenLayout, backend: str, on_
 
 
 def _attention_runs(qkv: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # one opaque op reading the offsets (a host tensor: no sync), so that a traced graph does not
+        # unroll this layout's runs and serves every layout of its shapes (dynamic=True)
+        return attention_runs_op(qkv, layout.cu_seqlens)
+    return _runs(qkv, layout.runs)
+
+
+@torch.library.custom_op("alit_fast::attention_varlen_runs", mutates_args=(), device_types="cpu")
+def attention_runs_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``attention_varlen``'s CPU path as one op: qkv [N, 3, H, D], int64 offsets [B+1] on the CPU."""
+    lengths = cu_seqlens.diff().tolist()
+    return _runs(qkv, [(n, len(list(group))) for n, group in itertools.groupby(lengths)])
+
+
+@attention_runs_op.register_fake
+def _(qkv, cu_seqlens):
+    N, _, H, D = qkv.shape
+    return qkv.new_empty((N, H, D))
+
+
+def _runs(qkv: torch.Tensor, runs: "list[tuple[int, int]]") -> torch.Tensor:
     N, _, H, D = qkv.shape
     parts, lo = [], 0
-    for length, count in layout.runs:
+    for length, count in runs:
         q, k, v = qkv[lo : lo + count * length].view(count, length, 3, H, D).unbind(2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         parts.append(out.transpose(1, 2).reshape(count * length, H, D))

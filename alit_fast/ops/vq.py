@@ -55,22 +55,35 @@ def vq_nearest_reference(
         z = F.normalize(z, dim=-1)
         codebook = F.normalize(codebook, dim=-1)
     code_sq = (codebook * codebook).sum(-1)
+    if z.shape[0] <= TORCH_CHUNK_ROWS:
+        # one chunk, without the loop: a traced graph then keeps the row count symbolic
+        best, indices = _nearest_chunk(z, codebook, code_sq)
+        return _first_copies(indices, codebook, first_copy), best
     indices = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
     scores = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
     for start in range(0, z.shape[0], TORCH_CHUNK_ROWS):
         rows = z[start : start + TORCH_CHUNK_ROWS]
-        row_sq = (rows * rows).sum(-1, keepdim=True)
-        # in place, and dropped before the next chunk: one [chunk, K] buffer alive at a time
-        dist = torch.addmm(code_sq[None, :], rows, codebook.t(), alpha=-2.0).add_(row_sq)
-        best, idx = dist.min(dim=1)
-        del dist
+        best, idx = _nearest_chunk(rows, codebook, code_sq)
         indices[start : start + rows.shape[0]] = idx
-        scores[start : start + rows.shape[0]] = best.clamp_min(0)
+        scores[start : start + rows.shape[0]] = best
+    return _first_copies(indices, codebook, first_copy), scores
+
+
+def _nearest_chunk(rows: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(squared distance to the nearest code, its index) per row."""
+    row_sq = (rows * rows).sum(-1, keepdim=True)
+    # in place, and dropped on return: one [chunk, K] buffer alive at a time
+    dist = torch.addmm(code_sq[None, :], rows, codebook.t(), alpha=-2.0).add_(row_sq)
+    best, idx = dist.min(dim=1)
+    return best.clamp_min(0), idx
+
+
+def _first_copies(indices: torch.Tensor, codebook: torch.Tensor, first_copy: torch.Tensor | None) -> torch.Tensor:
     if codebook.shape[0] > 1:
         if first_copy is None:
             first_copy = duplicate_map(codebook)
         indices = first_copy[indices]
-    return indices, scores
+    return indices
 
 
 def duplicate_map(codebook: torch.Tensor) -> torch.Tensor:
