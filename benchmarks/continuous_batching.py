@@ -10,7 +10,9 @@ extra run, views left out: the CPU's proxy for GPU kernel launches), steps, mean
 padded-token fraction (attention rows computed for padding / all of them; the per-token layers
 pad nothing; the
 compacting encoder's batches are all at one length, so it has none, and loses occupancy instead).
-Both encoders must give every image the same count (checked). Then a mixed-length decode: the
+Both encoders must give every image the same count (checked). The same table again for held-out
+photo crops (``--photo-crops``: random crops of scikit-image's sample photographs at a seed
+training never used, from close-ups to whole scenes). Then a mixed-length decode: the
 packed decoder as ``decode`` runs it (``decode_logits_mixed``) against the padded one
 (``decode_logits`` with lengths) on a batch whose images have 8..64 tokens.
 """
@@ -29,6 +31,7 @@ from alit_fast.cli.demo import HELD_OUT_SEED, demo_images
 from alit_fast.inference import StreamStats, TokenBatch
 from alit_fast.inference.encode import decode_logits_mixed
 from alit_fast.io import load
+from alit_fast.training.data import PhotoCrops
 
 
 # ops that only make a new view or hand a tensor back: no kernel launch on a GPU
@@ -128,35 +131,57 @@ def mixed_decode(model, batch: int, repeats: int, seed: int = 0) -> dict:
                 packed_ops=ops[0], padded_ops=ops[1])
 
 
-def run(checkpoint: str, per_level: int, batch: int, threads: int, criteria: list[str], repeats: int) -> dict:
+def photo_crops(size: int, count: int) -> torch.Tensor | None:
+    """``count`` held-out photo crops [count, 3, size, size], or None without scikit-image."""
+    crops = PhotoCrops(size, length=count, seed=HELD_OUT_SEED)
+    try:
+        return torch.stack([crops[i]["image"] for i in range(count)])
+    except ImportError:
+        return None
+
+
+def run(checkpoint: str, per_level: int, batch: int, threads: int, criteria: list[str], repeats: int,
+        photos: int = 0) -> dict:
     torch.set_num_threads(threads)
     model = load(checkpoint, backend="torch")
     items = demo_images(model.config.image_size, per_level=per_level, photos=True, seed=HELD_OUT_SEED)
-    images = torch.stack([it.image for it in items])
+    sets = {"held-out mix": torch.stack([it.image for it in items])}
+    crops = photo_crops(model.config.image_size, photos) if photos else None
+    if crops is not None:
+        sets["photo crops"] = crops
     results = {}
-    for spec in criteria:
-        criterion, _, fallback = spec.partition(",")
-        results[spec] = encoders(model, images, criterion, fallback or "max", batch, repeats)
+    for name, images in sets.items():
+        for spec in criteria:
+            criterion, _, fallback = spec.partition(",")
+            results.setdefault(name, {})[spec] = encoders(model, images, criterion, fallback or "max", batch, repeats)
     return dict(checkpoint=checkpoint, batch=batch, threads=threads, repeats=repeats,
                 machine=platform.processor() or platform.machine(), torch=torch.__version__,
-                encode=results, decode=mixed_decode(model, batch, repeats))
+                encode=results["held-out mix"], photos=results.get("photo crops"), decode=mixed_decode(model, batch, repeats))
 
 
 def print_table(result: dict) -> None:
     print(f"{result['checkpoint']}, batch {result['batch']}, {result['threads']} thread(s), {result['machine']}, "
           f"torch {result['torch']}, best of {result['repeats']}")
+    print("the held-out mix:")
+    print_rows(result["encode"])
+    if result.get("photos"):
+        print("held-out photo crops:")
+        print_rows(result["photos"])
+    d = result["decode"]
+    print(f"mixed-length decode of {len(d['counts'])} images with {min(d['counts'])}..{max(d['counts'])} tokens: packed "
+          f"{d['packed_ms']:.2f} ms, padded {d['padded_ms']:.2f} ms ({d['speedup']:.2f}x); ops {d['packed_ops']} vs {d['padded_ops']}")
+
+
+def print_rows(encode: dict) -> None:
     print(f"{'criterion':<26} {'encoder':<11} {'images/s':>9} {'ratio':>6} {'ops/image':>10} {'ratio':>6} "
           f"{'steps':>6} {'imgs/step':>9} {'padded':>7}")
-    for spec, r in result["encode"].items():
+    for spec, r in encode.items():
         base = r["rows"]["compacting"]
         for name, row in r["rows"].items():
             print(f"{spec:<26} {name:<11} {row['images_per_s']:>9.1f} {row['images_per_s'] / base['images_per_s']:>5.2f}x "
                   f"{row['ops_per_image']:>10.0f} {row['ops_per_image'] / base['ops_per_image']:>5.2f}x {row['steps']:>6} "
                   f"{row['mean_active']:>9.1f} {100 * row['padded_fraction']:>6.2f}%")
         print(f"{'':<26} {r['images']} images, mean {r['mean_tokens']:.1f} tokens, same counts: {r['same_counts']}")
-    d = result["decode"]
-    print(f"mixed-length decode of {len(d['counts'])} images with {min(d['counts'])}..{max(d['counts'])} tokens: packed "
-          f"{d['packed_ms']:.2f} ms, padded {d['padded_ms']:.2f} ms ({d['speedup']:.2f}x); ops {d['packed_ops']} vs {d['padded_ops']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--criteria", nargs="+", default=["fast-pixel-l1:0.07,max", "pixel-l1:0.07,best"],
                         help="CRITERION[,FALLBACK] rows")
+    parser.add_argument("--photo-crops", type=int, default=128, help="held-out photo crops for the second table (0: none)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    result = run(args.checkpoint, args.per_level, args.batch, args.threads, args.criteria, args.repeats)
+    result = run(args.checkpoint, args.per_level, args.batch, args.threads, args.criteria, args.repeats, args.photo_crops)
     print_table(result)
     if args.out:
         with open(args.out, "w") as f:
