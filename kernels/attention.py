@@ -981,8 +981,9 @@ def flash_attn_fwd_varlen(
     [N, H, D] in q's dtype, lse fp32 [H, N]). Sequences never see each other; no row is padded.
 
     One program per (query block, head, sequence), as the padded kernel with per-sample lengths;
-    blocks past a sequence's length exit without work. TMA stays off: a sequence's rows start at
-    any row of the packed tensor, not at a descriptor-aligned one."""
+    blocks past a sequence's length exit without work. On sm_90 the full K / V tiles come through
+    tensor descriptors made per program at its sequence's first row (16-byte aligned wherever the
+    row stride is, which ``use_tma`` checks), bounded by that sequence's length."""
     N, H, D = q.shape
     B = cu_seqlens.shape[0] - 1
     if out is None:
@@ -1004,13 +1005,16 @@ def flash_attn_fwd_varlen(
     def strides(t: torch.Tensor) -> tuple[int, int, int, int]:
         return (0, *t.stride())  # no batch stride: the offsets place each sequence
 
+    tma = use_tma(cap, ocls, k[None], v[None])
+    if tma:
+        triton.set_allocator(functools.partial(_tma_scratch, q.device))
     _launch(
         "fwd", lambda bm, bn: (cdiv(max_seqlen, bm), H, B),
         (q, k, v, out, lse, cu_seqlens, *strides(q), *strides(k), *strides(v), *strides(out),
          H, N, D, _LOG2E / math.sqrt(D), cdiv(max_seqlen, 32)),
         cap, ocls,
         HAS_LENGTHS=False, BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_2(D), UPCAST=upcast, DOT_PREC=prec,
-        TAIL_FULL=tail_full(cap, ocls), TMA=False, VARLEN=True,
+        TAIL_FULL=tail_full(cap, ocls), TMA=tma, VARLEN=True,
     )
     return out, lse
 
