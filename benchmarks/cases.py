@@ -766,12 +766,14 @@ def vqgan_flops(cfg: ALITConfig, batch: int, part: str = "encoder") -> float:
 
 
 def rollout_flops(
-    cfg: ALITConfig, batch: int, iterations: int | None = None, vqgan: bool = True, soft_code: bool = False
+    cfg: ALITConfig, batch: int, iterations: int | None = None, vqgan: bool = True, soft_code: bool = False,
+    official: bool = False,
 ) -> float:
     """Matmul/conv FLOPs of a forward rollout with a decode at every iteration: the VQGAN encoder
     and its lookup (``vqgan``), the patch embedding, then per iteration the encoder and decoder
     blocks, the latent VQ, the decoder head, and the soft code where the loss takes it. The
-    elementwise work is left out."""
+    elementwise work is left out. ``official``: as the official code computes it, every row of
+    every block (alit_fast's last blocks skip the rows nobody reads)."""
     W, T, G2 = cfg.width, cfg.tokens_per_iter, cfg.grid_size**2
     iterations = cfg.iterations if iterations is None else iterations
     total = vqgan_flops(cfg, batch) if vqgan else 0.0
@@ -781,14 +783,15 @@ def rollout_flops(
         L = cfg.num_image_tokens + n
         # the last block keeps only the rows that are read: the encoder's latents at the final
         # iteration (no carry follows), the decoder's grid cells always
-        final = t == iterations - 1
+        final = t == iterations - 1 and not official
         total += (cfg.layers - 1) * block_flops(batch, L, W, False) + block_flops(batch, L, W, False, n if final else L)
         total += 2.0 * batch * n * W * cfg.latent_dim  # pre-quantizer projection
         total += vq_flops(batch * n, cfg.codebook_size, cfg.latent_dim)
         total += 2.0 * batch * n * cfg.latent_dim * W  # decoder embedding
-        total += (cfg.layers - 1) * block_flops(batch, L, W, False) + block_flops(batch, L, W, False, G2)  # decoder
-        # ... whose first block projects the G2 + 1 queries, the same for every image, once per batch
-        total -= 2.0 * 3 * (batch - 1) * (G2 + 1) * W**2
+        kept = L if official else G2
+        total += (cfg.layers - 1) * block_flops(batch, L, W, False) + block_flops(batch, L, W, False, kept)  # decoder
+        if not official:  # ... whose first block projects the G2 + 1 queries, the same for every image, once per batch
+            total -= 2.0 * 3 * (batch - 1) * (G2 + 1) * W**2
         total += 2.0 * batch * G2 * (W * 2 * W + 2 * W * cfg.vqgan.codebook_size)  # decoder head
         if soft_code:
             total += 2.0 * batch * G2 * cfg.vqgan.codebook_size * cfg.vqgan.z_channels

@@ -199,7 +199,7 @@ def _flops(kind: str, batch: int) -> float:
     if kind == "train":
         fwd = rollout_flops(cfg, batch, soft_code=True)
         return fwd + 2 * (fwd - vqgan_flops(cfg, batch))  # backward ~2x, the VQGAN frozen
-    return rollout_flops(cfg, 1, soft_code=True) + cfg.iterations * vqgan_flops(cfg, 1, "decoder")
+    return rollout_flops(cfg, 1, soft_code=True, official=True) + cfg.iterations * vqgan_flops(cfg, 1, "decoder")
 
 
 def _rollout_run_s(cfg, batch: int, fp32: bool = False) -> float:

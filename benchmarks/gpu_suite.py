@@ -1079,7 +1079,7 @@ def floors_markdown(ceilings: dict[str, float] | None = None) -> str:
     vq_enc = vqgan_flops(cfg, sizes.train_batch)
     train = train_fwd + 2 * (train_fwd - vq_enc)  # backward ~2x the forward of everything but the frozen VQGAN
     dec1 = vqgan_flops(cfg, 1, "decoder")
-    official = rollout_flops(cfg, 1, soft_code=True) + cfg.iterations * dec1
+    official = rollout_flops(cfg, 1, soft_code=True, official=True) + cfg.iterations * dec1
     ours = rollout_flops(cfg, sizes.encode_batch, soft_code=False) / sizes.encode_batch
     lines += [
         "",

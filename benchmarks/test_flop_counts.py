@@ -42,3 +42,19 @@ def test_mixed_lengths_count_only_valid_tokens():
     assert full == 4 * 32 * 8 * 513**2 * 128
     assert attention_flops(shape, lengths, False) < full
     assert attention_flops(shape, lengths, True) == 3.5 * attention_flops(shape, lengths, False)
+
+
+def test_official_rollout_formula_counts_every_row():
+    cfg = tiny_config(layers=1)
+    model = build_model(cfg, torch.device("cpu")).eval().set_backend("official")
+    images = random_images(1, cfg.image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.rollout(images)
+    # nn.MultiheadAttention's fast path calls the fused SDPA, which the counter does not see
+    attn = sum(
+        2 * cfg.layers * attention_flops(AttnShape(1, cfg.heads, cfg.head_dim, cfg.num_image_tokens + cfg.tokens_per_iter * (t + 1),
+                                                   torch.float32, False), None, backward=False)
+        for t in range(cfg.iterations)
+    )
+    assert counter.get_total_flops() + attn == rollout_flops(cfg, 1, official=True)
+    assert rollout_flops(cfg, 1, official=True) > rollout_flops(cfg, 1)  # the rows alit_fast skips

@@ -96,3 +96,38 @@ def test_the_decoders_shared_query_projection_gives_every_images_own_rows():
         x = dec.ln_pre(torch.cat([queries.expand(3, -1, -1), latents], dim=1))
         want = dec.ffn(dec.ln_post(run_blocks(dec.transformer, x)[:, 1 : queries.shape[1]]))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_checkpointed_decoder_projects_its_queries_inside_the_checkpoint(monkeypatch):
+    """Handed in from outside, the shared projection would stay alive until the backward pass."""
+    import alit_fast.models.alit as alit_module
+
+    model = ALIT(tiny_config()).train()
+    seen = []
+    real = alit_module.run_blocks
+    monkeypatch.setattr(alit_module, "run_blocks", lambda *a, first_qkv=None, **k: seen.append(first_qkv) or real(*a, first_qkv=first_qkv, **k))
+    z_q = torch.randn(2, 4, model.config.latent_dim, requires_grad=True)
+    model.decode_logits(z_q).sum().backward()
+    model.set_activation_checkpointing(True)
+    model.decode_logits(z_q).sum().backward()
+    with torch.no_grad():
+        model.decode_logits(z_q)
+    assert [q is not None for q in seen] == [True, False, True]
+
+
+def test_encode_returns_ordinary_tensors():
+    model = ALIT(tiny_config()).eval()
+    tokens = model.encode(random_images(2, model.config.image_size), criterion="tokens:4")
+    assert not tokens.codes.is_inference() and not tokens.lengths.is_inference()
+    tokens.codes[0, 0] = 1  # editable in place, outside any inference mode
+
+
+class _OwnCall(PixelL1):
+    def __call__(self, view):
+        return torch.ones(view.rows.numel(), dtype=torch.bool)  # stops everything, whatever the score
+
+
+def test_a_subclass_that_overrides_call_is_asked_through_it():
+    model = ALIT(tiny_config()).eval()
+    tokens = model.encode(random_images(3, model.config.image_size), criterion=_OwnCall(1e-9), fallback="best")
+    assert tokens.lengths.tolist() == [model.config.tokens_per_iter] * 3

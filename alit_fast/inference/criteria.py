@@ -109,7 +109,9 @@ class Criterion:
     def judge(self, view: StepView, with_score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(which images may stop, their scores when ``with_score``): a criterion that decides on
         its score computes it once for both."""
-        if type(self).meets is Criterion.meets:
+        # a criterion that decides otherwise (no ``meets``, or its own ``__call__``, perhaps in a
+        # subclass of a built-in one) is asked as it says
+        if type(self).meets is Criterion.meets or type(self).__call__ is not Criterion.__call__:
             return self(view), (self.score(view) if with_score else None)
         score = self.score(view)
         return self.meets(score), score

@@ -295,7 +295,7 @@ def _raise_bad_inputs(images: torch.Tensor, in_range: torch.Tensor) -> None:
     raise FloatingPointError("encode: the model produced NaN or inf (are its weights finite?)")
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def encode(
     model: ALITCore,
     images: torch.Tensor,

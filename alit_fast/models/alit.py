@@ -186,7 +186,7 @@ class LatentDecoder(nn.Module):
         G1 = queries.shape[1]
         latents = self.decoder_embed(z_q) + self.latent_token_positional_embedding[:n]
         first, qkv = self.transformer[0], None
-        if first.attn.backend == "official":  # every row of every image, as the official code computes them
+        if not _share_queries(first):
             x = self.ln_pre(torch.cat([queries.expand(B, -1, -1).to(latents.dtype), latents], dim=1))
         else:
             # a LayerNorm and a projection are per row: the queries, the same for every image, go
@@ -212,10 +212,21 @@ class LatentDecoder(nn.Module):
         # a LayerNorm and a projection are per row: the queries, the same for every image, go
         # through ln_pre and the first block's q/k/v projection once, then are gathered per image
         rows = self.ln_pre(torch.cat([queries[0].to(latents.dtype), latents]))
-        qkv = self.transformer[0].project(rows).index_select(0, plan.order)
+        first = self.transformer[0]
+        qkv = first.project(rows).index_select(0, plan.order) if _share_queries(first) else None
         x = run_blocks(self.transformer, rows.index_select(0, plan.order), plan.layout, keep=plan.outputs, first_qkv=qkv)
         out = self.ffn(self.ln_post(x))
         return out.view(-1, G1 - 1, out.shape[-1])
+
+
+def _share_queries(first: nn.Module) -> bool:
+    """Whether the decoder hands its first block the queries' projection, computed once: not on the
+    official backend (its baseline computes every row of every image, as the official code does),
+    nor where that block is checkpointed for a backward pass (the projection, made outside the
+    checkpoint, would stay alive until the backward: the memory checkpointing is there to save)."""
+    if first.attn.backend == "official":
+        return False
+    return not (first.checkpoint_activations and torch.is_grad_enabled())
 
 
 @dataclass

@@ -445,9 +445,10 @@ def _attention_padded(qkv: torch.Tensor, layout: VarlenLayout, backend: str, on_
 
 
 def _attention_runs(qkv: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and qkv.requires_grad):
         # one opaque op reading the offsets (a host tensor: no sync), so that a traced graph does not
-        # unroll this layout's runs and serves every layout of its shapes (dynamic=True)
+        # unroll this layout's runs and serves every layout of its shapes (dynamic=True); forward
+        # only: a traced backward keeps the loop (and a graph per layout)
         return attention_runs_op(qkv, layout.cu_seqlens)
     return _runs(qkv, layout.runs)
 
