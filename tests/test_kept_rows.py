@@ -131,3 +131,14 @@ def test_a_subclass_that_overrides_call_is_asked_through_it():
     model = ALIT(tiny_config()).eval()
     tokens = model.encode(random_images(3, model.config.image_size), criterion=_OwnCall(1e-9), fallback="best")
     assert tokens.lengths.tolist() == [model.config.tokens_per_iter] * 3
+
+
+def test_weights_caches_filled_by_encode_serve_a_later_training_step():
+    """encode computes under inference_mode; what it caches from the weights must stay ordinary
+    tensors, or a training step with those weights frozen would fail at its backward pass."""
+    model = ALIT(tiny_config())
+    for p in (model.decoder_class_embedding, model.decoder_mask_token, model.decoder_positional_embedding):
+        p.requires_grad_(False)  # frozen: the decoder's queries now come from the cache
+    images = random_images(2, model.config.image_size)
+    model.eval().encode(images, criterion="code-nll:0.5")
+    model.train()(images, halting="off").loss.backward()

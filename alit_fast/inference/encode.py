@@ -330,43 +330,36 @@ def encode(
     images = model.model_images(images)
     static = (step_fn is not None) if static_shapes is None else bool(static_shapes)
     step = images.shape[0] if not batch_size else int(batch_size)
-    chunks = [
-        _encode_chunk(model, images[lo : lo + step], crit, first, last, halting, generator, fallback, lo, static, step_fn)
-        for lo in range(0, images.shape[0], step)
-    ]
-    # one device-to-host read for the whole batch: lengths, codes and the two sanity flags
+    extra = {"criterion": criterion_name(crit)}
+    if fallback != "max":
+        extra["fallback"] = fallback
+    # the compute runs under inference_mode (less bookkeeping per op); the tokens are then built
+    # from host values outside it, so they are ordinary tensors (editable, usable in training)
+    with torch.inference_mode():
+        chunks = [
+            _encode_chunk(model, images[lo : lo + step], crit, first, last, halting, generator, fallback, lo, static, step_fn)
+            for lo in range(0, images.shape[0], step)
+        ]
+        rows = _read_chunks(model, images, chunks)
+    return token_batch_from_host(model, rows, extra)
+
+
+def _read_chunks(model: ALITCore, images: torch.Tensor, chunks: "list[_Chunk]") -> "list[tuple[int, list]]":
+    """One device-to-host read for the whole batch (lengths, codes or vectors, the two sanity
+    flags): (length, padded row) per image. Continuous vectors go in float64 (exact for fp32, fp16
+    and bf16 values and for the counts)."""
     lengths = torch.cat([c.lengths for c in chunks])
     codes = torch.cat([c.codes for c in chunks])
     in_range = torch.stack([c.in_range for c in chunks]).all()
     finite = torch.stack([c.finite for c in chunks]).all()
-    extra = {"criterion": criterion_name(crit)}
-    if fallback != "max":
-        extra["fallback"] = fallback
-    if not model.config.quantize_latent:
-        return _continuous_batch(model, images, lengths, codes, in_range, finite, extra)
-    packed = torch.cat([torch.stack([in_range, finite]).long(), lengths, codes.flatten()]).tolist()
+    dtype = torch.int64 if model.config.quantize_latent else torch.float64
+    packed = torch.cat([torch.stack([in_range, finite]).to(dtype), lengths.to(dtype), codes.to(dtype).flatten()]).tolist()
     if not (packed[0] and packed[1]):
         _raise_bad_inputs(images, in_range)
     B = lengths.shape[0]
-    host_lengths = packed[2 : 2 + B]
+    per_row = codes[0].numel() if B else 0
     flat = packed[2 + B :]
-    width = codes.shape[1]
-    rows = [flat[i * width : (i + 1) * width] for i in range(B)]
-    return TokenBatch.from_host_rows(
-        rows, host_lengths, model.config.codebook_size, config_json=model.config.to_json(), extra=extra
-    )
-
-
-def _continuous_batch(model, images, lengths, vectors, in_range, finite, extra) -> TokenBatch:
-    """The continuous tokens' batch, with the same single read: flags, lengths and vectors go to
-    the host together in float64 (exact for fp32, fp16 and bf16 values and for the counts)."""
-    B, width, d = vectors.shape
-    packed = torch.cat([torch.stack([in_range, finite]).double(), lengths.double(), vectors.double().flatten()]).tolist()
-    if not (packed[0] and packed[1]):
-        _raise_bad_inputs(images, in_range)
-    flat = packed[2 + B :]
-    rows = [(int(n), flat[i * width * d : (i + 1) * width * d]) for i, n in enumerate(packed[2 : 2 + B])]
-    return token_batch_from_host(model, rows, extra)
+    return [(int(n), flat[i * per_row : (i + 1) * per_row]) for i, n in enumerate(packed[2 : 2 + B])]
 
 
 def token_batch_from_host(model: ALITCore, rows: "list[tuple[int, list]]", extra: dict) -> TokenBatch:

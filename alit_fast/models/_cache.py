@@ -32,7 +32,9 @@ class WeightsCache:
             return self.fn(*tensors)
         keys = tuple(_key(t) for t in tensors)
         if keys != self._keys:
-            with torch.no_grad():
+            # ordinary tensors even when first asked inside inference_mode (encode's compute): a
+            # cached inference tensor would fail a later forward that keeps a graph
+            with torch.inference_mode(False), torch.no_grad():
                 self._value = self.fn(*(t.detach() for t in tensors))
             self._sources = tuple(t.detach() for t in tensors)
             self._keys = keys
