@@ -18,6 +18,15 @@ def test_attention_formula_matches_flop_counter():
     assert counter.get_total_flops() == attention_flops(shape, None, backward=False)
 
 
+def _rollout_attention(cfg, batch: int) -> float:
+    """The attention FLOPs of a rollout's encoder and decoder blocks, every iteration."""
+    return sum(
+        2 * cfg.layers * attention_flops(AttnShape(batch, cfg.heads, cfg.head_dim, cfg.num_image_tokens + cfg.tokens_per_iter * (t + 1),
+                                                   torch.float32, False), None, backward=False)
+        for t in range(cfg.iterations)
+    )
+
+
 def test_rollout_formula_matches_flop_counter():
     cfg = tiny_config(layers=1)
     model = build_model(cfg, torch.device("cpu")).eval()
@@ -25,12 +34,7 @@ def test_rollout_formula_matches_flop_counter():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.rollout(images)
     # the counter has no formula for the CPU's fused SDPA kernel: add the attention by hand
-    attn = sum(
-        2 * cfg.layers * attention_flops(AttnShape(2, cfg.heads, cfg.head_dim, cfg.num_image_tokens + cfg.tokens_per_iter * (t + 1),
-                                                   torch.float32, False), None, backward=False)
-        for t in range(cfg.iterations)
-    )
-    assert counter.get_total_flops() + attn == rollout_flops(cfg, 2)
+    assert counter.get_total_flops() + _rollout_attention(cfg, 2) == rollout_flops(cfg, 2)
 
 
 def test_mixed_lengths_count_only_valid_tokens():
@@ -51,10 +55,5 @@ def test_official_rollout_formula_counts_every_row():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.rollout(images)
     # nn.MultiheadAttention's fast path calls the fused SDPA, which the counter does not see
-    attn = sum(
-        2 * cfg.layers * attention_flops(AttnShape(1, cfg.heads, cfg.head_dim, cfg.num_image_tokens + cfg.tokens_per_iter * (t + 1),
-                                                   torch.float32, False), None, backward=False)
-        for t in range(cfg.iterations)
-    )
-    assert counter.get_total_flops() + attn == rollout_flops(cfg, 1, official=True)
+    assert counter.get_total_flops() + _rollout_attention(cfg, 1) == rollout_flops(cfg, 1, official=True)
     assert rollout_flops(cfg, 1, official=True) > rollout_flops(cfg, 1)  # the rows alit_fast skips

@@ -914,6 +914,23 @@ def _launch(kernel: str, grid_of, args, cap, ocls, **constexprs):
         _TUNED[kernel][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
 
 
+def _fwd_outputs(q: torch.Tensor, out_shape: tuple[int, ...], lse_shape: tuple[int, ...],
+                 out: torch.Tensor | None, lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's out (q's dtype, any strides) and lse (fp32, contiguous): allocated, or the
+    caller's checked."""
+    if out is None:
+        out = _alloc(out_shape, q.dtype, q.device)
+    else:
+        _check_buffer(out, out_shape, q.dtype, q.device, "out")
+    if lse is None:
+        lse = _alloc(lse_shape, torch.float32, q.device)
+    else:
+        _check_buffer(lse, lse_shape, torch.float32, q.device, "lse")
+        if not lse.is_contiguous():
+            raise ValueError("lse buffer must be contiguous")
+    return out, lse
+
+
 def flash_attn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -931,23 +948,25 @@ def flash_attn_fwd(
     element is written.
     """
     B, L, H, D = q.shape
-    if out is None:
-        out = _alloc((B, L, H, D), q.dtype, q.device)
-    else:
-        _check_buffer(out, (B, L, H, D), q.dtype, q.device, "out")
-    if lse is None:
-        lse = _alloc((B, H, L), torch.float32, q.device)
-    else:
-        _check_buffer(lse, (B, H, L), torch.float32, q.device, "lse")
-        if not lse.is_contiguous():
-            raise ValueError("lse buffer must be contiguous")
+    out, lse = _fwd_outputs(q, (B, L, H, D), (B, H, L), out, lse)
     if B * H * L == 0:
         return out, lse
-    upcast, prec = _dot_flags(q.dtype)
-    cap = _device_capability(q.device)
     has_len = lengths is not None
     len_arg = lengths if has_len else q  # any pointer; never read when HAS_LENGTHS is False
-    tma = use_tma(cap, operand_class(q.dtype, prec), k, v)
+    _launch_fwd(q, k, v, (q, k, v, out, lse, len_arg, *_strides(q), *_strides(k), *_strides(v), *_strides(out)),
+                B, L, L, HAS_LENGTHS=has_len)
+    return out, lse
+
+
+def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: tuple, B: int, L: int, rows: int,
+                **constexprs) -> None:
+    """Launch the forward kernel on ``args`` (pointers and strides) for B sequences of at most L
+    tokens (``rows``: the kernel's L argument); k and v are 4-D, for the descriptor check."""
+    H, D = q.shape[-2], q.shape[-1]
+    upcast, prec = _dot_flags(q.dtype)
+    cap = _device_capability(q.device)
+    ocls = operand_class(q.dtype, prec)
+    tma = use_tma(cap, ocls, k, v)
     if tma:
         # the kernel builds its descriptors in a global scratch buffer that Triton asks the
         # context's allocator for at launch
@@ -955,14 +974,11 @@ def flash_attn_fwd(
     # batch on the z axis (limit 65535) rather than B*H on y, which large batches would overflow
     _launch(
         "fwd", lambda bm, bn: (cdiv(L, bm), H, B),
-        (q, k, v, out, lse, len_arg, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         H, L, D, _LOG2E / math.sqrt(D), cdiv(L, 32)),
-        cap, operand_class(q.dtype, prec),
-        HAS_LENGTHS=has_len, BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_2(D), UPCAST=upcast, DOT_PREC=prec,
-        TAIL_FULL=tail_full(cap, operand_class(q.dtype, prec)),
-        TMA=tma,
+        (*args, H, rows, D, _LOG2E / math.sqrt(D), cdiv(L, 32)),
+        cap, ocls,
+        BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_2(D), UPCAST=upcast, DOT_PREC=prec, TAIL_FULL=tail_full(cap, ocls),
+        TMA=tma, **constexprs,
     )
-    return out, lse
 
 
 def flash_attn_fwd_varlen(
@@ -986,36 +1002,15 @@ def flash_attn_fwd_varlen(
     row stride is, which ``use_tma`` checks), bounded by that sequence's length."""
     N, H, D = q.shape
     B = cu_seqlens.shape[0] - 1
-    if out is None:
-        out = _alloc((N, H, D), q.dtype, q.device)
-    else:
-        _check_buffer(out, (N, H, D), q.dtype, q.device, "out")
-    if lse is None:
-        lse = _alloc((H, N), torch.float32, q.device)
-    else:
-        _check_buffer(lse, (H, N), torch.float32, q.device, "lse")
-        if not lse.is_contiguous():
-            raise ValueError("lse buffer must be contiguous")
+    out, lse = _fwd_outputs(q, (N, H, D), (H, N), out, lse)
     if N * H == 0 or B == 0:
         return out, lse
-    upcast, prec = _dot_flags(q.dtype)
-    cap = _device_capability(q.device)
-    ocls = operand_class(q.dtype, prec)
 
     def strides(t: torch.Tensor) -> tuple[int, int, int, int]:
         return (0, *t.stride())  # no batch stride: the offsets place each sequence
 
-    tma = use_tma(cap, ocls, k[None], v[None])
-    if tma:
-        triton.set_allocator(functools.partial(_tma_scratch, q.device))
-    _launch(
-        "fwd", lambda bm, bn: (cdiv(max_seqlen, bm), H, B),
-        (q, k, v, out, lse, cu_seqlens, *strides(q), *strides(k), *strides(v), *strides(out),
-         H, N, D, _LOG2E / math.sqrt(D), cdiv(max_seqlen, 32)),
-        cap, ocls,
-        HAS_LENGTHS=False, BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_2(D), UPCAST=upcast, DOT_PREC=prec,
-        TAIL_FULL=tail_full(cap, ocls), TMA=tma, VARLEN=True,
-    )
+    _launch_fwd(q, k[None], v[None], (q, k, v, out, lse, cu_seqlens, *strides(q), *strides(k), *strides(v), *strides(out)),
+                B, max_seqlen, N, HAS_LENGTHS=False, VARLEN=True)
     return out, lse
 
 
