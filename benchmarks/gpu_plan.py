@@ -47,6 +47,7 @@ class AttnUse:
     lengths: bool
     backward: bool
     precision: str = "highest"  # fp32 only: torch's matmul precision
+    varlen: bool = False  # the forward on packed rows (the B sequences of L tokens, packed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +99,14 @@ def kernel_uses(name: str, sizes) -> list:
     from types import SimpleNamespace
 
     from benchmarks import gpu_suite as g
+    from benchmarks.cases import dtype_name
 
     s = SimpleNamespace(sizes=sizes)  # what the shape helpers of gpu_suite read
     cfg, vq = sizes.model, sizes.vq
     uses = {
-        "check-attention": lambda: _attn_uses(g.check_shapes(s, sizes.attn_shapes[:1]), backward_too=False),
+        "check-attention": lambda: _attn_uses(g.check_shapes(s, sizes.attn_shapes[:1]), backward_too=False) + [
+            AttnUse(c.B, c.L, c.H, c.D, dtype_name(c.dtype), False, False, varlen=True)
+            for c in g.check_shapes(s, sizes.attn_shapes[:1]) if c.mixed],
         "check-vq": lambda: [VqUse(n, k, d, norm, dt) for n, k, d, norm in vq for dt in ("fp32", "bf16")],
         "check-rollout": lambda: _model_uses(cfg, 8, "fp32", False),
         "adaptive-encode": lambda: _model_uses(cfg, sizes.encode_batch, "bf16", False),
@@ -135,6 +139,13 @@ def _calls(uses: Iterable) -> Iterable[tuple[str, Callable[[], None]]]:
                 z = torch.empty(u.N, u.d, dtype=dt[u.dtype], device="meta")
                 vq.vq_nearest_triton(z, torch.empty(u.K, u.d, device="meta"), u.normalize)
             yield f"vq {u}", call
+            continue
+
+        if u.varlen:
+            def call(u=u):
+                q, k, v = torch.empty(u.B * u.L, 3, u.H, u.D, dtype=dt[u.dtype], device="meta").unbind(1)
+                attn.flash_attn_fwd_varlen(q, k, v, torch.empty(u.B + 1, dtype=torch.int32, device="meta"), u.L)
+            yield f"attn varlen {u}", call
             continue
 
         def call(u=u):
@@ -296,10 +307,10 @@ def plans(compile_s: float) -> tuple[Plan, ...]:
 # (the capture is a CPU-only step, minutes of it are no use in a device call);
 # benchmarks/test_gpu_suite_smoke.py fails when this table and the plan part ways
 PLANNED_S = {
-    1: {"environment": 8, "check-attention": 50, "check-vq": 20, "check-rollout": 24, "adaptive-encode": 21,
-        "train": 39, "ceilings": 3, "attention": 25, "vq": 5, "auto": 7},
-    2: {"environment": 8, "ceilings": 3, "rollout": 22, "rollout-graph": 7, "encode-compiled": 53,
-        "train-compiled": 74, "train-stage2": 78, "block": 4, "attention-d64": 104},
+    1: {"environment": 8, "check-attention": 56, "check-vq": 20, "check-rollout": 24, "adaptive-encode": 21,
+        "train": 38, "ceilings": 3, "attention": 25, "vq": 5, "auto": 7},
+    2: {"environment": 8, "ceilings": 3, "rollout": 22, "rollout-graph": 6, "encode-compiled": 53,
+        "train-compiled": 74, "train-stage2": 77, "block": 4, "attention-d64": 104},
 }
 
 

@@ -358,6 +358,21 @@ def _attention_errors(s: Suite, shape, backend: str, qkv, go, lengths, ref, ref_
     return e
 
 
+def _varlen_error(s: Suite, qkv, lengths, ref) -> float:
+    """The Triton varlen forward on the same sequences packed (their valid rows only) against the
+    float64 reference's valid rows."""
+    import torch
+
+    from alit_fast.ops import VarlenLayout, attention_varlen
+    from benchmarks.cases import interpreter_guard
+
+    host = lengths.tolist()  # a check, not a timing: one read
+    packed = torch.cat([qkv[b, :n] for b, n in enumerate(host)])
+    with torch.no_grad(), interpreter_guard(True):
+        out = attention_varlen(packed, VarlenLayout.from_lengths(host, s.device), backend="triton")
+    return _rel(out, torch.cat([ref[b, :n] for b, n in enumerate(host)]))
+
+
 def check_attention(s: Suite, layouts: tuple[tuple[int, int, int], ...]) -> None:
     from alit_fast.ops.attention import attention_naive
     from benchmarks.cases import attention_inputs, dtype_name
@@ -372,9 +387,12 @@ def check_attention(s: Suite, layouts: tuple[tuple[int, int, int], ...]) -> None
         ref.backward(go.double())
         ref_grads = q64.grad.unbind(2)
         t = _attention_errors(s, shape, "triton", qkv, go, lengths, ref, ref_grads)
+        if lengths is not None:
+            t["varlen_out"] = _varlen_error(s, qkv, lengths, ref)
         sdpa = _attention_errors(s, shape, "torch", qkv, go, lengths, ref, ref_grads)
         tol_out, tol_grad = ATTN_TOL[dtype_name(shape.dtype)]
         ok = t["out"] <= tol_out and max(t["dq"], t["dk"], t["dv"]) <= tol_grad and t.get("padded_rows_zero") is not False
+        ok = ok and t.get("varlen_out", 0.0) <= tol_out
         s.add(case=shape.label, provider="triton fwd+bwd vs float64", status="pass" if ok else "fail",
               errors=t, sdpa_errors=sdpa, tol={"out": tol_out, "grads": tol_grad})
         del q64, ref, ref_grads
