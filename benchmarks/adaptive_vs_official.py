@@ -142,6 +142,7 @@ def summarize(rows: dict, which: list[int]) -> dict:
 def run(checkpoint: str, per_level: int, specs: list[str], pixel_threshold: float, batch: int, threads: int, repeats: int = 1,
         clock: str = "wall", photo_repeats: int = 1) -> dict:
     torch.set_num_threads(threads)
+    photo_repeats = max(repeats, photo_repeats)
     model = load(checkpoint, backend="torch")
     items = demo_images(model.config.image_size, per_level=per_level, photos=True, seed=HELD_OUT_SEED)
     images = torch.stack([it.image for it in items])
@@ -155,7 +156,7 @@ def run(checkpoint: str, per_level: int, specs: list[str], pixel_threshold: floa
     if photos:
         # a handful of images runs in a fraction of a second per round: more rounds keep the
         # fastest-of-rounds as steady as the big set's
-        sets["photos"] = time_rows(model, images[photos], specs, pixel_threshold, batch, max(repeats, photo_repeats), clock)
+        sets["photos"] = time_rows(model, images[photos], specs, pixel_threshold, batch, photo_repeats, clock)
     fast = any(parse_row(s)[0].startswith("fast-") for s in specs)
     return dict(
         checkpoint=checkpoint,
@@ -163,7 +164,7 @@ def run(checkpoint: str, per_level: int, specs: list[str], pixel_threshold: floa
         photos=len(photos),
         threads=threads,
         repeats=repeats,
-        photo_repeats=max(repeats, photo_repeats),
+        photo_repeats=photo_repeats,
         clock=clock,
         machine=platform.processor() or platform.machine(),
         torch=torch.__version__,

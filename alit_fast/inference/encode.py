@@ -150,10 +150,11 @@ class CountChoice:
             self.best_score[rows] = float("-inf") if self.criterion.higher_is_better else float("inf")
             self.best_at[rows] = 0
 
-    def settle(self, rows: torch.Tensor, at: int) -> None:
-        """Images ``rows`` stop at step ``at`` whatever their scores (their criterion was found
-        out of reach: fallback "best" gives them the last step without judging it), also one that
-        rounding let meet the criterion in the read that flagged it (the caller runs it on to ``at``)."""
+    def settle(self, rows: "list[int]", at: int) -> None:
+        """Images ``rows`` (host ids) stop at step ``at`` whatever their scores (their criterion was
+        found out of reach: fallback "best" gives them the last step without judging it), also one
+        that rounding let meet the criterion in the read that flagged it (the caller runs it on to ``at``)."""
+        (rows,) = to_device(rows, device=self.met.device)  # a host-to-device copy, no sync
         self.first_met[rows] = at
         self.met[rows] = True
 
@@ -213,7 +214,7 @@ def _encode_chunk(
         # out-of-reach images skip the decoder from their first count
         skip, never = {i for i, f in enumerate(never.tolist()) if f}, None
         if best and skip:
-            choice.settle(to_device(sorted(skip), device=images.device)[0], last)
+            choice.settle(sorted(skip), last)
     while not state.done:
         count = state.iteration + 1  # iterations once this step has run
         # below min_tokens nothing may stop, and at the last allowed count everything stops
@@ -250,7 +251,7 @@ def _encode_chunk(
             if never is not None:
                 skip, never = {i for i, f in zip(ids, flags[n : 2 * n]) if f}, None
                 if best and skip:  # their last count stands, as if they had met the criterion there
-                    choice.settle(to_device(sorted(skip), device=images.device)[0], last)
+                    choice.settle(sorted(skip), last)
             # out of reach by the bound wins over a stop that rounding let through in the same read:
             # such an image gets the last count, as where the flags are read before the first step
             # (pruning needs compacting: row j is then image ids[j])

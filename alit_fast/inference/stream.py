@@ -176,7 +176,7 @@ class _Stream:
         for s in slots:
             self.skip[s] = True
         if self.opts.best and slots:
-            self.choice.settle(to_device(slots, device=self.device)[0], self.opts.last)
+            self.choice.settle(slots, self.opts.last)
 
     def _allocate(self, like: _Ready) -> None:
         B = self.opts.batch_size

@@ -50,13 +50,10 @@ class PackedAttention(nn.Module):
         self.backend = "auto"
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(
-        self, x: torch.Tensor, lengths: "torch.Tensor | VarlenLayout | None" = None, keep: "Rows | None" = None
-    ) -> torch.Tensor:
-        """``keep``: return only these rows (see ``select_rows``); every row is still attended to."""
+    def forward(self, x: torch.Tensor, lengths: "torch.Tensor | VarlenLayout | None" = None) -> torch.Tensor:
         if self.backend == "official" and lengths is None:
-            return select_rows(self._official_forward(x), keep, packed=False)  # (blocks call it without keep)
-        return self.attend(self.project(x), lengths, keep)
+            return self._official_forward(x)
+        return self.attend(self.project(x), lengths)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The packed q/k/v projection of each row: [..., W] -> [..., 3W]."""

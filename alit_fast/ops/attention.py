@@ -327,7 +327,7 @@ class VarlenLayout:
     @property
     def runs(self) -> list[tuple[int, int]]:
         """(length, how many) of each run of consecutive sequences of one length."""
-        return [(n, len(list(group))) for n, group in itertools.groupby(self.lengths)]
+        return equal_runs(self.lengths)
 
     def padded_rows(self, backend: str, device: torch.device, grad: bool = False) -> int:
         """Attention rows ``attention_varlen`` computes beyond the sequences' own (for statistics)."""
@@ -356,6 +356,11 @@ class VarlenLayout:
         """A zeroed [B * max_len, *like.shape[1:]] buffer of ``like``'s dtype, made once per layout."""
         key = ("buffer", tuple(like.shape[1:]), like.dtype)
         return self._kept(key, lambda: like.new_zeros((len(self.lengths) * self.max_len, *like.shape[1:])))
+
+
+def equal_runs(lengths: "list[int] | tuple[int, ...]") -> list[tuple[int, int]]:
+    """(length, how many) of each run of consecutive equal lengths."""
+    return [(n, len(list(group))) for n, group in itertools.groupby(lengths)]
 
 
 def concat_ranges(starts, lengths) -> np.ndarray:
@@ -456,8 +461,7 @@ def _attention_runs(qkv: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
 @torch.library.custom_op("alit_fast::attention_varlen_runs", mutates_args=(), device_types="cpu")
 def attention_runs_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """``attention_varlen``'s CPU path as one op: qkv [N, 3, H, D], int64 offsets [B+1] on the CPU."""
-    lengths = cu_seqlens.diff().tolist()
-    return _runs(qkv, [(n, len(list(group))) for n, group in itertools.groupby(lengths)])
+    return _runs(qkv, equal_runs(cu_seqlens.diff().tolist()))
 
 
 @attention_runs_op.register_fake
