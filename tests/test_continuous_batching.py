@@ -278,7 +278,9 @@ def test_the_packed_step_and_decode_trace_whole_under_torch_compile(monkeypatch)
 
 def test_one_compiled_packed_step_serves_every_layout(monkeypatch):
     """With dynamic shapes the step compiles once per structural case (the first step has no
-    previous output; a step may have no entering image), never once per layout."""
+    previous output; a step may have no entering image, or one, which dynamo specializes as it
+    does every size 0 or 1; a step may have images at their last count, whose grid rows the last
+    block skips), never once per layout."""
     import alit_fast.inference.stream as stream
 
     torch.manual_seed(0)
@@ -286,7 +288,7 @@ def test_one_compiled_packed_step_serves_every_layout(monkeypatch):
     images = random_images(10, 32, seed=6)
     criterion = FunctionCriterion(_mixed_counts, needs_logits=False)
     reference = _streamed(model, images, 3, criterion=criterion)
-    graphs, layouts = [], set()
+    graphs, layouts, cases = [], set(), set()
 
     def counting_backend(gm, example_inputs):
         graphs.append(gm)
@@ -296,11 +298,13 @@ def test_one_compiled_packed_step_serves_every_layout(monkeypatch):
 
     def step(model, previous, entering, plan):
         layouts.add(plan.layout.lengths)
+        entering_images = entering.shape[0] // (model.config.grid_size**2 + 1 + model.config.tokens_per_iter)
+        cases.add((previous.shape[0] > 0, min(entering_images, 2), plan.keep is not None))
         return compiled(model, previous, entering, plan)
 
     monkeypatch.setattr(stream, "packed_step", step)
     assert _same_tokens(_streamed(model, images, 3, criterion=criterion), reference)
-    assert len(layouts) >= 5 and len(graphs) <= 3
+    assert len(layouts) >= 5 and len(cases) >= 3 and len(graphs) <= len(cases)
 
 
 def test_the_padded_attention_path_gives_the_same_tokens_too():
@@ -314,3 +318,22 @@ def test_the_padded_attention_path_gives_the_same_tokens_too():
     streamed = _streamed(model, images, 4, criterion=criterion, stats=stats)
     assert stats.attention_padded > 0
     assert _same_tokens(streamed, model.encode(images, criterion=criterion))
+
+
+def test_the_last_block_computes_only_the_latents_of_images_at_their_last_count():
+    # at most 2 iterations: an image's second step is its last, where the encoder's last block
+    # needs its latent rows alone (no carry follows)
+    torch.manual_seed(0)
+    model = ALIT(tiny_config(), backend="torch").eval().double()
+    images = random_images(5, 32, seed=8).double()
+    G1, T = model.config.grid_size**2 + 1, model.config.tokens_per_iter
+    rows_out = []
+    hook = model.encoder.transformer[-1].register_forward_hook(lambda m, args, out: rows_out.append(out.shape[0]))
+    try:
+        streamed = _streamed(model, images, 3, max_tokens=2 * T)
+    finally:
+        hook.remove()
+    assert _same_tokens(streamed, model.encode(images, max_tokens=2 * T, batch_size=3))
+    assert torch.equal(streamed.lengths, torch.full((5,), 2 * T))
+    # 3 images start, then stop at their last count; the other 2 enter and do the same
+    assert rows_out == [3 * (G1 + T), 3 * 2 * T, 2 * (G1 + T), 2 * 2 * T]

@@ -200,7 +200,7 @@ class _Stream:
         active = sorted((s for s, i in enumerate(self.image) if i is not None), key=lambda s: -self.count[s])
         if not active:
             return False
-        plan, counts, code_rows = self._plan(active, entering_slots, entering)
+        plan, counts, code_rows, out_rows = self._plan(active, entering_slots, entering)
         previous = self.out if self.out is not None else self.model.latent_tokens[:0].detach()
         fresh = entering.carry.flatten(0, 1) if entering_slots else previous[:0]
         x_out, vq = packed_step(self.model, previous, fresh, plan)
@@ -210,7 +210,7 @@ class _Stream:
         for s in active:
             self.count[s] += 1
         lengths = plan.layout.lengths
-        self.out, self.rows = x_out, {s: (o, n) for s, o, n in zip(active, plan.layout.offsets, lengths)}
+        self.out, self.rows = x_out, out_rows
         stop, judged, finite = self._judge(active, counts, vq.z_q)
         self.ok = self.ok & finite
         st = self.stats
@@ -222,10 +222,14 @@ class _Stream:
         return True
 
     def _plan(self, active: list[int], entering_slots: list[int], entering: _Ready
-              ) -> tuple["StepPlan", list[int], torch.Tensor]:
+              ) -> tuple["StepPlan", list[int], torch.Tensor, dict[int, tuple[int, int]]]:
         """The step's packed layout, built on the host: every active slot's sequence in ``active`` order
         (a continuing image's previous output rows, then its iteration's T new latent rows; an
-        entering image's iteration-0 rows); with each image's token count and code buffer rows."""
+        entering image's iteration-0 rows); with each image's token count, its code buffer rows, and
+        where each image that goes on finds its rows in the step's output (offset, length).
+
+        An image at its last count leaves after this step whatever it is judged: the encoder's last
+        block computes its latent rows alone (as ``ALITCore.step(final=True)`` does for a batch)."""
         T, G1, P = self.T, self.G1, self.out.shape[0] if self.out is not None else 0
         new_at = P + self.model.config.iterations * T  # after [previous | latent table]
         L0 = entering.carry.shape[1] if entering_slots else 0
@@ -241,10 +245,18 @@ class _Stream:
                 sizes += [n, T]
         counts = [T * (self.count[s] + 1) for s in active]
         layout = VarlenLayout.from_lengths([G1 + n for n in counts], self.device)
-        input_rows, latent_rows, code_rows = to_device(
-            concat_ranges(starts, sizes), concat_ranges(np.asarray(layout.offsets) + G1, counts),
-            concat_ranges(np.asarray(active) * self.width, counts), device=self.device)
-        return StepPlan(layout, input_rows, latent_rows), counts, code_rows
+        ending = np.asarray([self.count[s] + 1 >= self.opts.last for s in active])
+        # each sequence's kept rows: all of them, or its latents alone when it ends here
+        first_kept = np.asarray(layout.offsets) + np.where(ending, G1, 0)
+        kept = np.asarray(counts) + np.where(ending, 0, G1)
+        out_at = np.cumsum(kept) - kept
+        rows = [concat_ranges(starts, sizes), concat_ranges(out_at + np.where(ending, 0, G1), counts),
+                concat_ranges(np.asarray(active) * self.width, counts)]
+        if ending.any():
+            rows.append(concat_ranges(first_kept, kept))
+        input_rows, latent_rows, code_rows, *keep = to_device(*rows, device=self.device)
+        out_rows = {s: (int(o), int(n)) for s, o, n, e in zip(active, out_at, kept, ending) if not e}
+        return StepPlan(layout, input_rows, latent_rows, *keep), counts, code_rows, out_rows
 
     def _judge(self, active: list[int], counts: list[int], z_q: torch.Tensor):
         """Ask the criterion about the images due for judging; returns (their stop flags on the
@@ -350,7 +362,8 @@ class StepPlan:
 
     layout: VarlenLayout  # the images' sequences, g*g + 1 + their token count each
     input_rows: torch.Tensor  # each packed input row's row in [ln_recursive([previous | latent table]) | entering]
-    latent_rows: torch.Tensor  # the packed output rows of the images' latent tokens, image after image
+    latent_rows: torch.Tensor  # the output rows of the images' latent tokens, image after image
+    keep: torch.Tensor | None = None  # the packed rows the encoder's last block computes (None: all)
 
 
 def packed_step(model: ALITCore, previous: torch.Tensor, entering: torch.Tensor, plan: StepPlan):
@@ -362,7 +375,7 @@ def packed_step(model: ALITCore, previous: torch.Tensor, entering: torch.Tensor,
     traces it whole (fullgraph)."""
     table = model.latent_table().flatten(0, 1).to(previous.dtype)
     source = torch.cat([model.encoder_ln_recursive(torch.cat([previous, table])), entering.to(previous.dtype)])
-    x_out = model.encoder(source.index_select(0, plan.input_rows), plan.layout)
+    x_out = model.encoder(source.index_select(0, plan.input_rows), plan.layout, keep=plan.keep)
     return x_out, model.quantize_latents(x_out.index_select(0, plan.latent_rows))
 
 

@@ -349,8 +349,10 @@ class VarlenLayout:
         # row j of sequence b sits at b * longest + j once padded
         row_pos = concat_ranges(np.zeros(B, dtype=np.int64), lengths)
         row_seq = np.repeat(np.arange(B, dtype=np.int64), lengths)
-        moved = to_device(lengths, cu, row_seq, row_pos, row_seq * longest + row_pos, device=device)
-        return cls(lengths, longest, *moved)
+        # the offsets first: at storage offset 0 in every layout, so a graph traced with dynamic
+        # shapes does not guard on where they sit (a size that can match another by chance)
+        cu_seqlens, *moved = to_device(cu, lengths, row_seq, row_pos, row_seq * longest + row_pos, device=device)
+        return cls(lengths, longest, moved[0], cu_seqlens, *moved[1:])
 
     def padded_buffer(self, like: torch.Tensor) -> torch.Tensor:
         """A zeroed [B * max_len, *like.shape[1:]] buffer of ``like``'s dtype, made once per layout."""
