@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .files import WRITE_ERRNOS, FolderBusy
+from .files import WRITE_ERRNOS, FolderBusy, WriteIOError
 from .ops import BACKENDS, check_backend_here
 
 
@@ -85,9 +85,12 @@ def run_command(
         if exc.errno not in WRITE_ERRNOS:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or isinstance(exc, WriteIOError):
             message = (f"cannot write{where}: {exc.strerror or exc} (nothing half-written is left; files written "
                        "before are kept)")
+        elif exc.errno == errno.EIO:  # a failing disk, device or network mount, met reading or writing
+            message = (f"input/output error on{where}: {exc.strerror or exc} (the disk or file system holding it "
+                       "failed; files written before are kept)")
         else:  # a forbidden or read-only place, met past the checks made before the work
             message = f"{exc.strerror or exc}:{where}" if where else str(exc.strerror or exc)
     except KeyboardInterrupt:

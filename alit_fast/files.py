@@ -34,19 +34,27 @@ def _umask() -> int:
     return mask
 
 
+class WriteIOError(OSError):
+    """An I/O error (EIO) known to come from writing: worded "cannot write" by the commands, where
+    a bare EIO, which a failing disk also gives a reader, is not."""
+
+
 def as_os_error(exc: BaseException, path: str) -> BaseException:
     """An OSError naming ``path`` for a writer's failure that is really one (safetensors'
     SafetensorError carries ``Os { code: 28 ...}`` or, from 0.5 on, ``(os error 28)``; torch.save's
-    stream writer an ``unexpected pos``; a file object's write no file name), else ``exc`` itself."""
+    stream writer an ``unexpected pos``; a file object's write no file name), else ``exc`` itself.
+    An EIO comes back as a WriteIOError."""
     if isinstance(exc, OSError):
+        if exc.errno == errno.EIO and not isinstance(exc, WriteIOError):
+            return WriteIOError(errno.EIO, exc.strerror, exc.filename or path)
         return exc if exc.filename or exc.errno is None else OSError(exc.errno, exc.strerror, path)
     text = str(exc)
     code = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", text)
     if code:
         number = int(code.group(1) or code.group(2))
-        return OSError(number, os.strerror(number), path)
+        return (WriteIOError if number == errno.EIO else OSError)(number, os.strerror(number), path)
     if "unexpected pos" in text or "PytorchStreamWriter failed" in text:
-        return OSError(errno.EIO, "the write failed (is the disk full?)", path)
+        return WriteIOError(errno.EIO, "the write failed (is the disk full?)", path)
     return exc
 
 

@@ -225,6 +225,34 @@ def test_ids_are_checked_before_they_are_narrowed():
         TokenBatch.from_sequences([torch.tensor([1.5])], 4096)
 
 
+def _per_image_cat(batches):  # what TokenBatch.cat stores: every image's own sequence, rebuilt
+    first = batches[0]
+    return TokenBatch.from_sequences([q for b in batches for q in b.sequences()], first.codebook_size)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_cat_stores_what_rebuilding_every_sequence_would(continuous):
+    g = torch.Generator().manual_seed(0)
+
+    def batch(lengths, width):  # values past each length are garbage, as a hand-made batch may have
+        shape = (len(lengths), width, 3) if continuous else (len(lengths), width)
+        codes = torch.randn(shape, generator=g).half() if continuous else torch.randint(0, 4096, shape, generator=g).short()
+        return TokenBatch(codes, torch.tensor(lengths, dtype=torch.int64), 4096, names=[f"{width}-{i}" for i in range(len(lengths))])
+
+    parts = [batch([3, 0, 5], 7), batch([], 2), batch([9, 1], 9), batch([2], 2)]
+    got, want = TokenBatch.cat(parts), _per_image_cat(parts)
+    assert torch.equal(got.lengths, want.lengths) and got.codes.dtype == want.codes.dtype
+    assert torch.equal(got.codes, want.codes) and got.names == [n for b in parts for n in b.names]
+
+
+def test_cat_checks_ids_against_the_codebook():
+    bad = TokenBatch(torch.tensor([[5, 70000]], dtype=torch.int32), torch.tensor([2]), 4096)
+    with pytest.raises(ValueError, match=r"code ids must lie in \[0, 4096\), got \[5, 70000\]"):
+        TokenBatch.cat([bad])
+    past = TokenBatch(torch.tensor([[5, 70000]], dtype=torch.int32), torch.tensor([1]), 4096)
+    assert TokenBatch.cat([past]).codes.tolist() == [[5]]  # past the length nothing is read
+
+
 def test_lengths_that_do_not_fit_the_codes_are_refused_when_made():
     with pytest.raises(ValueError, match="lengths must lie in"):
         TokenBatch(torch.zeros(2, 4, dtype=torch.int16), torch.tensor([4, 5]), 64)

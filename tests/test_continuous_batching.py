@@ -337,3 +337,26 @@ def test_the_last_block_computes_only_the_latents_of_images_at_their_last_count(
     assert torch.equal(streamed.lengths, torch.full((5,), 2 * T))
     # 3 images start, then stop at their last count; the other 2 enter and do the same
     assert rows_out == [3 * (G1 + T), 3 * 2 * T, 2 * (G1 + T), 2 * 2 * T]
+
+
+def test_the_stream_computes_under_inference_mode_yet_returns_and_reads_ordinary_tensors():
+    model = ALIT(tiny_config()).eval()
+    made, modes = [], []
+
+    def images():  # a caller's iterator: what it makes (and may keep) must stay ordinary tensors
+        for k in range(3):
+            modes.append(torch.is_inference_mode_enabled())
+            made.append(random_images(1, model.config.image_size, seed=k)[0])
+            yield made[-1]
+
+    computing = []
+    hook = model.encoder.register_forward_hook(lambda m, a, out: computing.append(torch.is_inference_mode_enabled()))
+    try:
+        tokens = _streamed(model, None, 2, items=images(), criterion="tokens:4")
+    finally:
+        hook.remove()
+    assert computing and all(computing)
+    assert len(tokens) == 3 and modes == [False, False, False]
+    assert not any(t.is_inference() for t in made)
+    assert not tokens.codes.is_inference() and not tokens.lengths.is_inference()
+    tokens.codes[0, 0] = 1  # editable in place, outside any inference mode

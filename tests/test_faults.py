@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -1456,6 +1457,43 @@ def test_an_evaluation_continued_over_other_weights_at_the_same_path_is_refused(
     assert cli_main(argv) == 2
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln]
     assert len(err) == 1 and "another evaluation" in err[0] and "model weights" in err[0], err
+    assert (out / evaluate_cli.PROGRESS).read_bytes() == progress and not (out / "metrics.json").exists()
+
+
+def test_an_evaluation_continued_over_an_image_rewritten_in_place_is_refused(env, tmp_path, monkeypatch, capsys):
+    import alit_fast.cli.evaluate as evaluate_cli
+
+    folder, out = tmp_path / "images", tmp_path / "ev"
+    shutil.copytree(env.images, folder)
+    argv = ["evaluate", "--data", str(folder), "--checkpoint", str(env.model), "--out", str(out), "--metrics", "l1",
+            "--tokens", "8", "--batch-size", "1", "--workers", "0", "--quiet"]
+    real = ALIT.rollout
+
+    def crashes_on_the_second_batch(self, *args, **kwargs):
+        if crashes_on_the_second_batch.calls == 1:
+            raise RuntimeError("a stand-in crash")
+        crashes_on_the_second_batch.calls += 1
+        return real(self, *args, **kwargs)
+
+    crashes_on_the_second_batch.calls = 0
+    monkeypatch.setattr(evaluate_cli, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(ALIT, "rollout", crashes_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        cli_main(argv)
+    monkeypatch.setattr(ALIT, "rollout", real)
+    progress = (out / evaluate_cli.PROGRESS).read_bytes()
+    from PIL import Image, ImageOps
+
+    first = sorted(folder.iterdir())[0]
+    stamp = first.stat()
+    with Image.open(first) as image:
+        inverted = ImageOps.invert(image.convert("RGB"))
+    inverted.save(first, format=image.format)  # another image at the same path
+    os.utime(first, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))  # even on a coarse clock
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln]
+    assert len(err) == 1 and "another evaluation" in err[0], err
     assert (out / evaluate_cli.PROGRESS).read_bytes() == progress and not (out / "metrics.json").exists()
 
 

@@ -121,6 +121,30 @@ def test_a_user_error_raised_in_a_data_loader_worker_is_its_own_one_line(capsys)
                                        "remove or replace it\n")
 
 
+def test_an_io_error_met_reading_is_not_called_a_write_error(capsys, tmp_path):
+    import errno
+
+    from alit_fast.files import write_atomic
+
+    def reads(argv):  # what a failing disk gives a reader
+        raise OSError(errno.EIO, "Input/output error", "/data/img_0001.png")
+
+    assert run_command("alit-fast encode", reads, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" not in err and "input/output error on /data/img_0001.png" in err
+
+    def writes(argv):  # the same errno from a writer stays a write error
+        def fail(tmp):
+            raise OSError(errno.EIO, "Input/output error")
+
+        write_atomic(tmp_path / "out.safetensors", fail)
+
+    assert run_command("alit-fast encode", writes, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write {tmp_path / 'out.safetensors'}" in err, err
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------- 2, 7: training
 def _train(tmp_path, *extra) -> int:
     return cli_main(["train", "--data", "synthetic", "--data-length", "4", "--batch-size", "2", "--steps", "1",

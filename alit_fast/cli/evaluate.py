@@ -84,10 +84,20 @@ SAVE_EVERY_S = 300.0
 
 def _identity(args: argparse.Namespace, weights: str, files: list) -> str:
     """What the numbers depend on: the weights themselves, the images, every option that changes
-    them, the package version. Progress saved under another identity is never continued."""
+    them, the package version. Progress saved under another identity is never continued.
+
+    An image is its path, size and modification time: a file rewritten in place between two runs
+    (a re-export, a fixed crop) starts the evaluation over instead of mixing old sums with new
+    images. A stat per file, not a read: hashing the contents would read the data set twice."""
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "quiet", "workers")}
-    document = json.dumps([weights, [str(f) for f in files], options, package_version()], default=str)
+    images = [(str(f), *_size_and_mtime(f)) for f in files]
+    document = json.dumps([weights, images, options, package_version()], default=str)
     return hashlib.sha256(document.encode()).hexdigest()
+
+
+def _size_and_mtime(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def main(argv: list[str] | None = None) -> int:

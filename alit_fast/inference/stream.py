@@ -127,13 +127,15 @@ class _Stream:
         """Run the base tokenizer on the next ``batch_size`` images of the stream (once per that
         many images, as the compacting encoder does per chunk)."""
         ids, images = [], []
-        for i, image in self.source:
-            ids.append(i)
-            images.append(image)
-            if len(ids) == self.opts.batch_size:
-                break
-        else:
-            self.exhausted = True
+        # the caller's iterator runs outside inference_mode: tensors it makes and keeps stay ordinary
+        with torch.inference_mode(False):
+            for i, image in self.source:
+                ids.append(i)
+                images.append(image)
+                if len(ids) == self.opts.batch_size:
+                    break
+            else:
+                self.exhausted = True
         if not ids:
             return
         model, opts = self.model, self.opts
@@ -433,9 +435,12 @@ def encode_stream(
     stream = _Stream(model, _stream_images(model, images, sizes), opts, stats)
     emitted, next_id, running = 0, 0, True
     while running:
-        running = stream.step()
-        if not running:
-            stream.flush()
+        # the compute runs under inference_mode (less bookkeeping per op), as encode's does; the
+        # tokens are built outside it from host values, so they are ordinary tensors
+        with torch.inference_mode():
+            running = stream.step()
+            if not running:
+                stream.flush()
         while emitted < len(sizes) and all(i in stream.results for i in range(next_id, next_id + sizes[emitted])):
             ids = range(next_id, next_id + sizes[emitted])
             yield token_batch_from_host(model, [stream.results.pop(i) for i in ids], extra)

@@ -156,11 +156,9 @@ class TokenBatch:
         names = None
         if all(b.names is not None for b in batches):
             names = [n for b in batches for n in b.names]
-        seqs = [seq for b in batches for seq in b.sequences()]
-        return cls.from_sequences(
-            seqs, first.codebook_size, config_json=first.config_json, checkpoint=first.checkpoint, names=names,
-            extra=dict(first.extra),
-        )
+        codes, lengths = _cat_codes(batches)
+        return cls(codes=codes, lengths=lengths, codebook_size=first.codebook_size, config_json=first.config_json,
+                   checkpoint=first.checkpoint, names=names, extra=dict(first.extra), check_lengths=False)
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -302,6 +300,40 @@ def _meta_digest(meta: dict[str, str]) -> str:
     """sha256 of every other metadata entry: an edited codebook size or config would otherwise
     decode the codes as something else."""
     return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != META_DIGEST_KEY}, sort_keys=True).encode()).hexdigest()
+
+
+def _cat_codes(batches: Sequence["TokenBatch"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batches' codes stacked at the longest length (PAD, or 0 for vectors, past each length)
+    and their lengths, as ``from_sequences`` would store them: whole tensors, not a copy per image
+    (a shard of a data set is concatenated from many batches)."""
+    if len({b.continuous for b in batches}) > 1:
+        raise ValueError("code ids must be integers and continuous tokens float [n, d] tensors, one kind per "
+                         "batch (not mixed with ids)")
+    lengths = torch.cat([b.lengths.cpu() for b in batches])
+    width = int(lengths.max()) if len(lengths) else 0
+    past = torch.arange(width)[None, :] >= lengths[:, None]
+    if batches[0].continuous:
+        shapes = {(b.codes.shape[2], b.codes.dtype) for b in batches}
+        if len(shapes) != 1:
+            raise ValueError(f"continuous tokens must share one width and dtype, got {sorted(map(str, shapes))}")
+        codes = torch.cat([_widen(b.codes.cpu(), width, 0) for b in batches])
+        return codes.masked_fill(past[..., None], 0), lengths
+    codes = torch.cat([_widen(b.codes.cpu().to(torch.int64), width, PAD) for b in batches]).masked_fill(past, PAD)
+    if codes.numel():
+        valid = codes[~past]
+        lo, hi = (int(valid.min()), int(valid.max())) if valid.numel() else (0, 0)
+        size = batches[0].codebook_size
+        if lo < 0 or hi >= size:
+            raise ValueError(f"code ids must lie in [0, {size}), got [{lo}, {hi}]")
+    return codes.to(code_dtype(batches[0].codebook_size)), lengths
+
+
+def _widen(codes: torch.Tensor, width: int, fill: float) -> torch.Tensor:
+    """``codes`` [b, L, ...] cut or filled with ``fill`` to [b, width, ...]."""
+    if codes.shape[1] >= width:
+        return codes[:, :width]
+    extra = codes.new_full((codes.shape[0], width - codes.shape[1], *codes.shape[2:]), fill)
+    return torch.cat([codes, extra], dim=1)
 
 
 def _digest(codes: torch.Tensor, lengths: torch.Tensor) -> str:
