@@ -89,8 +89,9 @@ def run_command(
             message = (f"cannot write{where}: {exc.strerror or exc} (nothing half-written is left; files written "
                        "before are kept)")
         elif exc.errno == errno.EIO:  # a failing disk, device or network mount, met reading or writing
-            message = (f"input/output error on{where}: {exc.strerror or exc} (the disk or file system holding it "
-                       "failed; files written before are kept)")
+            place = f"on{where}" if where else "(no file named)"
+            message = (f"input/output error {place}: {exc.strerror or exc} (a disk or file system failed; files "
+                       "written before are kept)")
         else:  # a forbidden or read-only place, met past the checks made before the work
             message = f"{exc.strerror or exc}:{where}" if where else str(exc.strerror or exc)
     except KeyboardInterrupt:

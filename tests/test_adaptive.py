@@ -245,6 +245,13 @@ def test_cat_stores_what_rebuilding_every_sequence_would(continuous):
     assert torch.equal(got.codes, want.codes) and got.names == [n for b in parts for n in b.names]
 
 
+def test_cat_lets_an_empty_batch_of_either_kind_join():
+    vectors = TokenBatch(torch.randn(2, 3, 4), torch.tensor([3, 1]), 64)
+    empty_ids = TokenBatch.from_sequences([], 64)
+    got = TokenBatch.cat([empty_ids, vectors, TokenBatch(torch.zeros(0, 5, 2), torch.zeros(0, dtype=torch.int64), 64)])
+    assert got.continuous and torch.equal(got.codes, TokenBatch.cat([vectors]).codes)
+
+
 def test_cat_checks_ids_against_the_codebook():
     bad = TokenBatch(torch.tensor([[5, 70000]], dtype=torch.int32), torch.tensor([2]), 4096)
     with pytest.raises(ValueError, match=r"code ids must lie in \[0, 4096\), got \[5, 70000\]"):

@@ -345,7 +345,7 @@ def test_the_stream_computes_under_inference_mode_yet_returns_and_reads_ordinary
 
     def images():  # a caller's iterator: what it makes (and may keep) must stay ordinary tensors
         for k in range(3):
-            modes.append(torch.is_inference_mode_enabled())
+            modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
             made.append(random_images(1, model.config.image_size, seed=k)[0])
             yield made[-1]
 
@@ -356,7 +356,11 @@ def test_the_stream_computes_under_inference_mode_yet_returns_and_reads_ordinary
     finally:
         hook.remove()
     assert computing and all(computing)
-    assert len(tokens) == 3 and modes == [False, False, False]
+    assert len(tokens) == 3 and modes == [(False, False)] * 3  # (inference mode, gradients) in the iterator
     assert not any(t.is_inference() for t in made)
     assert not tokens.codes.is_inference() and not tokens.lengths.is_inference()
     tokens.codes[0, 0] = 1  # editable in place, outside any inference mode
+    modes.clear()
+    with torch.inference_mode():  # a caller iterating in its own inference mode keeps it in its iterator
+        _streamed(model, None, 2, items=images(), criterion="tokens:4")
+    assert modes == [(True, False)] * 3

@@ -1497,6 +1497,26 @@ def test_an_evaluation_continued_over_an_image_rewritten_in_place_is_refused(env
     assert (out / evaluate_cli.PROGRESS).read_bytes() == progress and not (out / "metrics.json").exists()
 
 
+def test_an_image_gone_between_the_scan_and_the_evaluation_is_one_line(env, tmp_path, monkeypatch, capsys):
+    import alit_fast.cli.evaluate as evaluate_cli
+
+    folder = tmp_path / "images"
+    shutil.copytree(env.images, folder)
+    gone = sorted(folder.iterdir())[0]
+    real = evaluate_cli.weights_digest
+
+    def digest_then_remove(model):  # between the readability scan and the run's identity
+        gone.unlink()
+        return real(model)
+
+    monkeypatch.setattr(evaluate_cli, "weights_digest", digest_then_remove)
+    argv = ["evaluate", "--data", str(folder), "--checkpoint", str(env.model), "--out", str(tmp_path / "ev"),
+            "--metrics", "l1", "--tokens", "8", "--batch-size", "1", "--workers", "0", "--quiet"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot read the image {gone}" in err[0], err
+
+
 def test_saved_evaluation_progress_restores_every_sum_and_the_halting_generator(tmp_path):
     from alit_fast.evaluation.metrics import FeatureStats, MetricSums
     from alit_fast.evaluation.run import _Pass, _restore_progress, _save_progress

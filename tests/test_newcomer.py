@@ -133,6 +133,13 @@ def test_an_io_error_met_reading_is_not_called_a_write_error(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write" not in err and "input/output error on /data/img_0001.png" in err
 
+    def unnamed(argv):
+        raise OSError(errno.EIO, "Input/output error")
+
+    assert run_command("alit-fast encode", unnamed, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alit-fast encode: input/output error (no file named): Input/output error"), err
+
     def writes(argv):  # the same errno from a writer stays a write error
         def fail(tmp):
             raise OSError(errno.EIO, "Input/output error")

@@ -96,7 +96,10 @@ def _identity(args: argparse.Namespace, weights: str, files: list) -> str:
 
 
 def _size_and_mtime(path) -> tuple[int, int]:
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:  # gone, or its folder made unreadable, since the scan
+        raise UsageError(f"cannot read the image {path}: {exc.strerror or exc}") from exc
     return st.st_size, st.st_mtime_ns
 
 
@@ -139,6 +142,8 @@ def _evaluate_into(args: argparse.Namespace, metrics, criteria, out: Path, main_
         # twice while it is replaced
         rows = len(parse_tokens(args.tokens, model.config.tokens_per_iter, model.config.max_tokens)) + len(criteria)
         check_free_space(str(out), 2 * 2048 * 2048 * 8 * (rows + 1), f"--out {out} (the evaluation's saved progress)")
+    # only one process saves progress (evaluate's rule), so only then does it need an identity
+    identity = _identity(args, digest, files.files) if rank_world()[1] == 1 else "not saved: several processes"
     joined = join_group(device)  # after every check: a refused run leaves no rank waiting for the others
     try:
         report = _evaluate_resumable(
@@ -146,7 +151,7 @@ def _evaluate_into(args: argparse.Namespace, metrics, criteria, out: Path, main_
             halting=args.halting, seed=args.seed, quantize=not args.no_quantize, fallback=args.fallback,
             fid_method=args.fid_method, crop=args.crop, num_workers=args.workers, progress=not args.quiet,
             fid_model=fid_model, lpips_model=lpips_model, progress_file=out / PROGRESS,
-            identity=_identity(args, digest, files.files), save_every=SAVE_EVERY_S,
+            identity=identity, save_every=SAVE_EVERY_S,
         )
         if main_rank:
             _report(report, digest, args, out)

@@ -44,7 +44,7 @@ class StreamStats:
     steps: int = 0
     images: int = 0
     slot_steps: int = 0  # sum over steps of the images in the step
-    encoder_tokens: int = 0  # packed encoder rows computed
+    encoder_tokens: int = 0  # packed encoder input rows (the last block may compute fewer)
     attention_padded: int = 0  # rows the padded attention call computed beyond them
     reads: int = 0  # device-to-host reads
 
@@ -121,14 +121,16 @@ class _Stream:
         self.ok = torch.ones((), dtype=torch.bool, device=self.device)  # images in range, outputs finite
         self.pending: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # retired, not read yet
         self.results: dict[int, tuple[int, list]] = {}
+        self.caller_inference = False  # whether the caller iterates under inference_mode (set per step)
 
     # ------------------------------------------------------------------ input
     def _prepare(self) -> None:
         """Run the base tokenizer on the next ``batch_size`` images of the stream (once per that
         many images, as the compacting encoder does per chunk)."""
         ids, images = [], []
-        # the caller's iterator runs outside inference_mode: tensors it makes and keeps stay ordinary
-        with torch.inference_mode(False):
+        # the caller's iterator runs in the caller's own inference mode (not the steps'), without
+        # gradients as the rest of encode_stream: tensors it makes and keeps stay what they were
+        with torch.inference_mode(self.caller_inference), torch.no_grad():
             for i, image in self.source:
                 ids.append(i)
                 images.append(image)
@@ -437,6 +439,7 @@ def encode_stream(
     while running:
         # the compute runs under inference_mode (less bookkeeping per op), as encode's does; the
         # tokens are built outside it from host values, so they are ordinary tensors
+        stream.caller_inference = torch.is_inference_mode_enabled()
         with torch.inference_mode():
             running = stream.step()
             if not running:

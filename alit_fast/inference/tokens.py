@@ -306,6 +306,7 @@ def _cat_codes(batches: Sequence["TokenBatch"]) -> tuple[torch.Tensor, torch.Ten
     """The batches' codes stacked at the longest length (PAD, or 0 for vectors, past each length)
     and their lengths, as ``from_sequences`` would store them: whole tensors, not a copy per image
     (a shard of a data set is concatenated from many batches)."""
+    batches = [b for b in batches if len(b)] or list(batches[:1])  # an empty batch has no kind to clash
     if len({b.continuous for b in batches}) > 1:
         raise ValueError("code ids must be integers and continuous tokens float [n, d] tensors, one kind per "
                          "batch (not mixed with ids)")
