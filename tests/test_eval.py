@@ -112,12 +112,13 @@ def test_fid_row_equals_a_one_shot_computation(model, images):
     assert report.row("tokens:24").metrics["fid"] == pytest.approx(fid_from_stats(a, b), rel=1e-6)
 
 
+@pytest.mark.parametrize("halting", ["off", "threshold"])
 @pytest.mark.parametrize("criterion,fallback", [("pixel-l1:0.1", "best"), ("fast-pixel-l1:0.1", "max"), ("fast-pixel-l1:0.08", "best")])
-def test_adaptive_rows_take_encodes_counts_and_each_images_own_metrics(model, images, criterion, fallback):
+def test_adaptive_rows_take_encodes_counts_and_each_images_own_metrics(model, images, criterion, fallback, halting):
     images = images[:6]
-    report = evaluate(model, images, tokens="all", criteria=[criterion], metrics="l1,ssim", halting="off",
+    report = evaluate(model, images, tokens="all", criteria=[criterion], metrics="l1,ssim", halting=halting,
                       fallback=fallback, batch_size=4)
-    lengths = model.encode(images, criterion, fallback=fallback).lengths.tolist()
+    lengths = model.encode(images, criterion, fallback=fallback, halting=halting).lengths.tolist()
     row = report.row(criterion)
     assert row.kind == "adaptive" and row.tokens == pytest.approx(np.mean(lengths))
     assert {k: v for k, v in row.histogram.items() if v} == dict(Counter(lengths))
@@ -125,7 +126,7 @@ def test_adaptive_rows_take_encodes_counts_and_each_images_own_metrics(model, im
     per_count = {}
     for n in set(lengths):
         idx = [i for i, m in enumerate(lengths) if m == n]
-        sub = evaluate(model, images[idx], tokens=str(n), metrics="l1,ssim", halting="off")
+        sub = evaluate(model, images[idx], tokens=str(n), metrics="l1,ssim", halting=halting)
         per_count[n] = (len(idx), sub.rows[0].metrics)
     for m in ("l1", "ssim"):
         expected = sum(k * v[m] for k, v in per_count.values()) / len(images)

@@ -262,12 +262,17 @@ def test_fast_encode_makes_one_sync_per_judged_iteration_plus_one(fallback):
     assert counts.total <= model.config.iterations  # judged at counts 1 .. iterations-1, then the result
 
 
-def test_with_fallback_best_images_out_of_reach_take_the_last_count_and_the_rest_their_best():
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_with_fallback_best_images_out_of_reach_take_the_last_count_and_the_rest_their_best(static_shapes):
+    # static shapes decode every image (nothing is pruned): the rule must hold there too, or the
+    # tokens would depend on the path
     model, images, estimate, threshold, never = _split_by_detail()
     first = first_under(estimate, threshold)
     best = estimate.argmin(0)
     expected = torch.where(first >= 0, first, torch.where(never, model.config.iterations - 1, best)) + 1
-    tokens = model.encode(images, f"fast-pixel-l1:{threshold}", fallback="best", batch_size=4)
+    assert bool((best[never & (first < 0)] != model.config.iterations - 1).any())  # the rule decides something
+    tokens = model.encode(images, f"fast-pixel-l1:{threshold}", fallback="best", batch_size=4,
+                          static_shapes=static_shapes)
     assert tokens.lengths.tolist() == (expected * model.config.tokens_per_iter).tolist()
     assert bool(never.any()) and bool((first >= 0).any())
 
@@ -304,3 +309,30 @@ def test_an_image_flagged_out_of_reach_in_the_read_that_sees_it_stop_gets_the_la
         T, last = model.config.tokens_per_iter, model.config.max_tokens
         assert tokens.lengths.tolist() == [last, T], fallback
         assert all(int(c) >= 0 for c in tokens.padded(0)[0][:last]), fallback
+
+
+@pytest.mark.parametrize("fallback", ["max", "best"])
+@pytest.mark.parametrize("path", ["static-shapes", "halting-threshold"])
+def test_paths_that_cannot_prune_still_give_an_out_of_reach_image_the_last_count(path, fallback):
+    """Static shapes and halting masks decode every image, so nothing is skipped; the bound still
+    decides: an out-of-reach image is never stopped (not by rounding either) and takes the last
+    count with its codes, as on the pruning path."""
+    from alit_fast.inference.criteria import PixelL1
+
+    class BothAtOnce(PixelL1):
+        last_is_best_when_never_met = True
+
+        def never_met(self, model, images):
+            return torch.tensor([True, False])
+
+        def __call__(self, view):
+            return self.score(view) < 10.0  # every image meets it at the first judged count
+
+    torch.manual_seed(0)
+    model, images = ALIT(tiny_config()).eval(), torch.rand(2, 3, 32, 32)
+    options = dict(static_shapes=True) if path == "static-shapes" else dict(halting="threshold")
+    tokens = model.encode(images, BothAtOnce(0.5), fallback=fallback, **options)
+    T, last = model.config.tokens_per_iter, model.config.max_tokens
+    assert tokens.lengths.tolist() == [last, T]
+    reference = model.encode(images[:1], f"tokens:{last}", **options)  # image 0 run to the end
+    assert torch.equal(tokens.padded(0)[0], reference.padded(0)[0])

@@ -376,10 +376,10 @@ def _select(criterion: Criterion, fallback: str, views: list[StepView]) -> torch
     for t in range(last + 1 if choice.best else last):  # at the last iteration everything stops regardless
         choice.update(views[t], t)
     chosen = choice.chosen(last)
-    if choice.best and criterion.last_is_best_when_never_met:
+    if criterion.needs_logits and (not choice.best or criterion.last_is_best_when_never_met):
         never = criterion.never_met(views[0].model, views[0].images)
-        if never is not None:  # as encode does: out of reach, the last count stands unscored
-            chosen = torch.where(never.to(chosen.device) & ~choice.met, last, chosen)
+        if never is not None:  # as encode does: out of reach, the last count stands (over a stop by rounding too)
+            chosen = torch.where(never.to(chosen.device), last, chosen)
     return chosen
 
 

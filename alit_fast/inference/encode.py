@@ -203,12 +203,15 @@ def _encode_chunk(
     if best:
         best_codes = state.indices.clone()  # each image's codes at its best-scoring count so far
     scored = not isinstance(criterion, TokenCount)
-    # an image the criterion can be met for at no count (read with the first stop decision) runs
-    # its remaining iterations without the decoder, and gets the last count: what fallback "max"
-    # gives it, and for a criterion whose score is taken to be best there, what "best" gives it
-    prune = scored and not static_shapes and halting == "off" and criterion.needs_logits
-    prune = prune and (not best or criterion.last_is_best_when_never_met)
-    never = criterion.never_met(model, images) if prune else None
+    # an image the criterion can be met for at no count gets the last count: what fallback "max"
+    # gives it, and for a criterion whose score is taken to be best there, what "best" gives it.
+    # Where compaction allows (dynamic shapes, halting off) it also runs its remaining iterations
+    # without the decoder (``never``, read with the first stop decision); elsewhere the same rule
+    # holds on the device (``held``), so that the tokens do not depend on the path
+    bounded = scored and criterion.needs_logits and (not best or criterion.last_is_best_when_never_met)
+    prune = bounded and not static_shapes and halting == "off"
+    never = criterion.never_met(model, images) if bounded else None
+    held, never = (None, never) if prune else (never, None)
     skip: set[int] = set()
     if never is not None and reads_are_free(images.device):
         # out-of-reach images skip the decoder from their first count
@@ -235,6 +238,8 @@ def _encode_chunk(
         view, picked = _judged_view(model, out, count * T, offset, gt, working, latents, keep)
         # with static shapes nothing is pruned: ``live`` and ``picked`` never come together
         rows = out.rows if picked is None else out.rows.index_select(0, picked)
+        if held is not None:  # out of reach: never stops, not even by rounding; its last count stands
+            live = ~held.index_select(0, rows) if live is None else live & ~held.index_select(0, rows)
         stop, better = choice.update(view, count, rows, live)
         if best:
             best_codes[rows] = torch.where(_per_row(better, best_codes), state.indices[rows], best_codes[rows])
@@ -260,6 +265,9 @@ def _encode_chunk(
     if best:
         lengths = choice.chosen(last) * T
         codes = torch.where(_per_row(choice.met, codes), codes, best_codes)
+    if held is not None:  # they ran to the last count: its length and codes
+        lengths = torch.where(held, last * T, lengths)
+        codes = torch.where(_per_row(held, codes), state.indices, codes)
     return _Chunk(lengths=lengths, codes=codes, in_range=in_range, finite=finite)
 
 
