@@ -16,6 +16,11 @@ import socket
 import time
 from typing import Callable
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: locks by pid alone
+    fcntl = None
+
 # the errors a full disk, a quota, a read-only mount or a forbidden folder give a writer: user
 # conditions, reported in one line by the commands (alit_fast.training.utils.run_command)
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
@@ -118,11 +123,57 @@ def _alive(pid: int) -> bool:
 
 
 def acquire_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> str:
-    """Take ``folder``'s lock file (created exclusively, holding pid, host and command), or raise
-    FolderBusy naming its holder. A lock whose process is gone from this host is stale (the run
-    was killed) and is taken over. Returns the lock's path for ``release_lock``."""
+    """Take ``folder``'s lock file (holding pid, host and command), or raise FolderBusy naming its
+    holder. Returns the lock's path for ``release_lock``.
+
+    Where the file system has ``flock`` the kernel (or the NFS lock manager) holds the lock for as
+    long as this process keeps the file open: a killed run's lock is free at once, whatever its
+    pid became since, on whatever host it ran, and two runs can never both take one over. Elsewhere
+    a lock whose process is gone from this host is judged stale and taken over."""
     path = os.path.join(os.fspath(folder), name)
-    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": what, "since": time.time()})
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": what, "since": time.time()}
+    _let_go(path)  # this process's own, left by an earlier command run in-process that ended by an exception
+    taken = _acquire_flock(folder, path, mine)
+    return taken if taken is not None else _acquire_by_pid(folder, path, mine)
+
+
+# the locks this process holds by flock: absolute path -> the open descriptor that holds it
+_HELD: dict[str, int] = {}
+# what a file system without flock (or with it switched off) answers
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _acquire_flock(folder, path: str, mine: dict) -> str | None:
+    """The lock by flock; None where the file system has none."""
+    if fcntl is None:
+        return None
+    for _ in range(3):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise _busy(folder, path, _read_lock(path)) from None
+            if exc.errno in _NO_FLOCK:
+                return None
+            raise
+        if _inode(path) != _fd_inode(fd):  # removed or replaced between the open and the lock: again
+            os.close(fd)
+            continue
+        holder = _read_lock(path)
+        if holder and not holder.get("flock") and _holder_alive(holder):
+            os.close(fd)  # a run that locks by pid alone (an older version) is still there
+            raise _busy(folder, path, holder)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({**mine, "flock": True}).encode())
+        _HELD[os.path.abspath(path)] = fd
+        return path
+    raise FolderBusy(f"{folder}: could not take the lock {path}")
+
+
+def _acquire_by_pid(folder, path: str, mine: dict) -> str:
+    """The lock as an exclusively created file, judged stale by its holder's pid and host."""
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -131,21 +182,50 @@ def acquire_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) ->
             holder = _read_lock(path)
             if seen is None:  # released meanwhile
                 continue
-            here = holder.get("host") == socket.gethostname()
-            pid = int(holder.get("pid", -1)) if str(holder.get("pid", "")).lstrip("-").isdigit() else -1
             # stale: its process is gone, or it is this process's own (an earlier command run
             # in-process that ended by an exception), or it was never filled in by a killed run
-            if (here and (pid == os.getpid() or not _alive(pid))) or (not holder and _age(path) > 10):
+            if (holder and not _holder_alive(holder)) or (not holder and _age(path) > 10):
                 _remove_stale(path, seen)  # a killed run's lock
                 continue
-            who = (f"{holder.get('command', '?')}, pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder
-                   else "one starting now")
-            raise FolderBusy(f"{folder} is in use by another run ({who}); wait for it, or remove {path} if that run "
-                             "is gone") from None
+            raise _busy(folder, path, holder) from None
         with os.fdopen(fd, "w") as f:
-            f.write(mine)
+            f.write(json.dumps(mine))
         return path
     raise FolderBusy(f"{folder}: could not take the lock {path}")
+
+
+def _holder_alive(holder: dict) -> bool:
+    """Whether a lock's recorded holder may still run: another host's cannot be judged from here."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = int(holder.get("pid", -1)) if str(holder.get("pid", "")).lstrip("-").isdigit() else -1
+    return pid != os.getpid() and _alive(pid)
+
+
+def _busy(folder, path: str, holder: dict) -> FolderBusy:
+    who = (f"{holder.get('command', '?')}, pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder
+           else "one starting now")
+    return FolderBusy(f"{folder} is in use by another run ({who}); wait for it, or remove {path} if that run is gone")
+
+
+def _let_go(path: str) -> None:
+    """Release this process's flock on ``path`` without removing the file (it is taken again next)."""
+    fd = _HELD.pop(os.path.abspath(path), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _fd_inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _stamp(path: str) -> tuple[int, int] | None:
@@ -192,6 +272,16 @@ def _age(path: str) -> float:
 
 def release_lock(path: str) -> None:
     """Remove the lock if it is still this process's."""
+    fd = _HELD.pop(os.path.abspath(path), None)
+    if fd is not None:
+        try:
+            if _inode(path) == _fd_inode(fd):  # still ours: remove it
+                os.remove(path)  # while still holding it, so that nobody takes the file being removed
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return
     if _read_lock(path).get("pid") == os.getpid():
         try:
             os.remove(path)

@@ -86,11 +86,13 @@ def test_the_new_file_reaches_the_disk_before_it_replaces_the_old(tmp_path, monk
 
 
 def test_two_runs_taking_over_one_stale_lock_at_once_leave_the_first_ones_lock(tmp_path, monkeypatch):
+    # where the file system has no flock, staleness is judged by pid: the takeover must not race
     import json
     import socket
 
     from alit_fast import files
 
+    monkeypatch.setattr(files, "fcntl", None)
     lock, here = tmp_path / files.LOCK_NAME, socket.gethostname()
     lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": here}))  # a killed run's
     os.utime(lock, (1e9, 1e9))
@@ -108,3 +110,82 @@ def test_two_runs_taking_over_one_stale_lock_at_once_leave_the_first_ones_lock(t
     with pytest.raises(files.FolderBusy, match="the other run, pid 1"):
         files.acquire_lock(tmp_path, "this run")
     assert json.loads(lock.read_text())["pid"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == [lock.name]
+
+
+def _lock_as_another_process(path):
+    """An open file description flocked on ``path``: what another live run holds (flock locks
+    belong to the open file description, so this process's own acquire_lock conflicts with it)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_flocked_lock_refuses_by_name_and_is_free_the_moment_its_holder_lets_go(tmp_path):
+    import json
+
+    from alit_fast import files
+
+    lock = tmp_path / files.LOCK_NAME
+    fd = _lock_as_another_process(lock)
+    os.write(fd, json.dumps({"pid": 4242, "host": "node7", "command": "alit-fast pretokenize", "flock": True}).encode())
+    with pytest.raises(files.FolderBusy, match="alit-fast pretokenize, pid 4242 on node7"):
+        files.acquire_lock(tmp_path, "this run")
+    os.close(fd)  # the holder is killed: the kernel lets go of its lock, whatever host it was on
+    path = files.acquire_lock(tmp_path, "this run")
+    assert json.loads(lock.read_text())["command"] == "this run"
+    files.release_lock(path)
+    assert not lock.exists()
+
+
+def test_a_flock_lock_left_by_a_dead_run_whose_pid_is_reused_is_taken_over(tmp_path):
+    # by pid alone a reused pid would look alive forever; the unheld flock says the run is gone
+    import json
+    import socket
+
+    from alit_fast import files
+
+    lock = tmp_path / files.LOCK_NAME
+    lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "command": "old run", "flock": True}))
+    path = files.acquire_lock(tmp_path, "this run")
+    assert json.loads(lock.read_text())["command"] == "this run"
+    files.release_lock(path)
+
+
+def test_three_runs_racing_for_one_lock_leave_exactly_one_holder(tmp_path, monkeypatch):
+    """The race the pid scheme lost: two runs take over a stale lock while a third creates a new
+    one. With flock, whoever holds the lock holds it; the others are refused."""
+    import fcntl
+
+    from alit_fast import files
+
+    lock = tmp_path / files.LOCK_NAME
+    lock.write_text('{"pid": 4194305, "host": "gone", "flock": true}')  # a dead run's, on another host
+    real = fcntl.flock
+    other = []
+
+    def others_arrive(fd, op):  # between this run's open and its flock: one run removes the file, one makes a new one
+        if not other:
+            other.append(None)
+            os.remove(lock)
+            other[0] = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            real(other[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real(fd, op)
+
+    monkeypatch.setattr(files.fcntl, "flock", others_arrive)
+    with pytest.raises(files.FolderBusy):
+        files.acquire_lock(tmp_path, "this run")
+    monkeypatch.setattr(files.fcntl, "flock", real)
+    with pytest.raises(files.FolderBusy):  # the other run still holds it
+        files.acquire_lock(tmp_path, "a third run")
+    os.close(other[0])
+
+
+def test_an_in_process_command_that_did_not_release_its_lock_does_not_block_the_next(tmp_path):
+    from alit_fast import files
+
+    files.acquire_lock(tmp_path, "a command that raised")  # never released
+    path = files.acquire_lock(tmp_path, "the next command")
+    files.release_lock(path)
+    assert not (tmp_path / files.LOCK_NAME).exists()
