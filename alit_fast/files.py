@@ -158,7 +158,7 @@ def _acquire_flock(folder, path: str, mine: dict) -> str | None:
             if exc.errno in _NO_FLOCK:
                 return None
             raise
-        if _inode(path) != _fd_inode(fd):  # removed or replaced between the open and the lock: again
+        if _inode(path) != _inode(fd):  # removed or replaced between the open and the lock: again
             os.close(fd)
             continue
         holder = _read_lock(path)
@@ -215,16 +215,12 @@ def _let_go(path: str) -> None:
         os.close(fd)
 
 
-def _inode(path: str) -> tuple[int, int] | None:
+def _inode(path_or_fd: "str | int") -> tuple[int, int] | None:
+    """Which file a path names now, or an open descriptor holds (None: no file at the path)."""
     try:
-        st = os.stat(path)
+        st = os.stat(path_or_fd)
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino
-
-
-def _fd_inode(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
     return st.st_dev, st.st_ino
 
 
@@ -275,7 +271,7 @@ def release_lock(path: str) -> None:
     fd = _HELD.pop(os.path.abspath(path), None)
     if fd is not None:
         try:
-            if _inode(path) == _fd_inode(fd):  # still ours: remove it
+            if _inode(path) == _inode(fd):  # still ours: remove it
                 os.remove(path)  # while still holding it, so that nobody takes the file being removed
         except OSError:
             pass

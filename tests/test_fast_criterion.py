@@ -15,6 +15,7 @@ import alit_fast
 from alit_fast import ALIT
 from alit_fast.cli import main as cli_main
 from alit_fast.inference import parse_criterion
+from alit_fast.inference.criteria import PixelL1
 from alit_fast.inference.calibration import (
     METADATA_KEY,
     PixelL1Calibration,
@@ -277,6 +278,19 @@ def test_with_fallback_best_images_out_of_reach_take_the_last_count_and_the_rest
     assert bool(never.any()) and bool((first >= 0).any())
 
 
+class BothAtOnce(PixelL1):
+    """Rounding's worst case: image 0 is out of reach by the bound, yet meets the criterion at the
+    first judged count (as every image does)."""
+
+    last_is_best_when_never_met = True
+
+    def never_met(self, model, images):
+        return torch.tensor([True, False])
+
+    def __call__(self, view):
+        return self.score(view) < 10.0
+
+
 @pytest.mark.parametrize("read_first", [True, False], ids=["flags-read-first", "flags-read-with-first-stop"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_image_flagged_out_of_reach_in_the_read_that_sees_it_stop_gets_the_last_count(stream, read_first, monkeypatch):
@@ -284,18 +298,8 @@ def test_an_image_flagged_out_of_reach_in_the_read_that_sees_it_stop_gets_the_la
     detail term at it): the bound wins, with fallback best as with max, whether the flags are read
     before the first step (a CPU) or with the first stop decision (a GPU), and its length never
     runs past its codes."""
-    from alit_fast.inference.criteria import PixelL1
     from alit_fast.inference.encode import encode
     from alit_fast.inference.stream import encode_stream
-
-    class BothAtOnce(PixelL1):
-        last_is_best_when_never_met = True
-
-        def never_met(self, model, images):
-            return torch.tensor([True, False])
-
-        def __call__(self, view):
-            return self.score(view) < 10.0  # every image meets it at the first judged count
 
     for module in ("encode", "stream"):  # False: the GPU's way, on this CPU
         monkeypatch.setattr(sys.modules[f"alit_fast.inference.{module}"], "reads_are_free", lambda device: read_first)
@@ -317,17 +321,6 @@ def test_paths_that_cannot_prune_still_give_an_out_of_reach_image_the_last_count
     """Static shapes and halting masks decode every image, so nothing is skipped; the bound still
     decides: an out-of-reach image is never stopped (not by rounding either) and takes the last
     count with its codes, as on the pruning path."""
-    from alit_fast.inference.criteria import PixelL1
-
-    class BothAtOnce(PixelL1):
-        last_is_best_when_never_met = True
-
-        def never_met(self, model, images):
-            return torch.tensor([True, False])
-
-        def __call__(self, view):
-            return self.score(view) < 10.0  # every image meets it at the first judged count
-
     torch.manual_seed(0)
     model, images = ALIT(tiny_config()).eval(), torch.rand(2, 3, 32, 32)
     options = dict(static_shapes=True) if path == "static-shapes" else dict(halting="threshold")

@@ -1429,72 +1429,66 @@ def test_an_evaluation_stopped_late_continues_from_its_saved_sums_to_the_same_re
     assert rows(tmp_path / "ev") == rows(tmp_path / "whole") and not (tmp_path / "ev" / evaluate_cli.PROGRESS).exists()
 
 
-def test_an_evaluation_continued_over_other_weights_at_the_same_path_is_refused(env, tmp_path, monkeypatch, capsys):
+def _evaluation_stopped_after_one_image(argv, monkeypatch) -> bytes:
+    """Run ``argv`` (an evaluate command, batch size 1) until a stand-in crash on its second batch;
+    returns the progress it saved."""
     import alit_fast.cli.evaluate as evaluate_cli
 
-    weights, out = tmp_path / "model.safetensors", tmp_path / "ev"
-    shutil.copy(env.model, weights)
-    argv = ["evaluate", "--data", str(env.images), "--checkpoint", str(weights), "--out", str(out), "--metrics", "l1",
-            "--tokens", "8", "--batch-size", "1", "--workers", "0", "--quiet"]
     real = ALIT.rollout
+    calls = []
 
     def crashes_on_the_second_batch(self, *args, **kwargs):
-        if crashes_on_the_second_batch.calls == 1:
+        calls.append(1)
+        if len(calls) == 2:
             raise RuntimeError("a stand-in crash")
-        crashes_on_the_second_batch.calls += 1
         return real(self, *args, **kwargs)
 
-    crashes_on_the_second_batch.calls = 0
     monkeypatch.setattr(evaluate_cli, "SAVE_EVERY_S", 0.0)
     monkeypatch.setattr(ALIT, "rollout", crashes_on_the_second_batch)
     with pytest.raises(RuntimeError, match="stand-in"):
         cli_main(argv)
     monkeypatch.setattr(ALIT, "rollout", real)
-    progress = (out / evaluate_cli.PROGRESS).read_bytes()
-    torch.manual_seed(123)
-    ALIT(tiny_config()).save(weights)  # the same path and config, other weights
+    return (Path(argv[argv.index("--out") + 1]) / evaluate_cli.PROGRESS).read_bytes()
+
+
+def _refused_as_another_evaluation(argv, progress: bytes, capsys) -> str:
+    import alit_fast.cli.evaluate as evaluate_cli
+
+    out = Path(argv[argv.index("--out") + 1])
     capsys.readouterr()
     assert cli_main(argv) == 2
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln]
-    assert len(err) == 1 and "another evaluation" in err[0] and "model weights" in err[0], err
+    assert len(err) == 1 and "another evaluation" in err[0], err
     assert (out / evaluate_cli.PROGRESS).read_bytes() == progress and not (out / "metrics.json").exists()
+    return err[0]
+
+
+def test_an_evaluation_continued_over_other_weights_at_the_same_path_is_refused(env, tmp_path, monkeypatch, capsys):
+    weights, out = tmp_path / "model.safetensors", tmp_path / "ev"
+    shutil.copy(env.model, weights)
+    argv = ["evaluate", "--data", str(env.images), "--checkpoint", str(weights), "--out", str(out), "--metrics", "l1",
+            "--tokens", "8", "--batch-size", "1", "--workers", "0", "--quiet"]
+    progress = _evaluation_stopped_after_one_image(argv, monkeypatch)
+    torch.manual_seed(123)
+    ALIT(tiny_config()).save(weights)  # the same path and config, other weights
+    assert "model weights" in _refused_as_another_evaluation(argv, progress, capsys)
 
 
 def test_an_evaluation_continued_over_an_image_rewritten_in_place_is_refused(env, tmp_path, monkeypatch, capsys):
-    import alit_fast.cli.evaluate as evaluate_cli
+    from PIL import Image, ImageOps
 
     folder, out = tmp_path / "images", tmp_path / "ev"
     shutil.copytree(env.images, folder)
     argv = ["evaluate", "--data", str(folder), "--checkpoint", str(env.model), "--out", str(out), "--metrics", "l1",
             "--tokens", "8", "--batch-size", "1", "--workers", "0", "--quiet"]
-    real = ALIT.rollout
-
-    def crashes_on_the_second_batch(self, *args, **kwargs):
-        if crashes_on_the_second_batch.calls == 1:
-            raise RuntimeError("a stand-in crash")
-        crashes_on_the_second_batch.calls += 1
-        return real(self, *args, **kwargs)
-
-    crashes_on_the_second_batch.calls = 0
-    monkeypatch.setattr(evaluate_cli, "SAVE_EVERY_S", 0.0)
-    monkeypatch.setattr(ALIT, "rollout", crashes_on_the_second_batch)
-    with pytest.raises(RuntimeError, match="stand-in"):
-        cli_main(argv)
-    monkeypatch.setattr(ALIT, "rollout", real)
-    progress = (out / evaluate_cli.PROGRESS).read_bytes()
-    from PIL import Image, ImageOps
-
+    progress = _evaluation_stopped_after_one_image(argv, monkeypatch)
     first = sorted(folder.iterdir())[0]
     stamp = first.stat()
     with Image.open(first) as image:
         inverted = ImageOps.invert(image.convert("RGB"))
     inverted.save(first, format=image.format)  # another image at the same path
     os.utime(first, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))  # even on a coarse clock
-    capsys.readouterr()
-    assert cli_main(argv) == 2
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": note: " not in ln]
-    assert len(err) == 1 and "another evaluation" in err[0], err
-    assert (out / evaluate_cli.PROGRESS).read_bytes() == progress and not (out / "metrics.json").exists()
+    _refused_as_another_evaluation(argv, progress, capsys)
 
 
 def test_an_image_gone_between_the_scan_and_the_evaluation_is_one_line(env, tmp_path, monkeypatch, capsys):
