@@ -62,8 +62,7 @@ ON_INTERRUPT = {
     "alit-fast pretokenize": "rerun the same command to resume: finished shards are kept",
     "alit-fast encode": ("the tokens saved before it (a long run saves every few minutes) are in --out, marked "
                          "partial; rerun the command to encode every image (with --shard-size, finished shards are kept)"),
-    "python -m alit_fast.train_vqgan": ("its weights saved so far are in --out; rerun with --overwrite to train again "
-                                        "(it does not resume)"),
+    "python -m alit_fast.train_vqgan": "rerun the same command with --resume to continue from the last checkpoint",
     "alit-fast decode": "the images written so far are kept; rerun the command with --overwrite to write them all",
     "alit-fast evaluate": ("rerun the same command to continue from the progress saved in --out (a long run saves "
                            "every few minutes)"),

@@ -93,7 +93,7 @@ def test_backend_triton_flag_on_a_cpu_is_one_line_before_any_work(no_gpu_no_inte
                                        ("alit-fast decode", "rerun the command with --overwrite"),
                                        ("alit-fast encode", "marked partial"),
                                        ("alit-fast evaluate", "continue from the progress saved"),
-                                       ("python -m alit_fast.train_vqgan", "rerun with --overwrite")])
+                                       ("python -m alit_fast.train_vqgan", "--resume")])
 def test_ctrl_c_ends_a_command_with_one_line_saying_how_to_resume(prog, hint, capsys):
     def body(argv):
         raise KeyboardInterrupt

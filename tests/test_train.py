@@ -395,3 +395,70 @@ def test_fp16_steps_the_grad_scaler_skips_do_not_stop_the_run(tiny_json, tmp_pat
     log = _log(tmp_path)
     assert len(log) == 3 and not any(math.isfinite(r["grad_norm"]) for r in log), [r["grad_norm"] for r in log]
     assert all(r["loss"] < float("inf") for r in log)
+
+
+# ---------------------------------------------------------------------- the VQGAN's own training
+def _vqgan_run(tiny_json: str, data: Path, out: Path, *extra: str) -> int:
+    from alit_fast.training.vqgan import main as vqgan_main
+
+    argv = ["--config", tiny_json, "--data", str(data), "--steps", "20", "--batch-size", "2", "--crop", "16",
+            "--log-every", "1", "--restart-every", "3", "--threads", "1", "--out", str(out), *extra]
+    return vqgan_main(argv)
+
+
+@pytest.fixture()
+def six_images(tmp_path) -> Path:
+    folder = tmp_path / "six"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # 3 batches of 2 per epoch: a split at step 8 is mid-epoch, and the run crosses 6 epochs
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_vqgan_resume_is_exact(tiny_json, six_images, tmp_path, monkeypatch):
+    import alit_fast.training.vqgan as vqgan
+
+    assert _vqgan_run(tiny_json, six_images, tmp_path / "full") == 0
+    real = vqgan._train_step
+
+    def killed_before_step_12(run, images, args):
+        if run.step == 11:  # the last checkpoint was at step 8 (--log-every 1: one every 8 steps)
+            raise KeyboardInterrupt
+        return real(run, images, args)
+
+    monkeypatch.setattr(vqgan, "_train_step", killed_before_step_12)
+    assert _vqgan_run(tiny_json, six_images, tmp_path / "split") == 130
+    monkeypatch.setattr(vqgan, "_train_step", real)
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert _vqgan_run(tiny_json, six_images, tmp_path / "split", "--resume") == 0
+
+    def log(out):
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in (out / "log.jsonl").read_text().splitlines()]
+
+    assert log(tmp_path / "split") == log(tmp_path / "full") and len(log(tmp_path / "full")) == 20
+    assert sum(r["restarted"] for r in log(tmp_path / "full")) > 0  # the restarts' random stream is resumed too
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "full" / "vqgan.safetensors"), load_file(tmp_path / "split" / "vqgan.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vqgan_resume_refuses_other_options_and_a_run_that_saved_no_checkpoint(tiny_json, six_images, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _vqgan_run(tiny_json, six_images, out, "--steps", "8") == 0
+    capsys.readouterr()
+    assert _vqgan_run(tiny_json, six_images, out, "--steps", "8", "--resume", "--lr", "0.5") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lr 0.001 -> 0.5" in err[0], err
+    old = tmp_path / "old"  # what a version that could not resume left
+    old.mkdir()
+    torch.save({"step": 8, "optimizer": {}}, old / "optimizer.pt")
+    assert _vqgan_run(tiny_json, six_images, old, "--resume") == 2
+    assert "saved no checkpoint" in capsys.readouterr().err
+
+
+def test_vqgan_resume_with_no_checkpoint_yet_starts_from_step_0(tiny_json, six_images, tmp_path, capsys):
+    assert _vqgan_run(tiny_json, six_images, tmp_path / "run", "--steps", "2", "--resume") == 0
+    assert "no checkpoint" in capsys.readouterr().out
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2

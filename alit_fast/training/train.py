@@ -68,10 +68,12 @@ class NonFiniteLoss(RuntimeError):
 RUN_FILES = (CHECKPOINT, LOG, "model.safetensors", "ema.safetensors")
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) -> None:
-    """Refuse to replace an earlier run without --resume or --overwrite, and (``write``: rank 0)
-    clear what a killed save left behind (write_atomic's NAME.tmp files).
-    Every rank runs the checks, so all of them stop on a refusal and none waits for the others."""
+def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True,
+                run_files: tuple[str, ...] = RUN_FILES) -> None:
+    """Refuse to replace an earlier run (any of ``run_files`` in ``out``) without --resume or
+    --overwrite, and (``write``: rank 0) clear what a killed save left behind (write_atomic's
+    NAME.tmp files). Every rank runs the checks, so all of them stop on a refusal and none waits
+    for the others."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
     above = out.parent
@@ -81,8 +83,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
         raise UsageError(f"--out {out}: {above} is a file, not a folder")
     if resume and overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    foreign = foreign_run_files(out, RUN_FILES)
+    found = [name for name in run_files if (out / name).exists()]
+    foreign = foreign_run_files(out, run_files)
     if foreign:  # a user's file of the same name is never replaced, --overwrite or not
         raise UsageError(f"--out {out} holds files training did not write ({', '.join(foreign)}); they are left "
                          "alone: use a new or empty directory")
@@ -95,7 +97,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True) ->
     out.mkdir(parents=True, exist_ok=True)
     # what a kill mid-write leaves: checkpoints (atomic_torch_save) and final weights (ALIT.save),
     # discriminators.safetensors: stage 2's third file; .checkpoint.pt.tmpPID: an older version's
-    written = [CHECKPOINT] + [name for name in RUN_FILES if name.endswith(".safetensors")] + ["discriminators.safetensors"]
+    written = [CHECKPOINT] + [name for name in run_files if name.endswith(".safetensors")] + ["discriminators.safetensors"]
     stale = [*out.glob(f".{CHECKPOINT}.tmp*"), *(out / f"{name}.tmp" for name in written)]
     for path in stale:
         if path.is_file():

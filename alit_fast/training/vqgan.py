@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,19 +29,8 @@ from ..files import write_atomic
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
 from .data import SyntheticImages, build_dataset
-from .utils import atomic_torch_save, check_number, foreign_run_files, resolve_config, seed_everything
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a directory")
-    foreign = foreign_run_files(out, RUN_FILES)
-    if foreign:  # a user's file of the same name is never replaced, --overwrite or not
-        raise UsageError(f"--out {out} holds files training did not write ({', '.join(foreign)}); they are left "
-                         "alone: use a new or empty directory")
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not overwrite:  # an earlier run's weights are never replaced unasked
-        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --overwrite to replace it")
+from .train import CHECKPOINT, LOG, JsonlLog, prepare_out, read_training_checkpoint
+from .utils import atomic_torch_save, check_number, resolve_config, seed_everything
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/vqgan")
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (the same options: it ends as an "
+                        "uninterrupted run would)")
     p.add_argument("--overwrite", action="store_true", help="replace a VQGAN run already in --out")
     args = p.parse_args(argv)
     for flag in ("steps", "batch_size", "log_every"):
@@ -83,7 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 PROG = "python -m alit_fast.train_vqgan"
-RUN_FILES = ("vqgan.safetensors", "optimizer.pt", "log.jsonl", "summary.json")
+# optimizer.pt: what versions that could not resume saved instead of a checkpoint
+RUN_FILES = ("vqgan.safetensors", CHECKPOINT, "optimizer.pt", LOG, "summary.json")
+# what a resumed run must share with the run it continues: the data order, the losses, the schedule
+RUN_OPTIONS = ("data", "steps", "batch_size", "crop", "lr", "beta", "grad_loss", "active_codes", "restart_every", "seed")
+CHECKPOINT_ENTRIES = ("tokenizer", "optimizer", "scheduler", "step", "epoch", "batch", "generator", "rng", "last_used",
+                      "config", "options")
 
 
 def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -144,6 +142,130 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, _main, argv)
 
 
+@dataclass
+class _Run:
+    """Everything a step changes, and so everything a checkpoint holds."""
+
+    tok: BaseTokenizer
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    gen: torch.Generator  # random crops, the codebook's initialisation, code restarts
+    last_used: torch.Tensor  # the step each active code was last picked at
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of ``epoch`` already trained on
+
+
+def _new_run(args: argparse.Namespace, cfg: ALITConfig) -> _Run:
+    seed_everything(args.seed)
+    tok = BaseTokenizer(cfg.vqgan)
+    tok.train()
+    opt = torch.optim.Adam(tok.parameters(), lr=args.lr, betas=(0.9, 0.99))
+    steps = args.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159265)).item()))
+    )
+    K = args.active_codes or cfg.vqgan.codebook_size
+    return _Run(tok, opt, sched, torch.Generator().manual_seed(args.seed), torch.zeros(K, dtype=torch.long))
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in RUN_OPTIONS}
+
+
+def _save_checkpoint(run: _Run, cfg: ALITConfig, args: argparse.Namespace, path: Path) -> None:
+    atomic_torch_save({
+        "tokenizer": run.tok.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+        "step": run.step, "epoch": run.epoch, "batch": run.batch, "generator": run.gen.get_state(),
+        "rng": torch.get_rng_state(), "last_used": run.last_used, "config": cfg.to_json(), "options": _options(args),
+    }, path)
+
+
+def _resume(run: _Run, cfg: ALITConfig, args: argparse.Namespace, out: Path) -> bool:
+    """Load ``out``'s checkpoint into ``run``; False where there is none yet (a first run killed
+    before its first save: it starts from step 0)."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        if (out / "optimizer.pt").exists():
+            raise UsageError(f"--resume: {out} was written by a version of {PROG} that saved no checkpoint; "
+                             "start again with --overwrite")
+        print(f"--resume: no checkpoint in {out} yet; starting from step 0", flush=True)
+        return False
+    ckpt = read_training_checkpoint(path, CHECKPOINT_ENTRIES, PROG)
+    if ckpt["config"] != cfg.to_json():
+        raise UsageError(f"--resume: {path} was written for a different --config")
+    changed = [f"--{k.replace('_', '-')} {ckpt['options'].get(k)!r} -> {v!r}" for k, v in _options(args).items()
+               if ckpt["options"].get(k) != v]
+    if changed:
+        raise UsageError(f"--resume: the run in {out} had other options ({', '.join(changed)}); resume it with its "
+                         "own, or start again with --overwrite")
+    try:
+        run.tok.load_state_dict(ckpt["tokenizer"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.sched.load_state_dict(ckpt["scheduler"])
+        run.gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["rng"])
+        run.last_used.copy_(ckpt["last_used"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise UsageError(f"--resume: {path} does not fit this run ({type(exc).__name__}: {str(exc)[:200]}); start "
+                         "again with --overwrite") from exc
+    run.step, run.epoch, run.batch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch"])
+    print(f"resumed from {path} at step {run.step}", flush=True)
+    return True
+
+
+def _epoch_batches(dataset, args: argparse.Namespace, epoch: int, skip: int) -> DataLoader:
+    """The epoch's batches past the first ``skip``: the order a shuffled DataLoader seeded with the
+    epoch gives, drawn over indices alone so that the batches skipped are never loaded."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    order = DataLoader(range(len(dataset)), batch_size=args.batch_size, shuffle=True, drop_last=True,
+                       generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    return DataLoader(dataset, batch_sampler=[b.tolist() for b in order][skip:])
+
+
+def _init_codebook(run: _Run, images: torch.Tensor, z_channels: int) -> None:
+    """Start every code on a real encoder output, so none begins dead."""
+    K = run.last_used.numel()
+    with torch.no_grad():
+        z = run.tok.vqgan.encoder(images).permute(0, 2, 3, 1).reshape(-1, z_channels)
+        pick = torch.randint(0, z.shape[0], (K,), generator=run.gen)
+        run.tok.codebook.data[:K] = z[pick] + 0.01 * z.std() * torch.randn(K, z.shape[1], generator=run.gen)
+        fill_inactive(run.tok, K)
+
+
+def _train_step(run: _Run, images: torch.Tensor, args: argparse.Namespace) -> dict:
+    """One optimizer step and the code restarts due; returns the step's figures for the log."""
+    tok = run.tok
+    recon, vq_loss, indices, z_flat = vq_step(tok, images, args.beta)
+    l1 = F.l1_loss(recon, images)
+    loss = l1 + vq_loss
+    if args.grad_loss > 0:
+        loss = loss + args.grad_loss * gradient_l1(recon, images)
+    if not torch.isfinite(loss):
+        raise SystemExit(f"train_vqgan: non-finite loss {float(loss)} at step {run.step}; stopping")
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
+    run.opt.step()
+    run.sched.step()
+    run.step += 1
+    run.last_used[indices.unique()] = run.step
+    restarted = 0
+    if args.restart_every and run.step % args.restart_every == 0:
+        dead = (run.step - run.last_used >= args.restart_every).nonzero().flatten()
+        if len(dead):
+            with torch.no_grad():
+                pick = torch.randint(0, z_flat.shape[0], (len(dead),), generator=run.gen)
+                tok.codebook.data[dead] = z_flat[pick] + 0.01 * z_flat.std() * torch.randn(len(dead), z_flat.shape[1], generator=run.gen)
+            run.last_used[dead] = run.step
+            restarted = len(dead)
+    fill_inactive(tok, run.last_used.numel())
+    # read on the host only for a step that is logged
+    return {"step": run.step, "loss": loss.detach(), "l1": l1.detach(), "vq": vq_loss.detach(),
+            "lr": run.sched.get_last_lr()[0], "batch_codes": indices.unique().numel(), "restarted": restarted}
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
@@ -152,92 +274,61 @@ def _main(argv: list[str] | None) -> int:
     if args.active_codes > cfg.vqgan.codebook_size:
         raise UsageError(f"--active-codes {args.active_codes}: the VQGAN has {cfg.vqgan.codebook_size} codes")
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    prepare_out(out, args.resume, args.overwrite, write=False, run_files=RUN_FILES)
     dataset = build_dataset(args.data, cfg.image_size, seed=args.seed)  # a bad --data is refused before any write
-    out.mkdir(parents=True, exist_ok=True)
-    if args.overwrite and (out / "log.jsonl").exists():
-        (out / "log.jsonl").unlink()
-    seed_everything(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    tok = BaseTokenizer(cfg.vqgan)
-    tok.train()
     if len(dataset) < args.batch_size:  # drop_last would leave no batch at all, and the loop would never end
         raise UsageError(f"--data {args.data} has {len(dataset)} items: fewer than one --batch-size {args.batch_size}")
+    run = _new_run(args, cfg)
+    resumed = _resume(run, cfg, args, out) if args.resume else False
+    prepare_out(out, args.resume, args.overwrite, run_files=RUN_FILES)
+    if args.overwrite:  # the replaced run's files that this one may not write again
+        for name in ("optimizer.pt", "summary.json", CHECKPOINT):
+            (out / name).unlink(missing_ok=True)
     held_out = torch.stack([build_dataset(args.data, cfg.image_size, seed=args.seed + 1)[i]["image"]
                             for i in range(min(64, len(dataset)))])
     flat_probe = torch.stack([SyntheticImages(cfg.image_size, 10, seed=args.seed + 2)[i]["image"] for i in range(10)])
-    opt = torch.optim.Adam(tok.parameters(), lr=args.lr, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / args.steps * 3.14159265)).item()))
-    )
-    K = args.active_codes or cfg.vqgan.codebook_size
-    last_used = torch.zeros(K, dtype=torch.long)
-    log = open(out / "log.jsonl", "a", encoding="utf-8")
+    log = JsonlLog(out / LOG, run.step if resumed else None)
     start = time.time()
-    step, epoch, initialised = 0, 0, False
-    while step < args.steps:
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        for batch in loader:
-            images = random_crops(batch["image"], args.crop, gen)
-            if not initialised:
-                # start every code on a real encoder output, so none begins dead
-                with torch.no_grad():
-                    z = tok.vqgan.encoder(images).permute(0, 2, 3, 1).reshape(-1, cfg.vqgan.z_channels)
-                    pick = torch.randint(0, z.shape[0], (K,), generator=gen)
-                    tok.codebook.data[:K] = z[pick] + 0.01 * z.std() * torch.randn(K, z.shape[1], generator=gen)
-                    fill_inactive(tok, K)
-                initialised = True
-            recon, vq_loss, indices, z_flat = vq_step(tok, images, args.beta)
-            l1 = F.l1_loss(recon, images)
-            loss = l1 + vq_loss
-            if args.grad_loss > 0:
-                loss = loss + args.grad_loss * gradient_l1(recon, images)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"train_vqgan: non-finite loss {float(loss)} at step {step}; stopping")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            last_used[indices.unique()] = step
-            restarted = 0
-            if args.restart_every and step % args.restart_every == 0:
-                dead = (step - last_used >= args.restart_every).nonzero().flatten()
-                if len(dead):
-                    with torch.no_grad():
-                        pick = torch.randint(0, z_flat.shape[0], (len(dead),), generator=gen)
-                        tok.codebook.data[dead] = z_flat[pick] + 0.01 * z_flat.std() * torch.randn(len(dead), z_flat.shape[1], generator=gen)
-                    last_used[dead] = step
-                    restarted = len(dead)
-            fill_inactive(tok, K)
-            if step % args.log_every == 0 or step == args.steps:
-                record = {"step": step, "time": round(time.time() - start, 1), "loss": float(loss), "l1": float(l1),
-                          "vq": float(vq_loss), "lr": sched.get_last_lr()[0], "batch_codes": int(indices.unique().numel()),
-                          "restarted": restarted}
-                if step % (args.log_every * 8) == 0 or step == args.steps:
-                    record.update({f"eval_{k}": v for k, v in evaluate(tok, held_out).items()})
-                    record["eval_flat_l1"] = evaluate(tok, flat_probe)["l1"]
-                    save_base_tokenizer(tok, cfg, out / "vqgan.safetensors")
-                    atomic_torch_save({"step": step, "optimizer": opt.state_dict()}, out / "optimizer.pt")
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                print(json.dumps(record), flush=True)
-            if step >= args.steps or (args.time_limit and time.time() - start > args.time_limit):
-                args.steps = step
-                break
-        epoch += 1
-    final = evaluate(tok, held_out)
-    save_base_tokenizer(tok, cfg, out / "vqgan.safetensors")
-    summary = {"steps": step, "seconds": round(time.time() - start, 1), **{f"eval_{k}": v for k, v in final.items()}}
+    try:
+        _train(run, cfg, args, dataset, out, log, start, probes=(held_out, flat_probe))
+    finally:
+        log.close()
+    final = evaluate(run.tok, held_out)
+    save_base_tokenizer(run.tok, cfg, out / "vqgan.safetensors")
+    summary = {"steps": run.step, "seconds": round(time.time() - start, 1), **{f"eval_{k}": v for k, v in final.items()}}
     write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     print(json.dumps(summary), flush=True)
-    log.close()
     return 0
+
+
+def _train(run: _Run, cfg: ALITConfig, args: argparse.Namespace, dataset, out: Path, log: JsonlLog, start: float,
+           probes: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Steps until --steps (or --time-limit, which saves a checkpoint to resume from)."""
+    while run.step < args.steps:
+        for images in _epoch_batches(dataset, args, run.epoch, run.batch):
+            images = random_crops(images["image"], args.crop, run.gen)
+            if run.step == 0:
+                _init_codebook(run, images, cfg.vqgan.z_channels)
+            record = _train_step(run, images, args)
+            run.batch += 1
+            timed_out = bool(args.time_limit) and time.time() - start > args.time_limit
+            save = run.step % (args.log_every * 8) == 0 or run.step == args.steps or timed_out
+            if run.step % args.log_every == 0 or save:
+                record = {"step": run.step, "time": round(time.time() - start, 1),
+                          **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in record.items() if k != "step"}}
+                if save:
+                    record.update({f"eval_{k}": v for k, v in evaluate(run.tok, probes[0]).items()})
+                    record["eval_flat_l1"] = evaluate(run.tok, probes[1])["l1"]
+                    save_base_tokenizer(run.tok, cfg, out / "vqgan.safetensors")
+                    _save_checkpoint(run, cfg, args, out / CHECKPOINT)
+                log.write(record)
+                print(json.dumps(record), flush=True)
+            if run.step >= args.steps:
+                return
+            if timed_out:
+                print(f"time limit reached at step {run.step}; continue with --resume", flush=True)
+                return
+        run.epoch, run.batch = run.epoch + 1, 0
 
 
 if __name__ == "__main__":
