@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..files import write_atomic
 from ..inference import Criterion, StepView, criterion_name, parse_criterion, pixels_from_logits
-from ..inference.encode import CountChoice, check_criterion_fits, check_fallback
+from ..inference.encode import CountChoice, bound_decides, check_criterion_fits, check_fallback
 from .data import ImageFiles, png_bytes_per_pixel, to_unit
 from .metrics import FeatureStats, MetricSums, fid_from_stats, l1_l2, psnr_from_mse, quantize_uint8, spearman, ssim
 
@@ -376,7 +376,7 @@ def _select(criterion: Criterion, fallback: str, views: list[StepView]) -> torch
     for t in range(last + 1 if choice.best else last):  # at the last iteration everything stops regardless
         choice.update(views[t], t)
     chosen = choice.chosen(last)
-    if criterion.needs_logits and (not choice.best or criterion.last_is_best_when_never_met):
+    if bound_decides(criterion, choice.best):
         never = criterion.never_met(views[0].model, views[0].images)
         if never is not None:  # as encode does: out of reach, the last count stands (over a stop by rounding too)
             chosen = torch.where(never.to(chosen.device), last, chosen)

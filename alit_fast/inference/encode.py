@@ -164,6 +164,15 @@ class CountChoice:
         return torch.where(self.met, self.first_met, fallback)
 
 
+def bound_decides(criterion: Criterion, best: bool) -> bool:
+    """Whether an image that ``criterion`` can be met for at no count (``never_met``) takes the last
+    count: with fallback "max" always, with "best" where the criterion takes its score to be best
+    there. Every path applies it alike (encode, encode_stream, evaluate's adaptive rows)."""
+    if isinstance(criterion, TokenCount) or not criterion.needs_logits:
+        return False
+    return not best or criterion.last_is_best_when_never_met
+
+
 @dataclass
 class _Chunk:
     """One chunk's result, still on the device: lengths [b], codes [b, max_tokens], flags."""
@@ -208,7 +217,7 @@ def _encode_chunk(
     # Where compaction allows (dynamic shapes, halting off) it also runs its remaining iterations
     # without the decoder (``never``, read with the first stop decision); elsewhere the same rule
     # holds on the device (``held``), so that the tokens do not depend on the path
-    bounded = scored and criterion.needs_logits and (not best or criterion.last_is_best_when_never_met)
+    bounded = bound_decides(criterion, best)
     prune = bounded and not static_shapes and halting == "off"
     never = criterion.never_met(model, images) if bounded else None
     held, never = (None, never) if prune else (never, None)

@@ -31,8 +31,8 @@ from ..models.alit import image_range_error, image_shape_error, images_in_range
 from ..ops import VarlenLayout, concat_ranges, to_device
 from .criteria import DEFAULT_CRITERION, Criterion, StepView, TokenCount, criterion_name, parse_criterion
 from .encode import (
-    CountChoice, _check_batch_size, _per_row, finite_outputs, check_criterion_fits, check_fallback, iteration_range,
-    reads_are_free, token_batch_from_host,
+    CountChoice, _check_batch_size, _per_row, bound_decides, finite_outputs, check_criterion_fits, check_fallback,
+    iteration_range, reads_are_free, token_batch_from_host,
 )
 from .tokens import TokenBatch
 
@@ -428,7 +428,7 @@ def encode_stream(
         last = min(last, max(first, -(-crit.tokens // model.config.tokens_per_iter)))
     best = fallback == "best"
     scored = not isinstance(crit, TokenCount)
-    prune = scored and crit.needs_logits and (not best or crit.last_is_best_when_never_met)
+    prune = bound_decides(crit, best)
     extra = {"criterion": criterion_name(crit)}
     if fallback != "max":
         extra["fallback"] = fallback
