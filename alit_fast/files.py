@@ -127,9 +127,10 @@ def acquire_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) ->
     holder. Returns the lock's path for ``release_lock``.
 
     Where the file system has ``flock`` the kernel (or the NFS lock manager) holds the lock for as
-    long as this process keeps the file open: a killed run's lock is free at once, whatever its
-    pid became since, on whatever host it ran, and two runs can never both take one over. Elsewhere
-    a lock whose process is gone from this host is judged stale and taken over."""
+    long as this process keeps the file open: a killed run's lock on this host is free at once,
+    whatever its pid became since, and racing runs leave one holder. Elsewhere a lock whose process
+    is gone from this host is judged stale and taken over. A lock recorded by another host is never
+    taken over (some file systems lock per host only): remove it by hand if that run is gone."""
     path = os.path.join(os.fspath(folder), name)
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": what, "since": time.time()}
     _let_go(path)  # this process's own, left by an earlier command run in-process that ended by an exception
@@ -137,39 +138,74 @@ def acquire_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) ->
     return taken if taken is not None else _acquire_by_pid(folder, path, mine)
 
 
-# the locks this process holds by flock: absolute path -> the open descriptor that holds it
+# the locks this process holds by flock: real path -> the open descriptor that holds it
 _HELD: dict[str, int] = {}
 # what a file system without flock (or with it switched off) answers
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
+def _open_lock_file(folder, path: str) -> tuple[int, bool] | None:
+    """(descriptor, whether this call created the file); None where it cannot be opened for
+    writing (another user's lock: the pid scheme judges it by renaming, as the folder allows)."""
+    for _ in range(3):
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(path, os.O_RDWR), False
+        except FileNotFoundError:  # released meanwhile: again
+            continue
+        except PermissionError:
+            return None
+    raise FolderBusy(f"{folder}: could not take the lock {path}")
+
+
 def _acquire_flock(folder, path: str, mine: dict) -> str | None:
-    """The lock by flock; None where the file system has none."""
+    """The lock by flock; None where the file system has none (or the file is another user's)."""
     if fcntl is None:
         return None
     for _ in range(3):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        opened = _open_lock_file(folder, path)
+        if opened is None:
+            return None
+        fd, created = opened
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise _busy(folder, path, _read_lock(path)) from None
-            if exc.errno in _NO_FLOCK:
-                return None
+            taken = _take_flocked(folder, path, mine, fd, created)
+        except BaseException:
+            os.close(fd)  # never a held lock left without an owner, whatever went wrong
             raise
-        if _inode(path) != _inode(fd):  # removed or replaced between the open and the lock: again
-            os.close(fd)
-            continue
-        holder = _read_lock(path)
-        if holder and not holder.get("flock") and _holder_alive(holder):
-            os.close(fd)  # a run that locks by pid alone (an older version) is still there
-            raise _busy(folder, path, holder)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({**mine, "flock": True}).encode())
-        _HELD[os.path.abspath(path)] = fd
-        return path
+        if taken is None:
+            return None
+        if taken:
+            _HELD[os.path.realpath(path)] = fd
+            return path
+        os.close(fd)
     raise FolderBusy(f"{folder}: could not take the lock {path}")
+
+
+def _take_flocked(folder, path: str, mine: dict, fd: int, created: bool) -> bool | None:
+    """Lock ``fd`` and write this run into it: True; False to try again (the file was replaced
+    meanwhile); None where the file system has no flock. Raises FolderBusy for a live holder."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise _busy(folder, path, _read_lock(path)) from None
+        if exc.errno in _NO_FLOCK:
+            if created and _inode(path) == _inode(fd):  # the empty file this call made: not a lock
+                os.remove(path)
+            return None
+        raise
+    if _inode(path) != _inode(fd):  # removed or replaced between the open and the lock
+        return False
+    holder = _read_lock(path)
+    # a run that locks by pid alone (an older version), or one on another host, may still be there
+    if holder and (not holder.get("flock") or holder.get("host") != mine["host"]) and _holder_alive(holder):
+        raise _busy(folder, path, holder)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({**mine, "flock": True}).encode())
+    return True
 
 
 def _acquire_by_pid(folder, path: str, mine: dict) -> str:
@@ -210,7 +246,7 @@ def _busy(folder, path: str, holder: dict) -> FolderBusy:
 
 def _let_go(path: str) -> None:
     """Release this process's flock on ``path`` without removing the file (it is taken again next)."""
-    fd = _HELD.pop(os.path.abspath(path), None)
+    fd = _HELD.pop(os.path.realpath(path), None)
     if fd is not None:
         os.close(fd)
 
@@ -268,7 +304,7 @@ def _age(path: str) -> float:
 
 def release_lock(path: str) -> None:
     """Remove the lock if it is still this process's."""
-    fd = _HELD.pop(os.path.abspath(path), None)
+    fd = _HELD.pop(os.path.realpath(path), None)
     if fd is not None:
         try:
             if _inode(path) == _inode(fd):  # still ours: remove it
@@ -278,7 +314,8 @@ def release_lock(path: str) -> None:
         finally:
             os.close(fd)
         return
-    if _read_lock(path).get("pid") == os.getpid():
+    holder = _read_lock(path)  # the pid scheme's lock: this process's only if pid and host say so
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname() and not holder.get("flock"):
         try:
             os.remove(path)
         except OSError:

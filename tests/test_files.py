@@ -124,15 +124,16 @@ def _lock_as_another_process(path):
 
 def test_a_flocked_lock_refuses_by_name_and_is_free_the_moment_its_holder_lets_go(tmp_path):
     import json
+    import socket
 
     from alit_fast import files
 
-    lock = tmp_path / files.LOCK_NAME
+    lock, here = tmp_path / files.LOCK_NAME, socket.gethostname()
     fd = _lock_as_another_process(lock)
-    os.write(fd, json.dumps({"pid": 4242, "host": "node7", "command": "alit-fast pretokenize", "flock": True}).encode())
-    with pytest.raises(files.FolderBusy, match="alit-fast pretokenize, pid 4242 on node7"):
+    os.write(fd, json.dumps({"pid": 1, "host": here, "command": "alit-fast pretokenize", "flock": True}).encode())
+    with pytest.raises(files.FolderBusy, match=f"alit-fast pretokenize, pid 1 on {here}"):
         files.acquire_lock(tmp_path, "this run")
-    os.close(fd)  # the holder is killed: the kernel lets go of its lock, whatever host it was on
+    os.close(fd)  # the holder is killed: the kernel lets go of its lock (pid 1 lives on: by pid it would look held)
     path = files.acquire_lock(tmp_path, "this run")
     assert json.loads(lock.read_text())["command"] == "this run"
     files.release_lock(path)
@@ -189,3 +190,89 @@ def test_an_in_process_command_that_did_not_release_its_lock_does_not_block_the_
     path = files.acquire_lock(tmp_path, "the next command")
     files.release_lock(path)
     assert not (tmp_path / files.LOCK_NAME).exists()
+
+
+def test_a_lock_recorded_by_another_host_is_never_taken_over(tmp_path):
+    # some file systems (NFS with local_lock, Lustre localflock) lock per host only: an unheld
+    # flock there says nothing about a run on another host
+    import json
+
+    from alit_fast import files
+
+    lock = tmp_path / files.LOCK_NAME
+    lock.write_text(json.dumps({"pid": 7, "host": "node7", "command": "alit-fast train", "flock": True}))
+    with pytest.raises(files.FolderBusy, match="alit-fast train, pid 7 on node7"):
+        files.acquire_lock(tmp_path, "this run")
+    assert json.loads(lock.read_text())["host"] == "node7"
+
+
+@pytest.mark.parametrize("errno_name", ["ENOLCK", "ENOSYS", "EOPNOTSUPP"])
+def test_a_file_system_without_flock_falls_back_to_the_pid_scheme_and_leaves_no_stray_file(tmp_path, monkeypatch,
+                                                                                           errno_name):
+    import errno
+    import json
+
+    from alit_fast import files
+
+    def no_flock(fd, op):  # what a Lustre noflock mount or an NFS without a lock manager answers
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    monkeypatch.setattr(files.fcntl, "flock", no_flock)
+    for _ in range(2):  # a second run right after the first is not refused as "one starting now"
+        path = files.acquire_lock(tmp_path, "this run")
+        holder = json.loads((tmp_path / files.LOCK_NAME).read_text())
+        assert holder["command"] == "this run" and "flock" not in holder
+        files.release_lock(path)
+        assert not list(tmp_path.iterdir())
+
+
+def test_a_lock_that_fails_to_be_written_is_not_left_held(tmp_path, monkeypatch):
+    import errno
+
+    from alit_fast import files
+
+    real = os.write
+
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        files.acquire_lock(tmp_path, "this run")
+    monkeypatch.setattr(os, "write", real)
+    path = files.acquire_lock(tmp_path, "the next run")  # not refused by a descriptor nobody owns
+    files.release_lock(path)
+
+
+def test_a_lock_file_this_user_cannot_write_is_judged_by_the_pid_scheme(tmp_path, monkeypatch):
+    import json
+    import socket
+
+    from alit_fast import files
+
+    lock = tmp_path / files.LOCK_NAME
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # another user's, stale
+    os.utime(lock, (1e9, 1e9))
+    real = os.open
+
+    def not_writable(path, flags, *mode):
+        if os.fspath(path) == str(lock) and flags & os.O_RDWR and not flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *mode)
+
+    monkeypatch.setattr(os, "open", not_writable)
+    path = files.acquire_lock(tmp_path, "this run")  # taken over by rename, as the folder allows
+    assert json.loads(lock.read_text())["command"] == "this run"
+    files.release_lock(path)
+
+
+def test_a_lock_is_released_through_any_spelling_of_its_path(tmp_path):
+    from alit_fast import files
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    path = files.acquire_lock(tmp_path / "link", "this run")
+    files.release_lock(str(tmp_path / "real" / files.LOCK_NAME))
+    assert not (tmp_path / "real" / files.LOCK_NAME).exists()
+    files.release_lock(files.acquire_lock(tmp_path / "real", "the next run"))  # nothing was left held
+    assert path
