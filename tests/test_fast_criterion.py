@@ -329,3 +329,16 @@ def test_paths_that_cannot_prune_still_give_an_out_of_reach_image_the_last_count
     assert tokens.lengths.tolist() == [last, T]
     reference = model.encode(images[:1], f"tokens:{last}", **options)  # image 0 run to the end
     assert torch.equal(tokens.padded(0)[0], reference.padded(0)[0])
+
+
+def test_a_never_met_answer_of_the_wrong_shape_is_refused():
+    class OneFlag(PixelL1):
+        last_is_best_when_never_met = True
+
+        def never_met(self, model, images):
+            return torch.tensor([True])  # one flag for a batch of two: broadcasting would rule out both
+
+    torch.manual_seed(0)
+    model, images = ALIT(tiny_config()).eval(), torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="one flag per image, 2 here; got shape \\[1\\]"):
+        model.encode(images, OneFlag(0.5), fallback="best")

@@ -462,3 +462,42 @@ def test_vqgan_resume_with_no_checkpoint_yet_starts_from_step_0(tiny_json, six_i
     assert _vqgan_run(tiny_json, six_images, tmp_path / "run", "--steps", "2", "--resume") == 0
     assert "no checkpoint" in capsys.readouterr().out
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_vqgan_time_limit_leaves_a_checkpoint_and_the_log_of_an_uninterrupted_run(tiny_json, six_images, tmp_path):
+    assert _vqgan_run(tiny_json, six_images, tmp_path / "full", "--log-every", "2") == 0
+    split = tmp_path / "split"
+    assert _vqgan_run(tiny_json, six_images, split, "--log-every", "2", "--time-limit", "1e-9") == 0  # stops at step 1
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["step"] == 1
+    spelled = str(six_images) + "/"  # the same folder spelled otherwise is the same data
+    assert _vqgan_run(tiny_json, Path(spelled), split, "--log-every", "2", "--resume") == 0
+
+    def log(out):
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in (out / "log.jsonl").read_text().splitlines()]
+
+    assert log(split) == log(tmp_path / "full")
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "full" / "vqgan.safetensors"), load_file(split / "vqgan.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vqgan_resume_of_a_finished_run_changes_nothing(tiny_json, six_images, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _vqgan_run(tiny_json, six_images, out, "--steps", "4") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert _vqgan_run(tiny_json, six_images, out, "--steps", "4", "--resume") == 0
+    assert "already ended at step 4" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_vqgan_never_replaces_another_kind_of_run(tiny_json, six_images, tmp_path, capsys):
+    out = tmp_path / "alit_run"  # what alit-fast train leaves: its checkpoint.pt holds no VQGAN
+    out.mkdir()
+    torch.save({"model": {}, "step": 3}, out / "checkpoint.pt")
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = (out / "checkpoint.pt").read_bytes()
+    for flag in ("--overwrite", "--resume"):
+        assert _vqgan_run(tiny_json, six_images, out, flag) == 2
+        assert "another kind of run" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before

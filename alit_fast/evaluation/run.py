@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..files import write_atomic
 from ..inference import Criterion, StepView, criterion_name, parse_criterion, pixels_from_logits
-from ..inference.encode import CountChoice, bound_decides, check_criterion_fits, check_fallback
+from ..inference.encode import CountChoice, bound_decides, check_criterion_fits, check_fallback, out_of_reach
 from .data import ImageFiles, png_bytes_per_pixel, to_unit
 from .metrics import FeatureStats, MetricSums, fid_from_stats, l1_l2, psnr_from_mse, quantize_uint8, spearman, ssim
 
@@ -377,7 +377,7 @@ def _select(criterion: Criterion, fallback: str, views: list[StepView]) -> torch
         choice.update(views[t], t)
     chosen = choice.chosen(last)
     if bound_decides(criterion, choice.best):
-        never = criterion.never_met(views[0].model, views[0].images)
+        never = out_of_reach(criterion, views[0].model, views[0].images)
         if never is not None:  # as encode does: out of reach, the last count stands (over a stop by rounding too)
             chosen = torch.where(never.to(chosen.device), last, chosen)
     return chosen

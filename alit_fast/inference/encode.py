@@ -173,6 +173,19 @@ def bound_decides(criterion: Criterion, best: bool) -> bool:
     return not best or criterion.last_is_best_when_never_met
 
 
+def out_of_reach(criterion: Criterion, model: ALITCore, images: torch.Tensor) -> torch.Tensor | None:
+    """``criterion.never_met`` as bool [b] on the images' device (None: the criterion has no bound);
+    a user criterion's answer of another shape is refused rather than broadcast."""
+    never = criterion.never_met(model, images)
+    if never is None:
+        return None
+    never = torch.as_tensor(never).to(device=images.device, dtype=torch.bool)
+    if never.shape != (images.shape[0],):
+        raise ValueError(f"{criterion_name(criterion)}: never_met must give one flag per image, "
+                         f"{images.shape[0]} here; got shape {list(never.shape)}")
+    return never
+
+
 @dataclass
 class _Chunk:
     """One chunk's result, still on the device: lengths [b], codes [b, max_tokens], flags."""
@@ -219,7 +232,7 @@ def _encode_chunk(
     # holds on the device (``held``), so that the tokens do not depend on the path
     bounded = bound_decides(criterion, best)
     prune = bounded and not static_shapes and halting == "off"
-    never = criterion.never_met(model, images) if bounded else None
+    never = out_of_reach(criterion, model, images) if bounded else None
     held, never = (None, never) if prune else (never, None)
     skip: set[int] = set()
     if never is not None and reads_are_free(images.device):

@@ -32,7 +32,7 @@ from ..ops import VarlenLayout, concat_ranges, to_device
 from .criteria import DEFAULT_CRITERION, Criterion, StepView, TokenCount, criterion_name, parse_criterion
 from .encode import (
     CountChoice, _check_batch_size, _per_row, bound_decides, finite_outputs, check_criterion_fits, check_fallback,
-    iteration_range, reads_are_free, token_batch_from_host,
+    iteration_range, out_of_reach, reads_are_free, token_batch_from_host,
 )
 from .tokens import TokenBatch
 
@@ -147,7 +147,7 @@ class _Stream:
         latents = None
         if opts.criterion.needs_latents:
             latents = base.target if model.config.is_vae else base.z.flatten(2).transpose(1, 2)
-        never = opts.criterion.never_met(model, batch) if opts.prune else None
+        never = out_of_reach(opts.criterion, model, batch) if opts.prune else None
         self.ready = _Ready.join(self.ready, _Ready(ids, batch, carry, base.target, latents, never))
 
     def _admit(self) -> tuple[list[int], _Ready]:

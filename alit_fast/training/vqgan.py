@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ALITConfig
 from ..errors import OneLineParser, UsageError, run_command
-from ..files import write_atomic
+from ..files import acquire_lock, release_lock, write_atomic
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
 from .data import SyntheticImages, build_dataset
@@ -170,7 +171,10 @@ def _new_run(args: argparse.Namespace, cfg: ALITConfig) -> _Run:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in RUN_OPTIONS}
+    options = {name: getattr(args, name) for name in RUN_OPTIONS}
+    if os.path.isdir(args.data):  # a folder however it is spelled (relative, trailing slash, a link)
+        options["data"] = os.path.realpath(args.data)
+    return options
 
 
 def _save_checkpoint(run: _Run, cfg: ALITConfig, args: argparse.Namespace, path: Path) -> None:
@@ -275,12 +279,39 @@ def _main(argv: list[str] | None) -> int:
         raise UsageError(f"--active-codes {args.active_codes}: the VQGAN has {cfg.vqgan.codebook_size} codes")
     out = Path(args.out)
     prepare_out(out, args.resume, args.overwrite, write=False, run_files=RUN_FILES)
+    _refuse_another_kind_of_run(out)
     dataset = build_dataset(args.data, cfg.image_size, seed=args.seed)  # a bad --data is refused before any write
     if len(dataset) < args.batch_size:  # drop_last would leave no batch at all, and the loop would never end
         raise UsageError(f"--data {args.data} has {len(dataset)} items: fewer than one --batch-size {args.batch_size}")
+    prepare_out(out, args.resume, args.overwrite, run_files=RUN_FILES)
+    lock = acquire_lock(out, PROG)
+    try:
+        return _run(args, cfg, dataset, out)
+    finally:
+        release_lock(lock)
+
+
+def _refuse_another_kind_of_run(out: Path) -> None:
+    """A checkpoint.pt that is not a VQGAN run's (``alit-fast train`` writes one of the same name)
+    is never resumed from nor replaced."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged: --resume names the problem, --overwrite replaces it
+        return
+    if isinstance(ckpt, dict) and "tokenizer" not in ckpt:
+        raise UsageError(f"--out {out} holds another kind of run ({CHECKPOINT} without a VQGAN in it, e.g. alit-fast "
+                         "train's); it is left alone: use a new or empty directory")
+
+
+def _run(args: argparse.Namespace, cfg: ALITConfig, dataset, out: Path) -> int:
     run = _new_run(args, cfg)
     resumed = _resume(run, cfg, args, out) if args.resume else False
-    prepare_out(out, args.resume, args.overwrite, run_files=RUN_FILES)
+    if resumed and run.step >= args.steps:
+        print(f"{out}: the run already ended at step {run.step}; nothing to do", flush=True)
+        return 0
     if args.overwrite:  # the replaced run's files that this one may not write again
         for name in ("optimizer.pt", "summary.json", CHECKPOINT):
             (out / name).unlink(missing_ok=True)
@@ -312,17 +343,18 @@ def _train(run: _Run, cfg: ALITConfig, args: argparse.Namespace, dataset, out: P
             record = _train_step(run, images, args)
             run.batch += 1
             timed_out = bool(args.time_limit) and time.time() - start > args.time_limit
-            save = run.step % (args.log_every * 8) == 0 or run.step == args.steps or timed_out
+            save = run.step % (args.log_every * 8) == 0 or run.step == args.steps
             if run.step % args.log_every == 0 or save:
                 record = {"step": run.step, "time": round(time.time() - start, 1),
                           **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in record.items() if k != "step"}}
                 if save:
                     record.update({f"eval_{k}": v for k, v in evaluate(run.tok, probes[0]).items()})
                     record["eval_flat_l1"] = evaluate(run.tok, probes[1])["l1"]
-                    save_base_tokenizer(run.tok, cfg, out / "vqgan.safetensors")
-                    _save_checkpoint(run, cfg, args, out / CHECKPOINT)
                 log.write(record)
                 print(json.dumps(record), flush=True)
+            if save or timed_out:  # a time limit saves without a log line: the log stays an uninterrupted run's
+                save_base_tokenizer(run.tok, cfg, out / "vqgan.safetensors")
+                _save_checkpoint(run, cfg, args, out / CHECKPOINT)
             if run.step >= args.steps:
                 return
             if timed_out:
