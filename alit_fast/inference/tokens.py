@@ -83,9 +83,7 @@ class TokenBatch:
             every = torch.cat([f.cpu() for f in flat])
             if every.is_floating_point():
                 raise ValueError(f"code ids must be integers, got {every.dtype}")
-            lo, hi = int(every.min()), int(every.max())
-            if lo < 0 or hi >= codebook_size:
-                raise ValueError(f"code ids must lie in [0, {codebook_size}), got [{lo}, {hi}]")
+            _check_ids(every, codebook_size)
         codes = torch.full((len(sequences), width), PAD, dtype=code_dtype(codebook_size))
         for i, seq in enumerate(sequences):
             codes[i, : seq.numel()] = seq.reshape(-1).to(codes.dtype).cpu()
@@ -197,10 +195,8 @@ class TokenBatch:
                     "sha256": _digest(tensors["codes"], tensors["lengths"])}
             return self._write(path, tensors, meta)
         flat = torch.cat([self[i] for i in range(len(self))]) if len(self) else torch.zeros(0, dtype=torch.int64)
-        if flat.numel():  # before the narrowing cast: an id past the codebook would wrap into a valid one
-            lo, hi = torch.stack([flat.min(), flat.max()]).tolist()
-            if lo < 0 or hi >= self.codebook_size:
-                raise ValueError(f"code ids must lie in [0, {self.codebook_size}), got [{lo}, {hi}]; nothing was saved")
+        # before the narrowing cast: an id past the codebook would wrap into a valid one
+        _check_ids(flat, self.codebook_size, "; nothing was saved")
         tensors = {
             "codes": flat.to(code_dtype(self.codebook_size)).contiguous(),
             "lengths": self.lengths.to(torch.int32).contiguous(),
@@ -320,13 +316,17 @@ def _cat_codes(batches: Sequence["TokenBatch"]) -> tuple[torch.Tensor, torch.Ten
         codes = torch.cat([_widen(b.codes.cpu(), width, 0) for b in batches])
         return codes.masked_fill(past[..., None], 0), lengths
     codes = torch.cat([_widen(b.codes.cpu().to(torch.int64), width, PAD) for b in batches]).masked_fill(past, PAD)
-    if codes.numel():
-        valid = codes[~past]
-        lo, hi = (int(valid.min()), int(valid.max())) if valid.numel() else (0, 0)
-        size = batches[0].codebook_size
-        if lo < 0 or hi >= size:
-            raise ValueError(f"code ids must lie in [0, {size}), got [{lo}, {hi}]")
+    _check_ids(codes[~past], batches[0].codebook_size)  # past each length nothing is read
     return codes.to(code_dtype(batches[0].codebook_size)), lengths
+
+
+def _check_ids(ids: torch.Tensor, codebook_size: int, then: str = "") -> None:
+    """Refuse ids outside the codebook (one host read of their range; nothing to check when empty)."""
+    if not ids.numel():
+        return
+    lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
+    if lo < 0 or hi >= codebook_size:
+        raise ValueError(f"code ids must lie in [0, {codebook_size}), got [{lo}, {hi}]{then}")
 
 
 def _widen(codes: torch.Tensor, width: int, fill: float) -> torch.Tensor:

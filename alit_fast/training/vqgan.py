@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from ..config import ALITConfig
-from ..errors import OneLineParser, UsageError, run_command
+from ..errors import OneLineParser, UsageError, one_line, run_command
 from ..files import acquire_lock, release_lock, write_atomic
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
@@ -211,7 +211,7 @@ def _resume(run: _Run, cfg: ALITConfig, args: argparse.Namespace, out: Path) -> 
         torch.set_rng_state(ckpt["rng"])
         run.last_used.copy_(ckpt["last_used"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise UsageError(f"--resume: {path} does not fit this run ({type(exc).__name__}: {str(exc)[:200]}); start "
+        raise UsageError(f"--resume: {path} does not fit this run ({type(exc).__name__}: {one_line(exc)[:200]}); start "
                          "again with --overwrite") from exc
     run.step, run.epoch, run.batch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch"])
     print(f"resumed from {path} at step {run.step}", flush=True)
