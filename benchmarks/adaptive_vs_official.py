@@ -12,7 +12,9 @@ the count (``CRITERION,FALLBACK,MAX_TOKENS``). Every row reports the mean pixel 
 
 ``fast-pixel-l1`` rows (the decode-free estimate, alit_fast.inference.calibration) also report
 "agree": the share of images given the same count as the exact ``pixel-l1`` row of the same
-threshold, fallback and cap. The header gives the estimate's Spearman with the pixel L1 over every
+threshold, fallback and cap, and "same L1": the share whose pixel L1 is within 0.5% of what that
+row chose (the bar's tolerance on the mean, per image): under fallback "best" the exact rule's
+argmin over a flat tail of near-equal errors is set by differences the estimate cannot see. The header gives the estimate's Spearman with the pixel L1 over every
 (image, iteration) pair, and the share of images whose first count under the threshold is the
 same on both (the stopping decision alone). Held-out images: the synthetic complexity levels
 (seeds training and calibration never used) and photo crops; the table is printed for all of
@@ -105,9 +107,15 @@ def time_rows(model, images: torch.Tensor, specs: list[str], pixel_threshold: fl
     return rows
 
 
+# "the same quality": a per-image pixel L1 within the bar's own tolerance on the mean (x 1.005)
+SAME_QUALITY = 0.005
+
+
 def agreement(model, images: torch.Tensor, rows: dict, specs: list[str], batch: int) -> None:
-    """Adds ``agree`` to every fast-pixel-l1 row: the share of images whose count is the exact
-    pixel-l1 rule's (same threshold, fallback, cap; run untimed when it is not a row itself)."""
+    """Adds to every fast-pixel-l1 row ``agree``: the share of images whose count is the exact
+    pixel-l1 rule's (same threshold, fallback, cap; run untimed when it is not a row itself), and
+    ``same_quality``: the share whose pixel L1 is within SAME_QUALITY (relative) of what the exact
+    rule chose, which tells a near-tie in the exact rule's argmin from a wrong choice."""
     for spec in specs:
         criterion, fallback, cap = parse_row(spec)
         if not criterion.startswith("fast-"):
@@ -115,11 +123,13 @@ def agreement(model, images: torch.Tensor, rows: dict, specs: list[str], batch: 
         exact = criterion[len("fast-"):]
         name = row_name(exact, fallback, cap, batch)
         if name in rows:
-            lengths = rows[name]["tokens"]
+            lengths, errors = rows[name]["tokens"], rows[name]["l1"]
         else:
-            lengths = model.encode(images, criterion=exact, batch_size=batch, fallback=fallback, max_tokens=cap).lengths.tolist()
-        mine = rows[row_name(criterion, fallback, cap, batch)]["tokens"]
-        rows[row_name(criterion, fallback, cap, batch)]["agree"] = sum(a == b for a, b in zip(mine, lengths)) / len(mine)
+            chosen = model.encode(images, criterion=exact, batch_size=batch, fallback=fallback, max_tokens=cap)
+            lengths, errors = chosen.lengths.tolist(), l1_per_image(images, model.decode(chosen, batch_size=batch)).tolist()
+        row = rows[row_name(criterion, fallback, cap, batch)]
+        row["agree"] = sum(a == b for a, b in zip(row["tokens"], lengths)) / len(lengths)
+        row["same_quality"] = sum(abs(a - b) <= SAME_QUALITY * b for a, b in zip(row["l1"], errors)) / len(errors)
 
 
 def score_quality(model, images: torch.Tensor, threshold: float, batch: int) -> dict:
@@ -175,12 +185,14 @@ def run(checkpoint: str, per_level: int, specs: list[str], pixel_threshold: floa
 
 def print_table(rows: dict) -> None:
     base = rows[OFFICIAL_BASELINE]
-    print(f"{'procedure':<66} {'images/s':>9} {'vs official B1':>15} {'mean tokens':>12} {'mean L1':>8} {'agree':>6}")
+    print(f"{'procedure':<66} {'images/s':>9} {'vs official B1':>15} {'mean tokens':>12} {'mean L1':>8} {'agree':>6} "
+          f"{'same L1':>8}")
     for name, row in rows.items():
         ratio = row["images_per_s"] / base["images_per_s"]
         tokens, l1 = sum(row["tokens"]) / len(row["tokens"]), sum(row["l1"]) / len(row["l1"])
         agree = f"{100 * row['agree']:5.0f}%" if "agree" in row else ""
-        print(f"{name:<66} {row['images_per_s']:>9.2f} {ratio:>14.2f}x {tokens:>12.1f} {l1:>8.4f} {agree:>6}")
+        same = f"{100 * row['same_quality']:7.0f}%" if "same_quality" in row else ""
+        print(f"{name:<66} {row['images_per_s']:>9.2f} {ratio:>14.2f}x {tokens:>12.1f} {l1:>8.4f} {agree:>6} {same:>8}")
 
 
 def main(argv: list[str] | None = None) -> int:
