@@ -58,11 +58,13 @@ def _raised_in_a_worker(text: str) -> str:
 
 # what Ctrl-C leaves, per command: how to pick up where the run stopped
 ON_INTERRUPT = {
-    "alit-fast train": "rerun the same command with --resume to continue from the last checkpoint",
+    "alit-fast train": ("rerun the command with --resume (in place of --overwrite, if given) to continue from the last "
+                        "checkpoint"),
     "alit-fast pretokenize": "rerun the same command to resume: finished shards are kept",
     "alit-fast encode": ("the tokens saved before it (a long run saves every few minutes) are in --out, marked "
                          "partial; rerun the command to encode every image (with --shard-size, finished shards are kept)"),
-    "python -m alit_fast.train_vqgan": "rerun the same command with --resume to continue from the last checkpoint",
+    "python -m alit_fast.train_vqgan": ("rerun the command with --resume (in place of --overwrite, if given) to continue "
+                                        "from the last checkpoint"),
     "alit-fast decode": "the images written so far are kept; rerun the command with --overwrite to write them all",
     "alit-fast evaluate": ("rerun the same command to continue from the progress saved in --out (a long run saves "
                            "every few minutes)"),

@@ -482,6 +482,32 @@ def test_vqgan_time_limit_leaves_a_checkpoint_and_the_log_of_an_uninterrupted_ru
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_vqgan_resume_on_other_threads_continues_and_says_it_matches_only_to_rounding(tiny_json, six_images, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _vqgan_run(tiny_json, six_images, out, "--time-limit", "1e-9") == 0  # stops at step 1, on 1 thread
+    assert _vqgan_run(tiny_json, six_images, out, "--resume") == 0
+    assert "threads" not in capsys.readouterr().out  # the same threads: nothing to say
+    other = tmp_path / "other"
+    assert _vqgan_run(tiny_json, six_images, other, "--time-limit", "1e-9") == 0
+    threads = torch.get_num_threads()
+    try:
+        assert _vqgan_run(tiny_json, six_images, other, "--resume", "--threads", "2") == 0
+    finally:
+        torch.set_num_threads(threads)
+    said = capsys.readouterr().out
+    assert "computed on 1 CPU threads and this one on 2" in said and "only to rounding" in said
+
+
+def test_a_time_limited_overwrite_run_says_to_resume_in_place_of_overwrite(tiny_json, six_images, tmp_path, capsys):
+    from alit_fast.errors import ON_INTERRUPT
+
+    out = tmp_path / "run"
+    assert _vqgan_run(tiny_json, six_images, out, "--time-limit", "1e-9", "--overwrite") == 0
+    assert "continue with --resume in place of --overwrite" in capsys.readouterr().out
+    assert _vqgan_run(tiny_json, six_images, out, "--resume") == 0  # what it said works
+    assert all("in place of --overwrite" in ON_INTERRUPT[p] for p in ("alit-fast train", "python -m alit_fast.train_vqgan"))
+
+
 def test_vqgan_resume_of_a_finished_run_changes_nothing(tiny_json, six_images, tmp_path, capsys):
     out = tmp_path / "run"
     assert _vqgan_run(tiny_json, six_images, out, "--steps", "4") == 0

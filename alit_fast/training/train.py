@@ -68,6 +68,11 @@ class NonFiniteLoss(RuntimeError):
 RUN_FILES = (CHECKPOINT, LOG, "model.safetensors", "ema.safetensors")
 
 
+def resume_flag(args: argparse.Namespace) -> str:
+    """How to continue this run: --resume, which a run started with --overwrite must take in its place."""
+    return "--resume in place of --overwrite" if getattr(args, "overwrite", False) else "--resume"
+
+
 def prepare_out(out: Path, resume: bool, overwrite: bool, write: bool = True,
                 run_files: tuple[str, ...] = RUN_FILES) -> None:
     """Refuse to replace an earlier run (any of ``run_files`` in ``out``) without --resume or
@@ -877,7 +882,7 @@ def drive(run, args: argparse.Namespace, stage: Stage) -> int:
                 if at_end or timed_out:
                     break
         if timed_out and run.step < run.total_steps and d.main:
-            print(f"time limit reached at step {run.step}; continue with --resume", flush=True)
+            print(f"time limit reached at step {run.step}; continue with {resume_flag(args)}", flush=True)
         if run.step >= run.total_steps:
             stage.write_final()
             if d.main:

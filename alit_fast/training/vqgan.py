@@ -30,7 +30,7 @@ from ..files import acquire_lock, release_lock, write_atomic
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
 from .data import SyntheticImages, build_dataset
-from .train import CHECKPOINT, LOG, JsonlLog, prepare_out, read_training_checkpoint
+from .train import CHECKPOINT, LOG, JsonlLog, prepare_out, read_training_checkpoint, resume_flag
 from .utils import atomic_torch_save, check_number, resolve_config, seed_everything
 
 
@@ -182,6 +182,7 @@ def _save_checkpoint(run: _Run, cfg: ALITConfig, args: argparse.Namespace, path:
         "tokenizer": run.tok.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
         "step": run.step, "epoch": run.epoch, "batch": run.batch, "generator": run.gen.get_state(),
         "rng": torch.get_rng_state(), "last_used": run.last_used, "config": cfg.to_json(), "options": _options(args),
+        "threads": torch.get_num_threads(),
     }, path)
 
 
@@ -215,6 +216,11 @@ def _resume(run: _Run, cfg: ALITConfig, args: argparse.Namespace, out: Path) -> 
                          "again with --overwrite") from exc
     run.step, run.epoch, run.batch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch"])
     print(f"resumed from {path} at step {run.step}", flush=True)
+    threads = ckpt.get("threads")
+    if threads is not None and threads != torch.get_num_threads():
+        # another split of the CPU's matmuls sums in another order: same run, other rounding
+        print(f"--resume: the run computed on {threads} CPU threads and this one on {torch.get_num_threads()} (--threads): "
+              "it continues, but its losses match an uninterrupted run's only to rounding", flush=True)
     return True
 
 
@@ -358,7 +364,7 @@ def _train(run: _Run, cfg: ALITConfig, args: argparse.Namespace, dataset, out: P
             if run.step >= args.steps:
                 return
             if timed_out:
-                print(f"time limit reached at step {run.step}; continue with --resume", flush=True)
+                print(f"time limit reached at step {run.step}; continue with {resume_flag(args)}", flush=True)
                 return
         run.epoch, run.batch = run.epoch + 1, 0
 
