@@ -1,0 +1,30 @@
+"""The untimed sweep of stopping configurations (its figures are quoted in RESULTS.md)."""
+import torch
+
+from alit_fast import ALIT
+from alit_fast.config import VQGANConfig
+from alit_fast.inference.calibration import PixelL1Calibration
+from alit_fast.testing import tiny_config
+from benchmarks.fast_choice_sweep import choose, main
+
+
+def test_choose_takes_the_first_count_under_else_the_fallback_and_out_of_reach_images_the_last():
+    scores = torch.tensor([[0.3, 0.1, 0.05, 0.2], [0.3, 0.2, 0.25, 0.28], [0.3, 0.2, 0.25, 0.28]], dtype=torch.float64)
+    assert choose(scores, 0.15, 3, "max").tolist() == [1, 3, 3]
+    assert choose(scores, 0.15, 3, "best").tolist() == [1, 1, 1]
+    assert choose(scores, 0.15, 2, "best", never=torch.tensor([False, False, True])).tolist() == [1, 1, 2]
+    assert choose(scores, 0.08, 1, "best").tolist() == [1, 1, 1]  # the cap hides the count under 0.08
+
+
+def test_the_sweep_reproduces_encode_and_scores_every_configuration(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = tiny_config(vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48))
+    model = ALIT(cfg)
+    model.pixel_l1_calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.1, 0.0), cell=4)
+    path = tmp_path / "tiny.safetensors"
+    model.save(str(path))
+    assert main(["--checkpoint", str(path), "--per-level", "1", "--batch", "4"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    checks = [line for line in printed if "choose as encode on" in line]
+    assert len(checks) == 4 and all(line.split(" on ")[1].split("/")[0] == line.split("/")[1].split()[0] for line in checks)
+    assert printed[-1].startswith("configurations meeting the quality bars:")
