@@ -52,8 +52,8 @@ def _files(out: Path) -> dict[str, bytes]:
 def test_shards_and_index_hold_every_image_in_order(setup, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(setup, out) == 0
-    assert sorted(_files(out)) == ["index.json", "shard-00000.safetensors", "shard-00001.safetensors",
-                                   "shard-00002.safetensors"]
+    assert sorted(_files(out)) == ["index.json", *(f"shard-{k:05d}.{kind}" for k in range(3)
+                                                   for kind in ("safetensors", "stamps.json"))]
     index = json.loads((out / "index.json").read_text())
     assert index["images"] == 7 and [s["images"] for s in index["shards"]] == [3, 3, 1]
     paths = sorted(str(p) for p in (setup / "images").iterdir())
