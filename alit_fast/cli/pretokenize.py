@@ -1,7 +1,8 @@
 """``alit-fast pretokenize``: a whole image folder (or webdataset ``.tar`` shards) to sharded token
 files and one index, for training a generator on tokens. Resumes after a kill (finished shards
-are kept, unless their images changed on disk since: each shard's stamps record says); under ``torchrun --nproc_per_node=N`` each rank writes its own shards (k mod N) and
-rank 0 writes the index, which is then the same, byte for byte, as a one-process run's.
+are kept, unless their images changed on disk since: each shard's stamps record says); under
+``torchrun --nproc_per_node=N`` each rank writes its own shards (k mod N) and their stamps
+records, and rank 0 writes the index, which is then the same, byte for byte, as a one-process run's.
 Also reached as ``alit-fast encode DIR --shard-size S --out OUT_DIR``."""
 from __future__ import annotations
 
