@@ -52,8 +52,8 @@ def _files(out: Path) -> dict[str, bytes]:
 def test_shards_and_index_hold_every_image_in_order(setup, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(setup, out) == 0
-    assert sorted(_files(out)) == ["index.json", "shard-00000.safetensors", "shard-00001.safetensors",
-                                   "shard-00002.safetensors"]
+    assert sorted(_files(out)) == ["index.json", *(f"shard-{k:05d}.{kind}" for k in range(3)
+                                                   for kind in ("safetensors", "stamps.json"))]
     index = json.loads((out / "index.json").read_text())
     assert index["images"] == 7 and [s["images"] for s in index["shards"]] == [3, 3, 1]
     paths = sorted(str(p) for p in (setup / "images").iterdir())
@@ -212,3 +212,212 @@ def test_fallback_and_token_bounds_are_part_of_the_plan(setup, tmp_path, capsys)
     assert _run(setup, tmp_path / "a") == 2  # another plan in the same directory
     assert _run(setup, tmp_path / "b", "--min-tokens", "40", "--max-tokens", "32") == 2
     assert "--min-tokens 40 is above --max-tokens 32" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- resumes and changed images
+def _copy_images(setup: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(setup / "images", to))
+
+
+def _run_on(setup: Path, inputs: list, out: Path, *extra: str, shard_size: str = "3") -> int:
+    return cli_main(["pretokenize", *map(str, inputs), "--checkpoint", str(setup / "model.safetensors"),
+                     "--out", str(out), "--shard-size", shard_size, "--batch-size", "2", "--criterion", CRITERION,
+                     *extra])
+
+
+@pytest.fixture()
+def encoded(monkeypatch) -> list[int]:
+    """The shards a run encodes (rather than keeps), in order."""
+    import alit_fast.cli.pretokenize as pretokenize_cli
+
+    seen, real = [], pretokenize_cli.encode_shard
+
+    def spy(plan, k, *args):
+        seen.append(k)
+        return real(plan, k, *args)
+
+    monkeypatch.setattr(pretokenize_cli, "encode_shard", spy)
+    return seen
+
+
+def _later(path: Path, seconds: int = 5) -> None:
+    """As if written again a little later (file systems with coarse times included)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_an_image_replaced_in_place_redoes_only_its_shard(setup, tmp_path, encoded, capsys):
+    images = _copy_images(setup, tmp_path / "images")
+    out = tmp_path / "out"
+    assert _run_on(setup, [images], out) == 0
+    kept = {name: (out / name).stat().st_mtime_ns for name in ("shard-00000.safetensors", "shard-00002.safetensors")}
+    before = _files(out)
+    (images / "04.png").write_bytes((setup / "images" / "06.png").read_bytes())  # another image, the same name
+    _later(images / "04.png")
+    encoded.clear()
+    capsys.readouterr()
+    assert _run_on(setup, [images], out) == 0
+    assert encoded == [1]
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "2 shards kept from an earlier run; 1 redone because their images changed" in line, line
+    after = _files(out)
+    assert after["shard-00001.safetensors"] != before["shard-00001.safetensors"]
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
+    assert all(after[name] == before[name] for name in kept)
+    fresh = tmp_path / "fresh"
+    assert _run_on(setup, [images], fresh) == 0
+    assert after == _files(fresh)  # the new image's tokens, as a run from scratch has them
+
+
+def test_a_touched_image_with_the_same_bytes_redoes_its_shard_to_the_same_bytes(setup, tmp_path, encoded, capsys):
+    # the stamps are metadata (size, modification time): reading every image to hash it would cost
+    # about as much as the encode the resume saves, so a touched file is a change, safely
+    images = _copy_images(setup, tmp_path / "images")
+    out = tmp_path / "out"
+    assert _run_on(setup, [images], out) == 0
+    before = _files(out)
+    _later(images / "02.png")
+    encoded.clear()
+    capsys.readouterr()
+    assert _run_on(setup, [images], out) == 0
+    assert encoded == [0] and "1 redone because their images changed" in capsys.readouterr().out
+    after = _files(out)
+    assert after.pop("shard-00000.stamps.json") != before.pop("shard-00000.stamps.json")  # the new time
+    assert after == before
+
+
+def test_a_shard_without_its_stamps_record_is_redone(setup, tmp_path, encoded, capsys):
+    out = tmp_path / "out"
+    assert _run(setup, out) == 0
+    before = _files(out)
+    (out / "shard-00001.stamps.json").unlink()  # as an earlier alit_fast left its shards
+    encoded.clear()
+    assert _run(setup, out) == 0
+    assert encoded == [1] and _files(out) == before
+    assert "redone because their images changed" not in capsys.readouterr().out  # they may not have
+
+
+def test_a_run_killed_before_a_shards_stamps_record_redoes_that_shard(setup, tmp_path, monkeypatch, encoded):
+    whole = tmp_path / "whole"
+    assert _run(setup, whole) == 0
+    out = tmp_path / "killed"
+    real = tds.write_atomic
+
+    def dying(path, write):
+        if str(path).endswith("shard-00001.stamps.json"):  # killed after the shard, half-way through its record
+            Path(f"{path}.tmp").write_text("{")
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(tds, "write_atomic", dying)
+    assert _run(setup, out) == 130
+    monkeypatch.setattr(tds, "write_atomic", real)
+    assert (out / "shard-00001.safetensors").exists() and (out / "shard-00001.stamps.json.tmp").exists()
+    encoded.clear()
+    assert _run(setup, out) == 0
+    assert encoded == [1, 2] and _files(out) == _files(whole)
+
+
+def test_copies_of_a_data_set_at_other_times_give_the_same_shards_and_index(setup, tmp_path, monkeypatch):
+    import shutil
+
+    first = tmp_path / "first"
+    _copy_images(setup, first / "images")
+    second = Path(shutil.copytree(first, tmp_path / "second"))
+    for i, path in enumerate(sorted((second / "images").iterdir())):
+        os.utime(path, ns=(10**18 + i, 10**18 + 7 * i))  # other times than the first copy's
+    runs = {}
+    for copy in (first, second):
+        monkeypatch.chdir(copy)  # the same source names ("images/00.png", ...): the same plan
+        assert _run_on(setup, ["images"], tmp_path / f"out-{copy.name}") == 0
+        runs[copy.name] = _files(tmp_path / f"out-{copy.name}")
+    stamps = [name for name in runs["first"] if name.endswith(".stamps.json")]
+    assert len(stamps) == 3 and all(runs["first"][name] != runs["second"][name] for name in stamps)
+    for run in runs.values():  # the times live in the stamps records alone
+        for name in stamps:
+            del run[name]
+    assert sorted(runs["first"]) == ["index.json", *(f"shard-{k:05d}.safetensors" for k in range(3))]
+    assert runs["first"] == runs["second"]
+
+
+def test_overwrite_removes_another_plans_stamps_records_but_never_a_users_file(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(setup, out) == 0  # shards 0..2 of three images
+    assert _run(setup, out, "--shard-size", "4") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _run(setup, out, "--shard-size", "4", "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", *(f"shard-{k:05d}.{kind}" for k in range(2)
+                                                                     for kind in ("safetensors", "stamps.json"))]
+    (out / "shard-00007.stamps.json").write_text('{"my": "notes"}')  # looks like ours, is not
+    capsys.readouterr()
+    for extra in ((), ("--overwrite",)):
+        assert _run(setup, out, "--shard-size", "4", *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert "did not write (shard-00007.stamps.json)" in err and "\n" not in err
+    assert (out / "shard-00007.stamps.json").read_text() == '{"my": "notes"}'
+
+
+def _tar(path: Path, members: dict[str, bytes], mtime: int = 1_700_000_000) -> Path:
+    import io
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_tar_member_replaced_redoes_the_tars_shards_and_keeps_the_others(setup, tmp_path, encoded, capsys):
+    png = {name: (setup / "images" / name).read_bytes() for name in ("01.png", "03.png", "05.png", "06.png")}
+    tar = _tar(tmp_path / "data.tar", {"s/a.png": png["01.png"], "s/b.png": png["03.png"]})
+    inputs = [tar, setup / "images" / "05.png"]
+    out = tmp_path / "out"
+    assert _run_on(setup, inputs, out, shard_size="1") == 0
+    before = _files(out)
+    _tar(tar, {"s/a.png": png["01.png"], "s/b.png": png["06.png"]})  # b.png re-downloaded as another image
+    _later(tar)
+    encoded.clear()
+    capsys.readouterr()
+    assert _run_on(setup, inputs, out, shard_size="1") == 0
+    assert encoded == [0, 1]  # the tar changed: each of its members' shards (the file's is kept)
+    assert "2 redone because their images changed" in capsys.readouterr().out
+    after = _files(out)
+    assert after["shard-00002.safetensors"] == before["shard-00002.safetensors"]
+    assert after["shard-00001.safetensors"] != before["shard-00001.safetensors"]
+    fresh = tmp_path / "fresh"
+    assert _run_on(setup, inputs, fresh, shard_size="1") == 0
+    assert after == _files(fresh)
+
+
+def test_a_tar_members_stamp_holds_its_header_as_well_as_the_tars_size_and_time(tmp_path):
+    tar = _tar(tmp_path / "d.tar", {"a.png": b"x" * 10, "b.png": b"y" * 10})
+    st = tar.stat()
+    first = tds.source_stamps([f"{tar}::a.png", f"{tar}::b.png", str(tmp_path / "gone.png")])
+    assert first[0] == [f"{tar}::a.png", [st.st_size, st.st_mtime_ns, 10, 1_700_000_000]]
+    assert first[2] == [str(tmp_path / "gone.png"), None]  # a missing image is stamped too: its return is a change
+    _tar(tar, {"a.png": b"x" * 10, "b.png": b"y" * 10}, mtime=1_700_000_001)  # the same size; reset the tar's time
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = tds.source_stamps([f"{tar}::a.png", f"{tar}::b.png", str(tmp_path / "gone.png")])
+    assert tar.stat().st_size == st.st_size and second != first and second[2] == first[2]
+
+
+def test_a_stamps_record_of_other_shard_bytes_does_not_count(setup, tmp_path, encoded):
+    # killed between a redone shard and its record, with the images then put back as they were
+    # (a backup restored with its times): the earlier record matches the images, not the shard
+    images = _copy_images(setup, tmp_path / "images")
+    out = tmp_path / "out"
+    assert _run_on(setup, [images], out) == 0
+    before, record = _files(out), (out / "shard-00001.stamps.json").read_bytes()
+    original, st = (images / "04.png").read_bytes(), (images / "04.png").stat()
+    (images / "04.png").write_bytes((setup / "images" / "06.png").read_bytes())
+    _later(images / "04.png")
+    assert _run_on(setup, [images], out) == 0
+    (out / "shard-00001.stamps.json").write_bytes(record)
+    (images / "04.png").write_bytes(original)
+    os.utime(images / "04.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    encoded.clear()
+    assert _run_on(setup, [images], out) == 0
+    assert encoded == [1] and _files(out) == before

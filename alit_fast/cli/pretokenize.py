@@ -1,7 +1,8 @@
 """``alit-fast pretokenize``: a whole image folder (or webdataset ``.tar`` shards) to sharded token
 files and one index, for training a generator on tokens. Resumes after a kill (finished shards
-are kept); under ``torchrun --nproc_per_node=N`` each rank writes its own shards (k mod N) and
-rank 0 writes the index, which is then the same, byte for byte, as a one-process run's.
+are kept, unless their images changed on disk since: each shard's stamps record says); under
+``torchrun --nproc_per_node=N`` each rank writes its own shards (k mod N) and their stamps
+records, and rank 0 writes the index, which is then the same, byte for byte, as a one-process run's.
 Also reached as ``alit-fast encode DIR --shard-size S --out OUT_DIR``."""
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from ..io.token_dataset import (
     recorded_plan,
     owned_files,
     read_source,
-    shard_is_done,
-    shard_path,
+    save_shard,
+    shard_status,
+    source_stamps,
     write_index,
 )
 from ._common import (
@@ -143,8 +145,8 @@ def _run(args: argparse.Namespace, plan: Plan, model, criterion, device: torch.d
                 path.unlink(missing_ok=True)
         if world > 1:
             dist.barrier()
-        mine = [k for k in range(plan.num_shards) if k % world == rank]
-        todo = [k for k in mine if not shard_is_done(args.out, plan, k)]
+        status = {k: shard_status(args.out, plan, k) for k in range(plan.num_shards) if k % world == rank}
+        todo = [k for k, state in status.items() if state != "done"]
 
         def encode(batches):
             # continuous batching within the shard: its tokens still depend on its images alone
@@ -156,21 +158,27 @@ def _run(args: argparse.Namespace, plan: Plan, model, criterion, device: torch.d
                                           desc=f"pretokenize[{rank}]", file=sys.stderr,
                                           disable=rank != 0 and world > 1) as bar:
             for k in todo:
+                stamps = source_stamps(plan.shard_sources(k))  # before the images are read
                 batch = encode_shard(plan, k, lambda s: read_source(s, model.config.image_size), encode)
-                batch.save(shard_path(args.out, k))
+                save_shard(args.out, plan, k, batch, stamps)
                 done_images += len(plan.shard_sources(k))
                 bar.update(len(plan.shard_sources(k)))
         elapsed = time.perf_counter() - started
-        if world > 1:
-            dist.barrier()
+        redone, changed = len(todo), sum(state == "changed" for state in status.values())
+        if world > 1:  # every rank's counts, and the barrier before the index
+            counts = torch.tensor([redone, changed], device=device)
+            dist.all_reduce(counts)
+            redone, changed = counts.tolist()
         if rank == 0:
             index = write_index(args.out, plan)
             lengths = [item[1] for item in index["items"]]
             mean = sum(lengths) / max(1, len(lengths))
-            resumed = plan.num_shards - len(todo) if world == 1 else None
+            resumed = plan.num_shards - redone
             print(f"wrote {args.out}: {len(lengths)} images in {plan.num_shards} shards, mean {mean:.1f} tokens"
                   + (f", {len(index['skipped'])} unreadable (listed in {INDEX_NAME})" if index["skipped"] else "")
                   + (f"; {resumed} shards kept from an earlier run" if resumed else "")
+                  + (f"; {changed} redone because their images changed (size or modification time) since the "
+                     "earlier run" if changed else "")
                   + (f"; {done_images / max(elapsed, 1e-9):.1f} images/s on rank 0" if done_images else ""))
             print(histogram(lengths, model.config.tokens_per_iter, model.config.max_tokens))
             unmet = unmet_line(lengths, criterion, args, model.config.max_tokens)

@@ -5,6 +5,10 @@ Layout of the output directory:
 
 - ``shard-00000.safetensors``, ... : ordinary token files (``TokenBatch.save``: checksums, the
   encoding model's config, the source names), shard k holding images [k*S, (k+1)*S) of the plan;
+- ``shard-00000.stamps.json``, ... : beside each shard, what its images were on disk when they were
+  read (a file's size and modification time; a tar member's tar and header), so that a resume
+  redoes a shard whose images were edited or replaced in place since. Not in the index, and not in
+  the shards: two copies of a data set give the same shards and index whatever their files' times;
 - ``index.json``: the plan's fingerprint, the model and criterion, every shard (file, sha256 of its
   bytes, images) and per image [source, token count, shard, offset]; images that could not be read
   are listed under ``skipped`` with the reason, never dropped silently.
@@ -33,6 +37,8 @@ from .images import IMAGE_EXTENSIONS, find_images, load_image
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "alit_fast.token_dataset.v1"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
+STAMPS_PATTERN = "shard-{:05d}.stamps.json"
+STAMPS_FORMAT = "alit_fast.token_dataset.stamps.v1"
 TAR_SEPARATOR = "::"
 
 
@@ -135,16 +141,91 @@ def recorded_plan(path: str | os.PathLike) -> str | None:
         return None
 
 
-def shard_is_done(out: str | os.PathLike, plan: Plan, k: int) -> bool:
-    """A shard file that exists, passes its checksums and belongs to this plan."""
+def stamps_path(out: str | os.PathLike, k: int) -> Path:
+    return Path(out) / STAMPS_PATTERN.format(k)
+
+
+def source_stamps(sources: Iterable[str]) -> list[list]:
+    """[source, stamp] for each source, from metadata alone (no image is read): a file's [size,
+    mtime_ns]; a tar member's tar [size, mtime_ns] plus the member's header [size, mtime]; None
+    for what cannot be found (so its coming back is a change too). Take them before the images
+    are read: a file changed while it is encoded then shows as changed at the next resume."""
+    headers: dict[str, dict[str, list]] = {}
+    stamped = []
+    for source in sources:
+        path, tarred, member = source.partition(TAR_SEPARATOR)
+        stamp = _stat_stamp(path)
+        if tarred and stamp is not None:
+            if path not in headers:
+                headers[path] = _member_headers(path)
+            stamp += headers[path].get(member, [None])
+        stamped.append([source, stamp])
+    return stamped
+
+
+def _stat_stamp(path: str) -> list | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _member_headers(path: str) -> dict[str, list]:
+    try:
+        with tarfile.open(path) as tar:
+            return {m.name: [m.size, m.mtime] for m in tar.getmembers()}  # the last of a repeated name, as read
+    except (tarfile.TarError, OSError):
+        return {}
+
+
+def _read_stamps(path: Path) -> dict | None:
+    """A stamps record pretokenize wrote (None for anything else, or damaged)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and record.get("format") == STAMPS_FORMAT and isinstance(record.get("plan"), str)
+    return record if ok else None
+
+
+def shard_status(out: str | os.PathLike, plan: Plan, k: int) -> str:
+    """``done``: shard k is whole, belongs to this plan and its stamps record names these bytes and
+    matches its images now; ``changed``: all that, but an image changed since (edited, replaced,
+    touched: the stamps are metadata); ``todo``: missing, damaged, another plan's, or without a
+    stamps record of these bytes (killed before it was written, or an earlier alit_fast's)."""
     path = shard_path(out, k)
     if not path.exists():
-        return False
+        return "todo"
     try:
         batch = TokenBatch.load(path)
     except (OSError, ValueError):
-        return False  # a damaged shard is redone (the writer replaces files atomically)
-    return batch.extra.get("plan") == plan.fingerprint and batch.extra.get("shard") == str(k)
+        return "todo"  # a damaged shard is redone (the writer replaces files atomically)
+    if batch.extra.get("plan") != plan.fingerprint or batch.extra.get("shard") != str(k):
+        return "todo"
+    record = _read_stamps(stamps_path(out, k))
+    if (record is None or record["plan"] != plan.fingerprint or record.get("shard") != k
+            or record.get("sha256") != _file_sha256(path)):
+        return "todo"
+    return "done" if record.get("sources") == source_stamps(plan.shard_sources(k)) else "changed"
+
+
+def shard_is_done(out: str | os.PathLike, plan: Plan, k: int) -> bool:
+    """A shard file that exists, passes its checksums, belongs to this plan and whose images are
+    as they were when it was encoded (``shard_status``)."""
+    return shard_status(out, plan, k) == "done"
+
+
+def save_shard(out: str | os.PathLike, plan: Plan, k: int, batch: TokenBatch, stamps: list[list]) -> None:
+    """Shard k, then its stamps record (``source_stamps`` taken before its images were read). The
+    record names the shard's sha256: a shard saved without its record (killed in between), or
+    beside an earlier run's record, is not done."""
+    path = shard_path(out, k)
+    batch.save(path)
+    record = {"format": STAMPS_FORMAT, "plan": plan.fingerprint, "shard": k, "sha256": _file_sha256(path),
+              "sources": stamps}
+    text = json.dumps(record, separators=(",", ":")) + "\n"
+    write_atomic(stamps_path(out, k), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def encode_shard(
@@ -229,6 +310,8 @@ def owned_files(out: str | os.PathLike) -> list[Path]:
     root = Path(out)
     found = [p for p in root.glob("shard-*.safetensors") if p.is_file() and recorded_plan(p) is not None]
     found += [p for p in root.glob("shard-*.safetensors.tmp") if p.is_file()]  # a killed save's
+    found += [p for p in root.glob("shard-*.stamps.json") if p.is_file() and _read_stamps(p) is not None]
+    found += [p for p in root.glob("shard-*.stamps.json.tmp") if p.is_file()]
     found += [p for p in (root / INDEX_NAME,) if p.is_file() and recorded_plan(p) is not None and _is_index(p)]
     found += [p for p in (root / (INDEX_NAME + ".tmp"), root / LOCK_NAME) if p.is_file()]
     return sorted(found)
