@@ -144,6 +144,22 @@ _HELD: dict[str, int] = {}
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
+def _forget_inherited_locks() -> None:
+    """In a forked child (DataLoader workers, multiprocessing): drop its copies of the lock
+    descriptors. A flock lasts while any copy is open, so a SIGKILLed run's lock would otherwise
+    stay held until its workers exit. Closing a copy, unlike unlocking, leaves the parent's lock."""
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_locks)
+
+
 def _open_lock_file(folder, path: str) -> tuple[int, bool] | None:
     """(descriptor, whether this call created the file); None where it cannot be opened for
     writing (another user's lock: the pid scheme judges it by renaming, as the folder allows)."""

@@ -276,3 +276,38 @@ def test_a_lock_is_released_through_any_spelling_of_its_path(tmp_path):
     assert not (tmp_path / "real" / files.LOCK_NAME).exists()
     files.release_lock(files.acquire_lock(tmp_path / "real", "the next run"))  # nothing was left held
     assert path
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_killed_runs_lock_is_free_at_once_though_its_forked_workers_live_on(tmp_path):
+    """DataLoader workers are forked while the run holds its lock: their copies of the descriptor
+    must not keep the lock held after the run itself is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from alit_fast import files
+
+    worker_pid = tmp_path / "worker.pid"
+    script = f"""
+import os, signal, time
+from alit_fast.files import acquire_lock
+acquire_lock({str(tmp_path)!r}, "killed run")
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+open({str(worker_pid)!r}, "w").write(str(child))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    run = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    worker = int(worker_pid.read_text())
+    try:
+        assert files._alive(worker)  # the worker outlives the run
+        path = files.acquire_lock(tmp_path, "this run")  # FolderBusy while the worker held a copy
+        files.release_lock(path)
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(0.05)
