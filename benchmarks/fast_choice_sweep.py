@@ -10,7 +10,8 @@ in milliseconds: what the official procedure at batch 1 chooses (threshold 0.07)
 and the fast rule choose, mean tokens and mean L1 on all images and on the photo crops, and the
 fast rule's agreement with the exact one (the same count; a pixel L1 within 0.5%). The script
 first checks that its rules choose what ``model.encode`` chooses, on two configurations, so the
-sweep speaks for the package. Speed is ``benchmarks.adaptive_vs_official``'s job.
+sweep speaks for the package, and how often the exact rule agrees with itself on the images
+nudged below one 8-bit step or mirrored. Speed is ``benchmarks.adaptive_vs_official``'s job.
 """
 from __future__ import annotations
 
@@ -111,6 +112,26 @@ def self_check(model, images: torch.Tensor, c: dict, batch: int) -> list[str]:
     return lines
 
 
+def self_agreement(model, images: torch.Tensor, c: dict, batch: int, seeds: int = 2) -> list[str]:
+    """How often the exact rule (0.07, fallback best, the benchmark's cap) chooses the same count
+    for an image and for the same image nudged by uniform noise below one 8-bit step, or mirrored:
+    what "the same count" can mean where errors are near-equal."""
+    T = model.config.tokens_per_iter
+    last = check_cap(model.config.max_tokens, T) // T - 1
+    reference = choose(c["clamped"], 0.07, last, "best")
+    nudged = {}
+    for seed in range(seeds):
+        noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        nudged[f"nudged by uniform noise of +-0.5/255 (seed {seed})"] = (images + noise * 0.5 / 255).clamp(0, 1)
+    nudged["mirrored left to right"] = images.flip(-1)
+    lines = []
+    for name, other in nudged.items():
+        same = choose(curves(model, other, batch)["clamped"], 0.07, last, "best") == reference
+        lines.append(f"pixel-l1:0.07 fallback best, max {(last + 1) * T} tokens, against itself on the images "
+                     f"{name}: the same count for {100 * float(same.double().mean()):.0f}%")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="demo")
@@ -123,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     photos = [i for i, it in enumerate(items) if it.level < 0]
     c = curves(model, images, args.batch)
     print("\n".join(self_check(model, images, c, args.batch)))
+    print("\n".join(self_agreement(model, images, c, args.batch)))
     bars, results = sweep(c, model.config.tokens_per_iter, photos)
     print(f"official procedure (batch 1, 0.07): all {bars['all'][0]:.1f} tokens, L1 {bars['all'][1]:.4f}; "
           f"photos {bars['photos'][0]:.1f} tokens, L1 {bars['photos'][1]:.4f} (the bars: tokens <=, L1 <= x 1.005)")

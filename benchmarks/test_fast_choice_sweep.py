@@ -27,4 +27,5 @@ def test_the_sweep_reproduces_encode_and_scores_every_configuration(tmp_path, ca
     printed = capsys.readouterr().out.splitlines()
     checks = [line for line in printed if "choose as encode on" in line]
     assert len(checks) == 4 and all(line.split(" on ")[1].split("/")[0] == line.split("/")[1].split()[0] for line in checks)
+    assert len([line for line in printed if "against itself" in line]) == 3
     assert printed[-1].startswith("configurations meeting the quality bars:")
