@@ -112,6 +112,29 @@ def self_check(model, images: torch.Tensor, c: dict, batch: int) -> list[str]:
     return lines
 
 
+def differences(c: dict, tokens_per_iter: int, cap: int) -> list[str]:
+    """Where fast-pixel-l1:0.07 with fallback best differs from the exact rule, and how flat the
+    exact rule's curves are where it must pick the lowest of near-equal errors."""
+    T, last = tokens_per_iter, cap // tokens_per_iter - 1
+    exact = choose(c["clamped"], 0.07, last, "best")
+    fast = choose(c["estimate"], 0.07, last, "best", never=c["floor"] >= 0.07)
+    reached = (c["clamped"][:, : last + 1] < 0.07).any(1) | (c["estimate"][:, : last + 1] < 0.07).any(1)
+    pairs: dict[str, int] = {}
+    for e, f in zip(exact[exact != fast].tolist(), fast[exact != fast].tolist()):
+        pairs[f"{(e + 1) * T} -> {(f + 1) * T}"] = pairs.get(f"{(e + 1) * T} -> {(f + 1) * T}", 0) + 1
+    differ = exact != fast
+    lines = [f"fast-pixel-l1:0.07 fallback best, max {cap} tokens differs from the exact rule on {int(differ.sum())} images, "
+             f"{int((differ & ~reached).sum())} of which reach 0.07 under neither rule; exact -> fast tokens: "
+             + ", ".join(f"{k} ({v})" for k, v in sorted(pairs.items()))]
+    never = ~(c["clamped"][:, : last + 1] < 0.07).any(1)
+    rise = c["clamped"][never, last] - c["clamped"][never, last - 1]
+    up = rise[rise > 0]
+    lines.append(f"of the {int(never.sum())} images whose pixel L1 never reaches 0.07 by {cap} tokens, it rises from {cap - T} "
+                 f"to {cap} tokens for {len(up)}" + (f", by {float(up.min()):.5f} to {float(up.max()):.5f} (median "
+                                                    f"{float(up.median()):.5f})" if len(up) else ""))
+    return lines
+
+
 def self_agreement(model, images: torch.Tensor, c: dict, batch: int, seeds: int = 2) -> list[str]:
     """How often the exact rule (0.07, fallback best, the benchmark's cap) chooses the same count
     for an image and for the same image nudged by uniform noise below one 8-bit step, or mirrored:
@@ -144,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     photos = [i for i, it in enumerate(items) if it.level < 0]
     c = curves(model, images, args.batch)
     print("\n".join(self_check(model, images, c, args.batch)))
+    print("\n".join(differences(c, model.config.tokens_per_iter, check_cap(model.config.max_tokens, model.config.tokens_per_iter))))
     print("\n".join(self_agreement(model, images, c, args.batch)))
     bars, results = sweep(c, model.config.tokens_per_iter, photos)
     print(f"official procedure (batch 1, 0.07): all {bars['all'][0]:.1f} tokens, L1 {bars['all'][1]:.4f}; "

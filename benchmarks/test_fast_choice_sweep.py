@@ -28,4 +28,6 @@ def test_the_sweep_reproduces_encode_and_scores_every_configuration(tmp_path, ca
     checks = [line for line in printed if "choose as encode on" in line]
     assert len(checks) == 4 and all(line.split(" on ")[1].split("/")[0] == line.split("/")[1].split()[0] for line in checks)
     assert len([line for line in printed if "against itself" in line]) == 3
+    assert any(line.startswith("of the ") and "rises from" in line for line in printed)
+    assert any("differs from the exact rule on" in line for line in printed)
     assert printed[-1].startswith("configurations meeting the quality bars:")
