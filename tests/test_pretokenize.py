@@ -25,6 +25,16 @@ from tests._single_thread import one_thread  # noqa: F401
 CRITERION = DEMO_CRITERION  # scored: the demo model stops simple images early
 
 
+@pytest.fixture(autouse=True)
+def images_written_long_ago():
+    """The images here are written moments before each run; the rule that redoes an image written
+    within a file-time tick of its stamp (tested on its own below) would redo every shard. (Its own
+    MonkeyPatch: a test's ``monkeypatch.undo()`` leaves it.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tds, "RACY_NS", 0)
+        yield
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from alit_fast.cli.demo import demo_images
@@ -396,7 +406,7 @@ def test_a_tar_members_stamp_holds_its_header_as_well_as_the_tars_size_and_time(
     tar = _tar(tmp_path / "d.tar", {"a.png": b"x" * 10, "b.png": b"y" * 10})
     st = tar.stat()
     first = tds.source_stamps([f"{tar}::a.png", f"{tar}::b.png", str(tmp_path / "gone.png")])
-    assert first[0] == [f"{tar}::a.png", [st.st_size, st.st_mtime_ns, 10, 1_700_000_000]]
+    assert first[0] == [f"{tar}::a.png", [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, 10, 1_700_000_000]]
     assert first[2] == [str(tmp_path / "gone.png"), None]  # a missing image is stamped too: its return is a change
     _tar(tar, {"a.png": b"x" * 10, "b.png": b"y" * 10}, mtime=1_700_000_001)  # the same size; reset the tar's time
     os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -420,4 +430,55 @@ def test_a_stamps_record_of_other_shard_bytes_does_not_count(setup, tmp_path, en
     os.utime(images / "04.png", ns=(st.st_atime_ns, st.st_mtime_ns))
     encoded.clear()
     assert _run_on(setup, [images], out) == 0
-    assert encoded == [1] and _files(out) == before
+    shards = lambda files: {name: data for name, data in files.items() if not name.endswith(".stamps.json")}  # noqa: E731
+    assert encoded == [1] and shards(_files(out)) == shards(before)  # (the record now holds the restored files' ctimes)
+
+
+def test_an_image_replaced_with_the_same_size_and_modification_time_redoes_its_shard(setup, tmp_path, encoded, capsys):
+    # cp -p, rsync -a or a restored backup keep a file's times; an uncompressed format keeps its size
+    images = tmp_path / "bmp"
+    images.mkdir()
+    for i in range(4):
+        Image.open(setup / "images" / f"{i:02d}.png").convert("RGB").crop((0, 0, 32, 32)).save(images / f"{i:02d}.bmp")
+    out = tmp_path / "out"
+    assert _run_on(setup, [images], out, shard_size="2") == 0
+    st = (images / "01.bmp").stat()
+    (images / "01.bmp").write_bytes((images / "03.bmp").read_bytes())
+    os.utime(images / "01.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (images / "01.bmp").stat().st_size == st.st_size and (images / "01.bmp").stat().st_mtime_ns == st.st_mtime_ns
+    encoded.clear()
+    assert _run_on(setup, [images], out, shard_size="2") == 0
+    assert encoded == [0] and "1 redone because their images changed" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    assert _run_on(setup, [images], fresh, shard_size="2") == 0
+    assert TokenBatch.load(out / "shard-00000.safetensors").codes.equal(TokenBatch.load(fresh / "shard-00000.safetensors").codes)
+
+
+def test_an_image_written_just_before_its_stamp_is_redone_on_resume(setup, tmp_path, encoded, capsys):
+    # a file written again within the same file-time tick as its stamp would look unchanged
+    images = _copy_images(setup, tmp_path / "images")  # written now: within RACY_NS of the stamps
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tds, "RACY_NS", 3600 * 10**9)
+        assert _run_on(setup, [images], out) == 0
+    record = json.loads((out / "shard-00000.stamps.json").read_text())
+    assert all(stamp[0] == "unsure" for _, stamp in record["sources"])
+    encoded.clear()
+    capsys.readouterr()
+    assert _run_on(setup, [images], out) == 0  # their times now vouch for them: redone once, then kept
+    assert encoded == [0, 1, 2] and "3 redone because their images changed" in capsys.readouterr().out
+    encoded.clear()
+    assert _run_on(setup, [images], out) == 0
+    assert encoded == []
+
+
+def test_an_unreadable_tar_member_is_recorded_the_same_way_in_every_run(setup, tmp_path):
+    # Pillow names an in-memory file by its address: the reason must not carry it into the shards
+    tar = _tar(tmp_path / "d.tar", {"a.png": (setup / "images" / "01.png").read_bytes(), "bad.png": b"not a png"})
+    runs = {}
+    for name in ("one", "two"):
+        assert _run_on(setup, [tar], tmp_path / name) == 0
+        runs[name] = {k: v for k, v in _files(tmp_path / name).items() if not k.endswith(".stamps.json")}
+    assert runs["one"] == runs["two"]
+    reason = json.loads((tmp_path / "one" / "index.json").read_text())["skipped"][f"{tar}::bad.png"]
+    assert reason.startswith(f"bad.png in {tar}: ") and "0x" not in reason

@@ -33,7 +33,7 @@ from ..io.token_dataset import (
     read_source,
     save_shard,
     shard_status,
-    source_stamps,
+    stamp_shard,
     write_index,
 )
 from ._common import (
@@ -158,7 +158,7 @@ def _run(args: argparse.Namespace, plan: Plan, model, criterion, device: torch.d
                                           desc=f"pretokenize[{rank}]", file=sys.stderr,
                                           disable=rank != 0 and world > 1) as bar:
             for k in todo:
-                stamps = source_stamps(plan.shard_sources(k))  # before the images are read
+                stamps = stamp_shard(plan.shard_sources(k))  # before the images are read
                 batch = encode_shard(plan, k, lambda s: read_source(s, model.config.image_size), encode)
                 save_shard(args.out, plan, k, batch, stamps)
                 done_images += len(plan.shard_sources(k))
@@ -177,8 +177,8 @@ def _run(args: argparse.Namespace, plan: Plan, model, criterion, device: torch.d
             print(f"wrote {args.out}: {len(lengths)} images in {plan.num_shards} shards, mean {mean:.1f} tokens"
                   + (f", {len(index['skipped'])} unreadable (listed in {INDEX_NAME})" if index["skipped"] else "")
                   + (f"; {resumed} shards kept from an earlier run" if resumed else "")
-                  + (f"; {changed} redone because their images changed (size or modification time) since the "
-                     "earlier run" if changed else "")
+                  + (f"; {changed} redone because their images changed (size, times or inode) since the "
+                     "earlier run, or had been written too shortly before it read them to tell" if changed else "")
                   + (f"; {done_images / max(elapsed, 1e-9):.1f} images/s on rank 0" if done_images else ""))
             print(histogram(lengths, model.config.tokens_per_iter, model.config.max_tokens))
             unmet = unmet_line(lengths, criterion, args, model.config.max_tokens)

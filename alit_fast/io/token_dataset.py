@@ -22,7 +22,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -92,7 +94,13 @@ def read_source(source: str, size: int) -> torch.Tensor:
             if handle is None:
                 raise OSError(f"{member} is not a file in {tar_path}")
             data = handle.read()
-        return load_image(io.BytesIO(data), size)
+        try:
+            return load_image(io.BytesIO(data), size)
+        except (OSError, ValueError) as exc:
+            # Pillow names the in-memory file by its address, which differs from run to run: the
+            # reason a shard and the index record must not
+            reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise (ValueError if isinstance(exc, ValueError) else OSError)(f"{member} in {tar_path}: {reason}") from exc
     return load_image(source, size)
 
 
@@ -145,9 +153,23 @@ def stamps_path(out: str | os.PathLike, k: int) -> Path:
     return Path(out) / STAMPS_PATTERN.format(k)
 
 
+# file times tick coarsely (milliseconds on ext4, seconds on FAT, NFS, SMB): a file written this
+# close before its stamp was taken may be written again within the same tick, unseen
+RACY_NS = 2_000_000_000
+
+
+def stamp_shard(sources: Iterable[str]) -> list[list]:
+    """``source_stamps`` as ``save_shard`` records them: a stamp whose times lie within RACY_NS of
+    now is marked unsure, so that it matches nothing and a resume redoes the shard. Take it before
+    the images are read."""
+    recent = time.time_ns() - RACY_NS
+    return [[source, ["unsure", *stamp] if stamp is not None and max(stamp[1], stamp[2]) >= recent else stamp]
+            for source, stamp in source_stamps(sources)]
+
+
 def source_stamps(sources: Iterable[str]) -> list[list]:
     """[source, stamp] for each source, from metadata alone (no image is read): a file's [size,
-    mtime_ns]; a tar member's tar [size, mtime_ns] plus the member's header [size, mtime]; None
+    mtime_ns, ctime_ns, inode]; a tar member's tar stamp plus the member's header [size, mtime]; None
     for what cannot be found (so its coming back is a change too). Take them before the images
     are read: a file changed while it is encoded then shows as changed at the next resume."""
     headers: dict[str, dict[str, list]] = {}
@@ -164,11 +186,13 @@ def source_stamps(sources: Iterable[str]) -> list[list]:
 
 
 def _stat_stamp(path: str) -> list | None:
+    # ctime, which no user call can set back, catches a replacement that kept the old size and
+    # mtime (cp -p, rsync -a, a restored backup); the inode, a link swapped for another file
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _member_headers(path: str) -> dict[str, list]:
@@ -217,7 +241,7 @@ def shard_is_done(out: str | os.PathLike, plan: Plan, k: int) -> bool:
 
 
 def save_shard(out: str | os.PathLike, plan: Plan, k: int, batch: TokenBatch, stamps: list[list]) -> None:
-    """Shard k, then its stamps record (``source_stamps`` taken before its images were read). The
+    """Shard k, then its stamps record (``stamp_shard`` taken before its images were read). The
     record names the shard's sha256: a shard saved without its record (killed in between), or
     beside an earlier run's record, is not done."""
     path = shard_path(out, k)
