@@ -98,18 +98,20 @@ def sweep(c: dict, tokens_per_iter: int, photos: list[int], official_threshold: 
     return bars, results
 
 
-def self_check(model, images: torch.Tensor, c: dict, batch: int) -> list[str]:
-    """The script's rules against ``model.encode`` (threshold 0.07, the benchmark's cap, both fallbacks)."""
+def self_check(model, images: torch.Tensor, c: dict, batch: int) -> tuple[list[str], bool]:
+    """The script's rules against ``model.encode`` (threshold 0.07, the benchmark's cap, both
+    fallbacks, the default min_tokens): a line each, and whether they chose alike everywhere."""
     T = model.config.tokens_per_iter
     cap = check_cap(model.config.max_tokens, T)
-    lines = []
+    lines, alike = [], True
     for fallback in ("best", "max"):
         for criterion, scores, never in (("pixel-l1:0.07", c["clamped"], None), ("fast-pixel-l1:0.07", c["estimate"], c["floor"] >= 0.07)):
             mine = (choose(scores, 0.07, cap // T - 1, fallback, never) + 1) * T
             theirs = model.encode(images, criterion=criterion, batch_size=batch, fallback=fallback, max_tokens=cap).lengths
             lines.append(f"{criterion} fallback {fallback}, max {cap} tokens: the script's rules choose as encode on "
                          f"{int((mine == theirs).sum())}/{len(mine)} images")
-    return lines
+            alike = alike and bool((mine == theirs).all())
+    return lines, alike
 
 
 def differences(c: dict, tokens_per_iter: int, cap: int) -> list[str]:
@@ -126,6 +128,8 @@ def differences(c: dict, tokens_per_iter: int, cap: int) -> list[str]:
     lines = [f"fast-pixel-l1:0.07 fallback best, max {cap} tokens differs from the exact rule on {int(differ.sum())} images, "
              f"{int((differ & ~reached).sum())} of which reach 0.07 under neither rule; exact -> fast tokens: "
              + ", ".join(f"{k} ({v})" for k, v in sorted(pairs.items()))]
+    if last == 0:  # a cap of one iteration: no step to speak of
+        return lines
     never = ~(c["clamped"][:, : last + 1] < 0.07).any(1)
     rise = c["clamped"][never, last] - c["clamped"][never, last - 1]
     up = rise[rise > 0]
@@ -166,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     images = torch.stack([it.image for it in items])
     photos = [i for i, it in enumerate(items) if it.level < 0]
     c = curves(model, images, args.batch)
-    print("\n".join(self_check(model, images, c, args.batch)))
+    checks, alike = self_check(model, images, c, args.batch)
+    print("\n".join(checks))
+    if not alike:
+        print("the script's rules no longer choose as encode does: fix them before reading the sweep")
+        return 1
     print("\n".join(differences(c, model.config.tokens_per_iter, check_cap(model.config.max_tokens, model.config.tokens_per_iter))))
     print("\n".join(self_agreement(model, images, c, args.batch)))
     bars, results = sweep(c, model.config.tokens_per_iter, photos)

@@ -31,3 +31,17 @@ def test_the_sweep_reproduces_encode_and_scores_every_configuration(tmp_path, ca
     assert any(line.startswith("of the ") and "rises from" in line for line in printed)
     assert any("differs from the exact rule on" in line for line in printed)
     assert printed[-1].startswith("configurations meeting the quality bars:")
+
+
+def test_the_sweep_refuses_to_speak_when_its_rules_no_longer_choose_as_encode(tmp_path, monkeypatch, capsys):
+    import benchmarks.fast_choice_sweep as sweep
+
+    torch.manual_seed(0)
+    cfg = tiny_config(vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48))
+    model = ALIT(cfg)
+    model.pixel_l1_calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.1, 0.0), cell=4)
+    model.save(str(tmp_path / "tiny.safetensors"))
+    real = sweep.choose
+    monkeypatch.setattr(sweep, "choose", lambda scores, threshold, last, *a, **k: real(scores, threshold, last, *a, **k) * 0)
+    assert sweep.main(["--checkpoint", str(tmp_path / "tiny.safetensors"), "--per-level", "1", "--batch", "4"]) == 1
+    assert "no longer choose as encode" in capsys.readouterr().out
