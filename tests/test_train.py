@@ -87,6 +87,18 @@ def test_resume_is_exact(tiny_json, tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_a_cpu_resume_on_other_threads_continues_and_says_it_matches_only_to_rounding(tiny_json, tmp_path, capsys):
+    common = ("--steps", "3", "--halting", "off", "--save-every", "100")
+    assert _run(tiny_json, tmp_path, *common, "--stop-at", "1") == 0
+    threads = torch.get_num_threads()
+    try:
+        assert _run(tiny_json, tmp_path, *common, "--resume", "--threads", "2") == 0
+    finally:
+        torch.set_num_threads(threads)
+    said = capsys.readouterr().out
+    assert "computed on 1 CPU threads and this one on 2" in said and "only to rounding" in said
+
+
 def test_checkpoints_load(tiny_json, tmp_path):
     assert _run(tiny_json, tmp_path, "--steps", "2", "--halting", "off") == 0
     ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)

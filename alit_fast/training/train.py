@@ -68,6 +68,15 @@ class NonFiniteLoss(RuntimeError):
 RUN_FILES = (CHECKPOINT, LOG, "model.safetensors", "ema.safetensors")
 
 
+def threads_note(saved: "int | None") -> str | None:
+    """What a CPU run resumed on another thread count should be told (None: nothing): another split
+    of the CPU's matmuls sums in another order, so the same run rounds otherwise."""
+    if saved is None or saved == torch.get_num_threads():
+        return None
+    return (f"--resume: the run computed on {saved} CPU threads and this one on {torch.get_num_threads()} (--threads): "
+            "it continues, but its losses match an uninterrupted run's only to rounding")
+
+
 def resume_flag(args: argparse.Namespace) -> str:
     """How to continue this run: --resume, which a run started with --overwrite must take in its place."""
     return "--resume in place of --overwrite" if getattr(args, "overwrite", False) else "--resume"
@@ -440,6 +449,7 @@ def save_checkpoint(path: Path, *, model: ALIT, ema: ALIT | None, opt, sched, sc
             "epoch": epoch,
             "config": model.config.to_json(),
             "args": vars(args),
+            "threads": torch.get_num_threads(),
         },
         path,
     )
@@ -599,6 +609,9 @@ def resume(run: Run, spec: str) -> None:
     run.step = run.last_good = ckpt["step"]
     if d.main:
         print(f"resumed from {path} at step {run.step}", flush=True)
+        note = threads_note(ckpt.get("threads")) if d.device.type == "cpu" else None
+        if note:
+            print(note, flush=True)
 
 
 def _load_run_state(run: Run, ckpt: dict) -> None:

@@ -30,7 +30,7 @@ from ..files import acquire_lock, release_lock, write_atomic
 from ..io import METADATA_CONFIG_KEY
 from ..models import BaseTokenizer
 from .data import SyntheticImages, build_dataset
-from .train import CHECKPOINT, LOG, JsonlLog, prepare_out, read_training_checkpoint, resume_flag
+from .train import CHECKPOINT, LOG, JsonlLog, prepare_out, read_training_checkpoint, resume_flag, threads_note
 from .utils import atomic_torch_save, check_number, resolve_config, seed_everything
 
 
@@ -216,11 +216,9 @@ def _resume(run: _Run, cfg: ALITConfig, args: argparse.Namespace, out: Path) -> 
                          "again with --overwrite") from exc
     run.step, run.epoch, run.batch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch"])
     print(f"resumed from {path} at step {run.step}", flush=True)
-    threads = ckpt.get("threads")
-    if threads is not None and threads != torch.get_num_threads():
-        # another split of the CPU's matmuls sums in another order: same run, other rounding
-        print(f"--resume: the run computed on {threads} CPU threads and this one on {torch.get_num_threads()} (--threads): "
-              "it continues, but its losses match an uninterrupted run's only to rounding", flush=True)
+    note = threads_note(ckpt.get("threads"))
+    if note:
+        print(note, flush=True)
     return True
 
 
