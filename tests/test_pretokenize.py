@@ -482,3 +482,38 @@ def test_an_unreadable_tar_member_is_recorded_the_same_way_in_every_run(setup, t
     assert runs["one"] == runs["two"]
     reason = json.loads((tmp_path / "one" / "index.json").read_text())["skipped"][f"{tar}::bad.png"]
     assert reason.startswith(f"bad.png in {tar}: ") and "0x" not in reason
+
+
+def test_tar_members_read_by_their_offsets_are_the_bytes_tarfile_gives(tmp_path):
+    import gzip
+    import io
+
+    members = {"a.png": b"first a", "b.png": b"bee" * 300, "a2.png": b"x"}
+    tar = _tar(tmp_path / "d.tar", members)
+    with tarfile.open(tar, "a") as t:  # a repeated name (the last one counts) and a link to a member
+        info = tarfile.TarInfo("a.png")
+        info.size = 8
+        t.addfile(info, io.BytesIO(b"second a"))
+        link = tarfile.TarInfo("link.png")
+        link.type, link.linkname = tarfile.LNKTYPE, "b.png"
+        t.addfile(link)
+    zipped = tmp_path / "z.tar"  # gzip inside a .tar name: no offsets to seek to
+    zipped.write_bytes(gzip.compress(tar.read_bytes()))
+    for path in (tar, zipped):
+        with tarfile.open(path) as t:
+            expected = {name: t.extractfile(name).read() for name in ("a.png", "b.png", "a2.png", "link.png")}
+        assert expected["a.png"] == b"second a" and expected["link.png"] == members["b.png"]
+        assert {name: tds._tar_member_bytes(str(path), name) for name in expected} == expected
+    with pytest.raises(OSError, match="gone.png cannot be read from"):
+        tds._tar_member_bytes(str(tar), "gone.png")
+
+
+def test_a_tars_headers_are_read_once_for_all_its_members(tmp_path, monkeypatch):
+    # finding a member by name walks the headers before it: per image, a big tar cost O(members)
+    tar = _tar(tmp_path / "d.tar", {f"{i:03d}.png": bytes([i]) * 10 for i in range(50)})
+    opened, real = [], tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    assert [tds._tar_member_bytes(str(tar), f"{i:03d}.png") for i in range(50)] == [bytes([i]) * 10 for i in range(50)]
+    assert len(opened) == 1
+    os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))  # changed: read again
+    assert tds._tar_member_bytes(str(tar), "007.png") == bytes([7]) * 10 and len(opened) == 2

@@ -18,6 +18,7 @@ so any number of processes, any resumption order and a single process all write 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -85,15 +86,43 @@ def _tar_members(path: Path) -> list[str]:
     return [f"{path}{TAR_SEPARATOR}{name}" for name in names]
 
 
+@functools.lru_cache(maxsize=8)
+def _member_extents(tar_path: str, stamp: tuple) -> dict[str, tuple[int, int] | None]:
+    """Where each member's bytes lie in an uncompressed tar: name -> (offset, size), None for a
+    member that is not a regular file (a link: tarfile resolves it). Read once per tar (and again
+    when ``stamp``, its stat, changes): finding a member by name walks every header before it."""
+    with tarfile.open(tar_path, "r:") as tar:
+        return {m.name: (m.offset_data, m.size) if m.isreg() else None for m in tar.getmembers()}
+
+
+def _tar_member_bytes(tar_path: str, member: str) -> bytes:
+    st = os.stat(tar_path)
+    try:
+        extents = _member_extents(tar_path, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    except tarfile.ReadError:  # compressed: no offsets to seek to
+        extents = {}
+    if extents.get(member) is not None:
+        offset, size = extents[member]
+        with open(tar_path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) == size:
+            return data
+    try:
+        with tarfile.open(tar_path) as tar:  # a link, a compressed tar, or a tar changed since it was listed
+            handle = tar.extractfile(member)
+            if handle is None:
+                raise OSError(f"{member} is not a file in {tar_path}")
+            return handle.read()
+    except (KeyError, tarfile.TarError) as exc:
+        raise OSError(f"{member} cannot be read from {tar_path} ({type(exc).__name__}: {exc})") from exc
+
+
 def read_source(source: str, size: int) -> torch.Tensor:
     """[3, size, size] in [0, 1] (the evaluation transform); OSError/ValueError for a bad image."""
     if TAR_SEPARATOR in source:
         tar_path, member = source.split(TAR_SEPARATOR, 1)
-        with tarfile.open(tar_path) as tar:
-            handle = tar.extractfile(member)
-            if handle is None:
-                raise OSError(f"{member} is not a file in {tar_path}")
-            data = handle.read()
+        data = _tar_member_bytes(tar_path, member)
         try:
             return load_image(io.BytesIO(data), size)
         except (OSError, ValueError) as exc:
