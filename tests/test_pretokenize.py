@@ -517,3 +517,28 @@ def test_a_tars_headers_are_read_once_for_all_its_members(tmp_path, monkeypatch)
     assert len(opened) == 1
     os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))  # changed: read again
     assert tds._tar_member_bytes(str(tar), "007.png") == bytes([7]) * 10 and len(opened) == 2
+
+
+@pytest.mark.parametrize("shard_size", ["1", "3"])
+def test_the_room_asked_for_covers_what_the_run_writes_with_long_source_names(setup, tmp_path, monkeypatch, shard_size):
+    import alit_fast.cli.pretokenize as pretokenize_cli
+
+    deep = tmp_path.joinpath(*["a_rather_long_folder_name"] * 8)  # names of ~250 characters, stored thrice
+    deep.parent.mkdir(parents=True)
+    images = _copy_images(setup, deep)
+    asked, real = [], pretokenize_cli.check_free_space
+    monkeypatch.setattr(pretokenize_cli, "check_free_space", lambda path, need, what: asked.append(need) or real(path, need, what))
+    out = tmp_path / "out"
+    assert cli_main(["pretokenize", str(images), "--checkpoint", str(setup / "model.safetensors"), "--out", str(out),
+                     "--shard-size", shard_size, "--criterion", "tokens:8"]) == 0
+    written = sum(p.stat().st_size for p in out.iterdir())
+    assert len(asked) == 1 and written <= asked[0], (written, asked)
+
+
+def test_a_users_file_named_like_a_killed_save_is_neither_claimed_nor_removed(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-notes.safetensors.tmp").write_text("mine")
+    assert _run(setup, out, "--overwrite") == 2
+    assert "did not write (shard-notes.safetensors.tmp)" in capsys.readouterr().err
+    assert (out / "shard-notes.safetensors.tmp").read_text() == "mine"

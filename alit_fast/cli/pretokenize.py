@@ -119,7 +119,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
 
 def _check_out(args: argparse.Namespace, plan: Plan, images: int, max_tokens: int) -> list:
     """What is already in --out: nothing, or this plan's own files (resume), or refuse; and room
-    for the shards (at most max_tokens int32 codes per image, and the index)."""
+    for the shards (at most max_tokens int32 codes per image), their stamps records and the index."""
     ours = owned_files(args.out)
     strangers = sorted(set(os.listdir(args.out)) - {p.name for p in ours})
     if strangers:  # only files it can prove it wrote are ever replaced, --overwrite or not
@@ -130,7 +130,11 @@ def _check_out(args: argparse.Namespace, plan: Plan, images: int, max_tokens: in
         old = next((p for p in foreign if p.name == INDEX_NAME), foreign[0])
         raise UsageError(f"--out {args.out} holds a run of other images, model weights, options or alit_fast "
                          f"version ({old.name}); pass --overwrite to replace it")
-    check_free_space(args.out, images * (4 * max_tokens + 200), f"--out {args.out}")
+    # each image: its codes and its source name three times (shard, index, stamps record); each
+    # shard, and the index: the model's config and their own metadata
+    names = sum(len(source.encode()) for source in plan.sources)
+    files = (plan.num_shards + 1) * (2 * len(plan.config_json) + 2048)
+    check_free_space(args.out, images * (4 * max_tokens + 200) + 3 * names + files, f"--out {args.out}")
     return foreign
 
 

@@ -43,6 +43,8 @@ SHARD_PATTERN = "shard-{:05d}.safetensors"
 STAMPS_PATTERN = "shard-{:05d}.stamps.json"
 STAMPS_FORMAT = "alit_fast.token_dataset.stamps.v1"
 TAR_SEPARATOR = "::"
+# the names of the temporary files a killed save leaves, which a run may claim as its own
+_SHARD_NAME = re.compile(r"shard-\d{5,}\.(safetensors|stamps\.json)\.tmp")
 
 
 # ---------------------------------------------------------------------------- sources
@@ -362,9 +364,9 @@ def owned_files(out: str | os.PathLike) -> list[Path]:
     """The files a pretokenize run writes into its directory (what --overwrite may remove)."""
     root = Path(out)
     found = [p for p in root.glob("shard-*.safetensors") if p.is_file() and recorded_plan(p) is not None]
-    found += [p for p in root.glob("shard-*.safetensors.tmp") if p.is_file()]  # a killed save's
+    found += [p for p in root.glob("shard-*.safetensors.tmp") if p.is_file() and _SHARD_NAME.fullmatch(p.name)]  # a killed save's
     found += [p for p in root.glob("shard-*.stamps.json") if p.is_file() and _read_stamps(p) is not None]
-    found += [p for p in root.glob("shard-*.stamps.json.tmp") if p.is_file()]
+    found += [p for p in root.glob("shard-*.stamps.json.tmp") if p.is_file() and _SHARD_NAME.fullmatch(p.name)]
     found += [p for p in (root / INDEX_NAME,) if p.is_file() and recorded_plan(p) is not None and _is_index(p)]
     found += [p for p in (root / (INDEX_NAME + ".tmp"), root / LOCK_NAME) if p.is_file()]
     return sorted(found)
