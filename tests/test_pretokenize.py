@@ -542,3 +542,14 @@ def test_a_users_file_named_like_a_killed_save_is_neither_claimed_nor_removed(se
     assert _run(setup, out, "--overwrite") == 2
     assert "did not write (shard-notes.safetensors.tmp)" in capsys.readouterr().err
     assert (out / "shard-notes.safetensors.tmp").read_text() == "mine"
+
+
+def test_an_image_file_whose_name_holds_the_tar_separator_is_read_as_a_file(setup, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "notes::01.png").write_bytes((setup / "images" / "01.png").read_bytes())
+    out = tmp_path / "out"
+    assert _run_on(setup, [images], out) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["images"] == 1 and not index["skipped"]
+    assert tds.source_stamps([str(images / "notes::01.png")])[0][1][0] == (images / "notes::01.png").stat().st_size

@@ -120,10 +120,19 @@ def _tar_member_bytes(tar_path: str, member: str) -> bytes:
         raise OSError(f"{member} cannot be read from {tar_path} ({type(exc).__name__}: {exc})") from exc
 
 
+def tar_member(source: str) -> tuple[str, str] | None:
+    """(tar path, member name) for a source that names a member of a tar shard, else None: an image
+    file whose own name holds the separator stays a file."""
+    tar_path, separator, member = source.partition(TAR_SEPARATOR)
+    if not separator or os.path.isfile(source):
+        return None
+    return tar_path, member
+
+
 def read_source(source: str, size: int) -> torch.Tensor:
     """[3, size, size] in [0, 1] (the evaluation transform); OSError/ValueError for a bad image."""
-    if TAR_SEPARATOR in source:
-        tar_path, member = source.split(TAR_SEPARATOR, 1)
+    if tar_member(source) is not None:
+        tar_path, member = tar_member(source)
         data = _tar_member_bytes(tar_path, member)
         try:
             return load_image(io.BytesIO(data), size)
@@ -206,9 +215,9 @@ def source_stamps(sources: Iterable[str]) -> list[list]:
     headers: dict[str, dict[str, list]] = {}
     stamped = []
     for source in sources:
-        path, tarred, member = source.partition(TAR_SEPARATOR)
+        path, member = tar_member(source) or (source, None)
         stamp = _stat_stamp(path)
-        if tarred and stamp is not None:
+        if member is not None and stamp is not None:
             if path not in headers:
                 headers[path] = _member_headers(path)
             stamp += headers[path].get(member, [None])
