@@ -553,3 +553,49 @@ def test_an_image_file_whose_name_holds_the_tar_separator_is_read_as_a_file(setu
     index = json.loads((out / "index.json").read_text())
     assert index["images"] == 1 and not index["skipped"]
     assert tds.source_stamps([str(images / "notes::01.png")])[0][1][0] == (images / "notes::01.png").stat().st_size
+
+
+def _written_dataset(folder: Path, continuous: bool, shards: int = 3, per: int = 5) -> tuple[Path, list[torch.Tensor]]:
+    """A dataset as pretokenize writes it (shards, index), of seeded random tokens of every length."""
+    g = torch.Generator().manual_seed(3)
+    plan = tds.Plan(tuple(f"img{i:03d}.png" for i in range(shards * per)), per, "{}", "seeded", "tokens:8", 4)
+    everything = []
+    for k in range(shards):
+        lengths = torch.randint(0, 9, (per,), generator=g)
+        seqs = [torch.randn(int(n), 3, generator=g) if continuous else torch.randint(0, 40, (int(n),), generator=g)
+                for n in lengths]
+        batch = TokenBatch.from_sequences(seqs, 40, names=list(plan.shard_sources(k)), checkpoint="seeded",
+                                          extra={"plan": plan.fingerprint, "shard": str(k), "skipped": "{}"})
+        batch.save(tds.shard_path(folder, k))
+        everything += seqs
+    tds.write_index(folder, plan)
+    return folder, everything
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_shuffled_reads_give_each_images_codes_and_check_each_shard_once(tmp_path, monkeypatch, continuous):
+    folder, expected = _written_dataset(tmp_path, continuous)
+    hashed, real = [], tds._file_sha256
+    monkeypatch.setattr(tds, "_file_sha256", lambda path: hashed.append(path) or real(path))
+    dataset = open_dataset(folder)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    for i in order + order:
+        item = dataset[i]
+        assert torch.equal(item.codes, expected[i] if continuous else expected[i].to(torch.int64)), i
+        assert item.length == len(expected[i]) and item.path == f"img{i:03d}.png"
+    assert sorted(p.name for p in hashed) == [f"shard-{k:05d}.safetensors" for k in range(3)]  # once each
+
+
+def test_a_dataset_keeps_few_shards_open_and_travels_to_workers_without_them(tmp_path, monkeypatch):
+    import pickle
+
+    folder, expected = _written_dataset(tmp_path, continuous=False, shards=4)
+    monkeypatch.setattr(tds.TokenDataset, "OPEN_FILES", 2)
+    dataset = open_dataset(folder)
+    for i in reversed(range(len(dataset))):
+        assert torch.equal(dataset[i].codes, expected[i].to(torch.int64))
+        assert len(dataset._open) <= 2
+    copy = pickle.loads(pickle.dumps(dataset))  # a DataLoader worker's (spawn)
+    assert not copy._open and torch.equal(copy[7].codes, expected[7].to(torch.int64))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, collate_fn=lambda item: item.length)
+    assert sorted(loader) == sorted(len(s) for s in expected)
