@@ -90,27 +90,43 @@ def _tar_members(path: Path) -> list[str]:
     return [f"{path}{TAR_SEPARATOR}{name}" for name in names]
 
 
+@dataclass(frozen=True)
+class _Member:
+    offset: int  # where its bytes start in the tar file (an uncompressed tar's)
+    size: int
+    mtime: int
+    regular: bool  # not a link (tarfile resolves those)
+
+
 @functools.lru_cache(maxsize=8)
-def _member_extents(tar_path: str, stamp: tuple) -> dict[str, tuple[int, int] | None]:
-    """Where each member's bytes lie in an uncompressed tar: name -> (offset, size), None for a
-    member that is not a regular file (a link: tarfile resolves it). Read once per tar (and again
-    when ``stamp``, its stat, changes): finding a member by name walks every header before it."""
-    with tarfile.open(tar_path, "r:") as tar:
-        return {m.name: (m.offset_data, m.size) if m.isreg() else None for m in tar.getmembers()}
+def _tar_index(tar_path: str, stamp: tuple) -> tuple[dict[str, _Member], bool]:
+    """Every member of a tar by name (a repeated name: the last, as tarfile reads it), and whether
+    its offsets can be sought in the file (not for a compressed tar). Read once per tar, and again
+    when ``stamp``, its stat, changes: finding a member by name walks every header before it."""
+    try:
+        tar, seekable = tarfile.open(tar_path, "r:"), True
+    except tarfile.ReadError:
+        tar, seekable = tarfile.open(tar_path), False
+    with tar:
+        return {m.name: _Member(m.offset_data, m.size, m.mtime, m.isreg()) for m in tar.getmembers()}, seekable
+
+
+def _tar_members_of(tar_path: str) -> tuple[dict[str, _Member], bool]:
+    st = os.stat(tar_path)
+    return _tar_index(tar_path, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
 
 
 def _tar_member_bytes(tar_path: str, member: str) -> bytes:
-    st = os.stat(tar_path)
     try:
-        extents = _member_extents(tar_path, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-    except tarfile.ReadError:  # compressed: no offsets to seek to
-        extents = {}
-    if extents.get(member) is not None:
-        offset, size = extents[member]
+        members, seekable = _tar_members_of(tar_path)
+    except tarfile.TarError:
+        members, seekable = {}, False
+    entry = members.get(member)
+    if seekable and entry is not None and entry.regular:
         with open(tar_path, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) == size:
+            f.seek(entry.offset)
+            data = f.read(entry.size)
+        if len(data) == entry.size:
             return data
     try:
         with tarfile.open(tar_path) as tar:  # a link, a compressed tar, or a tar changed since it was listed
@@ -239,8 +255,7 @@ def _stat_stamp(path: str) -> list | None:
 
 def _member_headers(path: str) -> dict[str, list]:
     try:
-        with tarfile.open(path) as tar:
-            return {m.name: [m.size, m.mtime] for m in tar.getmembers()}  # the last of a repeated name, as read
+        return {name: [m.size, m.mtime] for name, m in _tar_members_of(path)[0].items()}
     except (tarfile.TarError, OSError):
         return {}
 
