@@ -1,8 +1,8 @@
-"""What reading costs on pretokenize's data paths, per image: members of a webdataset ``.tar`` (the
-images it encodes) and a tokenized data set read in shuffled and in file order (what a generator's
-training loop does).
+"""What reading costs on the data paths, per image: photos decoded on the main thread and on
+reading threads (what encode and pretokenize feed the model), members of a webdataset ``.tar``,
+and a tokenized data set read in shuffled and in file order (what a generator's training loop does).
 
-    python -m benchmarks.data_access [--members 2000] [--shards 20] [--per-shard 1000]
+    python -m benchmarks.data_access [--photos 200] [--workers N] [--members 2000] [--shards 20] [--per-shard 1000]
 
 Both are built in a temporary folder from seeded random data (a 32x32 PNG per member; random codes
 of every length up to 64 per image). Times are wall-clock means over every read, first reads
@@ -24,6 +24,7 @@ from PIL import Image
 
 from alit_fast.inference import TokenBatch
 from alit_fast.io import token_dataset as tds
+from alit_fast.io.images import default_workers, load_image, read_in_order
 
 
 def write_tar(path: Path, members: int) -> list[str]:
@@ -48,6 +49,25 @@ def write_tokens(folder: Path, shards: int, per_shard: int) -> None:
     tds.write_index(folder, plan)
 
 
+def write_photos(folder: Path, count: int) -> list[Path]:
+    """JPEGs the size of an ImageNet photo (500x375), smooth enough to compress like one."""
+    rng = np.random.default_rng(1)
+    ramp = np.linspace(0, 160, 500)[None, :, None]
+    paths = []
+    for i in range(count):
+        pixels = (rng.random((375, 500, 3)) * 64 + ramp).astype(np.uint8)
+        paths.append(folder / f"{i:05d}.jpg")
+        Image.fromarray(pixels).save(paths[-1], quality=90)
+    return paths
+
+
+def threaded_read_ms(paths: list[Path], size: int, workers: int) -> float:
+    start = time.perf_counter()
+    for _ in read_in_order(paths, lambda path: load_image(path, size), workers, ahead=32):
+        pass
+    return (time.perf_counter() - start) / len(paths) * 1e3
+
+
 def per_read_ms(read, keys: list) -> float:
     start = time.perf_counter()
     for key in keys:
@@ -60,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=2000, help="images in the tar")
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--per-shard", type=int, default=1000)
+    parser.add_argument("--photos", type=int, default=200, help="500x375 JPEGs read at 256x256")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="reading threads to compare with 0")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_photos(Path(tmp), args.photos)
+        serial, threaded = threaded_read_ms(paths, 256, 0), threaded_read_ms(paths, 256, args.workers)
+        print(f"{args.photos} photos (500x375 JPEG) read at 256x256: {serial:.2f} ms per image on the main thread, "
+              f"{threaded:.2f} on {args.workers} reading threads ({serial / threaded:.2f}x)")
     with tempfile.TemporaryDirectory() as tmp:
         sources = write_tar(Path(tmp) / "images.tar", args.members)
         ms = per_read_ms(lambda s: tds.read_source(s, 32), sources)

@@ -12,6 +12,7 @@ from collections import Counter
 import torch
 
 from ..io import ALIT, CheckpointError, load
+from ..io.images import default_workers
 from ..inference import (
     DEFAULT_CRITERION,
     Criterion,
@@ -107,6 +108,17 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_default: str | No
     parser.add_argument("--batch-size", type=int, default=16, help="images run at once")
 
 
+def add_reader_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="image-reading threads, reading ahead of the encode in order (0: read on the main thread; "
+                             "default: the CPU count, at most 8); the tokens are the same for any count")
+
+
+def check_workers(args: argparse.Namespace) -> None:
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+
+
 def histogram(lengths: list[int], tokens_per_iter: int, max_tokens: int, width: int = 40) -> str:
     """One text bar per possible token count."""
     counts = Counter(lengths)
@@ -127,6 +139,8 @@ def parse_encode_options(args: argparse.Namespace) -> Criterion | None:
     --criterion, --fallback, --batch-size, --min-tokens and --max-tokens are known to make sense
     (before any model is loaded)."""
     criterion = None if args.criterion is None else _criterion(args.criterion, args.fallback)
+    if hasattr(args, "workers"):
+        check_workers(args)
     for flag in ("--batch-size", "--min-tokens", "--max-tokens"):
         check_positive(flag, getattr(args, flag[2:].replace("-", "_")))
     if args.min_tokens is not None and args.max_tokens is not None and args.min_tokens > args.max_tokens:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -18,11 +19,13 @@ from ..inference import (
 )
 from ..inference.tokens import FORMAT as TOKEN_FORMAT
 from ..models import HALTING_MODES
-from ..io.images import PREPROCESSING, IMAGE_EXTENSIONS, describe_notes, find_images, image_file_problem, image_notes, load_image
+from ..io.images import (PREPROCESSING, IMAGE_EXTENSIONS, describe_notes, find_images, image_file_problem, image_notes,
+                         load_image, read_in_order)
 from ._common import (
     OneLineParser,
     UsageError,
     add_model_args,
+    add_reader_args,
     check_encode_options,
     check_free_space,
     check_output_file,
@@ -71,6 +74,7 @@ def _encode_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=None,
                    help="write a tokenized dataset instead: --out is a directory of shards of this many images "
                         "and an index (see alit-fast pretokenize)")
+    add_reader_args(p)
     return p
 
 
@@ -136,17 +140,19 @@ def _token_file(batches: list[TokenBatch], args: argparse.Namespace, criterion, 
 
 
 def _loaded_groups(files: list, skipped: list[str], args: argparse.Namespace, cfg, device, bar, clock: list[float]):
-    """(names, images on ``device``) per --batch-size files that load; ``clock[0]`` adds up the
-    seconds spent loading (a stream pulls its images while it encodes)."""
+    """(names, images on ``device``) per --batch-size files that load (read ahead on --workers
+    threads, in order); ``clock[0]`` adds up the seconds spent waiting for images (a stream pulls
+    its images while it encodes)."""
+    reads = read_in_order(files, lambda path: load_image(path, cfg.image_size), args.workers, ahead=2 * args.batch_size)
     for group in _chunks(files, args.batch_size):
         t0 = time.perf_counter()
         images, names = [], []
-        for path in group:
-            try:
-                images.append(load_image(path, cfg.image_size))
-                names.append(str(path))
-            except Exception as exc:  # a body that fails to decode past a good header: reported, never fatal
+        for path, image, exc in itertools.islice(reads, len(group)):
+            if exc is not None:  # a body that fails to decode past a good header: reported, never fatal
                 skipped.append(f"{path} ({type(exc).__name__}: {one_line(exc)})")
+            else:
+                images.append(image)
+                names.append(str(path))
         bar.update(len(group))
         clock[0] += time.perf_counter() - t0
         if images:

@@ -40,6 +40,7 @@ from ._common import (
     OneLineParser,
     UsageError,
     add_model_args,
+    add_reader_args,
     check_encode_options,
     check_free_space,
     check_output_dir,
@@ -70,6 +71,7 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="an image that never meets the criterion gets max_tokens (max) or its best-scoring count (best)")
     p.add_argument("--overwrite", action="store_true",
                    help="remove the shards and index of an earlier run of another plan in --out first")
+    add_reader_args(p)
     return p
 
 
@@ -163,7 +165,7 @@ def _run(args: argparse.Namespace, plan: Plan, model, criterion, device: torch.d
                                           disable=rank != 0 and world > 1) as bar:
             for k in todo:
                 stamps = stamp_shard(plan.shard_sources(k))  # before the images are read
-                batch = encode_shard(plan, k, lambda s: read_source(s, model.config.image_size), encode)
+                batch = encode_shard(plan, k, lambda s: read_source(s, model.config.image_size), encode, args.workers)
                 save_shard(args.out, plan, k, batch, stamps)
                 done_images += len(plan.shard_sources(k))
                 bar.update(len(plan.shard_sources(k)))

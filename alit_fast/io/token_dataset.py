@@ -37,7 +37,7 @@ from safetensors import safe_open
 
 from ..inference import TokenBatch
 from ..files import LOCK_NAME, write_atomic
-from .images import IMAGE_EXTENSIONS, find_images, load_image
+from .images import IMAGE_EXTENSIONS, find_images, load_image, read_in_order
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "alit_fast.token_dataset.v1"
@@ -311,26 +311,33 @@ def save_shard(out: str | os.PathLike, plan: Plan, k: int, batch: TokenBatch, st
 
 def encode_shard(
     plan: Plan, k: int, read: Callable[[str], torch.Tensor],
-    encode: Callable[[Iterator[torch.Tensor]], Iterable[TokenBatch]],
+    encode: Callable[[Iterator[torch.Tensor]], Iterable[TokenBatch]], workers: int = 0,
 ) -> TokenBatch:
     """Shard k's tokens: its readable images, read in batches of ``plan.batch_size`` from the
-    shard's start, given to ``encode`` as one stream (it returns one TokenBatch per batch, in
-    order: e.g. ``ALIT.encode_stream``), so a shard's tokens depend on its images alone."""
+    shard's start (on ``workers`` threads, in order), given to ``encode`` as one stream (it returns
+    one TokenBatch per batch, in order: e.g. ``ALIT.encode_stream``), so a shard's tokens depend on
+    its images alone."""
     names: list[str] = []
     skipped: dict[str, str] = {}
 
     def batches() -> Iterator[torch.Tensor]:
         pending: list[tuple[str, torch.Tensor]] = []
-        for source in (*plan.shard_sources(k), None):  # None: the end, flush
-            if source is not None:
-                try:
-                    pending.append((source, read(source)))
-                except (OSError, ValueError) as exc:  # reported in the index, never dropped silently
-                    skipped[source] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if pending and (len(pending) == plan.batch_size or source is None):
-                names.extend(name for name, _ in pending)
-                yield torch.stack([image for _, image in pending])
+        for source, image, exc in read_in_order(plan.shard_sources(k), read, workers, ahead=2 * plan.batch_size):
+            if exc is not None:
+                if not isinstance(exc, (OSError, ValueError)):
+                    raise exc
+                skipped[source] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # reported, never dropped
+            else:
+                pending.append((source, image))
+            if len(pending) == plan.batch_size:
+                yield flush(pending)
                 pending = []
+        if pending:
+            yield flush(pending)
+
+    def flush(pending: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        names.extend(name for name, _ in pending)
+        return torch.stack([image for _, image in pending])
 
     parts = list(encode(batches()))
     if parts:
