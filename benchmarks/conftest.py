@@ -116,3 +116,20 @@ def run_case(benchmark, device, sizes):
         return extra
 
     return run
+
+
+@pytest.fixture()
+def calibrated_tiny(tmp_path) -> "Path":
+    """A seeded tiny model file with a pixel-L1 calibration (what fast-pixel-l1 rows need), for the
+    scripts' smoke runs."""
+    from alit_fast import ALIT
+    from alit_fast.config import VQGANConfig
+    from alit_fast.inference.calibration import PixelL1Calibration
+    from alit_fast.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = ALIT(tiny_config(vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48)))
+    model.pixel_l1_calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.1, 0.0), cell=4)
+    path = tmp_path / "tiny.safetensors"
+    model.save(str(path))
+    return path

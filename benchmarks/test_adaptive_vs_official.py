@@ -1,22 +1,13 @@
 """Smoke run of the end-to-end comparison script (its figures are quoted in RESULTS.md)."""
 import json
 
-import torch
-
-from alit_fast import ALIT
-from alit_fast.config import VQGANConfig
-from alit_fast.inference.calibration import PixelL1Calibration
 from alit_fast.testing import tiny_config
 from benchmarks.adaptive_vs_official import main
 
 
-def test_adaptive_vs_official_script_reports_every_procedure(tmp_path, capsys):
-    torch.manual_seed(0)
-    cfg = tiny_config(vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48))
-    model = ALIT(cfg)
-    model.pixel_l1_calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.1, 0.0), cell=4)
-    path = tmp_path / "tiny.safetensors"
-    model.save(str(path))
+def test_adaptive_vs_official_script_reports_every_procedure(calibrated_tiny, tmp_path, capsys):
+    cfg = tiny_config()
+    path = calibrated_tiny
     out = tmp_path / "figures.json"
     rows = ["pixel-l1:0.07,best", "fast-pixel-l1:0.07,max", "fast-pixel-l1:0.07,best,8"]
     args = ["--checkpoint", str(path), "--per-level", "1", "--batch", "4", "--threads", "1", "--out", str(out), "--clock", "cpu"]

@@ -1,10 +1,6 @@
 """The untimed sweep of stopping configurations (its figures are quoted in RESULTS.md)."""
 import torch
 
-from alit_fast import ALIT
-from alit_fast.config import VQGANConfig
-from alit_fast.inference.calibration import PixelL1Calibration
-from alit_fast.testing import tiny_config
 from benchmarks.fast_choice_sweep import choose, main
 
 
@@ -16,14 +12,8 @@ def test_choose_takes_the_first_count_under_else_the_fallback_and_out_of_reach_i
     assert choose(scores, 0.08, 1, "best").tolist() == [1, 1, 1]  # the cap hides the count under 0.08
 
 
-def test_the_sweep_reproduces_encode_and_scores_every_configuration(tmp_path, capsys):
-    torch.manual_seed(0)
-    cfg = tiny_config(vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48))
-    model = ALIT(cfg)
-    model.pixel_l1_calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.1, 0.0), cell=4)
-    path = tmp_path / "tiny.safetensors"
-    model.save(str(path))
-    assert main(["--checkpoint", str(path), "--per-level", "1", "--batch", "4"]) == 0
+def test_the_sweep_reproduces_encode_and_scores_every_configuration(calibrated_tiny, capsys):
+    assert main(["--checkpoint", str(calibrated_tiny), "--per-level", "1", "--batch", "4"]) == 0
     printed = capsys.readouterr().out.splitlines()
     checks = [line for line in printed if "choose as encode on" in line]
     assert len(checks) == 4 and all(line.split(" on ")[1].split("/")[0] == line.split("/")[1].split()[0] for line in checks)
@@ -33,15 +23,10 @@ def test_the_sweep_reproduces_encode_and_scores_every_configuration(tmp_path, ca
     assert printed[-1].startswith("configurations meeting the quality bars:")
 
 
-def test_the_sweep_refuses_to_speak_when_its_rules_no_longer_choose_as_encode(tmp_path, monkeypatch, capsys):
+def test_the_sweep_refuses_to_speak_when_its_rules_no_longer_choose_as_encode(calibrated_tiny, monkeypatch, capsys):
     import benchmarks.fast_choice_sweep as sweep
 
-    torch.manual_seed(0)
-    cfg = tiny_config(vqgan=VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=48))
-    model = ALIT(cfg)
-    model.pixel_l1_calibration = PixelL1Calibration(coef=(0.0, 1.0, 0.1, 0.0), cell=4)
-    model.save(str(tmp_path / "tiny.safetensors"))
     real = sweep.choose
     monkeypatch.setattr(sweep, "choose", lambda scores, threshold, last, *a, **k: real(scores, threshold, last, *a, **k) * 0)
-    assert sweep.main(["--checkpoint", str(tmp_path / "tiny.safetensors"), "--per-level", "1", "--batch", "4"]) == 1
+    assert sweep.main(["--checkpoint", str(calibrated_tiny), "--per-level", "1", "--batch", "4"]) == 1
     assert "no longer choose as encode" in capsys.readouterr().out
