@@ -599,3 +599,51 @@ def test_a_dataset_keeps_few_shards_open_and_travels_to_workers_without_them(tmp
     assert not copy._open and torch.equal(copy[7].codes, expected[7].to(torch.int64))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, collate_fn=lambda item: item.length)
     assert sorted(loader) == sorted(len(s) for s in expected)
+
+
+def test_a_shard_replaced_after_it_was_checked_is_refused_not_read_at_its_old_places(tmp_path, monkeypatch):
+    folder, expected = _written_dataset(tmp_path, continuous=False, shards=2)
+    monkeypatch.setattr(tds.TokenDataset, "OPEN_FILES", 1)  # every change of shard reopens its file
+    dataset = open_dataset(folder)
+    assert torch.equal(dataset[0].codes, expected[0].to(torch.int64)) and dataset[5].length == len(expected[5])
+    other = tmp_path / "other"
+    other.mkdir()
+    _written_dataset(other, continuous=False, shards=2, per=5)
+    replacement = TokenBatch.load(other / "shard-00000.safetensors")
+    replacement.lengths = replacement.lengths.flip(0)  # other places for the same images
+    replacement.codes = replacement.codes.flip(0)
+    replacement.save(folder / "shard-00000.safetensors")  # a new run writing into the folder meanwhile
+    with pytest.raises(ValueError, match="was replaced or changed after it was checked against index.json"):
+        dataset[1]
+
+
+def test_a_shard_cut_short_after_it_was_checked_is_refused_in_one_line(tmp_path, monkeypatch):
+    # read through a descriptor, not a memory map: a file truncated under it is an error, not a crash
+    folder, expected = _written_dataset(tmp_path, continuous=False, shards=1, per=6)
+    dataset = open_dataset(folder)
+    assert torch.equal(dataset[0].codes, expected[0].to(torch.int64))
+    shard = folder / "shard-00000.safetensors"
+    with open(shard, "r+b") as f:  # cut in place: the descriptor kept open still names this file
+        f.truncate(shard.stat().st_size - sum(len(s) for s in expected[3:]) * 2 - 1)
+    with pytest.raises(ValueError, match="cut short after it was checked"):
+        for i in range(6):
+            dataset[i]
+
+
+@pytest.mark.skipif(subprocess.run(["tar", "--version"], capture_output=True).returncode != 0, reason="GNU tar")
+def test_a_sparse_tar_member_is_read_as_its_contents_not_its_stored_bytes(tmp_path):
+    hole = tmp_path / "hole.ppm"
+    with open(hole, "wb") as f:
+        f.write(b"P6 64 64 255\n")
+        f.seek(64 * 64 * 3 - 4096, 1)  # a hole GNU tar stores as nothing
+        f.write(os.urandom(4096))
+    (tmp_path / "after.bin").write_bytes(os.urandom(64 * 1024))  # bytes that a wrong read would take instead
+    tar = tmp_path / "s.tar"
+    made = subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", str(tar), "-C", str(tmp_path), "hole.ppm", "after.bin"],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"GNU tar cannot write sparse members here: {made.stderr[:100]!r}")
+    with tarfile.open(tar) as t:
+        assert t.getmember("hole.ppm").issparse() or pytest.skip("this file system made no hole")
+        expected = t.extractfile("hole.ppm").read()
+    assert tds._tar_member_bytes(str(tar), "hole.ppm") == expected == hole.read_bytes()

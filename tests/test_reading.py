@@ -87,3 +87,48 @@ def test_a_negative_worker_count_is_refused_in_one_line(folder, tmp_path, capsys
                      "--out", str(tmp_path / "t.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--workers must be >= 0" in err[0]
+
+
+def test_a_reader_stopped_early_drops_its_queued_reads_rather_than_running_them():
+    # Ctrl-C (or an error in the model) must not wait for every image read ahead
+    def slow(i: int) -> int:
+        time.sleep(0.2)
+        return i
+
+    reads = read_in_order(range(100), slow, workers=2, ahead=20)
+    assert next(reads)[0] == 0
+    started = time.perf_counter()
+    reads.close()
+    assert time.perf_counter() - started < 0.5  # not the 19 queued reads (about 2 s on 2 threads)
+
+
+def test_default_reading_threads_share_the_cores_among_torchruns_local_ranks(monkeypatch):
+    from alit_fast.io import images
+
+    monkeypatch.setattr(images.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert images.default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert images.default_workers() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert images.default_workers() == 1
+
+
+def test_an_error_that_is_not_the_images_stops_pretokenize_from_a_reading_thread(folder, tmp_path, monkeypatch):
+    import alit_fast.cli.pretokenize as pretokenize_cli
+
+    def broken(source, size):
+        raise RuntimeError("a bug, not a bad image")
+
+    monkeypatch.setattr(pretokenize_cli, "read_source", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli_main(["pretokenize", str(folder / "images"), "--checkpoint", str(folder / "tiny.safetensors"), "--criterion",
+                  "tokens:8", "--workers", "2", "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("command", [["pretokenize"], ["encode", "--shard-size", "4"]])
+def test_a_negative_worker_count_is_refused_by_the_dataset_commands_too(folder, tmp_path, capsys, command):
+    assert cli_main([*command, str(folder / "images"), "--checkpoint", str(folder / "tiny.safetensors"), "--workers", "-1",
+                     "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workers must be >= 0" in err[0]

@@ -111,7 +111,8 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_default: str | No
 def add_reader_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="image-reading threads, reading ahead of the encode in order (0: read on the main thread; "
-                             "default: the CPU count, at most 8); the tokens are the same for any count")
+                             "default: the cores this process may use, shared among torchrun's local ranks, at most 8); "
+                             "the tokens are the same for any count")
 
 
 def check_workers(args: argparse.Namespace) -> None:

@@ -113,8 +113,11 @@ def _note(kind: str) -> None:
 
 def default_workers() -> int:
     """Image-reading threads: decoding and resizing release the GIL, and one core reads a few
-    hundred photos a second, fewer than a GPU encodes."""
-    return min(8, os.cpu_count() or 1)
+    hundred photos a second, fewer than a GPU encodes. The cores this process may use (a container's
+    or a job's share), split among the processes torchrun starts on this machine; at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(8, cores // max(1, local)))
 
 
 def read_in_order(items: Iterable[T], read: Callable[[T], R], workers: int, ahead: int) -> Iterator[tuple[T, R | None, Exception | None]]:
@@ -131,8 +134,8 @@ def read_in_order(items: Iterable[T], read: Callable[[T], R], workers: int, ahea
         for item in items:
             yield (item, *attempt(item))
         return
-    with ThreadPoolExecutor(workers, thread_name_prefix="alit-fast-read") as pool:
-        pending: deque = deque()
+    pool, pending = ThreadPoolExecutor(workers, thread_name_prefix="alit-fast-read"), deque()
+    try:
         for item in items:
             pending.append((item, pool.submit(attempt, item)))
             if len(pending) >= max(1, ahead):
@@ -141,6 +144,10 @@ def read_in_order(items: Iterable[T], read: Callable[[T], R], workers: int, ahea
         while pending:
             first, future = pending.popleft()
             yield (first, *future.result())
+    finally:
+        # stopped early (Ctrl-C, an error in the model, a consumer that stops): the queued reads are
+        # dropped, not run first; the few already running finish on their own
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def describe_notes(notes: Counter, size: int | None = None) -> str | None:

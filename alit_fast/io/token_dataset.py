@@ -25,6 +25,7 @@ import json
 import os
 import re
 import tarfile
+import threading
 import time
 from array import array
 from collections import OrderedDict
@@ -95,7 +96,7 @@ class _Member:
     offset: int  # where its bytes start in the tar file (an uncompressed tar's)
     size: int
     mtime: int
-    regular: bool  # not a link (tarfile resolves those)
+    regular: bool  # neither a link nor sparse (tarfile resolves those)
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,7 +109,8 @@ def _tar_index(tar_path: str, stamp: tuple) -> tuple[dict[str, _Member], bool]:
     except tarfile.ReadError:
         tar, seekable = tarfile.open(tar_path), False
     with tar:
-        return {m.name: _Member(m.offset_data, m.size, m.mtime, m.isreg()) for m in tar.getmembers()}, seekable
+        # a sparse member's stored bytes are not its contents: tarfile expands them
+        return {m.name: _Member(m.offset_data, m.size, m.mtime, m.isreg() and not m.issparse()) for m in tar.getmembers()}, seekable
 
 
 def _tar_members_of(tar_path: str) -> tuple[dict[str, _Member], bool]:
@@ -423,24 +425,34 @@ class TokenItem:
 @dataclass
 class _Shard:
     """A shard checked once (its sha256 against the index, its checksums, its plan): where each
-    image's codes start in the stored flat codes, the names, and the file to read them from."""
+    image's codes lie in the file, the names, and which file that was."""
 
     path: Path
-    starts: array  # len(images) + 1 offsets into the flat codes (compact: a data set may have millions)
+    file: tuple  # _file_identity when it was checked: the file read later must be that one
+    starts: array  # len(images) + 1 token offsets into the flat codes (compact: a data set may have millions)
     lengths: array
     names: list | None
     continuous: bool
+    data: int  # where the flat codes start in the file
+    dtype: torch.dtype
+    width: int  # values per token: 1 for ids, d for continuous vectors
+
+
+# safetensors' dtype names (the format's header) -> torch's
+_STORED = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 class TokenDataset(torch.utils.data.Dataset):
     """Random access to a tokenized dataset: ``dataset[i]`` -> TokenItem(codes, length, path).
 
     Each shard is checked the first time one of its images is read (its bytes against the index's
-    sha256, its own checksums and plan); after that an image's codes are read alone, by their place
-    in the memory-mapped file. So a shuffled pass costs about what a sequential one does, whatever
-    the data set's size: reading a whole shard for each image made it some 1000x slower."""
+    sha256, its own checksums and plan); after that an image's codes are read alone, at their place
+    in the file, through a descriptor kept open since the check (a shard replaced meanwhile is
+    refused by name, never read at the old one's places). So a shuffled pass costs about what a
+    sequential one does: reading a whole shard for each image made it some 1000x slower."""
 
-    OPEN_FILES = 16  # memory-mapped shards kept open (the least recently read is closed)
+    OPEN_FILES = 16  # shard files kept open (the least recently read is closed)
 
     def __init__(self, index_path: str | os.PathLike) -> None:
         path = Path(index_path)
@@ -458,14 +470,22 @@ class TokenDataset(torch.utils.data.Dataset):
         self.index = index
         self.items = _checked_items(path, index)
         self._shards: dict[int, _Shard] = {}
-        self._open: "OrderedDict[int, object]" = OrderedDict()
+        self._open: "OrderedDict[int, int]" = OrderedDict()  # shard -> open descriptor
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getstate__(self) -> dict:
-        # DataLoader workers get a copy: open files do not travel; each worker opens its own
-        return {**self.__dict__, "_open": OrderedDict()}
+        # DataLoader workers get a copy: open files and the lock do not travel; each worker has its own
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _open=OrderedDict(), _lock=threading.Lock())
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_open", {}).values():
+            os.close(fd)
 
     @property
     def lengths(self) -> list[int]:
@@ -477,25 +497,47 @@ class TokenDataset(torch.utils.data.Dataset):
             path = self.root / info["file"]
             # the index records each shard's bytes: a shard swapped or replaced on disk is caught
             # here, not read back under another image's name
-            if path.is_file() and info.get("sha256") != _file_sha256(path):
+            file = _file_identity(path) if path.is_file() else None
+            if file is not None and info.get("sha256") != _file_sha256(path):
                 raise ValueError(f"{path} is not the shard {INDEX_NAME} records (its sha256 differs): "
                                  "swapped, replaced or damaged")
-            batch = TokenBatch.load(path)
+            batch = TokenBatch.load(path)  # a missing shard: the loader's own error, naming it
             if batch.extra.get("plan") != self.index["plan"]:
                 raise ValueError(f"{path} belongs to another run than {INDEX_NAME}")
+            data, dtype, width = _codes_place(path)
+            if _file_identity(path) != file:
+                raise ValueError(f"{path} changed while it was being checked: open the data set again")
             lengths = array("q", batch.lengths.tolist())
             starts = array("q", [0]) + array("q", torch.cumsum(batch.lengths, 0).tolist())
-            self._shards[k] = _Shard(path, starts, lengths, batch.names, batch.continuous)
+            self._shards[k] = _Shard(path, file, starts, lengths, batch.names, batch.continuous, data, dtype, width)
         return self._shards[k]
 
-    def _codes(self, k: int, shard: _Shard, offset: int) -> torch.Tensor:
-        handle = self._open.pop(k, None)
-        if handle is None:
-            handle = safe_open(str(shard.path), framework="pt", device="cpu")
+    def _descriptor(self, k: int, shard: _Shard) -> int:
+        fd = self._open.pop(k, None)
+        if fd is None:
+            fd = os.open(shard.path, os.O_RDONLY)
+            if _file_identity(fd) != shard.file:  # replaced since it was checked: its places are another file's
+                os.close(fd)
+                raise ValueError(f"{shard.path} was replaced or changed after it was checked against {INDEX_NAME}: "
+                                 "open the data set again")
             while len(self._open) >= self.OPEN_FILES:
-                self._open.popitem(last=False)[1].__exit__(None, None, None)
-        self._open[k] = handle  # now the most recently read
-        codes = handle.get_slice("codes")[shard.starts[offset] : shard.starts[offset + 1]]
+                os.close(self._open.popitem(last=False)[1])
+        self._open[k] = fd  # now the most recently read
+        return fd
+
+    def _codes(self, k: int, shard: _Shard, offset: int) -> torch.Tensor:
+        first, last = shard.starts[offset], shard.starts[offset + 1]
+        shape = (last - first,) if not shard.continuous else (last - first, shard.width)
+        itemsize = torch.empty((), dtype=shard.dtype).element_size()
+        size = (last - first) * shard.width * itemsize
+        if size == 0:
+            codes = torch.empty(shape, dtype=shard.dtype)
+        else:
+            with self._lock:  # the open files are shared by the threads that read this data set
+                raw = os.pread(self._descriptor(k, shard), size, shard.data + first * shard.width * itemsize)
+            if len(raw) != size:
+                raise ValueError(f"{shard.path} was cut short after it was checked against {INDEX_NAME}")
+            codes = torch.frombuffer(bytearray(raw), dtype=shard.dtype).reshape(shape)
         return codes if shard.continuous else codes.to(torch.int64)
 
     def __getitem__(self, i: int) -> TokenItem:
@@ -507,6 +549,22 @@ class TokenDataset(torch.utils.data.Dataset):
             raise ValueError(f"{INDEX_NAME} item {i} ({name}, {length} tokens) disagrees with shard {k} at offset "
                              f"{offset}: the index was edited")
         return TokenItem(self._codes(k, shard, offset), int(length), name)
+
+
+def _file_identity(path_or_fd: "Path | int") -> tuple:
+    st = os.stat(path_or_fd)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _codes_place(path: Path) -> tuple[int, torch.dtype, int]:
+    """Where a token file's flat codes start, their dtype and values per token (from the
+    safetensors header: 8 bytes of its length, then the JSON)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    codes = header["codes"]
+    width = 1 if len(codes["shape"]) == 1 else int(codes["shape"][1])
+    return 8 + size + int(codes["data_offsets"][0]), _STORED[codes["dtype"]], width
 
 
 def _checked_items(path: Path, index: dict) -> list:
