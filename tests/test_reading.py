@@ -132,3 +132,18 @@ def test_a_negative_worker_count_is_refused_by_the_dataset_commands_too(folder, 
                      "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--workers must be >= 0" in err[0]
+
+
+def test_an_image_pillow_fails_on_without_an_oserror_is_skipped_not_fatal(folder, tmp_path, monkeypatch, capsys):
+    # a decompression bomb (a giant panorama in a web data set) raises neither OSError nor ValueError
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 600)  # a 40x40 image is then past twice the limit
+    out = tmp_path / "out"
+    assert cli_main(["pretokenize", str(folder / "images"), "--checkpoint", str(folder / "tiny.safetensors"),
+                     "--criterion", "tokens:8", "--out", str(out)]) == 0
+    import json
+
+    skipped = json.loads((out / "index.json").read_text())["skipped"]
+    bombs = [reason for reason in skipped.values() if "DecompressionBombError" in reason]
+    assert bombs and all("cannot be decoded" in reason for reason in bombs)

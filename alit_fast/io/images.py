@@ -211,9 +211,25 @@ def as_rgb(image: Image.Image) -> Image.Image:
 def read_rgb(source: str | os.PathLike | IO[bytes]) -> Image.Image:
     """An image file (or file object) as 8-bit RGB by its true range (see ``as_rgb``); OSError or
     ValueError for a file Pillow cannot read or a mode it cannot map."""
-    with Image.open(source) as image:
-        image.load()
+    with _decoded(source) as image:
         return as_rgb(image)
+
+
+def _decoded(source: str | os.PathLike | IO[bytes]) -> Image.Image:
+    """The image, loaded; Pillow's other failures (its plugins also raise SyntaxError, EOFError,
+    DecompressionBombError, ...) as a ValueError naming them, so that a reader skips that image."""
+    image = None
+    try:
+        image = Image.open(source)
+        image.load()
+        return image
+    except Exception as exc:
+        if image is not None:
+            image.close()
+        if isinstance(exc, (OSError, ValueError)):
+            raise
+        name = source if isinstance(source, (str, os.PathLike)) else "the image"
+        raise ValueError(f"{name} cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
 def load_image(path: str | os.PathLike | IO[bytes], size: int) -> torch.Tensor:
