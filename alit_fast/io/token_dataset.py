@@ -151,8 +151,9 @@ def tar_member(source: str) -> tuple[str, str] | None:
 
 def read_source(source: str, size: int) -> torch.Tensor:
     """[3, size, size] in [0, 1] (the evaluation transform); OSError/ValueError for a bad image."""
-    if tar_member(source) is not None:
-        tar_path, member = tar_member(source)
+    parts = tar_member(source)
+    if parts is not None:
+        tar_path, member = parts
         data = _tar_member_bytes(tar_path, member)
         try:
             return load_image(io.BytesIO(data), size)
