@@ -114,8 +114,7 @@ def _tar_index(tar_path: str, stamp: tuple) -> tuple[dict[str, _Member], bool]:
 
 
 def _tar_members_of(tar_path: str) -> tuple[dict[str, _Member], bool]:
-    st = os.stat(tar_path)
-    return _tar_index(tar_path, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return _tar_index(tar_path, _file_identity(tar_path))
 
 
 def _tar_member_bytes(tar_path: str, member: str) -> bytes:
@@ -250,10 +249,9 @@ def _stat_stamp(path: str) -> list | None:
     # ctime, which no user call can set back, catches a replacement that kept the old size and
     # mtime (cp -p, rsync -a, a restored backup); the inode, a link swapped for another file
     try:
-        st = os.stat(path)
+        return list(_file_identity(path))
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _member_headers(path: str) -> dict[str, list]:
@@ -529,7 +527,7 @@ class TokenDataset(torch.utils.data.Dataset):
     def _codes(self, k: int, shard: _Shard, offset: int) -> torch.Tensor:
         first, last = shard.starts[offset], shard.starts[offset + 1]
         shape = (last - first,) if not shard.continuous else (last - first, shard.width)
-        itemsize = torch.empty((), dtype=shard.dtype).element_size()
+        itemsize = shard.dtype.itemsize
         size = (last - first) * shard.width * itemsize
         if size == 0:
             codes = torch.empty(shape, dtype=shard.dtype)
@@ -552,9 +550,11 @@ class TokenDataset(torch.utils.data.Dataset):
         return TokenItem(self._codes(k, shard, offset), int(length), name)
 
 
-def _file_identity(path_or_fd: "Path | int") -> tuple:
+def _file_identity(path_or_fd: "str | Path | int") -> tuple[int, int, int, int]:
+    """Which file, as written when: size, modification and change times (ctime, which no user call
+    sets back) and inode. Stamps records store it, the tar index and checked shards key on it."""
     st = os.stat(path_or_fd)
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 def _codes_place(path: Path) -> tuple[int, torch.dtype, int]:
